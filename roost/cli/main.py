@@ -1,0 +1,121 @@
+"""The ``roost`` command.
+
+Sub-commands and flags below are a contract other tools rely on; keep them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from pathlib import Path
+
+from roost import __version__
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the server (embedded: SQLite + in-process registry)")
+    p.add_argument("--data-dir", default="roost-data", help="where the database lives")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--heartbeat", type=float, default=30.0, help="WebSocket ping interval (s)")
+    p.add_argument("--auth-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)"
+    )
+    p.add_argument("--max-group-members", type=int, default=1024)
+    p.add_argument("--window", type=int, default=128, help="unacked messages per device")
+    p.add_argument("--presence-debounce", type=float, default=3.0)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from roost.gateway.server import GatewayConfig, run_gateway
+    from roost.logs import setup_logging
+    from roost.service.chat import ServiceConfig
+
+    setup_logging(args.log_level)
+    config = GatewayConfig(
+        data_dir=Path(args.data_dir),
+        host=args.host,
+        port=args.port,
+        heartbeat=args.heartbeat,
+        auth_timeout=args.auth_timeout,
+        service=ServiceConfig(
+            window=args.window,
+            max_group_members=args.max_group_members,
+            rate=args.rate_limit,
+            burst=max(args.rate_limit * 2, 1.0),
+            presence_debounce=args.presence_debounce,
+        ),
+    )
+    try:
+        asyncio.run(run_gateway(config))
+    except OSError as exc:
+        print(f"roost serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_user(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("user", help="manage accounts")
+    users = p.add_subparsers(dest="user_cmd", required=True)
+    add = users.add_parser("add", help="create a user; prints its bearer token as the last line")
+    add.add_argument("name")
+    add.add_argument("--data-dir", default="roost-data")
+    add.set_defaults(func=_user_add)
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    from roost.core.ids import is_valid_user_name
+    from roost.protocol.errors import ProtocolError
+    from roost.service.chat import hash_token, now_ms
+    from roost.store.sqlite import SqliteStore, database_path
+
+    if not is_valid_user_name(args.name):
+        print("roost user add: a name is 1-32 of a-z 0-9 _ . -", file=sys.stderr)
+        return 2
+    token = secrets.token_urlsafe(32)
+
+    async def add() -> None:
+        store = SqliteStore(database_path(args.data_dir))
+        await store.open()
+        try:
+            await store.add_user(args.name, hash_token(token), now_ms())
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(add())
+    except ProtocolError as exc:
+        print(f"roost user add: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"created user {args.name}; its token (shown once):")
+    print(token)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roost", description="Roost messaging server")
+    parser.add_argument("--version", action="version", version=f"roost {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_user(sub)
+    from roost.cli import client_commands
+
+    client_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Per-session delivery state: what to push now, what to read from the inbox.
+
+The inbox of a user is durable and lives in the store as one cursor per
+conversation: the user's *delivered* mark. Every message past that mark is
+"in the inbox", and it leaves only when the device acks it (the mark moves).
+A connected session reads the inbox through this state machine:
+
+* a freshly committed message is *offered*; it is pushed straight from memory
+  when it is the very next seq the session owes the device and the in-flight
+  window has room (the fast, online path);
+* anything else (unknown conversation, a gap, a full window, a drain already
+  running) marks the conversation for *drain*, which reads the store from the
+  session's cursor (the offline path, also used on connect);
+* a cumulative ack from the device frees window room, which lets drains go on.
+
+Because the store commits before anything is offered and the session is
+registered before its first drain, every message is either offered to a
+registered session or already committed when the session's drain reads: no
+message can fall between the two paths. Anything this object decides not to
+push stays in the store and is read by a later drain or the next connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ConvCursor:
+    sent: int  # highest seq pushed to (or known to be held by) the device
+    acked: int  # the device's cumulative delivered ack
+    known_last: int = 0  # highest seq offered to this session so far
+    pushed: deque[int] = field(default_factory=deque)  # pushed, not yet acked
+
+
+@dataclass(slots=True, frozen=True)
+class DrainRequest:
+    conv: str
+    after: int | None  # None: the cursor is unknown, read the store's mark first
+    limit: int
+
+
+class DeliveryCursor:
+    """Decides, for one connected device, between push and drain."""
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.window = window
+        self.inflight = 0
+        self.convs: dict[str, ConvCursor] = {}
+        # Conversations whose inbox must be read from the store, oldest first.
+        self._to_drain: dict[str, None] = {}
+        self._draining: set[str] = set()
+
+    # -- inputs ------------------------------------------------------------
+
+    def load(self, conv: str, delivered: int) -> None:
+        """On connect: the store says the device holds ``conv`` up to ``delivered``."""
+        cur = self.convs.get(conv)
+        if cur is None:
+            self.convs[conv] = ConvCursor(sent=delivered, acked=delivered)
+        self._to_drain[conv] = None
+
+    def offer(self, conv: str, seq: int, own: bool = False) -> bool:
+        """A message ``seq`` of ``conv`` was committed. True: push it now.
+
+        ``own`` messages were sent by this very user: they are never pushed
+        back, but they move the cursor so later seqs stay contiguous.
+        """
+        cur = self.convs.get(conv)
+        if cur is None:
+            # Where the device stands in this conversation is unknown here:
+            # let a drain read the mark from the store.
+            self._to_drain[conv] = None
+            return False
+        if seq > cur.known_last:
+            cur.known_last = seq
+        if seq <= cur.sent:
+            return False  # a drain already pushed it
+        if conv in self._to_drain or conv in self._draining or seq != cur.sent + 1:
+            self._to_drain[conv] = None
+            return False
+        if own:
+            cur.sent = seq
+            return False
+        if self.inflight >= self.window:
+            self._to_drain[conv] = None
+            return False
+        cur.sent = seq
+        cur.pushed.append(seq)
+        self.inflight += 1
+        return True
+
+    def ack(self, conv: str, seq: int) -> None:
+        """The device acked ``conv`` cumulatively up to ``seq``."""
+        cur = self.convs.get(conv)
+        if cur is None:
+            return
+        if seq > cur.acked:
+            cur.acked = seq
+        if seq > cur.sent:
+            # The device holds more than we pushed (its own messages, history).
+            cur.sent = seq
+        pushed = cur.pushed
+        while pushed and pushed[0] <= seq:
+            pushed.popleft()
+            self.inflight -= 1
+
+    # -- drains ------------------------------------------------------------
+
+    def next_drain(self) -> DrainRequest | None:
+        """The next inbox read to run, or None (nothing to read / no window room)."""
+        room = self.window - self.inflight
+        if room <= 0:
+            return None
+        for conv in self._to_drain:
+            del self._to_drain[conv]
+            self._draining.add(conv)
+            cur = self.convs.get(conv)
+            return DrainRequest(conv, None if cur is None else cur.sent, room)
+        return None
+
+    def drained(
+        self,
+        conv: str,
+        start: int,
+        seqs: list[int],
+        scanned_to: int,
+        last_seq: int,
+    ) -> list[int]:
+        """A drain read finished; returns the seqs to push, in order.
+
+        ``start`` is the cursor it read from, ``seqs`` the other senders'
+        messages it found (ascending), ``scanned_to`` the highest seq it looked
+        at (own messages included) and ``last_seq`` the conversation's end as
+        the read saw it.
+        """
+        self._draining.discard(conv)
+        cur = self.convs.get(conv)
+        if cur is None:
+            cur = self.convs[conv] = ConvCursor(sent=start, acked=start)
+        to_push = [seq for seq in seqs if seq > cur.sent]
+        for seq in to_push:
+            cur.pushed.append(seq)
+        self.inflight += len(to_push)
+        if scanned_to > cur.sent:
+            cur.sent = scanned_to
+        if last_seq > cur.known_last:
+            cur.known_last = last_seq
+        if cur.sent < cur.known_last:
+            self._to_drain[conv] = None
+        return to_push
+
+    def drain_failed(self, conv: str) -> None:
+        """The read failed: try again later (the messages are still in the store)."""
+        self._draining.discard(conv)
+        self._to_drain[conv] = None
+
+    def owes(self, conv: str) -> int:
+        """The seq the device is waiting for next in ``conv`` (for tests and metrics)."""
+        cur = self.convs.get(conv)
+        return 0 if cur is None else cur.sent + 1
+
+    @property
+    def pending_drains(self) -> int:
+        return len(self._to_drain) + len(self._draining)

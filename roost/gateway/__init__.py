@@ -1,0 +1,1 @@
+"""Gateway layer: sockets, framing, authentication, heartbeats, backpressure."""

@@ -1,0 +1,203 @@
+"""The gateway: HTTP + WebSocket endpoint, authentication, heartbeats, shutdown.
+
+It terminates sockets and forwards frames; every decision about messages is
+the chat service's. Endpoints:
+
+* ``GET /v1/ws``   WebSocket, JSON text frames (docs/protocol.md)
+* ``GET /healthz`` 200 ``{"status": "ok"}`` once the store is open
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+from roost.gateway.connection import Connection
+from roost.protocol import frames as f
+from roost.protocol.codec import decode_client, encode
+from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from roost.registry.memory import MemoryRegistry
+from roost.service.chat import ChatService, ServiceConfig, error_frame
+from roost.store.sqlite import SqliteStore, database_path
+
+log = logging.getLogger("roost.gateway")
+
+# aiohttp refuses (and closes with 1009) anything above this; frames between
+# MAX_FRAME_BYTES and this get a typed ``too_large`` error and the socket stays.
+WS_HARD_LIMIT = 1024 * 1024
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    data_dir: Path = Path("roost-data")
+    host: str = "127.0.0.1"
+    port: int = 8765
+    heartbeat: float = 30.0  # ping interval; a peer silent for ~1.5x this is dropped
+    auth_timeout: float = 10.0
+    max_queued_bytes: int = 8 * 1024 * 1024
+    shutdown_timeout: float = 5.0
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.store = SqliteStore(database_path(config.data_dir))
+        self.registry = MemoryRegistry()
+        self.service = ChatService(self.store, self.registry, config.service)
+        self.connections: set[Connection] = set()
+        self.ready = False
+        self.stopping = False
+        self.app = web.Application()
+        self.app.router.add_get("/v1/ws", self.websocket)
+        self.app.router.add_get("/healthz", self.healthz)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await self.store.open()
+        self.service.start()
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True
+        )
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        self.ready = True
+        log.info(
+            "listening",
+            extra={
+                "host": self.config.host,
+                "port": self.port,
+                "data_dir": str(self.config.data_dir),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Graceful: stop accepting, tell clients to go away, finish commits."""
+        self.stopping = True
+        self.ready = False
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        if self.connections:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.finish()) for c in list(self.connections)],
+                timeout=self.config.shutdown_timeout,
+            )
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.service.stop()
+        await self.store.close()
+        log.info("stopped")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ok", "connections": len(self.connections)})
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        if self.stopping:
+            return web.json_response({"status": "stopping"}, status=503)
+        ws = web.WebSocketResponse(
+            heartbeat=self.config.heartbeat,
+            max_msg_size=WS_HARD_LIMIT,
+            compress=False,
+        )
+        await ws.prepare(request)
+        conn = Connection(ws, self.config.max_queued_bytes)
+        self.connections.add(conn)
+        try:
+            user = await self._authenticate(ws, conn)
+            if user is not None:
+                await self._serve(ws, conn, user)
+        finally:
+            self.connections.discard(conn)
+            conn.close(CloseCode.NORMAL, "")
+            await conn.finish()
+        return ws
+
+    async def _authenticate(self, ws: web.WebSocketResponse, conn: Connection) -> str | None:
+        try:
+            msg = await asyncio.wait_for(ws.receive(), self.config.auth_timeout)
+        except TimeoutError:
+            conn.push(error_frame(ProtocolError(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")))
+            conn.close(CloseCode.AUTH_TIMEOUT, "auth timeout")
+            return None
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return None
+        try:
+            frame = decode_client(msg.data)
+            if not isinstance(frame, f.Auth):
+                raise ProtocolError(ErrorCode.AUTH_REQUIRED, "the first frame must be auth")
+            if frame.v != f.PROTOCOL_VERSION:
+                conn.push(
+                    error_frame(
+                        ProtocolError(
+                            ErrorCode.UNSUPPORTED_VERSION,
+                            f"protocol v{frame.v} unsupported; this server speaks v{f.PROTOCOL_VERSION}",
+                        )
+                    )
+                )
+                conn.close(CloseCode.UNSUPPORTED_VERSION, "unsupported version")
+                return None
+            user = await self.service.authenticate(frame.token)
+            if user is None:
+                raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown or revoked token")
+        except ProtocolError as exc:
+            conn.push(error_frame(exc))
+            conn.close(CloseCode.AUTH_FAILED, exc.code.value)
+            return None
+        except Exception:
+            log.exception("authentication failed")
+            conn.push(error_frame(ProtocolError(ErrorCode.UNAVAILABLE, "try again")))
+            conn.close(CloseCode.GOING_AWAY, "unavailable")
+            return None
+        conn.push(
+            encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat)))
+        )
+        return user
+
+    async def _serve(self, ws: web.WebSocketResponse, conn: Connection, user: str) -> None:
+        session = await self.service.connect(user, conn)
+        log.info("connected", extra={"user": user})
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    if conn.closed:
+                        break
+                    if session.limiter is not None:
+                        # Over the rate: stop reading for a while. TCP pushes
+                        # back on the client; nothing is dropped or reordered.
+                        while wait := session.limiter.take(time.monotonic()):
+                            await asyncio.sleep(wait)
+                    self.service.handle(session, msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    exc = ws.exception()
+                    log.info("socket error", extra={"user": user, "error": str(exc)})
+                    break
+        finally:
+            self.service.disconnect(session)
+            log.info("disconnected", extra={"user": user, "code": ws.close_code})
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()

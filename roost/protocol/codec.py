@@ -1,0 +1,70 @@
+"""Bytes <-> frames. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import msgspec
+
+from roost.protocol.errors import ErrorCode, ProtocolError
+from roost.protocol.frames import MAX_FRAME_BYTES, ClientFrame, ServerFrame
+
+_client_decoder = msgspec.json.Decoder(ClientFrame)
+_server_decoder = msgspec.json.Decoder(ServerFrame)
+_encoder = msgspec.json.Encoder()
+
+
+class _TypeOnly(msgspec.Struct):
+    type: str = ""
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+
+
+def _ref_of(data: bytes | str) -> str:
+    """Best effort: the ``id``/``ref`` of a frame that failed validation."""
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return ""
+    if isinstance(raw, dict):
+        for key in ("ref", "id"):
+            value = raw.get(key)
+            if isinstance(value, str) and len(value) <= 64:
+                return value
+    return ""
+
+
+def decode_client(data: bytes | str) -> ClientFrame:
+    """Decode one client frame or raise ``ProtocolError`` with a precise code."""
+    if len(data) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is over {MAX_FRAME_BYTES} bytes")
+    try:
+        return _client_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _classify(data, exc) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+
+
+def _classify(data: bytes | str, exc: msgspec.ValidationError) -> ProtocolError:
+    ref = _ref_of(data)
+    text = str(exc)
+    try:
+        kind = _type_decoder.decode(data).type
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return ProtocolError(ErrorCode.BAD_FRAME, f"not a frame object: {text}", ref)
+    if not kind:
+        return ProtocolError(ErrorCode.BAD_FRAME, "missing field 'type'", ref)
+    if "Invalid value" in text and "$.type" in text:
+        return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind[:40]!r}", ref)
+    if "$.body" in text and "length" in text:
+        return ProtocolError(ErrorCode.TOO_LARGE, text, ref)
+    return ProtocolError(ErrorCode.BAD_FRAME, text, ref)
+
+
+def decode_server(data: bytes | str) -> ServerFrame:
+    """Decode a server frame (used by the SDK). Raises msgspec errors."""
+    return _server_decoder.decode(data)
+
+
+def encode(frame: msgspec.Struct) -> bytes:
+    return _encoder.encode(frame)

@@ -1,0 +1,41 @@
+"""What the chat service needs from a registry/router."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from roost.store.base import ReceiptState, StoredMessage
+
+
+class SessionHandle(Protocol):
+    """The registry's view of a connected session (``roost.service.session.Session``)."""
+
+    user: str
+
+    def offer(self, message: StoredMessage, frame: bytes) -> None: ...
+    def push_receipt(self, receipt: ReceiptState) -> None: ...
+    def push_frame(self, frame: bytes) -> None: ...
+    def replaced(self) -> None: ...
+
+
+class Registry(Protocol):
+    def attach(self, session: SessionHandle) -> SessionHandle | None:
+        """Make ``session`` the user's current one; returns the one it replaced."""
+
+    def detach(self, session: SessionHandle) -> bool:
+        """Forget ``session``; True if it was still the user's current one."""
+
+    def is_online(self, user: str) -> bool: ...
+
+    def push_message(self, message: StoredMessage, users: Iterable[str]) -> None:
+        """Offer a committed message to whichever of ``users`` are connected."""
+
+    def push_receipt(self, receipt: ReceiptState) -> None: ...
+
+    def push_frame(self, users: Iterable[str], frame: bytes) -> None:
+        """Ephemeral frames (typing, presence): dropped for users not connected."""
+
+    def subscribe(self, session: SessionHandle, users: Iterable[str]) -> None: ...
+    def unsubscribe(self, session: SessionHandle, users: Iterable[str]) -> None: ...
+    def subscribers(self, user: str) -> list[SessionHandle]: ...

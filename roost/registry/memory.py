@@ -1,0 +1,96 @@
+"""In-process registry for embedded mode: plain dicts, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from roost.protocol.codec import encode
+from roost.protocol.frames import Deliver
+from roost.registry.base import SessionHandle
+from roost.store.base import ReceiptState, StoredMessage
+
+
+def deliver_frame(message: StoredMessage) -> bytes:
+    return encode(
+        Deliver(
+            conv=message.conv,
+            seq=message.seq,
+            id=message.client_id,
+            sender=message.sender,
+            ct=message.ct,
+            body=message.body,
+            ts=message.ts,
+        )
+    )
+
+
+class MemoryRegistry:
+    def __init__(self) -> None:
+        self._sessions: dict[str, SessionHandle] = {}
+        self._watchers: dict[str, set[SessionHandle]] = {}  # watched user -> sessions
+        self._watching: dict[int, set[str]] = {}  # id(session) -> watched users
+
+    def attach(self, session: SessionHandle) -> SessionHandle | None:
+        previous = self._sessions.get(session.user)
+        self._sessions[session.user] = session
+        return previous
+
+    def detach(self, session: SessionHandle) -> bool:
+        for user in self._watching.pop(id(session), ()):
+            watchers = self._watchers.get(user)
+            if watchers is not None:
+                watchers.discard(session)
+                if not watchers:
+                    del self._watchers[user]
+        if self._sessions.get(session.user) is session:
+            del self._sessions[session.user]
+            return True
+        return False
+
+    def is_online(self, user: str) -> bool:
+        return user in self._sessions
+
+    def session(self, user: str) -> SessionHandle | None:
+        return self._sessions.get(user)
+
+    def sessions(self) -> list[SessionHandle]:
+        return list(self._sessions.values())
+
+    def push_message(self, message: StoredMessage, users: Iterable[str]) -> None:
+        frame: bytes | None = None  # encoded once, shared by every recipient
+        for user in users:
+            session = self._sessions.get(user)
+            if session is not None:
+                if frame is None:
+                    frame = deliver_frame(message)
+                session.offer(message, frame)
+
+    def push_receipt(self, receipt: ReceiptState) -> None:
+        session = self._sessions.get(receipt.user)
+        if session is not None:
+            session.push_receipt(receipt)
+
+    def push_frame(self, users: Iterable[str], frame: bytes) -> None:
+        for user in users:
+            session = self._sessions.get(user)
+            if session is not None:
+                session.push_frame(frame)
+
+    def subscribe(self, session: SessionHandle, users: Iterable[str]) -> None:
+        watching = self._watching.setdefault(id(session), set())
+        for user in users:
+            watching.add(user)
+            self._watchers.setdefault(user, set()).add(session)
+
+    def unsubscribe(self, session: SessionHandle, users: Iterable[str]) -> None:
+        watching = self._watching.get(id(session), set())
+        for user in users:
+            watching.discard(user)
+            watchers = self._watchers.get(user)
+            if watchers is not None:
+                watchers.discard(session)
+                if not watchers:
+                    del self._watchers[user]
+
+    def subscribers(self, user: str) -> list[SessionHandle]:
+        return list(self._watchers.get(user, ()))

@@ -1,0 +1,1 @@
+"""Chat service layer: persist, look up, push or leave in the inbox."""

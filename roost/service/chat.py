@@ -1,0 +1,421 @@
+"""The chat service: the delivery logic between the gateway and the store.
+
+For every message it does the one thing the design repeats forever:
+persist (durable commit), then look the recipients up in the registry, then
+push to the connected ones. Recipients that are not connected, or whose push
+does not get through, find the message in their inbox on the next drain.
+
+Ordering of effects matters and is deliberate:
+
+* ``Store.append`` is called synchronously while the frame is handled, so a
+  sender's messages are committed in the order they arrived on its socket;
+* the ✓ (``ack``) and the fan-out of one message happen in one callback after
+  the commit, in commit order, so a client never sees a later message pushed
+  before the ack of its own earlier one;
+* a session is registered before its inbox is read, so a message committed
+  meanwhile is either offered to the session or found by the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from roost.core.ids import is_group_id, new_group_id
+from roost.core.presence import PresenceChange, PresenceTracker
+from roost.protocol import frames as f
+from roost.protocol.codec import decode_client, encode
+from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from roost.registry.memory import MemoryRegistry
+from roost.service.session import Session, Sink, receipt_frame
+from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
+
+log = logging.getLogger("roost.chat")
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class ServiceConfig:
+    window: int = 128  # messages in flight to one device before drains wait for acks
+    max_group_members: int = 1024
+    rate: float = 500.0  # frames per second per connection (0: unlimited)
+    burst: float = 1000.0
+    presence_debounce: float = 3.0
+
+
+def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
+    return encode(f.Error(code=exc.code.value, message=exc.message, ref=exc.ref or ref))
+
+
+UNAVAILABLE = ErrorCode.UNAVAILABLE
+
+
+class ChatService:
+    def __init__(self, store: Store, registry: MemoryRegistry, config: ServiceConfig) -> None:
+        self.store = store
+        self.registry = registry
+        self.config = config
+        self.presence = PresenceTracker(config.presence_debounce)
+        self._presence_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+        self._handlers: dict[type, Callable[[Session, Any], None]] = {
+            f.Send: self._on_send,
+            f.DeliveryAck: self._on_dack,
+            f.ReadMarker: self._on_read,
+            f.ReceiptAck: self._on_rack,
+            f.PresenceSubscribe: self._on_presence_sub,
+            f.PresenceUnsubscribe: self._on_presence_unsub,
+            f.Typing: self._on_typing,
+            f.GroupCreate: self._on_group_create,
+            f.GroupAdd: self._on_group_add,
+            f.GroupRemove: self._on_group_remove,
+            f.GroupLeave: self._on_group_leave,
+            f.GroupInfo: self._on_group_info,
+            f.HistoryRequest: self._on_history,
+            f.SyncRequest: self._on_sync,
+            f.Ping: self._on_ping,
+        }
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._presence_task = asyncio.get_running_loop().create_task(self._presence_loop())
+
+    async def stop(self) -> None:
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+        # Last-seen of everyone still connected, so it survives the restart.
+        ts = int(time.time())
+        for session in self.registry.sessions():
+            self.store.set_last_seen(session.user, ts)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _spawn(self, awaitable: Any) -> None:
+        fut = asyncio.ensure_future(awaitable)
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+
+    # -- connections -------------------------------------------------------
+
+    async def authenticate(self, token: str) -> str | None:
+        return await self.store.user_by_token(hash_token(token))
+
+    async def connect(self, user: str, sink: Sink) -> Session:
+        session = Session(
+            user, sink, self.store, self.config.window, self.config.rate, self.config.burst
+        )
+        # Register first: from here on, new messages are offered to this session.
+        previous = self.registry.attach(session)
+        if previous is not None:
+            previous.replaced()
+        change = self.presence.connected(user)
+        if change is not None:
+            self._announce(change)
+        # Then read the inbox: whatever was committed before registering is there.
+        try:
+            entries = await self.store.inbox(user)
+            receipts = await self.store.pending_receipts(user)
+        except StoreUnavailable:
+            # The drain will retry; the device can also ask with a sync frame.
+            log.warning("inbox unavailable at connect of %s", user)
+            return session
+        session.load_inbox([(e.conv, e.delivered) for e in entries])
+        for receipt in receipts:
+            session.push_frame(receipt_frame(receipt))
+        return session
+
+    def disconnect(self, session: Session) -> None:
+        session.stop()
+        if self.registry.detach(session):
+            self.presence.disconnected(session.user, time.time())
+            self.store.set_last_seen(session.user, int(time.time()))
+
+    # -- frames ------------------------------------------------------------
+
+    def handle(self, session: Session, data: bytes | str) -> None:
+        """Handle one client frame. Never raises: refusals become error frames."""
+        ref = ""
+        try:
+            frame = decode_client(data)
+            ref = getattr(frame, "id", "") or getattr(frame, "ref", "")
+            handler = self._handlers.get(type(frame))
+            if handler is None:
+                raise ProtocolError(ErrorCode.INVALID, "already authenticated")
+            handler(session, frame)
+        except ProtocolError as exc:
+            session.push_frame(error_frame(exc, ref))
+        except StoreUnavailable as exc:
+            session.push_frame(error_frame(ProtocolError(UNAVAILABLE, str(exc)), ref))
+        except Exception:
+            log.exception("frame from %s failed", session.user)
+            session.push_frame(
+                error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref)
+            )
+
+    def _settle(self, session: Session, ref: str, fut: asyncio.Future[Any]) -> Any | None:
+        """The result of a store future, or None after pushing its error frame."""
+        if fut.cancelled():
+            return None
+        exc = fut.exception()
+        if exc is None:
+            return fut.result()
+        if isinstance(exc, ProtocolError):
+            session.push_frame(error_frame(exc, ref))
+        elif isinstance(exc, StoreUnavailable):
+            session.push_frame(error_frame(ProtocolError(UNAVAILABLE, str(exc)), ref))
+        else:
+            log.error("store operation failed", exc_info=exc)
+            session.push_frame(
+                error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref)
+            )
+        return None
+
+    # -- send --------------------------------------------------------------
+
+    def _on_send(self, session: Session, frame: f.Send) -> None:
+        if (frame.to is None) == (frame.conv is None):
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME, "give exactly one of 'to' and 'conv'", frame.id
+            )
+        fut = self.store.append(
+            session.user,
+            frame.id,
+            frame.ct,
+            frame.body,
+            now_ms(),
+            to=frame.to,
+            conv=frame.conv,
+            stream=session.send_stream,
+        )
+        fut.add_done_callback(partial(self._sent, session, frame.id))
+
+    def _sent(self, session: Session, client_id: str, fut: asyncio.Future[StoredMessage]) -> None:
+        if not fut.cancelled() and isinstance(fut.exception(), StoreUnavailable):
+            # Later sends of this connection may already be queued behind this
+            # one; the store refuses them too (same stream), and the client
+            # resends all of them, in order, after reconnecting.
+            session.push_frame(
+                error_frame(ProtocolError(UNAVAILABLE, str(fut.exception())), client_id)
+            )
+            session.sink.close(CloseCode.STORE_FAILED, "store unavailable; reconnect and resend")
+            return
+        stored = self._settle(session, client_id, fut)
+        if stored is None:
+            return
+        # ✓ only now: the commit is on disk.
+        session.push_frame(
+            encode(
+                f.SendAck(
+                    id=stored.client_id,
+                    conv=stored.conv,
+                    seq=stored.seq,
+                    ts=stored.ts,
+                    duplicate=stored.duplicate,
+                )
+            )
+        )
+        if not stored.duplicate:
+            self._fan_out(stored, (*stored.recipients, stored.sender))
+
+    def _fan_out(self, stored: StoredMessage, users: tuple[str, ...]) -> None:
+        # Persisted first, looked up now: a recipient that is not registered
+        # here will read the message from its inbox when it connects.
+        self.registry.push_message(stored, users)
+
+    # -- marks and receipts ------------------------------------------------
+
+    def _on_dack(self, session: Session, frame: f.DeliveryAck) -> None:
+        fut = self.store.advance_marks(session.user, frame.conv, frame.seq, None)
+        fut.add_done_callback(partial(self._marked, session, frame.conv, frame.seq))
+
+    def _on_read(self, session: Session, frame: f.ReadMarker) -> None:
+        fut = self.store.advance_marks(session.user, frame.conv, None, frame.seq)
+        fut.add_done_callback(partial(self._marked, session, frame.conv, frame.seq))
+
+    def _marked(
+        self, session: Session, conv: str, seq: int, fut: asyncio.Future[MarkResult]
+    ) -> None:
+        result = self._settle(session, "", fut)
+        if result is None:
+            return
+        session.acked(conv, result.delivered)
+        for receipt in result.receipts:
+            self.registry.push_receipt(receipt)
+
+    def _on_rack(self, session: Session, frame: f.ReceiptAck) -> None:
+        fut = self.store.ack_receipts(session.user, frame.conv, frame.rv)
+        fut.add_done_callback(partial(self._settle, session, ""))
+
+    # -- presence and typing -----------------------------------------------
+
+    def _on_presence_sub(self, session: Session, frame: f.PresenceSubscribe) -> None:
+        users = [u for u in dict.fromkeys(frame.users) if u != session.user]
+        self.registry.subscribe(session, users)
+        self._spawn(self._send_presence_state(session, users))
+
+    async def _send_presence_state(self, session: Session, users: list[str]) -> None:
+        offline = [u for u in users if not self.presence.is_online(u)]
+        try:
+            seen = await self.store.last_seen(offline) if offline else {}
+        except StoreUnavailable:
+            seen = {}
+        for user in users:
+            if self.presence.is_online(user):
+                session.push_frame(encode(f.Presence(user=user, online=True)))
+            elif user in seen:
+                session.push_frame(
+                    encode(f.Presence(user=user, online=False, last_seen=seen[user]))
+                )
+
+    def _on_presence_unsub(self, session: Session, frame: f.PresenceUnsubscribe) -> None:
+        self.registry.unsubscribe(session, frame.users)
+
+    def _announce(self, change: PresenceChange) -> None:
+        watchers = self.registry.subscribers(change.user)
+        if not watchers:
+            return
+        frame = encode(
+            f.Presence(user=change.user, online=change.online, last_seen=change.last_seen)
+        )
+        for watcher in watchers:
+            watcher.push_frame(frame)
+
+    async def _presence_loop(self) -> None:
+        # Presence is not on the message path; a coarse tick is enough to
+        # release debounced "offline" announcements.
+        while True:
+            await asyncio.sleep(min(1.0, self.presence.debounce / 2 or 1.0))
+            for change in self.presence.due(time.time()):
+                self._announce(change)
+
+    def _on_typing(self, session: Session, frame: f.Typing) -> None:
+        if session.typing_limiter.take(time.monotonic()):
+            return  # typing is ephemeral: excess is dropped silently
+        self._spawn(self._relay_typing(session, frame))
+
+    async def _relay_typing(self, session: Session, frame: f.Typing) -> None:
+        try:
+            members = await self.store.active_members(session.user, frame.conv)
+        except ProtocolError as exc:
+            session.push_frame(error_frame(exc))
+            return
+        except StoreUnavailable:
+            return
+        event = encode(f.TypingEvent(conv=frame.conv, user=session.user, active=frame.active))
+        self.registry.push_frame((m for m in members if m != session.user), event)
+
+    # -- groups ------------------------------------------------------------
+
+    def _group_reply(self, session: Session, ref: str, fut: asyncio.Future[GroupSnapshot]) -> None:
+        snap = self._settle(session, ref, fut)
+        if snap is None:
+            return
+        session.push_frame(
+            encode(
+                f.GroupState(
+                    group=snap.group,
+                    name=snap.name,
+                    members=snap.members,
+                    admins=snap.admins,
+                    last_seq=snap.last_seq,
+                    ref=ref,
+                )
+            )
+        )
+        if snap.event is not None:
+            self._fan_out(snap.event, snap.event.recipients)
+
+    def _check_group(self, group: str, ref: str) -> None:
+        if not is_group_id(group):
+            raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no group {group}", ref)
+
+    def _on_group_create(self, session: Session, frame: f.GroupCreate) -> None:
+        fut = self.store.create_group(
+            session.user,
+            new_group_id(),
+            frame.name,
+            frame.members,
+            self.config.max_group_members,
+            now_ms(),
+        )
+        fut.add_done_callback(partial(self._group_reply, session, frame.ref))
+
+    def _on_group_add(self, session: Session, frame: f.GroupAdd) -> None:
+        self._check_group(frame.group, frame.ref)
+        fut = self.store.add_members(
+            session.user, frame.group, frame.members, self.config.max_group_members, now_ms()
+        )
+        fut.add_done_callback(partial(self._group_reply, session, frame.ref))
+
+    def _on_group_remove(self, session: Session, frame: f.GroupRemove) -> None:
+        self._check_group(frame.group, frame.ref)
+        fut = self.store.remove_members(session.user, frame.group, frame.members, now_ms())
+        fut.add_done_callback(partial(self._group_reply, session, frame.ref))
+
+    def _on_group_leave(self, session: Session, frame: f.GroupLeave) -> None:
+        self._check_group(frame.group, frame.ref)
+        fut = self.store.remove_members(session.user, frame.group, [session.user], now_ms())
+        fut.add_done_callback(partial(self._group_reply, session, frame.ref))
+
+    def _on_group_info(self, session: Session, frame: f.GroupInfo) -> None:
+        self._check_group(frame.group, frame.ref)
+        fut = asyncio.ensure_future(self.store.group_info(session.user, frame.group))
+        fut.add_done_callback(partial(self._group_reply, session, frame.ref))
+
+    # -- history, sync, ping -----------------------------------------------
+
+    def _on_history(self, session: Session, frame: f.HistoryRequest) -> None:
+        if frame.before is not None and frame.after is not None:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "give at most one of before/after", frame.ref)
+        self._spawn(self._history(session, frame))
+
+    async def _history(self, session: Session, frame: f.HistoryRequest) -> None:
+        try:
+            messages, last = await self.store.history(
+                session.user, frame.conv, frame.before, frame.after, frame.limit
+            )
+        except ProtocolError as exc:
+            session.push_frame(error_frame(exc, frame.ref))
+            return
+        except StoreUnavailable as exc:
+            session.push_frame(error_frame(ProtocolError(UNAVAILABLE, str(exc)), frame.ref))
+            return
+        page = f.HistoryPage(
+            conv=frame.conv,
+            messages=[
+                f.HistoryMessage(m.seq, m.client_id, m.sender, m.ct, m.body, m.ts) for m in messages
+            ],
+            last_seq=last,
+            ref=frame.ref,
+        )
+        session.push_frame(encode(page))
+
+    def _on_sync(self, session: Session, frame: f.SyncRequest) -> None:
+        self._spawn(self._resync(session))
+
+    async def _resync(self, session: Session) -> None:
+        try:
+            entries = await self.store.inbox(session.user)
+        except StoreUnavailable:
+            return
+        session.load_inbox([(e.conv, e.delivered) for e in entries])
+
+    def _on_ping(self, session: Session, frame: f.Ping) -> None:
+        session.push_frame(encode(f.Pong(t=frame.t)))
+
+
+__all__ = ["ChatService", "CloseCode", "ServiceConfig", "hash_token"]

@@ -1,0 +1,150 @@
+"""One connected device: its delivery cursor, its inbox drains, its outbox sink.
+
+The session turns the pure ``DeliveryCursor`` decisions into effects: frames
+pushed to the gateway's ``Sink`` and inbox pages read from the store. It never
+waits on the socket: ``Sink.push`` queues, and the gateway closes a socket
+whose queue grows past its limit (its undelivered messages stay in the inbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from roost.core.delivery import DeliveryCursor
+from roost.core.ratelimit import TokenBucket
+from roost.protocol.codec import encode
+from roost.protocol.frames import MemberMarks, Receipt
+from roost.registry.memory import deliver_frame
+from roost.store.base import ReceiptState, SendStream, StoredMessage, StoreUnavailable
+
+if TYPE_CHECKING:
+    from roost.store.base import Store
+
+log = logging.getLogger("roost.session")
+
+DRAIN_RETRY_SECONDS = 1.0
+
+
+class Sink(Protocol):
+    """The gateway side of a session: a socket's outgoing queue."""
+
+    def push(self, frame: bytes) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+
+
+def receipt_frame(receipt: ReceiptState) -> bytes:
+    return encode(
+        Receipt(
+            conv=receipt.conv,
+            rv=receipt.rv,
+            marks={u: MemberMarks(d, r) for u, (d, r) in receipt.marks.items()},
+            all_delivered=receipt.all_delivered,
+            all_read=receipt.all_read,
+        )
+    )
+
+
+class Session:
+    def __init__(
+        self,
+        user: str,
+        sink: Sink,
+        store: Store,
+        window: int,
+        rate: float,
+        burst: float,
+    ) -> None:
+        self.user = user
+        self.sink = sink
+        self.store = store
+        self.cursor = DeliveryCursor(window)
+        self.limiter = TokenBucket(rate, burst, time.monotonic()) if rate > 0 else None
+        self.typing_limiter = TokenBucket(2.0, 5.0, time.monotonic())
+        self._drain_task: asyncio.Task[None] | None = None
+        self.send_stream = SendStream()
+        self.active = True
+        self.delivered_frames = 0
+
+    # -- called by the registry --------------------------------------------
+
+    def offer(self, message: StoredMessage, frame: bytes) -> None:
+        if not self.active:
+            return
+        own = message.sender == self.user
+        if self.cursor.offer(message.conv, message.seq, own):
+            self.sink.push(frame)
+            self.delivered_frames += 1
+        else:
+            self.kick()
+
+    def push_receipt(self, receipt: ReceiptState) -> None:
+        if self.active:
+            self.sink.push(receipt_frame(receipt))
+
+    def push_frame(self, frame: bytes) -> None:
+        if self.active:
+            self.sink.push(frame)
+
+    def replaced(self) -> None:
+        """Another connection of the same user took over."""
+        from roost.protocol.errors import CloseCode
+
+        self.stop()
+        self.sink.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
+
+    # -- called by the chat service ----------------------------------------
+
+    def acked(self, conv: str, seq: int) -> None:
+        self.cursor.ack(conv, seq)
+        self.kick()
+
+    def load_inbox(self, entries: list[tuple[str, int]]) -> None:
+        for conv, delivered in entries:
+            self.cursor.load(conv, delivered)
+        self.kick()
+
+    def kick(self) -> None:
+        """Run inbox drains if any are due and none is running."""
+        if not self.active or (self._drain_task is not None and not self._drain_task.done()):
+            return
+        if self.cursor.pending_drains == 0:
+            return
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    def stop(self) -> None:
+        self.active = False
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+
+    async def _drain(self) -> None:
+        while self.active:
+            request = self.cursor.next_drain()
+            if request is None:
+                return
+            try:
+                page = await self.store.read_inbox(
+                    self.user, request.conv, request.after, request.limit
+                )
+            except StoreUnavailable as exc:
+                log.warning("inbox read failed for %s: %s", self.user, exc)
+                self.cursor.drain_failed(request.conv)
+                await asyncio.sleep(DRAIN_RETRY_SECONDS)
+                continue
+            except Exception:  # e.g. no longer a member: nothing to drain there
+                log.exception("inbox read refused for %s in %s", self.user, request.conv)
+                self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
+                continue
+            by_seq = {m.seq: m for m in page.messages}
+            to_push = self.cursor.drained(
+                page.conv, page.start, list(by_seq), page.scanned_to, page.last_seq
+            )
+            if not self.active:
+                return
+            for seq in to_push:
+                self.sink.push(deliver_frame(by_seq[seq]))
+            self.delivered_frames += len(to_push)

@@ -1,0 +1,1 @@
+"""Store layer: durable messages, sequence numbers, membership, inbox marks."""

@@ -1,0 +1,160 @@
+"""The store's interface: what the chat service needs from durable storage.
+
+Every mutating call returns only after its transaction is durably committed
+(group commit batches many calls into one commit). Methods raise
+``ProtocolError`` for requests that are refused (nothing changed) and
+``StoreUnavailable`` when the storage failed (nothing committed; retryable).
+
+The inbox is not a separate queue table: each member of a conversation has a
+``delivered`` mark, and every message past it (not sent by the member itself)
+is that member's inbox. The mark only moves on the member's own ack, so an
+entry "leaves the inbox" exactly when the recipient acks it, and a group
+message costs one row, not one per member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreUnavailable(Exception):
+    """Storage failed; nothing of the request was committed. Retry later."""
+
+
+class SendStream:
+    """The ordered sends of one connection.
+
+    Once one of them fails for a storage reason, the store fails every later
+    one of the same stream too, even if storage came back meanwhile: a later
+    message must never get a seq before an earlier one the client will resend.
+    """
+
+    __slots__ = ("broken",)
+
+    def __init__(self) -> None:
+        self.broken = False
+
+
+@dataclass(slots=True, frozen=True)
+class StoredMessage:
+    conv: str
+    seq: int
+    client_id: str
+    sender: str
+    ct: str
+    body: bytes
+    ts: int
+    duplicate: bool = False
+    # Active members other than the sender when it was committed: who to push to.
+    recipients: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class ReceiptState:
+    """What a message sender should be told about its messages in ``conv``."""
+
+    user: str  # who receives this receipt (a sender in the conversation)
+    conv: str
+    rv: int  # receipt version; acked by the client, then forgotten
+    marks: dict[str, tuple[int, int]]  # member -> (delivered, read); changed ones only when live
+    all_delivered: int
+    all_read: int
+
+
+@dataclass(slots=True, frozen=True)
+class MarkResult:
+    conv: str
+    user: str
+    delivered: int
+    read: int
+    receipts: list[ReceiptState] = field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True)
+class GroupSnapshot:
+    group: str
+    name: str
+    members: list[str]
+    admins: list[str]
+    last_seq: int
+    # The membership system message this change appended (None for reads).
+    event: StoredMessage | None = None
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class InboxEntry:
+    conv: str
+    delivered: int
+    upto: int  # last seq this member may see
+
+
+@dataclass(slots=True, frozen=True)
+class DrainPage:
+    conv: str
+    start: int  # the delivered cursor the page was read from
+    messages: list[StoredMessage]  # other senders' messages, ascending
+    scanned_to: int  # highest seq looked at (own messages included)
+    last_seq: int  # end of what this member may see, as of the read
+
+
+class Store(Protocol):
+    """Writes (plain ``def`` returning a future) are enqueued when called, so
+    calls made in order commit in that order: a sender's frames keep their
+    order without the caller waiting for one commit before the next."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # accounts
+    def add_user(self, name: str, token_hash: bytes, now: int) -> asyncio.Future[None]: ...
+    async def user_by_token(self, token_hash: bytes) -> str | None: ...
+    def set_last_seen(self, user: str, ts: int) -> asyncio.Future[None]: ...
+    async def last_seen(self, users: list[str]) -> dict[str, int | None]: ...
+
+    # messages and marks
+    def append(
+        self,
+        sender: str,
+        client_id: str,
+        ct: str,
+        body: bytes,
+        now: int,
+        to: str | None = None,
+        conv: str | None = None,
+        stream: SendStream | None = None,
+    ) -> asyncio.Future[StoredMessage]: ...
+
+    def advance_marks(
+        self, user: str, conv: str, delivered: int | None, read: int | None
+    ) -> asyncio.Future[MarkResult]: ...
+
+    def ack_receipts(self, user: str, conv: str, rv: int) -> asyncio.Future[None]: ...
+
+    # groups
+    def create_group(
+        self, creator: str, group: str, name: str, members: list[str], limit: int, now: int
+    ) -> asyncio.Future[GroupSnapshot]: ...
+
+    def add_members(
+        self, actor: str, group: str, members: list[str], limit: int, now: int
+    ) -> asyncio.Future[GroupSnapshot]: ...
+
+    def remove_members(
+        self, actor: str, group: str, members: list[str], now: int
+    ) -> asyncio.Future[GroupSnapshot]: ...
+
+    async def group_info(self, user: str, group: str) -> GroupSnapshot: ...
+
+    # reads
+    async def inbox(self, user: str) -> list[InboxEntry]: ...
+    async def read_inbox(
+        self, user: str, conv: str, after: int | None, limit: int
+    ) -> DrainPage: ...
+    async def history(
+        self, user: str, conv: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[StoredMessage], int]: ...
+    async def pending_receipts(self, user: str) -> list[ReceiptState]: ...
+    async def active_members(self, user: str, conv: str) -> list[str]: ...

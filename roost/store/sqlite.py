@@ -1,0 +1,800 @@
+"""SQLite store for embedded mode: WAL, synchronous=FULL, group commit.
+
+One writer thread owns the only writing connection. Callers enqueue
+operations; the thread takes everything queued (up to ``max_batch``), runs it
+in one transaction and commits once, so concurrent sends share one fsync
+without waiting for a timer: while one commit is on disk the next batch
+accumulates. Results go back to the event loop only after COMMIT returned.
+
+Reads run on a small thread pool with their own connections (WAL lets them
+proceed while the writer commits). sqlite3 releases the GIL while a statement
+runs, so both overlap with the event loop.
+
+The writer keeps each touched conversation's state (last seq, members and
+their marks) in memory. It is the only writer of that state, so the cache is
+authoritative; a failed transaction drops the whole cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roost.core import membership as rules
+from roost.core.ids import direct_conv_id, direct_members
+from roost.core.membership import ADMIN, MEMBER, Member
+from roost.protocol.errors import ErrorCode, ProtocolError
+from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
+from roost.store.base import (
+    DrainPage,
+    GroupSnapshot,
+    InboxEntry,
+    MarkResult,
+    ReceiptState,
+    SendStream,
+    StoredMessage,
+    StoreUnavailable,
+)
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    token_hash BLOB NOT NULL UNIQUE,
+    created INTEGER NOT NULL,
+    last_seen INTEGER
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,              -- 'direct' | 'group'
+    name TEXT NOT NULL DEFAULT '',
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL
+);
+-- One row per (conversation, user): membership and the receipt/inbox marks.
+CREATE TABLE IF NOT EXISTS members (
+    conv TEXT NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL,
+    joined_seq INTEGER NOT NULL,
+    left_seq INTEGER,
+    delivered INTEGER NOT NULL,
+    read INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_user ON members (user, conv);
+CREATE TABLE IF NOT EXISTS messages (
+    conv TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    ct TEXT NOT NULL,
+    body BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (conv, seq)
+);
+-- Idempotent send: a retried client id maps back to the stored message.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conv, sender, client_id);
+-- Receipt changes a sender has not acked yet (delivered again on reconnect).
+CREATE TABLE IF NOT EXISTS receipt_pending (
+    user TEXT NOT NULL,
+    conv TEXT NOT NULL,
+    rv INTEGER NOT NULL,
+    PRIMARY KEY (user, conv)
+) WITHOUT ROWID;
+"""
+
+_MSG_COLUMNS = "conv, seq, sender, client_id, ct, body, ts"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before we ack. NORMAL could lose acked messages
+    # on power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+def _row_message(row: tuple[Any, ...]) -> StoredMessage:
+    conv, seq, sender, client_id, ct, body, ts = row
+    return StoredMessage(conv, seq, client_id, sender, ct, bytes(body), ts)
+
+
+@dataclass(slots=True)
+class _Conv:
+    id: str
+    kind: str
+    name: str
+    last_seq: int
+    members: dict[str, Member]
+
+    def active(self) -> list[str]:
+        return [m.user for m in self.members.values() if m.left is None]
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    stream: SendStream | None = None
+
+
+class SqliteStore:
+    """The embedded store. ``path`` is the database file."""
+
+    def __init__(self, path: Path | str, max_batch: int = 1024, cache_size: int = 100_000):
+        self.path = Path(path)
+        self.max_batch = max_batch
+        self.cache_size = cache_size
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-read")
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._convs: dict[str, _Conv] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0  # statistics: transactions committed
+        self.committed_ops = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wconn = _connect(self.path)
+        self._migrate(self._wconn)
+        self._writer = threading.Thread(target=self._write_loop, name="roost-writer", daemon=True)
+        self._writer.start()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema {version}; this Roost knows up to {SCHEMA_VERSION}"
+            )
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    async def close(self) -> None:
+        """Finish every queued write, then close."""
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        self._readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            conn.close()
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+    # -- the writer thread -------------------------------------------------
+
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], Any], stream: SendStream | None = None
+    ) -> asyncio.Future[Any]:
+        if self._loop is None:
+            raise StoreUnavailable("store is not open")
+        future = self._loop.create_future()
+        if self._writer is None:
+            future.set_exception(StoreUnavailable("store is closed"))
+        else:
+            self._queue.put(_Op(fn, future, stream))
+        return future
+
+    def _write_loop(self) -> None:
+        conn = self._wconn
+        assert conn is not None
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            self._run_batch(conn, batch)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if op.stream is not None and op.stream.broken:
+                    results.append((False, StoreUnavailable("an earlier send failed")))
+                    continue
+                try:
+                    results.append((True, op.fn(conn)))
+                except ProtocolError as exc:
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.committed_ops += len(batch)
+        except Exception as exc:  # storage failed: nothing of this batch happened
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._convs.clear()
+            for op in batch:
+                if op.stream is not None:
+                    op.stream.broken = True
+            failure = StoreUnavailable(f"storage error: {exc}")
+            results = [(False, failure)] * len(batch)
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(_resolve, batch, results)
+
+    # -- writer-side helpers (run on the writer thread only) ---------------
+
+    def _conv(self, conn: sqlite3.Connection, conv_id: str) -> _Conv | None:
+        state = self._convs.get(conv_id)
+        if state is not None:
+            return state
+        row = conn.execute(
+            "SELECT kind, name, last_seq FROM conversations WHERE id=?", (conv_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        members = {
+            user: Member(user, role, joined, left, delivered, read)
+            for user, role, joined, left, delivered, read in conn.execute(
+                "SELECT user, role, joined_seq, left_seq, delivered, read FROM members"
+                " WHERE conv=?",
+                (conv_id,),
+            )
+        }
+        state = _Conv(conv_id, row[0], row[1], row[2], members)
+        if len(self._convs) >= self.cache_size:
+            self._convs.pop(next(iter(self._convs)))
+        self._convs[conv_id] = state
+        return state
+
+    def _existing_users(self, conn: sqlite3.Connection, names: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                r[0] for r in conn.execute(f"SELECT name FROM users WHERE name IN ({marks})", chunk)
+            )
+        return found
+
+    def _require_users(self, conn: sqlite3.Connection, names: list[str]) -> None:
+        missing = sorted(set(names) - self._existing_users(conn, names))
+        if missing:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no such user: {', '.join(missing[:5])}")
+
+    def _insert_message(
+        self,
+        conn: sqlite3.Connection,
+        state: _Conv,
+        sender: str,
+        client_id: str,
+        ct: str,
+        body: bytes,
+        now: int,
+    ) -> StoredMessage:
+        seq = state.last_seq + 1
+        conn.execute(
+            f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+            (state.id, seq, sender, client_id, ct, body, now),
+        )
+        conn.execute("UPDATE conversations SET last_seq=? WHERE id=?", (seq, state.id))
+        state.last_seq = seq
+        recipients = tuple(u for u in state.active() if u != sender)
+        return StoredMessage(state.id, seq, client_id, sender, ct, body, now, False, recipients)
+
+    def _create_direct(self, conn: sqlite3.Connection, sender: str, to: str, now: int) -> _Conv:
+        if to == sender:
+            raise ProtocolError(ErrorCode.INVALID, "cannot send a 1:1 message to yourself")
+        self._require_users(conn, [to])
+        conv_id = direct_conv_id(sender, to)
+        conn.execute(
+            "INSERT INTO conversations (id, kind, name, last_seq, created) VALUES (?,?,?,?,?)",
+            (conv_id, "direct", "", 0, now),
+        )
+        for user in (sender, to):
+            conn.execute(
+                "INSERT INTO members (conv, user, role, joined_seq, left_seq, delivered, read)"
+                " VALUES (?,?,?,0,NULL,0,0)",
+                (conv_id, user, MEMBER),
+            )
+        state = _Conv(
+            conv_id, "direct", "", 0, {u: Member(u, MEMBER, 0, None, 0, 0) for u in (sender, to)}
+        )
+        self._convs[conv_id] = state
+        return state
+
+    def _write_marks(self, conn: sqlite3.Connection, conv: str, member: Member) -> None:
+        conn.execute(
+            "UPDATE members SET delivered=?, read=? WHERE conv=? AND user=?",
+            (member.delivered, member.read, conv, member.user),
+        )
+
+    def _bump_receipt(self, conn: sqlite3.Connection, user: str, conv: str) -> int:
+        row = conn.execute(
+            "INSERT INTO receipt_pending (user, conv, rv) VALUES (?,?,1)"
+            " ON CONFLICT (user, conv) DO UPDATE SET rv = rv + 1 RETURNING rv",
+            (user, conv),
+        ).fetchone()
+        return int(row[0])
+
+    # -- accounts ----------------------------------------------------------
+
+    def add_user(self, name: str, token_hash: bytes, now: int) -> asyncio.Future[None]:
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+                raise ProtocolError(ErrorCode.INVALID, f"user {name!r} already exists")
+            conn.execute(
+                "INSERT INTO users (name, token_hash, created) VALUES (?,?,?)",
+                (name, token_hash, now),
+            )
+
+        return self._submit(op)
+
+    def set_last_seen(self, user: str, ts: int) -> asyncio.Future[None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE users SET last_seen=? WHERE name=?", (ts, user))
+
+        return self._submit(op)
+
+    # -- messages ----------------------------------------------------------
+
+    def append(
+        self,
+        sender: str,
+        client_id: str,
+        ct: str,
+        body: bytes,
+        now: int,
+        to: str | None = None,
+        conv: str | None = None,
+        stream: SendStream | None = None,
+    ) -> asyncio.Future[StoredMessage]:
+        def op(c: sqlite3.Connection) -> StoredMessage:
+            conv_id = direct_conv_id(sender, to) if to is not None else conv
+            assert conv_id is not None
+            state = self._conv(c, conv_id)
+            if state is None:
+                if to is None:
+                    raise ProtocolError(
+                        ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv_id}", client_id
+                    )
+                state = self._create_direct(c, sender, to, now)
+            rules.require_active(state.members.get(sender), conv_id)
+            row = c.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND sender=? AND client_id=?",
+                (conv_id, sender, client_id),
+            ).fetchone()
+            if row is not None:
+                stored = _row_message(row)
+                return StoredMessage(
+                    stored.conv,
+                    stored.seq,
+                    stored.client_id,
+                    stored.sender,
+                    stored.ct,
+                    stored.body,
+                    stored.ts,
+                    duplicate=True,
+                )
+            return self._insert_message(c, state, sender, client_id, ct, body, now)
+
+        return self._submit(op, stream)
+
+    def advance_marks(
+        self, user: str, conv: str, delivered: int | None, read: int | None
+    ) -> asyncio.Future[MarkResult]:
+        def op(c: sqlite3.Connection) -> MarkResult:
+            state = self._conv(c, conv)
+            if state is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
+            member = rules.require_visible(state.members.get(user), conv)
+            old_d, old_r = member.delivered, member.read
+            new_d, new_r = rules.advance_marks(member, state.last_seq, delivered, read)
+            if (new_d, new_r) == (old_d, old_r):
+                return MarkResult(conv, user, new_d, new_r)
+            member.delivered, member.read = new_d, new_r
+            self._write_marks(c, conv, member)
+            low = min(old_d, old_r) if new_r > old_r else old_d
+            senders = {
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT sender FROM messages WHERE conv=? AND seq>? AND seq<=?",
+                    (conv, low, new_d),
+                )
+            }
+            senders.discard(user)
+            senders.discard(SYSTEM_SENDER)
+            receipts = [
+                self._receipt(c, state, target, {user: (new_d, new_r)})
+                for target in sorted(senders)
+            ]
+            return MarkResult(conv, user, new_d, new_r, receipts)
+
+        return self._submit(op)
+
+    def _receipt(
+        self,
+        c: sqlite3.Connection,
+        state: _Conv,
+        target: str,
+        marks: dict[str, tuple[int, int]],
+    ) -> ReceiptState:
+        rv = self._bump_receipt(c, target, state.id)
+        all_d, all_r = _aggregate(state, target)
+        return ReceiptState(target, state.id, rv, marks, all_d, all_r)
+
+    def ack_receipts(self, user: str, conv: str, rv: int) -> asyncio.Future[None]:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, rv)
+            )
+
+        return self._submit(op)
+
+    # -- groups ------------------------------------------------------------
+
+    def _membership_event(
+        self,
+        c: sqlite3.Connection,
+        state: _Conv,
+        actor: str,
+        action: str,
+        users: list[str],
+        now: int,
+    ) -> StoredMessage:
+        body = json.dumps(
+            {"action": action, "actor": actor, "users": users, "name": state.name},
+            separators=(",", ":"),
+        ).encode()
+        client_id = f"sys-{state.last_seq + 1}"
+        return self._insert_message(c, state, SYSTEM_SENDER, client_id, MEMBERSHIP_CT, body, now)
+
+    def _join(self, c: sqlite3.Connection, state: _Conv, user: str, role: str) -> None:
+        # The member sees everything after this point, starting with the
+        # membership event that is appended right after.
+        at = state.last_seq
+        c.execute(
+            "INSERT INTO members (conv, user, role, joined_seq, left_seq, delivered, read)"
+            " VALUES (?,?,?,?,NULL,?,?) ON CONFLICT (conv, user) DO UPDATE SET"
+            " role=excluded.role, joined_seq=excluded.joined_seq, left_seq=NULL,"
+            " delivered=excluded.delivered, read=excluded.read",
+            (state.id, user, role, at, at, at),
+        )
+        state.members[user] = Member(user, role, at, None, at, at)
+
+    def _snapshot(
+        self, state: _Conv, event: StoredMessage | None = None, removed: tuple[str, ...] = ()
+    ) -> GroupSnapshot:
+        active = [m for m in state.members.values() if m.left is None]
+        return GroupSnapshot(
+            state.id,
+            state.name,
+            sorted(m.user for m in active),
+            sorted(m.user for m in active if m.role == ADMIN),
+            state.last_seq,
+            event,
+            removed,
+        )
+
+    def _group(self, c: sqlite3.Connection, group: str) -> _Conv:
+        state = self._conv(c, group)
+        if state is None or state.kind != "group":
+            raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no group {group}")
+        return state
+
+    def create_group(
+        self, creator: str, group: str, name: str, members: list[str], limit: int, now: int
+    ) -> asyncio.Future[GroupSnapshot]:
+        wanted = sorted(set(members) | {creator})
+
+        def op(c: sqlite3.Connection) -> GroupSnapshot:
+            rules.check_group_size(0, len(wanted), limit)
+            self._require_users(c, wanted)
+            c.execute(
+                "INSERT INTO conversations (id, kind, name, last_seq, created) VALUES (?,?,?,?,?)",
+                (group, "group", name, 0, now),
+            )
+            state = _Conv(group, "group", name, 0, {})
+            self._convs[group] = state
+            for user in wanted:
+                self._join(c, state, user, ADMIN if user == creator else MEMBER)
+            event = self._membership_event(c, state, creator, "created", wanted, now)
+            return self._snapshot(state, event)
+
+        return self._submit(op)
+
+    def add_members(
+        self, actor: str, group: str, members: list[str], limit: int, now: int
+    ) -> asyncio.Future[GroupSnapshot]:
+        def op(c: sqlite3.Connection) -> GroupSnapshot:
+            state = self._group(c, group)
+            rules.require_admin(state.members.get(actor), group)
+            current = set(state.active())
+            new = sorted(set(members) - current)
+            if not new:
+                return self._snapshot(state)
+            rules.check_group_size(len(current), len(new), limit)
+            self._require_users(c, new)
+            for user in new:
+                self._join(c, state, user, MEMBER)
+            event = self._membership_event(c, state, actor, "added", new, now)
+            return self._snapshot(state, event)
+
+        return self._submit(op)
+
+    def remove_members(
+        self, actor: str, group: str, members: list[str], now: int
+    ) -> asyncio.Future[GroupSnapshot]:
+        def op(c: sqlite3.Connection) -> GroupSnapshot:
+            state = self._group(c, group)
+            leaving = members == [actor]
+            if leaving:
+                rules.require_active(state.members.get(actor), group)
+            else:
+                rules.require_admin(state.members.get(actor), group)
+            gone = sorted(set(members) & set(state.active()))
+            if not gone:
+                return self._snapshot(state)
+            # The removed see their own removal event, then nothing more.
+            event = self._membership_event(
+                c, state, actor, "left" if leaving else "removed", gone, now
+            )
+            for user in gone:
+                member = state.members[user]
+                member.left = event.seq
+                c.execute(
+                    "UPDATE members SET left_seq=? WHERE conv=? AND user=?",
+                    (event.seq, group, user),
+                )
+            # Recipients of the event include the removed members.
+            event = StoredMessage(
+                event.conv,
+                event.seq,
+                event.client_id,
+                event.sender,
+                event.ct,
+                event.body,
+                event.ts,
+                False,
+                tuple(sorted(set(event.recipients) | set(gone))),
+            )
+            self._promote_if_no_admin(c, state)
+            return self._snapshot(state, event, tuple(gone))
+
+        return self._submit(op)
+
+    def _promote_if_no_admin(self, c: sqlite3.Connection, state: _Conv) -> None:
+        active = [m for m in state.members.values() if m.left is None]
+        if active and not any(m.role == ADMIN for m in active):
+            heir = min(active, key=lambda m: (m.joined, m.user))
+            heir.role = ADMIN
+            c.execute(
+                "UPDATE members SET role=? WHERE conv=? AND user=?", (ADMIN, state.id, heir.user)
+            )
+
+    # -- reads (reader threads) ---------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+
+        def run() -> Any:
+            conn = self._reader()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    return fn(conn)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"storage error: {exc}") from exc
+
+        try:
+            return await loop.run_in_executor(self._readers, run)
+        except RuntimeError as exc:  # executor shut down
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def user_by_token(self, token_hash: bytes) -> str | None:
+        def fn(c: sqlite3.Connection) -> str | None:
+            row = c.execute("SELECT name FROM users WHERE token_hash=?", (token_hash,)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._read(fn)
+
+    async def last_seen(self, users: list[str]) -> dict[str, int | None]:
+        def fn(c: sqlite3.Connection) -> dict[str, int | None]:
+            out: dict[str, int | None] = {}
+            for user in users:
+                row = c.execute("SELECT last_seen FROM users WHERE name=?", (user,)).fetchone()
+                if row is not None:
+                    out[user] = row[0]
+            return out
+
+        return await self._read(fn)
+
+    async def inbox(self, user: str) -> list[InboxEntry]:
+        def fn(c: sqlite3.Connection) -> list[InboxEntry]:
+            rows = c.execute(
+                "SELECT m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
+                " JOIN conversations c ON c.id = m.conv"
+                " WHERE m.user=? AND c.last_seq > m.delivered"
+                " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)",
+                (user,),
+            ).fetchall()
+            return [
+                InboxEntry(conv, delivered, last if left is None else min(left, last))
+                for conv, delivered, last, left in rows
+            ]
+
+        return await self._read(fn)
+
+    def _member_row(self, c: sqlite3.Connection, user: str, conv: str) -> tuple[Member, int]:
+        row = c.execute(
+            "SELECT m.role, m.joined_seq, m.left_seq, m.delivered, m.read, c.last_seq"
+            " FROM members m JOIN conversations c ON c.id = m.conv"
+            " WHERE m.conv=? AND m.user=?",
+            (conv, user),
+        ).fetchone()
+        if row is None:
+            exists = c.execute("SELECT 1 FROM conversations WHERE id=?", (conv,)).fetchone()
+            if exists is None and direct_members(conv) is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
+        role, joined, left, delivered, read, last = row
+        return Member(user, role, joined, left, delivered, read), last
+
+    async def read_inbox(self, user: str, conv: str, after: int | None, limit: int) -> DrainPage:
+        def fn(c: sqlite3.Connection) -> DrainPage:
+            member, last = self._member_row(c, user, conv)
+            start = member.delivered if after is None else max(after, member.joined)
+            upto = member.visible_upto(last)
+            rows = c.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=?"
+                " ORDER BY seq LIMIT ?",
+                (conv, start, upto, limit * 4),
+            ).fetchall()
+            messages: list[StoredMessage] = []
+            scanned = start
+            for row in rows:
+                if len(messages) >= limit:
+                    break
+                scanned = row[1]
+                if row[2] != user:
+                    messages.append(_row_message(row))
+            return DrainPage(conv, start, messages, scanned, upto)
+
+        return await self._read(fn)
+
+    async def history(
+        self, user: str, conv: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[StoredMessage], int]:
+        def fn(c: sqlite3.Connection) -> tuple[list[StoredMessage], int]:
+            member, last = self._member_row(c, user, conv)
+            low = member.joined
+            high = member.visible_upto(last)
+            if after is not None:
+                rows = c.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=?"
+                    " ORDER BY seq LIMIT ?",
+                    (conv, max(after, low), high, limit),
+                ).fetchall()
+            else:
+                top = high if before is None else min(before - 1, high)
+                rows = c.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=?"
+                    " ORDER BY seq DESC LIMIT ?",
+                    (conv, low, top, limit),
+                ).fetchall()
+                rows.reverse()
+            return [_row_message(r) for r in rows], high
+
+        return await self._read(fn)
+
+    async def group_info(self, user: str, group: str) -> GroupSnapshot:
+        def fn(c: sqlite3.Connection) -> GroupSnapshot:
+            row = c.execute(
+                "SELECT kind, name, last_seq FROM conversations WHERE id=?", (group,)
+            ).fetchone()
+            if row is None or row[0] != "group":
+                raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no group {group}")
+            members = c.execute(
+                "SELECT user, role, left_seq FROM members WHERE conv=?", (group,)
+            ).fetchall()
+            if not any(u == user and left is None for u, _, left in members):
+                raise ProtocolError(ErrorCode.NOT_MEMBER, f"not a member of {group}")
+            active = sorted(u for u, _, left in members if left is None)
+            admins = sorted(u for u, role, left in members if left is None and role == ADMIN)
+            return GroupSnapshot(group, row[1], active, admins, row[2])
+
+        return await self._read(fn)
+
+    async def active_members(self, user: str, conv: str) -> list[str]:
+        def fn(c: sqlite3.Connection) -> list[str]:
+            member, _ = self._member_row(c, user, conv)
+            rules.require_active(member, conv)
+            return [
+                r[0]
+                for r in c.execute(
+                    "SELECT user FROM members WHERE conv=? AND left_seq IS NULL", (conv,)
+                )
+            ]
+
+        return await self._read(fn)
+
+    async def pending_receipts(self, user: str) -> list[ReceiptState]:
+        def fn(c: sqlite3.Connection) -> list[ReceiptState]:
+            out = []
+            for conv, rv in c.execute(
+                "SELECT conv, rv FROM receipt_pending WHERE user=?", (user,)
+            ).fetchall():
+                rows = c.execute(
+                    "SELECT user, delivered, read, left_seq FROM members WHERE conv=?", (conv,)
+                ).fetchall()
+                marks = {u: (d, r) for u, d, r, left in rows if u != user and left is None}
+                all_d = min((d for d, _ in marks.values()), default=0)
+                all_r = min((r for _, r in marks.values()), default=0)
+                out.append(ReceiptState(user, conv, rv, marks, all_d, all_r))
+            return out
+
+        return await self._read(fn)
+
+
+def _aggregate(state: _Conv, target: str) -> tuple[int, int]:
+    """Minimum delivered / read over the active members other than ``target``."""
+    others = [m for m in state.members.values() if m.user != target and m.left is None]
+    if not others:
+        return 0, 0
+    return min(m.delivered for m in others), min(m.read for m in others)
+
+
+def _resolve(batch: list[_Op], results: list[tuple[bool, Any]]) -> None:
+    for op, (ok, value) in zip(batch, results, strict=True):
+        if op.future.done():
+            continue
+        if ok:
+            op.future.set_result(value)
+        else:
+            op.future.set_exception(value)
+
+
+def database_path(data_dir: Path | str) -> Path:
+    return Path(data_dir) / "roost.sqlite"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a newly created database file's directory entry durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
