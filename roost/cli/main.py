@@ -21,9 +21,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--heartbeat", type=float, default=30.0, help="WebSocket ping interval (s)")
     p.add_argument("--auth-timeout", type=float, default=10.0)
-    p.add_argument(
-        "--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)"
-    )
+    p.add_argument("--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)")
     p.add_argument("--max-group-members", type=int, default=1024)
     p.add_argument("--window", type=int, default=128, help="unacked messages per device")
     p.add_argument("--presence-debounce", type=float, default=3.0)

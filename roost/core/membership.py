@@ -62,9 +62,7 @@ def check_group_size(current: int, adding: int, limit: int) -> None:
         )
 
 
-def advance_marks(
-    member: Member, last_seq: int, delivered: int | None, read: int | None
-) -> tuple[int, int]:
+def advance_marks(member: Member, last_seq: int, delivered: int | None, read: int | None) -> tuple[int, int]:
     """New ``(delivered, read)`` for an ack; marks only move forward, read implies delivered.
 
     Raises INVALID for a seq past what this member can ever see.

@@ -66,9 +66,7 @@ class Gateway:
         self.service.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True
-        )
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True)
         await site.start()
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
@@ -162,9 +160,7 @@ class Gateway:
             conn.push(error_frame(ProtocolError(ErrorCode.UNAVAILABLE, "try again")))
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return None
-        conn.push(
-            encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat)))
-        )
+        conn.push(encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat))))
         return user
 
     async def _serve(self, ws: web.WebSocketResponse, conn: Connection, user: str) -> None:

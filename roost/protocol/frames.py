@@ -255,9 +255,13 @@ class HistoryMessage(msgspec.Struct):
 
 
 class HistoryPage(Frame, tag="history_page"):
+    """``first_seq`` is the lowest seq this user may ever see in ``conv`` (it
+    joined after the one before); ``last_seq`` the highest, as of now."""
+
     conv: str
     messages: list[HistoryMessage]
     last_seq: int
+    first_seq: int = 1
     ref: str = ""
 
 
@@ -274,16 +278,7 @@ class Error(Frame, tag="error"):
 
 
 ServerFrame = (
-    Welcome
-    | SendAck
-    | Deliver
-    | Receipt
-    | Presence
-    | TypingEvent
-    | GroupState
-    | HistoryPage
-    | Pong
-    | Error
+    Welcome | SendAck | Deliver | Receipt | Presence | TypingEvent | GroupState | HistoryPage | Pong | Error
 )
 
 # Content type of the system messages the server itself appends to a group

@@ -115,9 +115,7 @@ class ChatService:
         return await self.store.user_by_token(hash_token(token))
 
     async def connect(self, user: str, sink: Sink) -> Session:
-        session = Session(
-            user, sink, self.store, self.config.window, self.config.rate, self.config.burst
-        )
+        session = Session(user, sink, self.store, self.config.window, self.config.rate, self.config.burst)
         # Register first: from here on, new messages are offered to this session.
         previous = self.registry.attach(session)
         if previous is not None:
@@ -162,9 +160,7 @@ class ChatService:
             session.push_frame(error_frame(ProtocolError(UNAVAILABLE, str(exc)), ref))
         except Exception:
             log.exception("frame from %s failed", session.user)
-            session.push_frame(
-                error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref)
-            )
+            session.push_frame(error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref))
 
     def _settle(self, session: Session, ref: str, fut: asyncio.Future[Any]) -> Any | None:
         """The result of a store future, or None after pushing its error frame."""
@@ -179,18 +175,14 @@ class ChatService:
             session.push_frame(error_frame(ProtocolError(UNAVAILABLE, str(exc)), ref))
         else:
             log.error("store operation failed", exc_info=exc)
-            session.push_frame(
-                error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref)
-            )
+            session.push_frame(error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref))
         return None
 
     # -- send --------------------------------------------------------------
 
     def _on_send(self, session: Session, frame: f.Send) -> None:
         if (frame.to is None) == (frame.conv is None):
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, "give exactly one of 'to' and 'conv'", frame.id
-            )
+            raise ProtocolError(ErrorCode.BAD_FRAME, "give exactly one of 'to' and 'conv'", frame.id)
         fut = self.store.append(
             session.user,
             frame.id,
@@ -208,9 +200,7 @@ class ChatService:
             # Later sends of this connection may already be queued behind this
             # one; the store refuses them too (same stream), and the client
             # resends all of them, in order, after reconnecting.
-            session.push_frame(
-                error_frame(ProtocolError(UNAVAILABLE, str(fut.exception())), client_id)
-            )
+            session.push_frame(error_frame(ProtocolError(UNAVAILABLE, str(fut.exception())), client_id))
             session.sink.close(CloseCode.STORE_FAILED, "store unavailable; reconnect and resend")
             return
         stored = self._settle(session, client_id, fut)
@@ -246,9 +236,7 @@ class ChatService:
         fut = self.store.advance_marks(session.user, frame.conv, None, frame.seq)
         fut.add_done_callback(partial(self._marked, session, frame.conv, frame.seq))
 
-    def _marked(
-        self, session: Session, conv: str, seq: int, fut: asyncio.Future[MarkResult]
-    ) -> None:
+    def _marked(self, session: Session, conv: str, seq: int, fut: asyncio.Future[MarkResult]) -> None:
         result = self._settle(session, "", fut)
         if result is None:
             return
@@ -277,9 +265,7 @@ class ChatService:
             if self.presence.is_online(user):
                 session.push_frame(encode(f.Presence(user=user, online=True)))
             elif user in seen:
-                session.push_frame(
-                    encode(f.Presence(user=user, online=False, last_seen=seen[user]))
-                )
+                session.push_frame(encode(f.Presence(user=user, online=False, last_seen=seen[user])))
 
     def _on_presence_unsub(self, session: Session, frame: f.PresenceUnsubscribe) -> None:
         self.registry.unsubscribe(session, frame.users)
@@ -288,9 +274,7 @@ class ChatService:
         watchers = self.registry.subscribers(change.user)
         if not watchers:
             return
-        frame = encode(
-            f.Presence(user=change.user, online=change.online, last_seen=change.last_seen)
-        )
+        frame = encode(f.Presence(user=change.user, online=change.online, last_seen=change.last_seen))
         for watcher in watchers:
             watcher.push_frame(frame)
 
@@ -385,7 +369,7 @@ class ChatService:
 
     async def _history(self, session: Session, frame: f.HistoryRequest) -> None:
         try:
-            messages, last = await self.store.history(
+            messages, first, last = await self.store.history(
                 session.user, frame.conv, frame.before, frame.after, frame.limit
             )
         except ProtocolError as exc:
@@ -396,10 +380,9 @@ class ChatService:
             return
         page = f.HistoryPage(
             conv=frame.conv,
-            messages=[
-                f.HistoryMessage(m.seq, m.client_id, m.sender, m.ct, m.body, m.ts) for m in messages
-            ],
+            messages=[f.HistoryMessage(m.seq, m.client_id, m.sender, m.ct, m.body, m.ts) for m in messages],
             last_seq=last,
+            first_seq=first,
             ref=frame.ref,
         )
         session.push_frame(encode(page))

@@ -127,9 +127,7 @@ class Session:
             if request is None:
                 return
             try:
-                page = await self.store.read_inbox(
-                    self.user, request.conv, request.after, request.limit
-                )
+                page = await self.store.read_inbox(self.user, request.conv, request.after, request.limit)
             except StoreUnavailable as exc:
                 log.warning("inbox read failed for %s: %s", self.user, exc)
                 self.cursor.drain_failed(request.conv)
@@ -140,9 +138,7 @@ class Session:
                 self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
                 continue
             by_seq = {m.seq: m for m in page.messages}
-            to_push = self.cursor.drained(
-                page.conv, page.start, list(by_seq), page.scanned_to, page.last_seq
-            )
+            to_push = self.cursor.drained(page.conv, page.start, list(by_seq), page.scanned_to, page.last_seq)
             if not self.active:
                 return
             for seq in to_push:

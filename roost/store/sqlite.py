@@ -164,9 +164,7 @@ class SqliteStore:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema {version}; this Roost knows up to {SCHEMA_VERSION}"
-            )
+            raise RuntimeError(f"{self.path} has schema {version}; this Roost knows up to {SCHEMA_VERSION}")
         conn.executescript(SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -251,16 +249,13 @@ class SqliteStore:
         state = self._convs.get(conv_id)
         if state is not None:
             return state
-        row = conn.execute(
-            "SELECT kind, name, last_seq FROM conversations WHERE id=?", (conv_id,)
-        ).fetchone()
+        row = conn.execute("SELECT kind, name, last_seq FROM conversations WHERE id=?", (conv_id,)).fetchone()
         if row is None:
             return None
         members = {
             user: Member(user, role, joined, left, delivered, read)
             for user, role, joined, left, delivered, read in conn.execute(
-                "SELECT user, role, joined_seq, left_seq, delivered, read FROM members"
-                " WHERE conv=?",
+                "SELECT user, role, joined_seq, left_seq, delivered, read FROM members WHERE conv=?",
                 (conv_id,),
             )
         }
@@ -275,9 +270,7 @@ class SqliteStore:
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found.update(
-                r[0] for r in conn.execute(f"SELECT name FROM users WHERE name IN ({marks})", chunk)
-            )
+            found.update(r[0] for r in conn.execute(f"SELECT name FROM users WHERE name IN ({marks})", chunk))
         return found
 
     def _require_users(self, conn: sqlite3.Connection, names: list[str]) -> None:
@@ -320,9 +313,7 @@ class SqliteStore:
                 " VALUES (?,?,?,0,NULL,0,0)",
                 (conv_id, user, MEMBER),
             )
-        state = _Conv(
-            conv_id, "direct", "", 0, {u: Member(u, MEMBER, 0, None, 0, 0) for u in (sender, to)}
-        )
+        state = _Conv(conv_id, "direct", "", 0, {u: Member(u, MEMBER, 0, None, 0, 0) for u in (sender, to)})
         self._convs[conv_id] = state
         return state
 
@@ -427,10 +418,7 @@ class SqliteStore:
             }
             senders.discard(user)
             senders.discard(SYSTEM_SENDER)
-            receipts = [
-                self._receipt(c, state, target, {user: (new_d, new_r)})
-                for target in sorted(senders)
-            ]
+            receipts = [self._receipt(c, state, target, {user: (new_d, new_r)}) for target in sorted(senders)]
             return MarkResult(conv, user, new_d, new_r, receipts)
 
         return self._submit(op)
@@ -448,9 +436,7 @@ class SqliteStore:
 
     def ack_receipts(self, user: str, conv: str, rv: int) -> asyncio.Future[None]:
         def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, rv)
-            )
+            c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, rv))
 
         return self._submit(op)
 
@@ -559,9 +545,7 @@ class SqliteStore:
             if not gone:
                 return self._snapshot(state)
             # The removed see their own removal event, then nothing more.
-            event = self._membership_event(
-                c, state, actor, "left" if leaving else "removed", gone, now
-            )
+            event = self._membership_event(c, state, actor, "left" if leaving else "removed", gone, now)
             for user in gone:
                 member = state.members[user]
                 member.left = event.seq
@@ -591,9 +575,7 @@ class SqliteStore:
         if active and not any(m.role == ADMIN for m in active):
             heir = min(active, key=lambda m: (m.joined, m.user))
             heir.role = ADMIN
-            c.execute(
-                "UPDATE members SET role=? WHERE conv=? AND user=?", (ADMIN, state.id, heir.user)
-            )
+            c.execute("UPDATE members SET role=? WHERE conv=? AND user=?", (ADMIN, state.id, heir.user))
 
     # -- reads (reader threads) ---------------------------------------------
 
@@ -679,8 +661,7 @@ class SqliteStore:
             start = member.delivered if after is None else max(after, member.joined)
             upto = member.visible_upto(last)
             rows = c.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=?"
-                " ORDER BY seq LIMIT ?",
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
                 (conv, start, upto, limit * 4),
             ).fetchall()
             messages: list[StoredMessage] = []
@@ -697,8 +678,8 @@ class SqliteStore:
 
     async def history(
         self, user: str, conv: str, before: int | None, after: int | None, limit: int
-    ) -> tuple[list[StoredMessage], int]:
-        def fn(c: sqlite3.Connection) -> tuple[list[StoredMessage], int]:
+    ) -> tuple[list[StoredMessage], int, int]:
+        def fn(c: sqlite3.Connection) -> tuple[list[StoredMessage], int, int]:
             member, last = self._member_row(c, user, conv)
             low = member.joined
             high = member.visible_upto(last)
@@ -716,20 +697,16 @@ class SqliteStore:
                     (conv, low, top, limit),
                 ).fetchall()
                 rows.reverse()
-            return [_row_message(r) for r in rows], high
+            return [_row_message(r) for r in rows], low + 1, high
 
         return await self._read(fn)
 
     async def group_info(self, user: str, group: str) -> GroupSnapshot:
         def fn(c: sqlite3.Connection) -> GroupSnapshot:
-            row = c.execute(
-                "SELECT kind, name, last_seq FROM conversations WHERE id=?", (group,)
-            ).fetchone()
+            row = c.execute("SELECT kind, name, last_seq FROM conversations WHERE id=?", (group,)).fetchone()
             if row is None or row[0] != "group":
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no group {group}")
-            members = c.execute(
-                "SELECT user, role, left_seq FROM members WHERE conv=?", (group,)
-            ).fetchall()
+            members = c.execute("SELECT user, role, left_seq FROM members WHERE conv=?", (group,)).fetchall()
             if not any(u == user and left is None for u, _, left in members):
                 raise ProtocolError(ErrorCode.NOT_MEMBER, f"not a member of {group}")
             active = sorted(u for u, _, left in members if left is None)
@@ -743,10 +720,7 @@ class SqliteStore:
             member, _ = self._member_row(c, user, conv)
             rules.require_active(member, conv)
             return [
-                r[0]
-                for r in c.execute(
-                    "SELECT user FROM members WHERE conv=? AND left_seq IS NULL", (conv,)
-                )
+                r[0] for r in c.execute("SELECT user FROM members WHERE conv=? AND left_seq IS NULL", (conv,))
             ]
 
         return await self._read(fn)

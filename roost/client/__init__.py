@@ -1,0 +1,31 @@
+"""The Python SDK: ``from roost.client import Client``."""
+
+from roost.client.client import Client, ConnectionLost, GroupInfo, RoostError, SendResult
+from roost.client.events import (
+    Connected,
+    Disconnected,
+    ErrorEvent,
+    Event,
+    Membership,
+    Message,
+    PresenceEvent,
+    ReceiptEvent,
+    TypingEvent,
+)
+
+__all__ = [
+    "Client",
+    "Connected",
+    "ConnectionLost",
+    "Disconnected",
+    "ErrorEvent",
+    "Event",
+    "GroupInfo",
+    "Membership",
+    "Message",
+    "PresenceEvent",
+    "ReceiptEvent",
+    "RoostError",
+    "SendResult",
+    "TypingEvent",
+]

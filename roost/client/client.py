@@ -1,0 +1,696 @@
+"""The asyncio SDK.
+
+    async with Client("http://127.0.0.1:8765", token) as chat:
+        await chat.send("hello", to="bob")          # returns at ✓ (durably stored)
+        async for event in chat.events():
+            print(event)
+
+What it does for the application:
+
+* a durable outbox: ``send`` commits the message locally before sending, and
+  everything not yet acked is resent, in order and with the same ids, after a
+  reconnect or a restart on the same state file;
+* reconnects on its own to one of the given URLs, with exponential backoff and
+  full jitter;
+* per-conversation order and dedupe (``ConversationOrder``): each message is
+  shown once, in seq order, with gaps filled from history; it is committed
+  locally before it is shown and before the server is told it arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from roost.client.events import (
+    Connected,
+    Disconnected,
+    ErrorEvent,
+    Event,
+    Membership,
+    Message,
+    PresenceEvent,
+    ReceiptEvent,
+    TypingEvent,
+)
+from roost.client.ordering import ConversationOrder
+from roost.client.state import ClientState, OutboxItem, default_state_path
+from roost.protocol import frames as f
+from roost.protocol.codec import decode_server, encode
+from roost.protocol.errors import RETRYABLE, CloseCode, ErrorCode
+
+log = logging.getLogger("roost.client")
+
+# Close codes after which reconnecting would be wrong.
+FATAL_CLOSE_CODES = {CloseCode.AUTH_FAILED, CloseCode.REPLACED, CloseCode.UNSUPPORTED_VERSION}
+HISTORY_PAGE = 200
+
+
+class RoostError(Exception):
+    """The server refused a request (``code`` is a stable error code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(RoostError):
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__("connection_lost", message)
+
+
+@dataclass(slots=True, frozen=True)
+class SendResult:
+    message_id: str
+    conv: str
+    seq: int
+    ts: int
+    duplicate: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class GroupInfo:
+    group: str
+    name: str
+    members: list[str]
+    admins: list[str]
+    last_seq: int
+
+
+@dataclass(slots=True)
+class _ReceiptView:
+    all_delivered: int = 0
+    all_read: int = 0
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def ws_url(url: str) -> str:
+    """``http://host:port`` -> ``ws://host:port/v1/ws`` (ws/wss URLs pass through)."""
+    url = url.rstrip("/")
+    if url.startswith("http://"):
+        url = "ws://" + url[len("http://") :]
+    elif url.startswith("https://"):
+        url = "wss://" + url[len("https://") :]
+    if not url.endswith("/v1/ws"):
+        url += "/v1/ws"
+    return url
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+    return rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+class Client:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: str,
+        *,
+        state_path: str | Path | None = None,
+        reconnect: bool = True,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 8.0,
+        jitter: bool = True,
+        heartbeat: float = 20.0,
+        keep_events: bool = True,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("at least one URL is needed")
+        self.token = token
+        self.state = ClientState(state_path if state_path is not None else default_state_path(token))
+        self.reconnect = reconnect
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.jitter = jitter
+        self.heartbeat = heartbeat
+        self.keep_events = keep_events
+        self.user: str | None = None
+        self.connections = 0  # successful connections so far
+        self._rng = random.Random()
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._first_result: asyncio.Future[None] | None = None
+        self._closing = False
+        self._fatal: RoostError | None = None
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        # outbox: id -> item, in send order; waiters for acks
+        self._outbox: dict[str, OutboxItem] = {item.id: item for item in self.state.outbox()}
+        self._unsent: list[str] = []
+        self._pumping = False
+        self._ack_waiters: dict[str, asyncio.Future[SendResult]] = {}
+        self._orders: dict[str, ConversationOrder[Message | Membership]] = {}
+        for conv, have in self.state.haves().items():
+            self._orders[conv] = ConversationOrder(have)
+        self._dacked: dict[str, int] = {}
+        self._dack_due: set[str] = set()
+        self._dack_scheduled = False
+        self._filling: set[str] = set()
+        self._read_marks: dict[str, int] = {}
+        self._receipts: dict[str, _ReceiptView] = {}
+        self._receipt_waiters: list[tuple[str, int, str, asyncio.Future[None]]] = []
+        self._requests: dict[str, asyncio.Future[Any]] = {}
+        self._presence: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Start the connection loop; return once authenticated (or raise)."""
+        if self._run_task is not None:
+            return
+        self._http = aiohttp.ClientSession()
+        self._first_result = asyncio.get_running_loop().create_future()
+        self._run_task = asyncio.create_task(self._run())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first_result), timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._run_task is not None:
+            self._run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._run_task
+            self._run_task = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self._fail_requests(ConnectionLost("client closed"))
+        for fut in self._ack_waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionLost("client closed before the ack"))
+        self.state.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    def pending_outbox(self) -> list[OutboxItem]:
+        return list(self._outbox.values())
+
+    # -- the connection loop -------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        index = 0
+        while not self._closing:
+            url = self.urls[index % len(self.urls)]
+            index += 1
+            code: int | None = None
+            try:
+                code = await self._session(url)
+                attempt = 0 if code is not None else attempt
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("connect to %s failed: %s", url, exc)
+            except RoostError as exc:
+                self._fatal = exc
+            finally:
+                self._ws = None
+                self._connected.clear()
+                self._fail_requests(ConnectionLost())
+            if self._closing:
+                break
+            if self._fatal is None and code in FATAL_CLOSE_CODES:
+                self._fatal = RoostError(
+                    "replaced" if code == CloseCode.REPLACED else "closed",
+                    f"server closed the connection with code {code}",
+                )
+            if self._fatal is not None:
+                self._resolve_first(self._fatal)
+                self._emit(Disconnected(code or 0, str(self._fatal), final=True))
+                return
+            self._emit(Disconnected(code or 0, "connection lost", final=not self.reconnect))
+            if not self.reconnect:
+                self._resolve_first(ConnectionLost("could not connect"))
+                return
+            delay = (
+                backoff_delay(attempt, self.backoff_base, self.backoff_cap, self._rng)
+                if self.jitter
+                else min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 30))
+            )
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _resolve_first(self, exc: BaseException | None) -> None:
+        fut = self._first_result
+        if fut is not None and not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+    async def _session(self, url: str) -> int | None:
+        assert self._http is not None
+        async with self._http.ws_connect(
+            ws_url(url),
+            heartbeat=self.heartbeat,
+            max_msg_size=2 * f.MAX_FRAME_BYTES,
+            autoclose=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+        ) as ws:
+            await ws.send_bytes(encode(f.Auth(token=self.token)))
+            first = await ws.receive(timeout=15.0)
+            if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                raise ConnectionError("closed during authentication")
+            frame = decode_server(first.data)
+            if isinstance(frame, f.Error):
+                if frame.code in (
+                    ErrorCode.AUTH_FAILED,
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    ErrorCode.AUTH_REQUIRED,
+                ):
+                    raise RoostError(frame.code, frame.message)
+                raise ConnectionError(frame.message)
+            if not isinstance(frame, f.Welcome):
+                raise ConnectionError("expected welcome")
+            self.user = frame.user
+            self._ws = ws
+            self.connections += 1
+            self._on_connected()
+            self._connected.set()
+            self._resolve_first(None)
+            self._emit(Connected(frame.user))
+            async for msg in ws:
+                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    self._on_frame(msg.data)
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    break
+            return ws.close_code
+
+    def _on_connected(self) -> None:
+        # Everything not acked is resent, oldest first, before any new send.
+        self._unsent = list(self._outbox)
+        self._dacked.clear()
+        for conv in self._orders:
+            self._dack_due.add(conv)
+        self._schedule_dacks()
+        for conv, seq in self._read_marks.items():
+            self._write(encode(f.ReadMarker(conv=conv, seq=seq)))
+        if self._presence:
+            self._write(encode(f.PresenceSubscribe(users=sorted(self._presence))))
+        self._filling.clear()
+        for conv, order in self._orders.items():
+            if order.buffer:
+                self._fill_gap(conv)
+        self._pump()
+
+    def _write(self, frame: bytes) -> None:
+        """Queue a frame on the current socket (dropped if there is none)."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            return
+        asyncio.ensure_future(self._send_frame(ws, frame))
+
+    async def _send_frame(self, ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
+
+    def _pump(self) -> None:
+        if not self._pumping and self._unsent and self._ws is not None:
+            self._pumping = True
+            asyncio.ensure_future(self._pump_outbox())
+
+    async def _pump_outbox(self) -> None:
+        """The only writer of send frames, so they leave in outbox order."""
+        ws = self._ws
+        try:
+            while self._unsent and ws is not None and self._ws is ws and not ws.closed:
+                message_id = self._unsent.pop(0)
+                item = self._outbox.get(message_id)
+                if item is None:
+                    continue
+                frame = f.Send(id=item.id, body=item.body, ct=item.ct, to=item.to, conv=item.conv)
+                try:
+                    await ws.send_frame(encode(frame), aiohttp.WSMsgType.TEXT)
+                except (ConnectionError, RuntimeError):
+                    break  # resent after the reconnect
+        finally:
+            self._pumping = False
+            if self._unsent and self._ws is not None and self._ws is not ws:
+                self._pump()
+
+    # -- sending -------------------------------------------------------------
+
+    async def send(
+        self,
+        text: str | None = None,
+        *,
+        to: str | None = None,
+        group: str | None = None,
+        conv: str | None = None,
+        body: bytes | None = None,
+        ct: str = "text/plain",
+        message_id: str | None = None,
+        wait: bool = True,
+    ) -> SendResult | str:
+        """Send a message to a user (``to``) or a conversation (``group``/``conv``).
+
+        The message is in the durable outbox when this returns or raises.
+        With ``wait`` it returns the ``SendResult`` at ✓ (stored by the server);
+        without, it returns the message id at once.
+        """
+        target_conv = group or conv
+        if (to is None) == (target_conv is None):
+            raise ValueError("give exactly one of to= and group=/conv=")
+        if (text is None) == (body is None):
+            raise ValueError("give exactly one of text and body=")
+        payload = body if body is not None else text.encode()  # type: ignore[union-attr]
+        if len(payload) > f.MAX_BODY_BYTES:
+            raise ValueError(f"body is over {f.MAX_BODY_BYTES} bytes")
+        item = OutboxItem(
+            message_id or uuid.uuid4().hex, to, target_conv, ct, payload, int(time.time() * 1000)
+        )
+        future = asyncio.get_running_loop().create_future() if wait else None
+        if future is not None:
+            self._ack_waiters[item.id] = future
+        if item.id not in self._outbox:
+            self.state.outbox_add(item)
+            self._outbox[item.id] = item
+            self._unsent.append(item.id)
+            self._pump()
+        if future is None:
+            return item.id
+        return await future
+
+    def _on_ack(self, frame: f.SendAck) -> None:
+        item = self._outbox.pop(frame.id, None)
+        if item is not None:
+            self.state.outbox_remove(frame.id)
+            self.state.store_message(
+                frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts
+            )
+        self._accept(frame.conv, frame.seq, None)
+        self.state.commit()
+        waiter = self._ack_waiters.pop(frame.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(SendResult(frame.id, frame.conv, frame.seq, frame.ts, frame.duplicate))
+
+    def _on_send_error(self, frame: f.Error) -> bool:
+        """An error about one of our sends. True if it was one."""
+        if frame.ref not in self._outbox:
+            return False
+        if frame.code in RETRYABLE:
+            return True  # stays in the outbox; resent after the reconnect
+        self._outbox.pop(frame.ref)
+        self.state.outbox_remove(frame.ref)
+        self.state.commit()
+        waiter = self._ack_waiters.pop(frame.ref, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(RoostError(frame.code, frame.message))
+        else:
+            self._emit(ErrorEvent(frame.code, frame.message, frame.ref))
+        return True
+
+    # -- receiving -----------------------------------------------------------
+
+    def _on_frame(self, data: bytes | str) -> None:
+        try:
+            frame = decode_server(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            log.warning("undecodable frame from server: %.200r", data)
+            return
+        if isinstance(frame, f.Deliver):
+            self._on_deliver(frame.conv, frame.seq, frame.id, frame.sender, frame.ct, frame.body, frame.ts)
+            self.state.commit()
+        elif isinstance(frame, f.SendAck):
+            self._on_ack(frame)
+        elif isinstance(frame, f.Receipt):
+            self._on_receipt(frame)
+        elif isinstance(frame, f.Presence):
+            self._emit(PresenceEvent(frame.user, frame.online, frame.last_seen))
+        elif isinstance(frame, f.TypingEvent):
+            self._emit(TypingEvent(frame.conv, frame.user, frame.active))
+        elif isinstance(frame, f.HistoryPage):
+            self._on_history_page(frame)
+        elif isinstance(frame, f.GroupState):
+            self._resolve_request(
+                frame.ref,
+                GroupInfo(frame.group, frame.name, frame.members, frame.admins, frame.last_seq),
+            )
+        elif isinstance(frame, f.Error):
+            if self._on_send_error(frame):
+                return
+            if frame.ref and frame.ref in self._requests:
+                self._fail_request(frame.ref, RoostError(frame.code, frame.message))
+                return
+            self._emit(ErrorEvent(frame.code, frame.message, frame.ref))
+
+    def _order(self, conv: str) -> ConversationOrder[Message | Membership]:
+        order = self._orders.get(conv)
+        if order is None:
+            order = self._orders[conv] = ConversationOrder()
+        return order
+
+    def _on_deliver(
+        self, conv: str, seq: int, message_id: str, sender: str, ct: str, body: bytes, ts: int
+    ) -> None:
+        if sender == self.user:
+            self._accept(conv, seq, None)
+            return
+        item: Message | Membership
+        if sender == f.SYSTEM_SENDER and ct == f.MEMBERSHIP_CT:
+            item = Membership.parse(conv, seq, body, ts)
+            if item.action in ("created", "added") and self.user in item.users:
+                # We see the group from here on; nothing before concerns us.
+                self._release(conv, self._order(conv).skip_to(seq - 1))
+        else:
+            item = Message(conv, seq, message_id, sender, ct, body, ts)
+        self._accept(conv, seq, item)
+
+    def _accept(self, conv: str, seq: int, item: Message | Membership | None) -> None:
+        order = self._order(conv)
+        accepted = order.accept(seq, item)
+        self._release(conv, accepted.released)
+        if accepted.gap is not None:
+            self._fill_gap(conv)
+
+    def _release(self, conv: str, released: list[tuple[int, Message | Membership | None]]) -> None:
+        if not released:
+            return
+        for _seq, item in released:
+            if isinstance(item, Message):
+                self.state.store_message(conv, item.seq, item.id, item.sender, item.ct, item.body, item.ts)
+            if item is not None:
+                self._emit(item)
+        self.state.save_have(conv, self._orders[conv].have)
+        self._dack_due.add(conv)
+        self._schedule_dacks()
+
+    def _schedule_dacks(self) -> None:
+        if not self._dack_scheduled:
+            self._dack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dacks)
+
+    def _flush_dacks(self) -> None:
+        # Coalesced: one cumulative ack per conversation per loop pass, sent
+        # only after the local commit of what it covers.
+        self._dack_scheduled = False
+        self.state.commit()
+        for conv in self._dack_due:
+            have = self._orders[conv].have
+            if have > self._dacked.get(conv, 0) and self._ws is not None:
+                self._dacked[conv] = have
+                self._write(encode(f.DeliveryAck(conv=conv, seq=have)))
+        self._dack_due.clear()
+
+    def _fill_gap(self, conv: str) -> None:
+        if conv in self._filling or self._ws is None:
+            return
+        self._filling.add(conv)
+        order = self._orders[conv]
+        ref = f"fill-{uuid.uuid4().hex[:12]}"
+        self._requests[ref] = asyncio.get_running_loop().create_future()
+        self._requests[ref].add_done_callback(lambda fut: fut.exception())
+        self._write(encode(f.HistoryRequest(conv=conv, after=order.have, limit=HISTORY_PAGE, ref=ref)))
+
+    def _on_history_page(self, frame: f.HistoryPage) -> None:
+        if frame.ref.startswith("fill-"):
+            self._requests.pop(frame.ref, None)
+            self._filling.discard(frame.conv)
+            order = self._order(frame.conv)
+            if frame.first_seq - 1 > order.have:
+                self._release(frame.conv, order.skip_to(frame.first_seq - 1))
+            for m in frame.messages:
+                self._on_deliver(frame.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts)
+            self.state.commit()
+            return
+        self._resolve_request(
+            frame.ref,
+            (
+                [Message(frame.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts) for m in frame.messages],
+                frame.last_seq,
+            ),
+        )
+
+    def _on_receipt(self, frame: f.Receipt) -> None:
+        view = self._receipts.setdefault(frame.conv, _ReceiptView())
+        view.all_delivered = max(view.all_delivered, frame.all_delivered)
+        view.all_read = max(view.all_read, frame.all_read)
+        for user, marks in frame.marks.items():
+            old = view.marks.get(user, (0, 0))
+            view.marks[user] = (max(old[0], marks.delivered), max(old[1], marks.read))
+        self._write(encode(f.ReceiptAck(conv=frame.conv, rv=frame.rv)))
+        self._emit(
+            ReceiptEvent(
+                frame.conv,
+                {u: (m.delivered, m.read) for u, m in frame.marks.items()},
+                frame.all_delivered,
+                frame.all_read,
+            )
+        )
+        still = []
+        for conv, seq, kind, fut in self._receipt_waiters:
+            if fut.done():
+                continue
+            if conv == frame.conv and self._receipt_reached(conv, seq, kind):
+                fut.set_result(None)
+            else:
+                still.append((conv, seq, kind, fut))
+        self._receipt_waiters = still
+
+    def _receipt_reached(self, conv: str, seq: int, kind: str) -> bool:
+        view = self._receipts.get(conv)
+        if view is None:
+            return False
+        return (view.all_read if kind == "read" else view.all_delivered) >= seq
+
+    async def wait_receipt(self, conv: str, seq: int, kind: str = "delivered") -> None:
+        """Wait until every other member has ``kind`` (delivered / read) ``seq``."""
+        if kind not in ("delivered", "read"):
+            raise ValueError("kind is 'delivered' or 'read'")
+        if self._receipt_reached(conv, seq, kind):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._receipt_waiters.append((conv, seq, kind, fut))
+        await fut
+
+    def receipt_state(self, conv: str) -> tuple[int, int]:
+        view = self._receipts.get(conv, _ReceiptView())
+        return view.all_delivered, view.all_read
+
+    def _emit(self, event: Event) -> None:
+        if self.keep_events:
+            self._events.put_nowait(event)
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[Event]:
+        """Events in arrival order; messages per conversation in seq order, once."""
+        while True:
+            try:
+                event = await asyncio.wait_for(self._events.get(), timeout)
+            except TimeoutError:
+                return
+            yield event
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        return await asyncio.wait_for(self._events.get(), timeout)
+
+    # -- requests ------------------------------------------------------------
+
+    async def _request(self, frame: Any, timeout: float = 30.0) -> Any:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+        ref = uuid.uuid4().hex[:16]
+        frame.ref = ref
+        fut = asyncio.get_running_loop().create_future()
+        self._requests[ref] = fut
+        self._write(encode(frame))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._requests.pop(ref, None)
+
+    def _resolve_request(self, ref: str, value: Any) -> None:
+        fut = self._requests.pop(ref, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _fail_request(self, ref: str, exc: BaseException) -> None:
+        fut = self._requests.pop(ref, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def _fail_requests(self, exc: BaseException) -> None:
+        for ref in list(self._requests):
+            self._fail_request(ref, exc)
+        self._filling.clear()
+
+    async def create_group(self, name: str, members: Sequence[str]) -> GroupInfo:
+        return await self._request(f.GroupCreate(name=name, members=list(members)))
+
+    async def add_members(self, group: str, members: Sequence[str]) -> GroupInfo:
+        return await self._request(f.GroupAdd(group=group, members=list(members)))
+
+    async def remove_members(self, group: str, members: Sequence[str]) -> GroupInfo:
+        return await self._request(f.GroupRemove(group=group, members=list(members)))
+
+    async def leave_group(self, group: str) -> GroupInfo:
+        return await self._request(f.GroupLeave(group=group))
+
+    async def group_info(self, group: str) -> GroupInfo:
+        return await self._request(f.GroupInfo(group=group))
+
+    async def history(
+        self, conv: str, *, before: int | None = None, after: int | None = None, limit: int = 50
+    ) -> tuple[list[Message], int]:
+        """A page of ``conv`` from the server: (messages ascending, last seq)."""
+        return await self._request(f.HistoryRequest(conv=conv, before=before, after=after, limit=limit))
+
+    async def mark_read(self, conv: str, seq: int) -> None:
+        """Tell the senders ``conv`` was read up to ``seq`` (blue ticks)."""
+        if seq > self._read_marks.get(conv, 0):
+            self._read_marks[conv] = seq
+            self._write(encode(f.ReadMarker(conv=conv, seq=seq)))
+
+    async def subscribe_presence(self, users: Sequence[str]) -> None:
+        self._presence.update(users)
+        self._write(encode(f.PresenceSubscribe(users=list(users))))
+
+    async def unsubscribe_presence(self, users: Sequence[str]) -> None:
+        self._presence.difference_update(users)
+        self._write(encode(f.PresenceUnsubscribe(users=list(users))))
+
+    async def typing(self, conv: str, active: bool = True) -> None:
+        self._write(encode(f.Typing(conv=conv, active=active)))
+
+    async def ping(self) -> None:
+        self._write(encode(f.Ping(t=int(time.time() * 1000))))
+
+    def local_history(self, conv: str, limit: int = 50) -> list[Message]:
+        return [
+            Message(conv, seq, mid, sender, ct, body, ts)
+            for seq, mid, sender, ct, body, ts in self.state.local_history(conv, limit)
+        ]
+
+
+def membership_body(action: str, actor: str, users: list[str], name: str = "") -> bytes:
+    return json.dumps({"action": action, "actor": actor, "users": users, "name": name}).encode()

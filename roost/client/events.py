@@ -1,0 +1,103 @@
+"""What ``Client.events()`` yields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    conv: str
+    seq: int
+    id: str  # the sender-generated message id
+    sender: str
+    ct: str
+    body: bytes
+    ts: int  # server time (ms); for display only, order is by seq
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True, frozen=True)
+class Membership:
+    """A group membership change; it has its own seq in the conversation."""
+
+    conv: str
+    seq: int
+    action: str  # created | added | removed | left
+    actor: str
+    users: tuple[str, ...]
+    name: str
+    ts: int
+
+    @classmethod
+    def parse(cls, conv: str, seq: int, body: bytes, ts: int) -> Membership:
+        try:
+            data = json.loads(body)
+            return cls(
+                conv,
+                seq,
+                str(data.get("action", "")),
+                str(data.get("actor", "")),
+                tuple(str(u) for u in data.get("users", [])),
+                str(data.get("name", "")),
+                ts,
+            )
+        except (ValueError, AttributeError, TypeError):
+            return cls(conv, seq, "unknown", "", (), "", ts)
+
+
+@dataclass(slots=True, frozen=True)
+class ReceiptEvent:
+    """Receipt marks for messages this user sent in ``conv``.
+
+    ``marks`` maps a member to ``(delivered, read)``; a message with
+    ``seq <= all_delivered`` has reached everyone (✓✓), ``seq <= all_read``
+    has been read by everyone.
+    """
+
+    conv: str
+    marks: dict[str, tuple[int, int]]
+    all_delivered: int
+    all_read: int
+
+
+@dataclass(slots=True, frozen=True)
+class PresenceEvent:
+    user: str
+    online: bool
+    last_seen: int | None  # unix seconds, when offline
+
+
+@dataclass(slots=True, frozen=True)
+class TypingEvent:
+    conv: str
+    user: str
+    active: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Connected:
+    user: str
+
+
+@dataclass(slots=True, frozen=True)
+class Disconnected:
+    code: int
+    reason: str
+    final: bool  # True: the client will not reconnect (closed, replaced, auth failed)
+
+
+@dataclass(slots=True, frozen=True)
+class ErrorEvent:
+    code: str
+    message: str
+    ref: str
+
+
+Event = (
+    Message | Membership | ReceiptEvent | PresenceEvent | TypingEvent | Connected | Disconnected | ErrorEvent
+)

@@ -1,0 +1,138 @@
+"""The SDK's local, durable state (SQLite): outbox, per-conversation cursor,
+local message history.
+
+A message handed to ``Client.send`` is committed to the outbox before the
+call returns, so it survives a crash of the client process and is resent,
+with the same id, the next time a client opens this state. Received messages
+are committed (with the conversation's ``have`` cursor) before the
+application sees them and before the server is told they were delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,   -- send order
+    id TEXT NOT NULL UNIQUE,
+    to_user TEXT,
+    conv TEXT,
+    ct TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS convs (
+    conv TEXT PRIMARY KEY,
+    have INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    conv TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    ct TEXT NOT NULL,
+    body BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (conv, seq)
+);
+"""
+
+
+@dataclass(slots=True, frozen=True)
+class OutboxItem:
+    id: str
+    to: str | None
+    conv: str | None
+    ct: str
+    body: bytes
+    created: int
+
+
+def default_state_path(token: str) -> Path:
+    """One state file per account, under ``$XDG_STATE_HOME/roost`` (or ~/.local/state)."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(token.encode()).hexdigest()[:16]
+    return base / "roost" / f"{digest}.sqlite"
+
+
+class ClientState:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # A process crash loses nothing with WAL at NORMAL; only power loss
+        # could drop the last commits, which a phone-side client accepts.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._in_tx = False
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+
+    # outbox ----------------------------------------------------------------
+
+    def outbox_add(self, item: OutboxItem) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT OR IGNORE INTO outbox (id, to_user, conv, ct, body, created) VALUES (?,?,?,?,?,?)",
+            (item.id, item.to, item.conv, item.ct, item.body, item.created),
+        )
+        self.commit()
+
+    def outbox(self) -> list[OutboxItem]:
+        rows = self.db.execute(
+            "SELECT id, to_user, conv, ct, body, created FROM outbox ORDER BY n"
+        ).fetchall()
+        return [OutboxItem(i, t, c, ct, bytes(b), cr) for i, t, c, ct, b, cr in rows]
+
+    def outbox_remove(self, message_id: str) -> None:
+        self._begin()
+        self.db.execute("DELETE FROM outbox WHERE id=?", (message_id,))
+
+    # conversations -----------------------------------------------------------
+
+    def haves(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT conv, have FROM convs").fetchall())
+
+    def save_have(self, conv: str, have: int) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO convs (conv, have) VALUES (?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET have=max(have, excluded.have)",
+            (conv, have),
+        )
+
+    def store_message(
+        self, conv: str, seq: int, message_id: str, sender: str, ct: str, body: bytes, ts: int
+    ) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT OR IGNORE INTO messages (conv, seq, id, sender, ct, body, ts) VALUES (?,?,?,?,?,?,?)",
+            (conv, seq, message_id, sender, ct, body, ts),
+        )
+
+    def local_history(self, conv: str, limit: int = 50) -> list[tuple[int, str, str, str, bytes, int]]:
+        rows = self.db.execute(
+            "SELECT seq, id, sender, ct, body, ts FROM messages WHERE conv=? ORDER BY seq DESC LIMIT ?",
+            (conv, limit),
+        ).fetchall()
+        rows.reverse()
+        return [(s, i, snd, ct, bytes(b), ts) for s, i, snd, ct, b, ts in rows]
