@@ -26,6 +26,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,8 @@ class Client:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         # outbox: id -> item, in send order; waiters for acks
         self._outbox: dict[str, OutboxItem] = {item.id: item for item in self.state.outbox()}
-        self._unsent: list[str] = []
-        self._pumping = False
+        self._out: deque[bytes] = deque()
+        self._out_ready = asyncio.Event()
         self._ack_waiters: dict[str, asyncio.Future[SendResult]] = {}
         self._orders: dict[str, ConversationOrder[Message | Membership]] = {}
         for conv, have in self.state.haves().items():
@@ -208,6 +209,16 @@ class Client:
             if not fut.done():
                 fut.set_exception(ConnectionLost("client closed before the ack"))
         self.state.close()
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every queued frame (acks, read markers) was handed to the socket."""
+        if self._dack_scheduled:
+            self._flush_dacks()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._out and self._ws is not None and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
 
     @property
     def connected(self) -> bool:
@@ -296,21 +307,28 @@ class Client:
                 raise ConnectionError("expected welcome")
             self.user = frame.user
             self._ws = ws
-            self.connections += 1
-            self._on_connected()
-            self._connected.set()
-            self._resolve_first(None)
-            self._emit(Connected(frame.user))
-            async for msg in ws:
-                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                    self._on_frame(msg.data)
-                elif msg.type == aiohttp.WSMsgType.ERROR:
-                    break
+            self._out.clear()
+            writer = asyncio.create_task(self._write_loop(ws))
+            try:
+                self.connections += 1
+                self._on_connected()
+                self._connected.set()
+                self._resolve_first(None)
+                self._emit(Connected(frame.user))
+                async for msg in ws:
+                    if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                        self._on_frame(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.ERROR:
+                        break
+            finally:
+                writer.cancel()
+                self._out.clear()
             return ws.close_code
 
     def _on_connected(self) -> None:
         # Everything not acked is resent, oldest first, before any new send.
-        self._unsent = list(self._outbox)
+        for item in list(self._outbox.values()):
+            self._send_item(item)
         self._dacked.clear()
         for conv in self._orders:
             self._dack_due.add(conv)
@@ -323,42 +341,26 @@ class Client:
         for conv, order in self._orders.items():
             if order.buffer:
                 self._fill_gap(conv)
-        self._pump()
 
     def _write(self, frame: bytes) -> None:
-        """Queue a frame on the current socket (dropped if there is none)."""
-        ws = self._ws
-        if ws is None or ws.closed:
+        """Queue a frame for the current socket (dropped if there is none:
+        whatever matters is re-sent by ``_on_connected`` after a reconnect)."""
+        if self._ws is None:
             return
-        asyncio.ensure_future(self._send_frame(ws, frame))
+        self._out.append(frame)
+        self._out_ready.set()
 
-    async def _send_frame(self, ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
+    async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The socket's only writer, so frames leave in the order queued."""
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
+            while True:
+                await self._out_ready.wait()
+                self._out_ready.clear()
+                while self._out:
+                    await ws.send_frame(self._out.popleft(), aiohttp.WSMsgType.TEXT)
 
-    def _pump(self) -> None:
-        if not self._pumping and self._unsent and self._ws is not None:
-            self._pumping = True
-            asyncio.ensure_future(self._pump_outbox())
-
-    async def _pump_outbox(self) -> None:
-        """The only writer of send frames, so they leave in outbox order."""
-        ws = self._ws
-        try:
-            while self._unsent and ws is not None and self._ws is ws and not ws.closed:
-                message_id = self._unsent.pop(0)
-                item = self._outbox.get(message_id)
-                if item is None:
-                    continue
-                frame = f.Send(id=item.id, body=item.body, ct=item.ct, to=item.to, conv=item.conv)
-                try:
-                    await ws.send_frame(encode(frame), aiohttp.WSMsgType.TEXT)
-                except (ConnectionError, RuntimeError):
-                    break  # resent after the reconnect
-        finally:
-            self._pumping = False
-            if self._unsent and self._ws is not None and self._ws is not ws:
-                self._pump()
+    def _send_item(self, item: OutboxItem) -> None:
+        self._write(encode(f.Send(id=item.id, body=item.body, ct=item.ct, to=item.to, conv=item.conv)))
 
     # -- sending -------------------------------------------------------------
 
@@ -397,8 +399,7 @@ class Client:
         if item.id not in self._outbox:
             self.state.outbox_add(item)
             self._outbox[item.id] = item
-            self._unsent.append(item.id)
-            self._pump()
+            self._send_item(item)
         if future is None:
             return item.id
         return await future
