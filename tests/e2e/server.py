@@ -49,9 +49,14 @@ class ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "roost.cli.main", "serve",
-                "--data-dir", str(self.data_dir),
-                "--port", str(self.port),
+                sys.executable,
+                "-m",
+                "roost.cli.main",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
                 *self.extra_args,
             ],
             stdout=log,
