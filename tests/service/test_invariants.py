@@ -1,0 +1,205 @@
+"""The delivery invariants, each forced with a precise interleaving.
+
+These run the real ChatService on a real SqliteStore; only the socket is
+replaced by an in-memory sink, so the interleavings can be controlled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from roost.protocol import frames as f
+from roost.protocol.codec import decode_server, encode
+from roost.registry.memory import MemoryRegistry
+from roost.service.chat import ChatService, ServiceConfig, hash_token, now_ms
+from roost.service.session import Session
+from roost.store.sqlite import SqliteStore
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.frames: list[f.Frame] = []
+        self.closed_with: int | None = None
+
+    def push(self, frame: bytes) -> None:
+        if self.closed_with is None:
+            self.frames.append(decode_server(frame))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_with is not None
+
+    def of(self, kind: type) -> list:
+        return [fr for fr in self.frames if isinstance(fr, kind)]
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[ChatService]:
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    for name in ("alice", "bob"):
+        await store.add_user(name, hash_token(name), now_ms())
+    svc = ChatService(store, MemoryRegistry(), ServiceConfig(rate=0))
+    yield svc
+    await store.close()
+
+
+async def settle(predicate, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def send(svc: ChatService, session: Session, mid: str, to: str = "bob") -> None:
+    svc.handle(session, encode(f.Send(id=mid, body=mid.encode(), to=to)))
+
+
+class WriterGate:
+    """Blocks the store's writer thread until released."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+        def block(_conn):  # runs on the writer thread
+            self.entered.set()
+            self.release.wait(10)
+
+        self.future = store._submit(block)
+
+
+async def test_ack_only_after_commit(service: ChatService) -> None:
+    alice_sink = MemorySink()
+    alice = await service.connect("alice", alice_sink)
+    gate = WriterGate(service.store)  # type: ignore[arg-type]
+    await asyncio.to_thread(gate.entered.wait, 5)
+    send(service, alice, "m1")
+    await asyncio.sleep(0.1)
+    assert alice_sink.of(f.SendAck) == [], "✓ was sent before the commit"
+    gate.release.set()
+    await settle(lambda: alice_sink.of(f.SendAck))
+    assert alice_sink.of(f.SendAck)[0].seq == 1
+
+
+async def test_persist_before_lookup(service: ChatService) -> None:
+    """Bob connects while Alice's message is queued but not committed: the
+    look-up after the commit must find him (a look-up before persisting would
+    not, and his inbox read ran before the commit)."""
+    alice = await service.connect("alice", MemorySink())
+    gate = WriterGate(service.store)  # type: ignore[arg-type]
+    await asyncio.to_thread(gate.entered.wait, 5)
+    send(service, alice, "m1")
+    bob_sink = MemorySink()
+    await service.connect("bob", bob_sink)  # inbox read sees nothing yet
+    gate.release.set()
+    await settle(lambda: bob_sink.of(f.Deliver))
+    assert [m.id for m in bob_sink.of(f.Deliver)] == ["m1"]
+
+
+async def test_register_before_drain(service: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message committed while Bob's inbox is being read must reach him."""
+    alice = await service.connect("alice", MemorySink())
+    real_inbox = service.store.inbox
+
+    async def inbox_then_commit(user: str):
+        entries = await real_inbox(user)  # empty: nothing for bob yet
+        if user == "bob":
+            send(service, alice, "m-during-drain")
+            await settle(lambda: service.store.committed_ops >= 1)  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+        return entries
+
+    monkeypatch.setattr(service.store, "inbox", inbox_then_commit)
+    bob_sink = MemorySink()
+    await service.connect("bob", bob_sink)
+    await settle(lambda: bob_sink.of(f.Deliver))
+    assert [m.id for m in bob_sink.of(f.Deliver)] == ["m-during-drain"]
+
+
+async def test_inbox_entry_leaves_only_on_ack(service: ChatService) -> None:
+    alice = await service.connect("alice", MemorySink())
+    for i in range(3):
+        send(service, alice, f"m{i}")
+    first = MemorySink()
+    bob = await service.connect("bob", first)
+    await settle(lambda: len(first.of(f.Deliver)) == 3)
+    service.disconnect(bob)  # pushed, never acked
+    second = MemorySink()
+    bob = await service.connect("bob", second)
+    await settle(lambda: len(second.of(f.Deliver)) == 3)
+    service.handle(bob, encode(f.DeliveryAck(conv="d:alice:bob", seq=2)))
+    await settle(lambda: bool(service.store._convs["d:alice:bob"].members["bob"].delivered == 2))
+    service.disconnect(bob)
+    third = MemorySink()
+    await service.connect("bob", third)
+    await settle(lambda: len(third.of(f.Deliver)) == 1)
+    assert [m.seq for m in third.of(f.Deliver)] == [3]
+
+
+async def test_push_failure_degrades_to_inbox(service: ChatService) -> None:
+    """A push into a socket that is already dead (the frame goes nowhere)."""
+    alice = await service.connect("alice", MemorySink())
+    dead = MemorySink()
+    bob = await service.connect("bob", dead)
+    dead.closed_with = 1006  # the socket died; pushes vanish
+    send(service, alice, "lost-on-the-wire")
+    await settle(lambda: service.store.committed_ops >= 1)  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    assert dead.of(f.Deliver) == []
+    service.disconnect(bob)
+    fresh = MemorySink()
+    await service.connect("bob", fresh)
+    await settle(lambda: fresh.of(f.Deliver))
+    assert [m.id for m in fresh.of(f.Deliver)] == ["lost-on-the-wire"]
+
+
+async def test_retry_is_idempotent_and_keeps_seq(service: ChatService) -> None:
+    sink = MemorySink()
+    alice = await service.connect("alice", sink)
+    send(service, alice, "once")
+    send(service, alice, "twice")
+    send(service, alice, "once")
+    await settle(lambda: len(sink.of(f.SendAck)) == 3)
+    acks = sink.of(f.SendAck)
+    assert [(a.id, a.seq, a.duplicate) for a in acks] == [
+        ("once", 1, False),
+        ("twice", 2, False),
+        ("once", 1, True),
+    ]
+    messages, _, last = await service.store.history("alice", "d:alice:bob", None, None, 10)
+    assert [m.client_id for m in messages] == ["once", "twice"] and last == 2
+
+
+async def test_failed_commit_breaks_the_stream_in_order(service: ChatService) -> None:
+    """After a storage failure no later send of the same connection may commit."""
+    sink = MemorySink()
+    alice = await service.connect("alice", sink)
+    store = service.store
+    gate = WriterGate(store)  # type: ignore[arg-type]
+    await asyncio.to_thread(gate.entered.wait, 5)
+    send(service, alice, "a")  # will be in the failing batch
+
+    def explode(_conn):
+        raise OSError("disk on fire")
+
+    store._submit(explode)  # type: ignore[attr-defined]
+    gate.release.set()
+    await settle(lambda: sink.of(f.Error))
+    assert [e.code for e in sink.of(f.Error)] == ["unavailable"]
+    assert sink.closed_with == 4006
+    # Storage works again, but "b" must not overtake "a", which the client resends.
+    send(service, alice, "b")
+    await asyncio.sleep(0.2)
+    assert sink.of(f.SendAck) == []
+    assert await service.store.inbox("bob") == []
