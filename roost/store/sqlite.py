@@ -131,6 +131,32 @@ class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     stream: SendStream | None = None
+    # Ops with the same key in one batch collapse into the last of them,
+    # their ``args`` combined by element-wise max (cumulative acks).
+    key: tuple[str, ...] | None = None
+    args: list[int | None] | None = None
+    merged_into: _Op | None = None
+
+
+def _merge_cumulative(batch: list[_Op]) -> None:
+    """Collapse cumulative acks of one (kind, user, conv) within a batch.
+
+    Under load many acks of one conversation queue up while a commit is on
+    disk; applying only the highest does the same work once. The survivor is
+    the last one, so every seq it carries was valid at its position.
+    """
+    latest: dict[tuple[str, ...], _Op] = {}
+    for op in batch:
+        if op.key is None or op.args is None:
+            continue
+        prev = latest.get(op.key)
+        if prev is not None and prev.args is not None:
+            op.args[:] = [  # in place: the op's closure reads this very list
+                b if a is None else a if b is None else max(a, b)
+                for a, b in zip(prev.args, op.args, strict=True)
+            ]
+            prev.merged_into = op
+        latest[op.key] = op
 
 
 class SqliteStore:
@@ -184,7 +210,11 @@ class SqliteStore:
     # -- the writer thread -------------------------------------------------
 
     def _submit(
-        self, fn: Callable[[sqlite3.Connection], Any], stream: SendStream | None = None
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        stream: SendStream | None = None,
+        key: tuple[str, ...] | None = None,
+        args: list[int | None] | None = None,
     ) -> asyncio.Future[Any]:
         if self._loop is None:
             raise StoreUnavailable("store is not open")
@@ -192,7 +222,7 @@ class SqliteStore:
         if self._writer is None:
             future.set_exception(StoreUnavailable("store is closed"))
         else:
-            self._queue.put(_Op(fn, future, stream))
+            self._queue.put(_Op(fn, future, stream, key, args))
         return future
 
     def _write_loop(self) -> None:
@@ -216,17 +246,20 @@ class SqliteStore:
             self._run_batch(conn, batch)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        results: list[tuple[bool, Any]] = []
+        _merge_cumulative(batch)
+        outcome: dict[int, tuple[bool, Any]] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                if op.merged_into is not None:
+                    continue
                 if op.stream is not None and op.stream.broken:
-                    results.append((False, StoreUnavailable("an earlier send failed")))
+                    outcome[id(op)] = (False, StoreUnavailable("an earlier send failed"))
                     continue
                 try:
-                    results.append((True, op.fn(conn)))
+                    outcome[id(op)] = (True, op.fn(conn))
                 except ProtocolError as exc:
-                    results.append((False, exc))
+                    outcome[id(op)] = (False, exc)
             conn.execute("COMMIT")
             self.commits += 1
             self.committed_ops += len(batch)
@@ -238,7 +271,13 @@ class SqliteStore:
                 if op.stream is not None:
                     op.stream.broken = True
             failure = StoreUnavailable(f"storage error: {exc}")
-            results = [(False, failure)] * len(batch)
+            outcome = {id(op): (False, failure) for op in batch}
+        results = []
+        for op in batch:
+            leader = op
+            while leader.merged_into is not None:
+                leader = leader.merged_into
+            results.append(outcome[id(leader)])
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(_resolve, batch, results)
@@ -397,7 +436,10 @@ class SqliteStore:
     def advance_marks(
         self, user: str, conv: str, delivered: int | None, read: int | None
     ) -> asyncio.Future[MarkResult]:
+        args: list[int | None] = [delivered, read]
+
         def op(c: sqlite3.Connection) -> MarkResult:
+            delivered, read = args  # possibly raised by merged later acks
             state = self._conv(c, conv)
             if state is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
@@ -421,7 +463,7 @@ class SqliteStore:
             receipts = [self._receipt(c, state, target, {user: (new_d, new_r)}) for target in sorted(senders)]
             return MarkResult(conv, user, new_d, new_r, receipts)
 
-        return self._submit(op)
+        return self._submit(op, key=("mark", user, conv), args=args)
 
     def _receipt(
         self,
@@ -435,10 +477,12 @@ class SqliteStore:
         return ReceiptState(target, state.id, rv, marks, all_d, all_r)
 
     def ack_receipts(self, user: str, conv: str, rv: int) -> asyncio.Future[None]:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, rv))
+        args: list[int | None] = [rv]
 
-        return self._submit(op)
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
+
+        return self._submit(op, key=("rack", user, conv), args=args)
 
     # -- groups ------------------------------------------------------------
 
