@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import time
@@ -60,7 +61,7 @@ HELP = [
     "/help                  this list",
     "/quit                  exit (also Ctrl-C)",
     "anything else is sent to the open chat (start with // to send a line beginning with /)",
-    "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) read; PageUp/PageDown scroll",
+    "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; PageUp/PageDown scroll",
 ]
 
 
@@ -130,7 +131,7 @@ def membership_text(m: Membership, me: str | None) -> str:
         text = f"{users or actor} left"
     else:
         text = f"membership change ({m.action or 'unknown'})"
-    return text[:1].upper() + text[1:]
+    return "Y" + text[1:] if text.startswith("you ") else text
 
 
 # -- the view model ----------------------------------------------------------
@@ -361,6 +362,8 @@ class ChatView:
         if isinstance(event, Disconnected):
             was = self.connection
             changes = Changes(status=True)
+            self.presence.clear()  # stale until the SDK resubscribes after the reconnect
+            self.typing.clear()
             if event.final:
                 self.connection, self.connection_detail = "disconnected", event.reason
                 if was != "disconnected":
@@ -437,7 +440,7 @@ class ChatView:
             else:
                 changes.merge(self.add_message(item, live=False))
         if key == self.current:
-            changes.mark_read = self._read_mark(key)
+            changes.merge(Changes(mark_read=self._read_mark(key)))
         return changes
 
     def update_receipts(self, conv: str, all_delivered: int, all_read: int) -> Changes:
@@ -542,7 +545,8 @@ class ChatView:
                 if key in self.left_groups:
                     frags.append(("class:status", " · you left"))
                 elif self.group_members.get(key):
-                    frags.append(("class:status", f" · {len(self.group_members[key])} members"))
+                    count = len(self.group_members[key])
+                    frags.append(("class:status", f" · {count} member{'s' if count != 1 else ''}"))
             elif key in self.presence:
                 online, seen = self.presence[key]
                 frags.append(("class:status", " · " + format_presence(online, seen, now, self.tz)))
@@ -730,9 +734,12 @@ class ChatController:
             if handler is None:
                 self.view.error(f"unknown command /{name}; /help lists the commands")
                 return
+            try:
+                inspect.signature(handler).bind(*args)
+            except TypeError:
+                self.view.error(f"wrong arguments for /{name}; see /help")
+                return
             handler(*args)
-        except TypeError:
-            self.view.error(f"wrong arguments for /{parsed[0] if parsed else '?'}; see /help")
         except Exception as exc:
             self.view.error(f"{exc!r}")
         finally:
@@ -784,6 +791,8 @@ class ChatController:
         except Exception as exc:  # e.g. the state file was closed after a fatal error
             self.view.send_failed(mid, repr(exc))
         else:
+            if self.view.me is None:  # the ack can overtake the Connected event
+                self.view.me = self.client.user
             self.view.acked(result.message_id, result.conv, result.seq, result.ts)  # type: ignore[union-attr]
         self.invalidate()
 

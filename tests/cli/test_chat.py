@@ -1,0 +1,579 @@
+"""The terminal chat: the view model without a terminal, the controller against
+a fake SDK client, and one end-to-end run of ``roost chat`` inside tmux."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roost.cli.chat import (
+    HOME,
+    TYPING_TTL,
+    ChatController,
+    ChatView,
+    Tick,
+    TypingThrottle,
+    compute_tick,
+    format_presence,
+    parse_command,
+)
+from roost.client import (
+    Client,
+    Connected,
+    Disconnected,
+    ErrorEvent,
+    GroupInfo,
+    Membership,
+    Message,
+    PresenceEvent,
+    ReceiptEvent,
+    RoostError,
+    SendResult,
+    TypingEvent,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DM = "d:alice:bob"
+GROUP = "g:00112233445566ff"
+T0 = int(datetime(2024, 3, 5, 14, 5, tzinfo=UTC).timestamp())  # a Tuesday, 14:05 UTC
+
+
+def msg(seq: int, sender: str = "bob", text: str = "hi", conv: str = DM, mid: str | None = None) -> Message:
+    return Message(conv, seq, mid or f"id{seq}", sender, "text/plain", text.encode(), T0 * 1000)
+
+
+def member(seq: int, action: str, actor: str, users: tuple[str, ...], name: str = "") -> Membership:
+    return Membership(GROUP, seq, action, actor, users, name, T0 * 1000)
+
+
+def view_with_chat(key: str = "bob") -> ChatView:
+    view = ChatView(me="alice", tz=UTC)
+    view.open(key)
+    return view
+
+
+# -- ticks -------------------------------------------------------------------------
+
+
+def test_compute_tick_table() -> None:
+    assert compute_tick(None, 0, 0) is Tick.PENDING
+    assert compute_tick(3, 2, 0) is Tick.SENT
+    assert compute_tick(3, 3, 2) is Tick.DELIVERED
+    assert compute_tick(3, 5, 3) is Tick.READ
+    assert compute_tick(3, 5, 5, failed=True) is Tick.FAILED
+    assert [t.glyph for t in (Tick.PENDING, Tick.SENT, Tick.DELIVERED)] == ["…", "✓", "✓✓"]
+    assert Tick.READ.style != Tick.DELIVERED.style  # read is coloured
+
+
+def test_tick_progresses_pending_sent_delivered_read_in_place() -> None:
+    view = view_with_chat()
+    changes = view.add_pending("bob", "m1", "hello", T0 * 1000)
+    line = changes.lines[0]
+    assert view.tick(line) is Tick.PENDING
+    assert view.render_text() == "[14:05] me: hello …"
+
+    changes = view.acked("m1", DM, 1, T0 * 1000)
+    assert changes.lines == [line]
+    assert view.tick(line) is Tick.SENT
+    assert view.render_text() == "[14:05] me: hello ✓"
+
+    # A receipt for something older does not touch it.
+    assert not view.apply(ReceiptEvent(DM, {"bob": (0, 0)}, 0, 0))
+    changes = view.apply(ReceiptEvent(DM, {"bob": (1, 0)}, 1, 0))
+    assert changes.lines == [line]
+    assert view.render_text() == "[14:05] me: hello ✓✓"
+
+    changes = view.apply(ReceiptEvent(DM, {"bob": (1, 1)}, 1, 1))
+    assert changes.lines == [line]
+    assert view.tick(line) is Tick.READ
+    assert view.render_text() == "[14:05] me: hello ✓✓ read"
+    assert view.line_fragments(line)[-1] == (Tick.READ.style, "✓✓ read")
+    assert len(view.lines()) == 1  # updated in place, never duplicated
+
+
+def test_receipts_only_grow_and_cover_each_message_by_seq() -> None:
+    view = view_with_chat()
+    for i in (1, 2, 3):
+        view.add_pending("bob", f"m{i}", f"t{i}")
+        view.acked(f"m{i}", DM, i, T0 * 1000)
+    view.apply(ReceiptEvent(DM, {"bob": (3, 1)}, 3, 1))
+    view.apply(ReceiptEvent(DM, {"bob": (2, 0)}, 2, 0))  # stale, out of order
+    assert [view.tick(ln) for ln in view.lines()] == [Tick.READ, Tick.DELIVERED, Tick.DELIVERED]
+
+
+def test_late_ack_moves_the_line_to_its_seq_and_history_does_not_duplicate() -> None:
+    view = view_with_chat()
+    view.add_pending("bob", "m1", "mine")
+    view.apply(msg(2, text="theirs"))  # arrives before our ack is processed
+    assert [ln.text for ln in view.lines()] == ["theirs", "mine"]  # pending stays at the bottom
+    view.acked("m1", DM, 1, T0 * 1000)
+    assert [ln.text for ln in view.lines()] == ["mine", "theirs"]
+    # The same messages again from local history: nothing new.
+    changes = view.add_history("bob", [msg(1, sender="alice", text="mine", mid="m1"), msg(2, text="theirs")])
+    assert not changes.lines
+    assert len(view.lines()) == 2
+
+
+def test_send_refused_by_server_shows_failed_tick_and_error_line() -> None:
+    view = view_with_chat()
+    view.add_pending("bob", "m1", "x")
+    view.apply(ErrorEvent("not_member", "not a member", "m1"))
+    assert view.render_text().splitlines() == ["me: x ✗", "! not sent: not_member: not a member"]
+
+
+# -- reading, unread, history ------------------------------------------------------------
+
+
+def test_message_in_open_chat_is_marked_read_and_elsewhere_counts_unread() -> None:
+    view = view_with_chat()
+    assert view.apply(msg(1)).mark_read == (DM, 1)
+    assert view.render_text() == "[14:05] bob: hi"
+
+    changes = view.apply(msg(1, sender="carol", conv="d:alice:carol"))
+    assert changes.mark_read is None and changes.status
+    assert view.unread == {"carol": 1}
+    assert "unread: carol 1" in view.status_text(T0)
+
+    changes = view.open("carol")
+    assert changes.mark_read == ("d:alice:carol", 1)
+    assert "unread" not in view.status_text(T0)
+    assert view.open("carol").mark_read is None  # already marked
+
+
+def test_history_merges_older_messages_in_seq_order_with_own_ticks() -> None:
+    view = view_with_chat()
+    view.apply(msg(5, text="new"))
+    view.apply(ReceiptEvent(DM, {"bob": (4, 3)}, 4, 3))
+    page = [msg(3, sender="alice", text="old mine"), msg(4, sender="alice", text="older mine"), msg(2)]
+    view.add_history("bob", page)
+    assert view.render_text().splitlines() == [
+        "[14:05] bob: hi",
+        "[14:05] me: old mine ✓✓ read",
+        "[14:05] me: older mine ✓✓",
+        "[14:05] bob: new",
+    ]
+    assert view.oldest_seq("bob") == 2
+    assert view.unread == {}  # history is not news
+
+
+# -- presence and typing -------------------------------------------------------------------
+
+
+def test_format_presence() -> None:
+    now = T0 + 3600
+    assert format_presence(True, None, now, UTC) == "online"
+    assert format_presence(False, None, now, UTC) == "offline"
+    assert format_presence(False, T0, now, UTC) == "last seen 14:05"
+    assert format_presence(False, T0 - 86400, now, UTC) == "last seen yesterday 14:05"
+    assert format_presence(False, T0 - 5 * 86400, now, UTC) == "last seen 2024-02-29"
+
+
+def test_status_line_shows_connection_target_and_presence() -> None:
+    view = ChatView(tz=UTC)
+    assert "connecting" in view.status_text(T0)
+    assert "no chat open" in view.status_text(T0)
+    view.apply(Connected("alice"))
+    view.open("bob")
+    assert view.status_text(T0).startswith(" ● connected as alice │ bob")
+    assert view.apply(PresenceEvent("bob", False, T0 - 60)).status
+    assert "bob · last seen 14:04" in view.status_text(T0)
+    assert not view.apply(PresenceEvent("carol", True, None)).status  # not the open chat
+    view.apply(PresenceEvent("bob", True, None))
+    assert "bob · online" in view.status_text(T0)
+
+    changes = view.apply(Disconnected(1006, "connection lost", final=False))
+    assert "reconnecting" in view.status_text(T0)
+    assert "online" not in view.status_text(T0)  # stale presence is not shown
+    assert changes.lines[0].text == "connection lost; reconnecting…"
+    assert view.apply(Connected("alice")).lines[0].text == "reconnected"
+    view.apply(Disconnected(4001, "auth_failed: bad token", final=True))
+    assert "disconnected" in view.status_text(T0)
+    assert view.lines()[-1].kind == "error"
+
+
+def test_typing_indicator_expires_and_clears() -> None:
+    view = view_with_chat()
+    now = 1000.0
+    assert view.apply(TypingEvent(DM, "bob", True), now=now).status
+    assert view.typing_users("bob", now + 1) == ["bob"]
+    assert "typing…" in view.status_text(now + 1)
+    assert view.typing_users("bob", now + TYPING_TTL + 0.1) == []
+    assert "typing" not in view.status_text(now + TYPING_TTL + 0.1)
+
+    view.apply(TypingEvent(DM, "bob", True), now=now)
+    view.apply(TypingEvent(DM, "bob", True), now=now + 4)  # refreshed
+    assert view.typing_users("bob", now + TYPING_TTL + 1) == ["bob"]
+    view.apply(msg(1), now=now + 5)  # the message it was typing arrived
+    assert view.typing_users("bob", now + 5) == []
+
+    view.apply(TypingEvent(DM, "bob", True), now=now)
+    view.apply(TypingEvent(DM, "bob", False), now=now + 1)
+    assert view.typing_users("bob", now + 1) == []
+
+
+def test_typing_in_a_group_names_who() -> None:
+    view = view_with_chat(GROUP)
+    view.apply(TypingEvent(GROUP, "bob", True), now=10)
+    assert "bob is typing…" in view.status_text(11)
+    view.apply(TypingEvent(GROUP, "carol", True), now=10)
+    assert "bob, carol are typing…" in view.status_text(11)
+
+
+def test_typing_throttle() -> None:
+    throttle = TypingThrottle(2.0)
+    assert throttle.ready("c", 100.0)
+    assert not throttle.ready("c", 101.9)
+    assert throttle.ready("other", 101.9)
+    assert throttle.ready("c", 102.0)
+
+
+# -- membership ------------------------------------------------------------------------------
+
+
+def test_membership_lines_and_group_state() -> None:
+    view = view_with_chat(GROUP)
+    view.apply(member(1, "created", "alice", ("alice", "bob", "carol"), "Team"))
+    view.apply(member(2, "added", "bob", ("dave",)))
+    view.apply(member(3, "removed", "alice", ("carol",)))
+    view.apply(member(4, "left", "dave", ("dave",)))
+    assert [ln.text for ln in view.lines()] == [
+        'You created group "Team" with bob, carol',
+        "bob added dave",
+        "You removed carol",
+        "dave left",
+    ]
+    assert all(ln.kind == "system" for ln in view.lines())
+    assert view.group_members[GROUP] == {"alice", "bob"}
+    assert "#Team · 2 members" in view.status_text(T0)
+
+    view.apply(member(5, "removed", "bob", ("alice",)))
+    assert view.lines()[-1].text == "bob removed you"
+    assert "you left" in view.status_text(T0)
+    assert not view.conversation_exists(GROUP)
+
+
+def test_membership_in_another_group_counts_as_unread() -> None:
+    view = view_with_chat("bob")
+    view.apply(member(1, "created", "carol", ("alice",), "Fun"))
+    assert "unread: #Fun 1" in view.status_text(T0)
+    assert view.lines(GROUP)[0].text == 'carol created group "Fun" with you'
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def test_parse_command() -> None:
+    assert parse_command("   ") is None
+    assert parse_command("hello /to") == ("say", ["hello /to"])
+    assert parse_command("//to bob") == ("say", ["/to bob"])
+    assert parse_command("/to bob") == ("to", ["bob"])
+    assert parse_command("/newgroup My Team bob,carol") == ("newgroup", ["My Team", "bob,carol"])
+    assert parse_command("/newgroup solo") == ("newgroup", ["solo"])
+    assert parse_command("/add bob, carol dave") == ("add", ["bob", "carol", "dave"])
+    assert parse_command("/HELP") == ("help", [])
+
+
+# -- the controller against a fake SDK client ---------------------------------------------------
+
+
+class FakeClient:
+    """What ChatController uses of ``Client``; sends wait until the test acks them."""
+
+    def __init__(self, user: str = "alice") -> None:
+        self.user = user
+        self.connected = True
+        self.calls: list[tuple[Any, ...]] = []
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.sends: dict[str, asyncio.Future[SendResult]] = {}
+        self.local: dict[str, list[Message]] = {}
+        self.server_history: list[Message] = []
+        self.closed = False
+
+    def pending_outbox(self) -> list[Any]:
+        return []
+
+    async def connect(self, timeout: float | None = None) -> None:
+        self.queue.put_nowait(Connected(self.user))
+
+    async def next_event(self, timeout: float | None = None) -> Any:
+        return await self.queue.get()
+
+    async def send(self, text: str | None = None, **kw: Any) -> SendResult:
+        self.calls.append(("send", text, kw.get("to"), kw.get("group")))
+        fut = asyncio.get_running_loop().create_future()
+        self.sends[kw["message_id"]] = fut
+        return await fut
+
+    async def subscribe_presence(self, users: list[str]) -> None:
+        self.calls.append(("presence", list(users)))
+
+    async def unsubscribe_presence(self, users: list[str]) -> None:
+        self.calls.append(("unpresence", list(users)))
+
+    async def mark_read(self, conv: str, seq: int) -> None:
+        self.calls.append(("read", conv, seq))
+
+    async def typing(self, conv: str, active: bool = True) -> None:
+        self.calls.append(("typing", conv))
+
+    def local_history(self, conv: str, limit: int = 50) -> list[Message]:
+        return self.local.get(conv, [])
+
+    async def history(self, conv: str, *, before: int | None = None, **kw: Any) -> tuple[list[Message], int]:
+        self.calls.append(("history", conv, before))
+        return self.server_history, 10
+
+    async def group_info(self, group: str) -> GroupInfo:
+        raise RoostError("not_member", "you are not a member")
+
+    async def create_group(self, name: str, members: list[str]) -> GroupInfo:
+        self.calls.append(("create_group", name, list(members)))
+        return GroupInfo(GROUP, name, ["alice", *members], ["alice"], 1)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def chat() -> Any:
+    clock = [1000.0]
+    client = FakeClient()
+    view = ChatView(tz=UTC)
+    ctrl = ChatController(client, view, clock=lambda: clock[0])  # type: ignore[arg-type]
+    ctrl.clock_value = clock  # type: ignore[attr-defined]
+    await ctrl.start()
+    await settle()
+    yield ctrl, client, view
+    await ctrl.stop()
+    assert client.closed
+
+
+async def test_controller_open_chat_send_and_ticks(chat: Any) -> None:
+    ctrl, client, view = chat
+    assert view.me == "alice" and view.connection == "connected"
+    client.local[DM] = [msg(1, text="earlier")]
+    ctrl.handle_line("/to bob")
+    await settle()
+    assert ("presence", ["bob"]) in client.calls
+    assert ("read", DM, 1) in client.calls  # shown while open -> read
+    assert view.render_text() == "[14:05] bob: earlier"
+
+    ctrl.handle_line("hello")
+    await settle()
+    assert ("send", "hello", "bob", None) in client.calls
+    assert view.lines()[-1].text == "hello" and view.tick(view.lines()[-1]) is Tick.PENDING
+    mid = next(iter(client.sends))
+    client.sends[mid].set_result(SendResult(mid, DM, 2, T0 * 1000))
+    await settle()
+    assert view.render_text().splitlines()[-1] == "[14:05] me: hello ✓"
+    client.queue.put_nowait(ReceiptEvent(DM, {"bob": (2, 2)}, 2, 2))
+    await settle()
+    assert view.render_text().splitlines()[-1] == "[14:05] me: hello ✓✓ read"
+
+    client.queue.put_nowait(msg(3, text="live"))
+    await settle()
+    assert ("read", DM, 3) in client.calls
+
+
+async def test_controller_send_refused_and_errors_do_not_crash(chat: Any) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line("orphan")
+    assert "no chat open" in view.lines()[-1].text
+    ctrl.handle_line("/to bob")
+    ctrl.handle_line("x")
+    await settle()
+    mid = next(iter(client.sends))
+    client.sends[mid].set_exception(RoostError("unknown_user", "no such user: bob"))
+    await settle()
+    last = view.render_text().splitlines()[-2:]
+    assert last[0].endswith("me: x ✗") and last[1] == "! not sent: unknown_user: no such user: bob"
+
+    ctrl.handle_line("/nope")
+    ctrl.handle_line("/to")
+    ctrl.handle_line("/to Not A Name")
+    ctrl.handle_line("/add bob")  # not in a group
+    ctrl.handle_line(f"/group {GROUP}")
+    await settle()
+    errors = [ln.text for ln in view.chats["bob"] if ln.kind == "error"][-4:]
+    assert errors[0].startswith("unknown command /nope")
+    assert errors[1].startswith("wrong arguments for /to")
+    assert errors[3] == "no group open: /group GROUP_ID first"
+    assert view.lines(GROUP)[-1].text == "group: not_member: you are not a member"
+    client.queue.put_nowait(ErrorEvent("invalid", "bad read marker", ""))
+    await settle()
+    assert view.lines()[-1].text == "error invalid: bad read marker"
+
+
+async def test_controller_typing_is_throttled_and_only_in_existing_chats(chat: Any) -> None:
+    ctrl, client, _view = chat
+    clock = ctrl.clock_value
+    ctrl.handle_line("/to bob")
+    ctrl.on_input_changed("h")
+    await settle()
+    assert not [c for c in client.calls if c[0] == "typing"]  # no 1:1 yet on the server
+    client.queue.put_nowait(msg(1))
+    await settle()
+    for t, text in ((0.0, "h"), (0.5, "he"), (1.9, "hel"), (2.1, "hell"), (2.2, "/to")):
+        clock[0] = 1000.0 + t
+        ctrl.on_input_changed(text)
+    await settle()
+    assert [c for c in client.calls if c[0] == "typing"] == [("typing", DM), ("typing", DM)]
+
+
+async def test_controller_newgroup_and_history(chat: Any) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line("/newgroup My Team bob,carol")
+    await settle()
+    assert ("create_group", "My Team", ["bob", "carol"]) in client.calls
+    assert view.current == GROUP
+    assert "#My Team · 3 members" in view.status_text(1000)
+
+    client.queue.put_nowait(msg(5, conv=GROUP, text="g5"))
+    await settle()
+    client.server_history = [msg(3, conv=GROUP, text="g3"), msg(4, sender="alice", conv=GROUP, text="g4")]
+    ctrl.handle_line("/history")
+    await settle()
+    assert ("history", GROUP, 5) in client.calls
+    texts = [ln.text for ln in view.lines() if ln.seq]
+    assert texts == ["g3", "g4", "g5"]
+    assert view.lines()[-1].text == "loaded 2 older message(s)"
+
+    quit_called = []
+    ctrl.on_quit = lambda: quit_called.append(True)
+    ctrl.handle_line("/quit")
+    assert quit_called
+    assert view.chats[HOME]  # the welcome line
+
+
+# -- end to end: roost chat in tmux against a real server ------------------------------------------
+
+TMUX = shutil.which("tmux")
+
+
+class Tmux:
+    def __init__(self, tmp: Path) -> None:
+        # Our own tmux server on a private socket (a unix socket path must stay short).
+        path = tmp / "tmux.sock"
+        if len(str(path)) > 100:
+            path = Path(tempfile.mkdtemp(prefix="roost-tmux-")) / "s"
+        self.socket = path
+        self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+        self.env.update(LANG="C.UTF-8", LC_ALL="C.UTF-8", TERM="xterm-256color")
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        assert TMUX is not None
+        return subprocess.run(
+            [TMUX, "-u", "-S", str(self.socket), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=10,
+        )
+
+    def capture(self) -> str:
+        return "\n".join(
+            ln.rstrip() for ln in self.run("capture-pane", "-p", "-t", "chat").stdout.splitlines()
+        )
+
+    def alive(self) -> bool:
+        return self.run("has-session", "-t", "chat", check=False).returncode == 0
+
+    def kill(self) -> None:
+        self.run("kill-server", check=False)
+        self.socket.unlink(missing_ok=True)
+
+
+async def wait_pane(
+    tmux: Tmux, cond: Callable[[str], Any], what: str, err: Path, timeout: float = 8.0
+) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        pane = tmux.capture()
+        if cond(pane):
+            return pane
+        if time.monotonic() > deadline:
+            stderr = err.read_text() if err.exists() else ""
+            raise AssertionError(f"timed out waiting for {what}; pane:\n{pane}\nstderr:\n{stderr}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(30)
+async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
+    if TMUX is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux); the terminal UI test needs it")
+    from tests.e2e.server import ServerProcess
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    alice_token = srv.add_user("alice")
+    bob_token = srv.add_user("bob")
+    srv.start()
+    tmux = Tmux(tmp_path)
+    err = tmp_path / "chat.stderr"
+    try:
+        command = " ".join(
+            [
+                f"cd {shlex.quote(str(ROOT))} && exec",
+                shlex.quote(sys.executable),
+                "-m roost.cli.main chat",
+                f"--url {srv.url} --token {shlex.quote(alice_token)}",
+                f"--state {shlex.quote(str(tmp_path / 'alice.sqlite'))}",
+                f"2> {shlex.quote(str(err))}",
+            ]
+        )
+        tmux.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
+        await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
+
+        tmux.run("send-keys", "-t", "chat", "/to bob", "Enter")
+        await wait_pane(tmux, lambda p: "│ bob" in p, "the status line to show bob", err)
+        tmux.run("send-keys", "-t", "chat", "hello", "Enter")
+        await wait_pane(
+            tmux, lambda p: re.search(r"me: hello ✓$", p, re.M), "the sent tick (✓) on the line", err
+        )
+
+        async with Client(srv.url, bob_token, state_path=tmp_path / "bob.sqlite") as bob:
+            deadline = time.monotonic() + 8
+            while True:
+                event = await bob.next_event(max(0.1, deadline - time.monotonic()))
+                if isinstance(event, Message) and event.text == "hello":
+                    break
+            assert event.sender == "alice"
+            await bob.mark_read(event.conv, event.seq)
+            await bob.flush()
+            pane = await wait_pane(
+                tmux, lambda p: re.search(r"me: hello ✓✓ read$", p, re.M), "the read tick", err
+            )
+            await wait_pane(tmux, lambda p: "bob · online" in p, "bob's presence", err)
+        assert pane.count("hello") == 1  # the tick changed in place
+
+        tmux.run("send-keys", "-t", "chat", "/quit", "Enter")
+        deadline = time.monotonic() + 8
+        while tmux.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not tmux.alive(), "roost chat did not exit on /quit"
+        assert "Traceback" not in err.read_text()
+    finally:
+        tmux.kill()
+        srv.stop()
