@@ -10,6 +10,7 @@ from roost.client.events import (
     Message,
     PresenceEvent,
     ReceiptEvent,
+    Sent,
     TypingEvent,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "ReceiptEvent",
     "RoostError",
     "SendResult",
+    "Sent",
     "TypingEvent",
 ]

@@ -44,6 +44,7 @@ from roost.client.events import (
     Message,
     PresenceEvent,
     ReceiptEvent,
+    Sent,
     TypingEvent,
 )
 from roost.client.ordering import ConversationOrder
@@ -140,7 +141,8 @@ class Client:
         self.jitter = jitter
         self.heartbeat = heartbeat
         self.keep_events = keep_events
-        self.user: str | None = None
+        # Known before connecting once the state has seen a welcome.
+        self.user: str | None = self.state.get_meta("user")
         self.connections = 0  # successful connections so far
         self._rng = random.Random()
         self._http: aiohttp.ClientSession | None = None
@@ -164,7 +166,9 @@ class Client:
         self._dack_scheduled = False
         self._filling: set[str] = set()
         self._read_marks: dict[str, int] = {}
-        self._receipts: dict[str, _ReceiptView] = {}
+        self._receipts: dict[str, _ReceiptView] = {
+            conv: _ReceiptView(d, r) for conv, (d, r) in self.state.receipts().items()
+        }
         self._receipt_waiters: list[tuple[str, int, str, asyncio.Future[None]]] = []
         self._requests: dict[str, asyncio.Future[Any]] = {}
         self._presence: set[str] = set()
@@ -178,7 +182,7 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def connect(self, timeout: float = 10.0) -> None:
+    async def connect(self, timeout: float | None = 10.0) -> None:
         """Start the connection loop; return once authenticated (or raise)."""
         if self._run_task is not None:
             return
@@ -305,7 +309,9 @@ class Client:
                 raise ConnectionError(frame.message)
             if not isinstance(frame, f.Welcome):
                 raise ConnectionError("expected welcome")
-            self.user = frame.user
+            if self.user != frame.user:
+                self.user = frame.user
+                self.state.set_meta("user", frame.user)
             self._ws = ws
             self._out.clear()
             writer = asyncio.create_task(self._write_loop(ws))
@@ -413,6 +419,8 @@ class Client:
             )
         self._accept(frame.conv, frame.seq, None)
         self.state.commit()
+        if item is not None:
+            self._emit(Sent(frame.id, frame.conv, frame.seq, frame.ts))
         waiter = self._ack_waiters.pop(frame.id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(SendResult(frame.id, frame.conv, frame.seq, frame.ts, frame.duplicate))
@@ -561,6 +569,8 @@ class Client:
         for user, marks in frame.marks.items():
             old = view.marks.get(user, (0, 0))
             view.marks[user] = (max(old[0], marks.delivered), max(old[1], marks.read))
+        self.state.save_receipt(frame.conv, view.all_delivered, view.all_read)
+        self.state.commit()
         self._write(encode(f.ReceiptAck(conv=frame.conv, rv=frame.rv)))
         self._emit(
             ReceiptEvent(

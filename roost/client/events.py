@@ -51,6 +51,16 @@ class Membership:
 
 
 @dataclass(slots=True, frozen=True)
+class Sent:
+    """✓ for one of this client's messages (also for ones resent after a restart)."""
+
+    message_id: str
+    conv: str
+    seq: int
+    ts: int
+
+
+@dataclass(slots=True, frozen=True)
 class ReceiptEvent:
     """Receipt marks for messages this user sent in ``conv``.
 

@@ -30,6 +30,16 @@ CREATE TABLE IF NOT EXISTS convs (
     conv TEXT PRIMARY KEY,
     have INTEGER NOT NULL DEFAULT 0
 );
+-- Receipt marks learnt for our own messages, so ticks survive a restart.
+CREATE TABLE IF NOT EXISTS receipts (
+    conv TEXT PRIMARY KEY,
+    all_delivered INTEGER NOT NULL,
+    all_read INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS messages (
     conv TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -128,6 +138,31 @@ class ClientState:
             "INSERT OR IGNORE INTO messages (conv, seq, id, sender, ct, body, ts) VALUES (?,?,?,?,?,?,?)",
             (conv, seq, message_id, sender, ct, body, ts),
         )
+
+    def receipts(self) -> dict[str, tuple[int, int]]:
+        rows = self.db.execute("SELECT conv, all_delivered, all_read FROM receipts").fetchall()
+        return {conv: (d, r) for conv, d, r in rows}
+
+    def save_receipt(self, conv: str, all_delivered: int, all_read: int) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO receipts (conv, all_delivered, all_read) VALUES (?,?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET all_delivered=max(all_delivered, excluded.all_delivered),"
+            " all_read=max(all_read, excluded.all_read)",
+            (conv, all_delivered, all_read),
+        )
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?,?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+        self.commit()
 
     def local_history(self, conv: str, limit: int = 50) -> list[tuple[int, str, str, str, bytes, int]]:
         rows = self.db.execute(
