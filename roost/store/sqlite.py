@@ -173,6 +173,10 @@ class SqliteStore:
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._convs: dict[str, _Conv] = {}
+        # Receipts gathered while a batch runs: (conv, target) -> (changed
+        # marks, the MarkResult that carries them). Built once per batch, so a
+        # group's 1000 acks in one commit cost one receipt per sender, not 1000.
+        self._batch_receipts: dict[tuple[str, str], tuple[dict[str, tuple[int, int]], MarkResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0  # statistics: transactions committed
         self.committed_ops = 0
@@ -260,6 +264,7 @@ class SqliteStore:
                     outcome[id(op)] = (True, op.fn(conn))
                 except ProtocolError as exc:
                     outcome[id(op)] = (False, exc)
+            self._finish_receipts(conn)
             conn.execute("COMMIT")
             self.commits += 1
             self.committed_ops += len(batch)
@@ -267,6 +272,7 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._convs.clear()
+            self._batch_receipts.clear()
             for op in batch:
                 if op.stream is not None:
                     op.stream.broken = True
@@ -460,21 +466,26 @@ class SqliteStore:
             }
             senders.discard(user)
             senders.discard(SYSTEM_SENDER)
-            receipts = [self._receipt(c, state, target, {user: (new_d, new_r)}) for target in sorted(senders)]
-            return MarkResult(conv, user, new_d, new_r, receipts)
+            result = MarkResult(conv, user, new_d, new_r, [])
+            for target in senders:
+                marks, _ = self._batch_receipts.get((conv, target), ({}, result))
+                marks[user] = (new_d, new_r)
+                # The latest ack of the batch carries the receipt.
+                self._batch_receipts[(conv, target)] = (marks, result)
+            return result
 
         return self._submit(op, key=("mark", user, conv), args=args)
 
-    def _receipt(
-        self,
-        c: sqlite3.Connection,
-        state: _Conv,
-        target: str,
-        marks: dict[str, tuple[int, int]],
-    ) -> ReceiptState:
-        rv = self._bump_receipt(c, target, state.id)
-        all_d, all_r = _aggregate(state, target)
-        return ReceiptState(target, state.id, rv, marks, all_d, all_r)
+    def _finish_receipts(self, c: sqlite3.Connection) -> None:
+        """Turn the batch's mark changes into one pending receipt per (conv, sender)."""
+        for (conv, target), (marks, carrier) in self._batch_receipts.items():
+            state = self._conv(c, conv)
+            if state is None:
+                continue
+            rv = self._bump_receipt(c, target, conv)
+            all_d, all_r = _aggregate(state, target)
+            carrier.receipts.append(ReceiptState(target, conv, rv, marks, all_d, all_r))
+        self._batch_receipts.clear()
 
     def ack_receipts(self, user: str, conv: str, rv: int) -> asyncio.Future[None]:
         args: list[int | None] = [rv]
