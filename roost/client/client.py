@@ -290,7 +290,7 @@ class Client:
         async with self._http.ws_connect(
             ws_url(url),
             heartbeat=self.heartbeat,
-            max_msg_size=2 * f.MAX_FRAME_BYTES,
+            max_msg_size=4 * 1024 * 1024,
             autoclose=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:

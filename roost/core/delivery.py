@@ -31,7 +31,7 @@ class ConvCursor:
     sent: int  # highest seq pushed to (or known to be held by) the device
     acked: int  # the device's cumulative delivered ack
     known_last: int = 0  # highest seq offered to this session so far
-    pushed: deque[int] = field(default_factory=deque)  # pushed, not yet acked
+    pushed: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) not yet acked
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,11 +44,13 @@ class DrainRequest:
 class DeliveryCursor:
     """Decides, for one connected device, between push and drain."""
 
-    def __init__(self, window: int) -> None:
-        if window < 1:
+    def __init__(self, window: int, window_bytes: int = 4 * 1024 * 1024) -> None:
+        if window < 1 or window_bytes < 1:
             raise ValueError("window must be >= 1")
         self.window = window
+        self.window_bytes = window_bytes
         self.inflight = 0
+        self.inflight_bytes = 0
         self.convs: dict[str, ConvCursor] = {}
         # Conversations whose inbox must be read from the store, oldest first.
         self._to_drain: dict[str, None] = {}
@@ -63,7 +65,19 @@ class DeliveryCursor:
             self.convs[conv] = ConvCursor(sent=delivered, acked=delivered)
         self._to_drain[conv] = None
 
-    def offer(self, conv: str, seq: int, own: bool = False) -> bool:
+    def _has_room(self, size: int) -> bool:
+        # One message always fits, however large, so the device can progress.
+        if self.inflight == 0:
+            return True
+        return self.inflight < self.window and self.inflight_bytes + size <= self.window_bytes
+
+    def _push(self, cur: ConvCursor, seq: int, size: int) -> None:
+        cur.sent = seq
+        cur.pushed.append((seq, size))
+        self.inflight += 1
+        self.inflight_bytes += size
+
+    def offer(self, conv: str, seq: int, own: bool = False, size: int = 0) -> bool:
         """A message ``seq`` of ``conv`` was committed. True: push it now.
 
         ``own`` messages were sent by this very user: they are never pushed
@@ -85,12 +99,10 @@ class DeliveryCursor:
         if own:
             cur.sent = seq
             return False
-        if self.inflight >= self.window:
+        if not self._has_room(size):
             self._to_drain[conv] = None
             return False
-        cur.sent = seq
-        cur.pushed.append(seq)
-        self.inflight += 1
+        self._push(cur, seq, size)
         return True
 
     def ack(self, conv: str, seq: int) -> None:
@@ -104,16 +116,17 @@ class DeliveryCursor:
             # The device holds more than we pushed (its own messages, history).
             cur.sent = seq
         pushed = cur.pushed
-        while pushed and pushed[0] <= seq:
-            pushed.popleft()
+        while pushed and pushed[0][0] <= seq:
+            _, size = pushed.popleft()
             self.inflight -= 1
+            self.inflight_bytes -= size
 
     # -- drains ------------------------------------------------------------
 
     def next_drain(self) -> DrainRequest | None:
         """The next inbox read to run, or None (nothing to read / no window room)."""
         room = self.window - self.inflight
-        if room <= 0:
+        if room <= 0 or (self.inflight and self.inflight_bytes >= self.window_bytes):
             return None
         for conv in self._to_drain:
             del self._to_drain[conv]
@@ -129,24 +142,33 @@ class DeliveryCursor:
         seqs: list[int],
         scanned_to: int,
         last_seq: int,
+        sizes: list[int] | None = None,
     ) -> list[int]:
         """A drain read finished; returns the seqs to push, in order.
 
         ``start`` is the cursor it read from, ``seqs`` the other senders'
-        messages it found (ascending), ``scanned_to`` the highest seq it looked
-        at (own messages included) and ``last_seq`` the conversation's end as
-        the read saw it.
+        messages it found (ascending) and ``sizes`` their frame sizes,
+        ``scanned_to`` the highest seq it looked at (own messages included)
+        and ``last_seq`` the conversation's end as the read saw it. What does
+        not fit the window is left for the next drain.
         """
         self._draining.discard(conv)
         cur = self.convs.get(conv)
         if cur is None:
             cur = self.convs[conv] = ConvCursor(sent=start, acked=start)
-        to_push = [seq for seq in seqs if seq > cur.sent]
-        for seq in to_push:
-            cur.pushed.append(seq)
-        self.inflight += len(to_push)
-        if scanned_to > cur.sent:
-            cur.sent = scanned_to
+        to_push: list[int] = []
+        reached = scanned_to
+        for i, seq in enumerate(seqs):
+            if seq <= cur.sent:
+                continue
+            size = 0 if sizes is None else sizes[i]
+            if not self._has_room(size):
+                reached = seq - 1  # everything before it was pushed or is own
+                break
+            self._push(cur, seq, size)
+            to_push.append(seq)
+        if reached > cur.sent:
+            cur.sent = reached
         if last_seq > cur.known_last:
             cur.known_last = last_seq
         if cur.sent < cur.known_last:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 import secrets
 
-_USER = re.compile(r"^[a-z0-9_.\-]{1,32}$")
-_GROUP = re.compile(r"^g:[0-9a-f]{16}$")
+_USER = re.compile(r"[a-z0-9_.\-]{1,32}")
+_GROUP = re.compile(r"g:[0-9a-f]{16}")
 
 
 def is_valid_user_name(name: str) -> bool:
-    return bool(_USER.match(name))
+    return bool(_USER.fullmatch(name))
 
 
 def direct_conv_id(a: str, b: str) -> str:
@@ -35,7 +35,7 @@ def direct_members(conv: str) -> tuple[str, str] | None:
 
 
 def is_group_id(conv: str) -> bool:
-    return bool(_GROUP.match(conv))
+    return bool(_GROUP.fullmatch(conv))
 
 
 def new_group_id() -> str:

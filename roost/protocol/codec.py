@@ -23,7 +23,7 @@ def _ref_of(data: bytes | str) -> str:
     """Best effort: the ``id``/``ref`` of a frame that failed validation."""
     try:
         raw = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return ""
     if isinstance(raw, dict):
         for key in ("ref", "id"):
@@ -35,7 +35,10 @@ def _ref_of(data: bytes | str) -> str:
 
 def decode_client(data: bytes | str) -> ClientFrame:
     """Decode one client frame or raise ``ProtocolError`` with a precise code."""
-    if len(data) > MAX_FRAME_BYTES:
+    # A str counts characters: up to 4 bytes each in UTF-8.
+    if len(data) > MAX_FRAME_BYTES or (
+        isinstance(data, str) and len(data) * 4 > MAX_FRAME_BYTES and len(data.encode()) > MAX_FRAME_BYTES
+    ):
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is over {MAX_FRAME_BYTES} bytes")
     try:
         return _client_decoder.decode(data)
@@ -43,6 +46,8 @@ def decode_client(data: bytes | str) -> ClientFrame:
         raise _classify(data, exc) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "JSON nested too deeply") from None
 
 
 def _classify(data: bytes | str, exc: msgspec.ValidationError) -> ProtocolError:
@@ -50,7 +55,7 @@ def _classify(data: bytes | str, exc: msgspec.ValidationError) -> ProtocolError:
     text = str(exc)
     try:
         kind = _type_decoder.decode(data).type
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return ProtocolError(ErrorCode.BAD_FRAME, f"not a frame object: {text}", ref)
     if not kind:
         return ProtocolError(ErrorCode.BAD_FRAME, "missing field 'type'", ref)

@@ -24,7 +24,7 @@ MAX_HISTORY_PAGE = 200
 MAX_PRESENCE_USERS = 256
 MAX_GROUP_NAME = 128
 
-UserName = Annotated[str, Meta(pattern=r"^[a-z0-9_.\-]{1,32}$")]
+UserName = Annotated[str, Meta(pattern=r"^[a-z0-9_.\-]{1,32}\Z")]
 ConvId = Annotated[str, Meta(min_length=3, max_length=80)]
 ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
 RequestRef = Annotated[str, Meta(max_length=64)]

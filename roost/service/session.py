@@ -76,7 +76,7 @@ class Session:
         if not self.active:
             return
         own = message.sender == self.user
-        if self.cursor.offer(message.conv, message.seq, own):
+        if self.cursor.offer(message.conv, message.seq, own, len(frame)):
             self.sink.push(frame)
             self.delivered_frames += 1
         else:
@@ -137,10 +137,17 @@ class Session:
                 log.exception("inbox read refused for %s in %s", self.user, request.conv)
                 self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
                 continue
-            by_seq = {m.seq: m for m in page.messages}
-            to_push = self.cursor.drained(page.conv, page.start, list(by_seq), page.scanned_to, page.last_seq)
+            frames = {m.seq: deliver_frame(m) for m in page.messages}
+            to_push = self.cursor.drained(
+                page.conv,
+                page.start,
+                list(frames),
+                page.scanned_to,
+                page.last_seq,
+                [len(frame) for frame in frames.values()],
+            )
             if not self.active:
                 return
             for seq in to_push:
-                self.sink.push(deliver_frame(by_seq[seq]))
+                self.sink.push(frames[seq])
             self.delivered_frames += len(to_push)

@@ -136,6 +136,8 @@ class _Op:
     key: tuple[str, ...] | None = None
     args: list[int | None] | None = None
     merged_into: _Op | None = None
+    merged: list[_Op] | None = None  # the ops folded into this one, oldest first
+    original: list[int | None] | None = None  # this op's own args, before folding
 
 
 def _merge_cumulative(batch: list[_Op]) -> None:
@@ -151,6 +153,9 @@ def _merge_cumulative(batch: list[_Op]) -> None:
             continue
         prev = latest.get(op.key)
         if prev is not None and prev.args is not None:
+            op.original = list(op.args)
+            op.merged = [*(prev.merged or []), prev]
+            prev.merged = None
             op.args[:] = [  # in place: the op's closure reads this very list
                 b if a is None else a if b is None else max(a, b)
                 for a, b in zip(prev.args, op.args, strict=True)
@@ -263,7 +268,10 @@ class SqliteStore:
                 try:
                     outcome[id(op)] = (True, op.fn(conn))
                 except ProtocolError as exc:
-                    outcome[id(op)] = (False, exc)
+                    if op.merged:
+                        self._run_unmerged(conn, op, outcome)
+                    else:
+                        outcome[id(op)] = (False, exc)
             self._finish_receipts(conn)
             conn.execute("COMMIT")
             self.commits += 1
@@ -287,6 +295,23 @@ class SqliteStore:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(_resolve, batch, results)
+
+    def _run_unmerged(
+        self, conn: sqlite3.Connection, leader: _Op, outcome: dict[int, tuple[bool, Any]]
+    ) -> None:
+        """A folded ack was refused (e.g. one seq past the end): apply each one
+        on its own instead, so a bad ack cannot cancel a good one."""
+        chain = [*(leader.merged or []), leader]
+        leader.merged = None
+        for op in chain:
+            op.merged_into = None
+        if leader.original is not None and leader.args is not None:
+            leader.args[:] = leader.original
+        for op in chain:
+            try:
+                outcome[id(op)] = (True, op.fn(conn))
+            except ProtocolError as exc:
+                outcome[id(op)] = (False, exc)
 
     # -- writer-side helpers (run on the writer thread only) ---------------
 
@@ -744,6 +769,7 @@ class SqliteStore:
                     " ORDER BY seq LIMIT ?",
                     (conv, max(after, low), high, limit),
                 ).fetchall()
+                rows = _within_budget(rows)
             else:
                 top = high if before is None else min(before - 1, high)
                 rows = c.execute(
@@ -751,6 +777,7 @@ class SqliteStore:
                     " ORDER BY seq DESC LIMIT ?",
                     (conv, low, top, limit),
                 ).fetchall()
+                rows = _within_budget(rows)
                 rows.reverse()
             return [_row_message(r) for r in rows], low + 1, high
 
@@ -796,6 +823,20 @@ class SqliteStore:
             return out
 
         return await self._read(fn)
+
+
+HISTORY_PAGE_BYTES = 1024 * 1024
+
+
+def _within_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Cut a page after ~1 MiB of bodies (at least one message), so a page of
+    large messages stays a reasonable frame; the client asks for the rest."""
+    total = 0
+    for i, row in enumerate(rows):
+        total += len(row[5])
+        if total > HISTORY_PAGE_BYTES and i > 0:
+            return rows[:i]
+    return rows
 
 
 def _aggregate(state: _Conv, target: str) -> tuple[int, int]:
