@@ -51,6 +51,9 @@ class DeliveryCursor:
         self.window_bytes = window_bytes
         self.inflight = 0
         self.inflight_bytes = 0
+        # A drain stopped because the next message did not fit the byte
+        # window: no point reading again before an ack frees room.
+        self._waiting_for_room = False
         self.convs: dict[str, ConvCursor] = {}
         # Conversations whose inbox must be read from the store, oldest first.
         self._to_drain: dict[str, None] = {}
@@ -120,13 +123,18 @@ class DeliveryCursor:
             _, size = pushed.popleft()
             self.inflight -= 1
             self.inflight_bytes -= size
+            self._waiting_for_room = False
 
     # -- drains ------------------------------------------------------------
 
     def next_drain(self) -> DrainRequest | None:
         """The next inbox read to run, or None (nothing to read / no window room)."""
         room = self.window - self.inflight
-        if room <= 0 or (self.inflight and self.inflight_bytes >= self.window_bytes):
+        if (
+            room <= 0
+            or self._waiting_for_room
+            or (self.inflight and self.inflight_bytes >= self.window_bytes)
+        ):
             return None
         for conv in self._to_drain:
             del self._to_drain[conv]
@@ -164,6 +172,7 @@ class DeliveryCursor:
             size = 0 if sizes is None else sizes[i]
             if not self._has_room(size):
                 reached = seq - 1  # everything before it was pushed or is own
+                self._waiting_for_room = True
                 break
             self._push(cur, seq, size)
             to_push.append(seq)

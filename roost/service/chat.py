@@ -243,6 +243,9 @@ class ChatService:
         session.acked(conv, result.delivered)
         for receipt in result.receipts:
             self.registry.push_receipt(receipt)
+        # Acks folded into one store operation share this result: push its
+        # receipts once, not once per folded ack.
+        result.receipts.clear()
 
     def _on_rack(self, session: Session, frame: f.ReceiptAck) -> None:
         fut = self.store.ack_receipts(session.user, frame.conv, frame.rv)

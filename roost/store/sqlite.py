@@ -183,6 +183,7 @@ class SqliteStore:
         # group's 1000 acks in one commit cost one receipt per sender, not 1000.
         self._batch_receipts: dict[tuple[str, str], tuple[dict[str, tuple[int, int]], MarkResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
         self.commits = 0  # statistics: transactions committed
         self.committed_ops = 0
 
@@ -204,7 +205,8 @@ class SqliteStore:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
-        """Finish every queued write, then close."""
+        """Finish every queued write, then close. Later writes are refused."""
+        self._closing = True
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
@@ -228,7 +230,7 @@ class SqliteStore:
         if self._loop is None:
             raise StoreUnavailable("store is not open")
         future = self._loop.create_future()
-        if self._writer is None:
+        if self._writer is None or self._closing:
             future.set_exception(StoreUnavailable("store is closed"))
         else:
             self._queue.put(_Op(fn, future, stream, key, args))
