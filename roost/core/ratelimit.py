@@ -22,3 +22,16 @@ class TokenBucket:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.rate
+
+    def charge(self, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens even into debt; returns seconds until out of debt.
+
+        For work that was already accepted: the caller pauses for the returned
+        time before taking more, so bursts are smoothed and nothing is refused.
+        """
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.updated = now
+        self.tokens -= cost
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate

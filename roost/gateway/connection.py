@@ -11,7 +11,6 @@ acked are still in the user's inbox and are delivered on reconnect.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 
@@ -21,6 +20,8 @@ from roost.protocol.errors import CloseCode
 
 log = logging.getLogger("roost.gateway")
 
+CLOSE_TIMEOUT = 2.0  # seconds a peer gets to take our close frame before we abort
+
 
 class Connection:
     __slots__ = (
@@ -29,14 +30,18 @@ class Connection:
         "_closed",
         "_queue",
         "_queued_bytes",
+        "_transport",
         "_wakeup",
         "_writer",
         "max_queued_bytes",
         "ws",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, max_queued_bytes: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, max_queued_bytes: int, transport: asyncio.BaseTransport | None = None
+    ) -> None:
         self.ws = ws
+        self._transport = transport
         self.max_queued_bytes = max_queued_bytes
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
@@ -60,6 +65,9 @@ class Connection:
             self._queue.clear()
             self._queued_bytes = 0
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect to resume")
+            # The writer may be stuck waiting for the peer to read: stop it, so
+            # the close (or an abort) happens now, not when the peer wakes up.
+            self._writer.cancel()
             return
         self._wakeup.set()
 
@@ -90,8 +98,18 @@ class Connection:
         finally:
             self._queue.clear()
             if self._close_code is not None and not ws.closed:
-                with contextlib.suppress(Exception):
-                    await ws.close(code=self._close_code, message=self._close_reason.encode())
+                await self._close_or_abort()
+
+    async def _close_or_abort(self) -> None:
+        assert self._close_code is not None
+        try:
+            await asyncio.wait_for(
+                self.ws.close(code=self._close_code, message=self._close_reason.encode()), CLOSE_TIMEOUT
+            )
+        except (Exception, asyncio.CancelledError):
+            # The peer does not even take a close frame: drop the TCP connection.
+            if self._transport is not None:
+                self._transport.abort()
 
     async def finish(self, timeout: float = 2.0) -> None:
         """Flush and stop the writer (the socket is gone or closing)."""

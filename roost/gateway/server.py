@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-import time
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -37,6 +39,11 @@ WS_HARD_LIMIT = 1024 * 1024
 @dataclass(slots=True)
 class GatewayConfig:
     data_dir: Path = Path("roost-data")
+    # Cluster mode: a PostgreSQL DSN for the store and a Redis URL for the
+    # registry. Unset: embedded SQLite under data_dir and an in-process registry.
+    store_url: str | None = None
+    registry_url: str | None = None
+    gateway_id: str = ""
     host: str = "127.0.0.1"
     port: int = 8765
     heartbeat: float = 30.0  # ping interval; a peer silent for ~1.5x this is dropped
@@ -46,11 +53,33 @@ class GatewayConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
+def make_store(config: GatewayConfig) -> Any:
+    url = config.store_url
+    if url is None:
+        return SqliteStore(database_path(config.data_dir))
+    if url.startswith(("postgresql://", "postgres://")):
+        from roost.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported --store URL {url!r}: use postgresql://...")
+
+
+def make_registry(config: GatewayConfig) -> Any:
+    url = config.registry_url
+    if url is None:
+        return MemoryRegistry()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from roost.registry.redis import RedisRegistry
+
+        return RedisRegistry(url, config.gateway_id or f"{socket.gethostname()}:{config.port}:{os.getpid()}")
+    raise ValueError(f"unsupported --registry URL {url!r}: use redis://...")
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.store = SqliteStore(database_path(config.data_dir))
-        self.registry = MemoryRegistry()
+        self.store = make_store(config)
+        self.registry = make_registry(config)
         self.service = ChatService(self.store, self.registry, config.service)
         self.connections: set[Connection] = set()
         self.ready = False
@@ -63,6 +92,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.store.open()
+        await self.registry.start()
         self.service.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -95,6 +125,7 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.service.stop()
+        await self.registry.stop()
         await self.store.close()
         log.info("stopped")
 
@@ -112,7 +143,7 @@ class Gateway:
             compress=False,
         )
         await ws.prepare(request)
-        conn = Connection(ws, self.config.max_queued_bytes)
+        conn = Connection(ws, self.config.max_queued_bytes, request.transport)
         self.connections.add(conn)
         try:
             user = await self._authenticate(ws, conn)
@@ -171,12 +202,11 @@ class Gateway:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     if conn.closed:
                         break
-                    if session.limiter is not None:
+                    pause = self.service.handle(session, msg.data)
+                    if pause:
                         # Over the rate: stop reading for a while. TCP pushes
                         # back on the client; nothing is dropped or reordered.
-                        while wait := session.limiter.take(time.monotonic()):
-                            await asyncio.sleep(wait)
-                    self.service.handle(session, msg.data)
+                        await asyncio.sleep(pause)
                 elif msg.type == WSMsgType.ERROR:
                     exc = ws.exception()
                     log.info("socket error", extra={"user": user, "error": str(exc)})

@@ -30,6 +30,12 @@ class MemoryRegistry:
         self._watchers: dict[str, set[SessionHandle]] = {}  # watched user -> sessions
         self._watching: dict[int, set[str]] = {}  # id(session) -> watched users
 
+    async def start(self) -> None:
+        """Nothing to connect to in one process."""
+
+    async def stop(self) -> None:
+        """Nothing to release in one process."""
+
     def attach(self, session: SessionHandle) -> SessionHandle | None:
         previous = self._sessions.get(session.user)
         self._sessions[session.user] = session

@@ -61,6 +61,7 @@ def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
 
 
 UNAVAILABLE = ErrorCode.UNAVAILABLE
+UNCHARGED = (f.DeliveryAck, f.ReadMarker, f.ReceiptAck, f.Ping)
 
 
 class ChatService:
@@ -144,8 +145,13 @@ class ChatService:
 
     # -- frames ------------------------------------------------------------
 
-    def handle(self, session: Session, data: bytes | str) -> None:
-        """Handle one client frame. Never raises: refusals become error frames."""
+    def handle(self, session: Session, data: bytes | str) -> float:
+        """Handle one client frame. Never raises: refusals become error frames.
+
+        Returns how long the gateway should pause reading this connection
+        (its rate limit); acks and pings are not charged, they only ever
+        shrink the server's work.
+        """
         ref = ""
         try:
             frame = decode_client(data)
@@ -154,6 +160,9 @@ class ChatService:
             if handler is None:
                 raise ProtocolError(ErrorCode.INVALID, "already authenticated")
             handler(session, frame)
+            if session.limiter is None or type(frame) in UNCHARGED:
+                return 0.0
+            return session.limiter.charge(time.monotonic())
         except ProtocolError as exc:
             session.push_frame(error_frame(exc, ref))
         except StoreUnavailable as exc:
@@ -161,6 +170,9 @@ class ChatService:
         except Exception:
             log.exception("frame from %s failed", session.user)
             session.push_frame(error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error"), ref))
+        if session.limiter is not None:
+            return session.limiter.charge(time.monotonic())  # refusals cost too
+        return 0.0
 
     def _settle(self, session: Session, ref: str, fut: asyncio.Future[Any]) -> Any | None:
         """The result of a store future, or None after pushing its error frame."""

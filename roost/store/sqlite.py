@@ -731,7 +731,11 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             exists = c.execute("SELECT 1 FROM conversations WHERE id=?", (conv,)).fetchone()
-            if exists is None and direct_members(conv) is None:
+            pair = direct_members(conv)
+            if exists is None and pair is not None and user in pair:
+                # A 1:1 chat nobody wrote in yet: empty, not forbidden.
+                return Member(user, MEMBER, 0, None, 0, 0), 0
+            if exists is None and pair is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
             raise ProtocolError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
         role, joined, left, delivered, read, last = row
