@@ -19,6 +19,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default="roost-data", help="where the database lives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--store", default=None, help="cluster mode: postgresql://... (default: SQLite in --data-dir)")
+    p.add_argument("--registry", default=None, help="cluster mode: redis://... (default: in-process)")
+    p.add_argument("--gateway-id", default="", help="cluster mode: this gateway's unique name")
     p.add_argument("--heartbeat", type=float, default=30.0, help="WebSocket ping interval (s)")
     p.add_argument("--auth-timeout", type=float, default=10.0)
     p.add_argument("--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)")
@@ -37,6 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     config = GatewayConfig(
         data_dir=Path(args.data_dir),
+        store_url=args.store,
+        registry_url=args.registry,
+        gateway_id=args.gateway_id,
         host=args.host,
         port=args.port,
         heartbeat=args.heartbeat,
