@@ -19,7 +19,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default="roost-data", help="where the database lives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--store", default=None, help="cluster mode: postgresql://... (default: SQLite in --data-dir)")
+    p.add_argument(
+        "--store", default=None, help="cluster mode: postgresql://... (default: SQLite in --data-dir)"
+    )
     p.add_argument("--registry", default=None, help="cluster mode: redis://... (default: in-process)")
     p.add_argument("--gateway-id", default="", help="cluster mode: this gateway's unique name")
     p.add_argument("--heartbeat", type=float, default=30.0, help="WebSocket ping interval (s)")
