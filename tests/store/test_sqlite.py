@@ -1,23 +1,27 @@
-"""SqliteStore against a real database file: seqs, idempotency, marks, receipts,
-inbox, groups, history, group commit, failures and durability."""
+"""The store contract, against a real database: seqs, idempotency, marks,
+receipts, inbox, groups, history, group commit, failures and durability.
+
+Written against any store: ``store``/``harness``/``gate`` come from
+conftest.py for the module's ``backend`` ("sqlite" here). ``test_postgres.py``
+collects these very tests again with backend "postgres"."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store.base import InboxEntry, MarkResult, SendStream, StoredMessage, StoreUnavailable
-from roost.store.sqlite import SqliteStore
 
-from .conftest import NOW, token_hash
+from .conftest import NOW, Harness, token_hash
+
+if TYPE_CHECKING:
+    from .conftest import AnyStore
 
 AB = "d:alice:bob"
 AC = "d:alice:carol"
@@ -34,7 +38,7 @@ async def code_of(awaitable: Awaitable[Any]) -> ErrorCode:
 
 
 def send(
-    store: SqliteStore,
+    store: AnyStore,
     sender: str,
     cid: str,
     to: str | None = None,
@@ -47,20 +51,17 @@ def send(
     )
 
 
-async def seqs_of(store: SqliteStore, user: str, conv: str) -> list[int]:
+async def seqs_of(store: AnyStore, user: str, conv: str) -> list[int]:
     messages, _, _ = await store.history(user, conv, None, 0, 200)
     return [m.seq for m in messages]
 
 
-def count_rows(db_path: Path, sql: str, *args: Any) -> int:
-    conn = sqlite3.connect(db_path)
-    try:
-        return int(conn.execute(sql, args).fetchone()[0])
-    finally:
-        conn.close()
+async def count_rows(harness: Harness, sql: str, *args: Any) -> int:
+    """A number straight from the database (``?`` placeholders)."""
+    return int(await harness.scalar(sql, *args))
 
 
-async def make_group(store: SqliteStore, members: list[str], group: str = G, limit: int = 50) -> None:
+async def make_group(store: AnyStore, members: list[str], group: str = G, limit: int = 50) -> None:
     snap = await store.create_group("alice", group, "Friends", members, limit, NOW)
     assert snap.group == group
 
@@ -68,7 +69,7 @@ async def make_group(store: SqliteStore, members: list[str], group: str = G, lim
 # -- accounts ------------------------------------------------------------------
 
 
-async def test_users_tokens_and_last_seen(store: SqliteStore) -> None:
+async def test_users_tokens_and_last_seen(store: AnyStore) -> None:
     assert await store.user_by_token(token_hash("bob")) == "bob"
     assert await store.user_by_token(b"nope") is None
     assert await code_of(store.add_user("bob", b"other", NOW)) is ErrorCode.INVALID
@@ -76,8 +77,8 @@ async def test_users_tokens_and_last_seen(store: SqliteStore) -> None:
     assert await store.last_seen(["bob", "carol", "ghost"]) == {"bob": 1234, "carol": None}
 
 
-async def test_a_store_that_is_not_open_refuses_writes(db_path: Path) -> None:
-    s = SqliteStore(db_path)
+async def test_a_store_that_is_not_open_refuses_writes(harness: Harness) -> None:
+    s = harness.make()
     with pytest.raises(StoreUnavailable):
         s.add_user("x", b"x", NOW)
 
@@ -85,7 +86,7 @@ async def test_a_store_that_is_not_open_refuses_writes(db_path: Path) -> None:
 # -- append ------------------------------------------------------------------------
 
 
-async def test_append_assigns_contiguous_seqs_per_conversation(store: SqliteStore) -> None:
+async def test_append_assigns_contiguous_seqs_per_conversation(store: AnyStore) -> None:
     first = await send(store, "alice", "a1", to="bob")
     assert first.conv == AB
     assert (first.seq, first.sender, first.client_id, first.body, first.ts) == (1, "alice", "a1", b"a1", NOW)
@@ -104,13 +105,13 @@ async def test_append_assigns_contiguous_seqs_per_conversation(store: SqliteStor
     assert await seqs_of(store, "carol", AC) == [1]
 
 
-async def test_idempotent_append(store: SqliteStore, db_path: Path) -> None:
+async def test_idempotent_append(store: AnyStore, harness: Harness) -> None:
     original = await send(store, "alice", "same", to="bob", body=b"first")
     await send(store, "bob", "x", to="alice")
     retry = await send(store, "alice", "same", to="bob", body=b"changed on retry")
     assert retry.duplicate
     assert (retry.seq, retry.conv, retry.body, retry.sender) == (original.seq, AB, b"first", "alice")
-    assert count_rows(db_path, "SELECT COUNT(*) FROM messages WHERE conv=?", AB) == 2
+    assert await count_rows(harness, "SELECT COUNT(*) FROM messages WHERE conv=?", AB) == 2
     # the same client id from another sender, or in another conversation, is a new message
     theirs = await send(store, "bob", "same", to="alice")
     assert (theirs.seq, theirs.duplicate) == (3, False)
@@ -120,33 +121,33 @@ async def test_idempotent_append(store: SqliteStore, db_path: Path) -> None:
     assert (await send(store, "alice", "next", to="bob")).seq == 4
 
 
-async def test_idempotent_append_within_one_batch(store: SqliteStore, gate: Gate, db_path: Path) -> None:
+async def test_idempotent_append_within_one_batch(store: AnyStore, gate: Gate, harness: Harness) -> None:
     async with gate():
         one = send(store, "alice", "dup", to="bob")
         two = send(store, "alice", "dup", to="bob")
     a, b = await one, await two
     assert (a.seq, a.duplicate) == (1, False)
     assert (b.seq, b.duplicate) == (1, True)
-    assert count_rows(db_path, "SELECT COUNT(*) FROM messages") == 1
+    assert await count_rows(harness, "SELECT COUNT(*) FROM messages") == 1
 
 
-async def test_append_to_unknown_user(store: SqliteStore, db_path: Path) -> None:
+async def test_append_to_unknown_user(store: AnyStore, harness: Harness) -> None:
     assert await code_of(send(store, "alice", "m", to="nobody")) is ErrorCode.UNKNOWN_USER
-    assert count_rows(db_path, "SELECT COUNT(*) FROM conversations") == 0
-    assert count_rows(db_path, "SELECT COUNT(*) FROM messages") == 0
+    assert await count_rows(harness, "SELECT COUNT(*) FROM conversations") == 0
+    assert await count_rows(harness, "SELECT COUNT(*) FROM messages") == 0
 
 
-async def test_append_to_self_is_invalid(store: SqliteStore, db_path: Path) -> None:
+async def test_append_to_self_is_invalid(store: AnyStore, harness: Harness) -> None:
     assert await code_of(send(store, "alice", "m", to="alice")) is ErrorCode.INVALID
-    assert count_rows(db_path, "SELECT COUNT(*) FROM conversations") == 0
+    assert await count_rows(harness, "SELECT COUNT(*) FROM conversations") == 0
 
 
-async def test_append_to_unknown_conversation(store: SqliteStore) -> None:
+async def test_append_to_unknown_conversation(store: AnyStore) -> None:
     assert await code_of(send(store, "alice", "m", conv=G)) is ErrorCode.UNKNOWN_CONVERSATION
     assert await code_of(send(store, "alice", "m", conv=AB)) is ErrorCode.UNKNOWN_CONVERSATION
 
 
-async def test_non_member_cannot_send(store: SqliteStore) -> None:
+async def test_non_member_cannot_send(store: AnyStore) -> None:
     await make_group(store, ["bob"])
     assert await code_of(send(store, "carol", "m", conv=G)) is ErrorCode.NOT_MEMBER
     await send(store, "alice", "m", to="bob")
@@ -154,7 +155,7 @@ async def test_non_member_cannot_send(store: SqliteStore) -> None:
     assert await seqs_of(store, "alice", G) == [1]
 
 
-async def test_a_refused_op_does_not_disturb_its_batch(store: SqliteStore, gate: Gate) -> None:
+async def test_a_refused_op_does_not_disturb_its_batch(store: AnyStore, gate: Gate) -> None:
     stream = SendStream()
     async with gate():
         ok1 = send(store, "alice", "1", to="bob", stream=stream)
@@ -166,7 +167,7 @@ async def test_a_refused_op_does_not_disturb_its_batch(store: SqliteStore, gate:
     assert not stream.broken  # a refusal is not a storage failure
 
 
-async def test_concurrent_appends_get_unique_contiguous_seqs_and_share_commits(store: SqliteStore) -> None:
+async def test_concurrent_appends_get_unique_contiguous_seqs_and_share_commits(store: AnyStore) -> None:
     senders = [("alice", "bob"), ("bob", "alice"), ("carol", "alice"), ("dave", "erin")]
     n = 400
     commits_before, ops_before = store.commits, store.committed_ops
@@ -190,24 +191,27 @@ async def test_concurrent_appends_get_unique_contiguous_seqs_and_share_commits(s
         assert await seqs_of(store, member, conv) == sorted(seqs)
 
 
-async def test_appends_commit_in_call_order(store: SqliteStore) -> None:
+async def test_appends_commit_in_call_order(store: AnyStore) -> None:
     futures = [send(store, "alice", f"o{i}", to="bob") for i in range(150)]
     results = await asyncio.gather(*futures)
     assert [r.seq for r in results] == list(range(1, 151))
     assert [r.client_id for r in results] == [f"o{i}" for i in range(150)]
 
 
-async def test_writes_queued_during_a_commit_share_the_next_one(store: SqliteStore, gate: Gate) -> None:
+async def test_writes_queued_during_a_commit_share_the_next_one(
+    store: AnyStore, gate: Gate, harness: Harness
+) -> None:
     before = store.commits
     async with gate():
         futures = [send(store, "bob", f"m{i}", to="carol") for i in range(50)]
         futures.append(store.set_last_seen("bob", 5))
     await asyncio.gather(*futures)
-    assert store.commits - before == 2  # the gate's own commit, then all 51 writes at once
+    # the gate's own commit (if it makes one), then all 51 writes at once
+    assert store.commits - before == harness.gate(store).own_commits + 1
 
 
-async def test_small_cache_reloads_conversation_state(db_path: Path, tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "small.sqlite", cache_size=2)
+async def test_small_cache_reloads_conversation_state(harness: Harness) -> None:
+    s = harness.make(cache_size=2)
     await s.open()
     try:
         users = ["alice", "bob", "carol", "dave", "erin"]
@@ -225,7 +229,7 @@ async def test_small_cache_reloads_conversation_state(db_path: Path, tmp_path: P
 # -- marks and receipts ---------------------------------------------------------------
 
 
-async def test_advance_marks_only_forward_and_read_implies_delivered(store: SqliteStore) -> None:
+async def test_advance_marks_only_forward_and_read_implies_delivered(store: AnyStore) -> None:
     for i in range(5):
         await send(store, "alice", f"m{i}", to="bob")
     r = await store.advance_marks("bob", AB, 3, None)
@@ -241,7 +245,7 @@ async def test_advance_marks_only_forward_and_read_implies_delivered(store: Sqli
     assert await store.inbox("bob") == []
 
 
-async def test_advance_marks_refusals(store: SqliteStore) -> None:
+async def test_advance_marks_refusals(store: AnyStore) -> None:
     await send(store, "alice", "m", to="bob")
     assert await code_of(store.advance_marks("bob", AB, 2, None)) is ErrorCode.INVALID
     assert await code_of(store.advance_marks("bob", AB, None, 2)) is ErrorCode.INVALID
@@ -251,7 +255,7 @@ async def test_advance_marks_refusals(store: SqliteStore) -> None:
     assert await store.inbox("bob") == [InboxEntry(AB, 0, 1)]
 
 
-async def test_receipts_go_to_senders_with_min_aggregates(store: SqliteStore) -> None:
+async def test_receipts_go_to_senders_with_min_aggregates(store: AnyStore) -> None:
     await make_group(store, ["bob", "carol"])  # seq 1: the membership event
     assert (await send(store, "alice", "a", conv=G)).seq == 2
     assert (await send(store, "bob", "b", conv=G)).seq == 3
@@ -297,7 +301,7 @@ async def test_receipts_go_to_senders_with_min_aggregates(store: SqliteStore) ->
     assert [q.rv for q in await store.pending_receipts("bob")] == [3]
 
 
-async def test_pending_receipts_leave_out_removed_members(store: SqliteStore) -> None:
+async def test_pending_receipts_leave_out_removed_members(store: AnyStore) -> None:
     await make_group(store, ["bob", "carol"])
     await send(store, "alice", "a", conv=G)
     await store.advance_marks("bob", G, 2, None)
@@ -307,7 +311,7 @@ async def test_pending_receipts_leave_out_removed_members(store: SqliteStore) ->
     assert (p.all_delivered, p.all_read) == (2, 0)
 
 
-async def test_receipts_in_a_direct_conversation(store: SqliteStore) -> None:
+async def test_receipts_in_a_direct_conversation(store: AnyStore) -> None:
     await send(store, "alice", "1", to="bob")
     await send(store, "alice", "2", to="bob")
     r = await store.advance_marks("bob", AB, 2, 1)
@@ -316,7 +320,7 @@ async def test_receipts_in_a_direct_conversation(store: SqliteStore) -> None:
     assert (receipt.all_delivered, receipt.all_read) == (2, 1)
 
 
-async def test_acks_of_one_batch_make_one_receipt_per_sender(store: SqliteStore, gate: Gate) -> None:
+async def test_acks_of_one_batch_make_one_receipt_per_sender(store: AnyStore, gate: Gate) -> None:
     await make_group(store, ["bob", "carol"])
     await send(store, "alice", "a", conv=G)
     async with gate():
@@ -333,7 +337,7 @@ async def test_acks_of_one_batch_make_one_receipt_per_sender(store: SqliteStore,
     assert pending.rv == receipt.rv == 1
 
 
-async def test_cumulative_acks_of_one_batch_collapse(store: SqliteStore, gate: Gate) -> None:
+async def test_cumulative_acks_of_one_batch_collapse(store: AnyStore, gate: Gate) -> None:
     for i in range(4):
         await send(store, "alice", f"m{i}", to="bob")
     async with gate():
@@ -345,7 +349,7 @@ async def test_cumulative_acks_of_one_batch_collapse(store: SqliteStore, gate: G
 
 
 async def test_an_invalid_ack_does_not_swallow_a_valid_one_in_the_same_batch(
-    store: SqliteStore, gate: Gate
+    store: AnyStore, gate: Gate
 ) -> None:
     """Each ack must get the answer it would get alone: a bogus ``dack`` (past the
     end) queued next to a valid one must not make the valid one fail too."""
@@ -363,7 +367,7 @@ async def test_an_invalid_ack_does_not_swallow_a_valid_one_in_the_same_batch(
 # -- inbox -------------------------------------------------------------------------
 
 
-async def test_inbox_lists_conversations_with_undelivered_messages(store: SqliteStore) -> None:
+async def test_inbox_lists_conversations_with_undelivered_messages(store: AnyStore) -> None:
     assert await store.inbox("bob") == []
     for i in range(3):
         await send(store, "alice", f"m{i}", to="bob")
@@ -377,7 +381,7 @@ async def test_inbox_lists_conversations_with_undelivered_messages(store: Sqlite
     assert await store.inbox("erin") == []
 
 
-async def test_read_inbox_skips_own_messages(store: SqliteStore) -> None:
+async def test_read_inbox_skips_own_messages(store: AnyStore) -> None:
     for i, sender in enumerate(["alice", "bob", "alice", "bob", "alice"]):
         await send(store, sender, f"m{i}", to="alice" if sender == "bob" else "bob")
     page = await store.read_inbox("bob", AB, None, 10)
@@ -387,7 +391,7 @@ async def test_read_inbox_skips_own_messages(store: SqliteStore) -> None:
     assert [m.body for m in page.messages] == [b"m0", b"m2", b"m4"]
 
 
-async def test_read_inbox_respects_limit_and_reports_progress(store: SqliteStore) -> None:
+async def test_read_inbox_respects_limit_and_reports_progress(store: AnyStore) -> None:
     for i in range(6):
         await send(store, "alice", f"m{i}", to="bob")
     page = await store.read_inbox("bob", AB, None, 2)
@@ -406,7 +410,7 @@ async def test_read_inbox_respects_limit_and_reports_progress(store: SqliteStore
     assert (page.start, [m.seq for m in page.messages]) == (4, [5, 6])
 
 
-async def test_read_inbox_makes_progress_over_long_runs_of_own_messages(store: SqliteStore) -> None:
+async def test_read_inbox_makes_progress_over_long_runs_of_own_messages(store: AnyStore) -> None:
     for i in range(9):
         await send(store, "bob", f"own{i}", to="alice")
     await send(store, "alice", "hi", to="bob")
@@ -422,7 +426,7 @@ async def test_read_inbox_makes_progress_over_long_runs_of_own_messages(store: S
     assert after == 10
 
 
-async def test_read_inbox_refusals(store: SqliteStore) -> None:
+async def test_read_inbox_refusals(store: AnyStore) -> None:
     await send(store, "alice", "m", to="bob")
     assert await code_of(store.read_inbox("carol", AB, None, 5)) is ErrorCode.NOT_MEMBER
     assert await code_of(store.read_inbox("bob", G, None, 5)) is ErrorCode.UNKNOWN_CONVERSATION
@@ -431,7 +435,7 @@ async def test_read_inbox_refusals(store: SqliteStore) -> None:
 # -- groups ---------------------------------------------------------------------------
 
 
-async def test_create_group(store: SqliteStore) -> None:
+async def test_create_group(store: AnyStore) -> None:
     snap = await store.create_group("alice", G, "Friends", ["carol", "bob", "bob"], 3, NOW)
     assert (snap.group, snap.name, snap.last_seq) == (G, "Friends", 1)
     assert snap.members == ["alice", "bob", "carol"]
@@ -453,7 +457,7 @@ async def test_create_group(store: SqliteStore) -> None:
     assert await store.inbox("carol") == [InboxEntry(G, 0, 1)]
 
 
-async def test_create_group_refusals_create_nothing(store: SqliteStore) -> None:
+async def test_create_group_refusals_create_nothing(store: AnyStore) -> None:
     # the creator counts against the cap
     full = store.create_group("alice", G, "x", ["bob", "carol"], 2, NOW)
     assert await code_of(full) is ErrorCode.GROUP_FULL
@@ -466,7 +470,7 @@ async def test_create_group_refusals_create_nothing(store: SqliteStore) -> None:
     assert snap.members == ["alice", "bob", "carol"]
 
 
-async def test_add_members(store: SqliteStore) -> None:
+async def test_add_members(store: AnyStore) -> None:
     await make_group(store, ["bob"], limit=4)
     assert await code_of(store.add_members("bob", G, ["carol"], 4, NOW)) is ErrorCode.FORBIDDEN
     assert await code_of(store.add_members("carol", G, ["dave"], 4, NOW)) is ErrorCode.NOT_MEMBER
@@ -486,7 +490,7 @@ async def test_add_members(store: SqliteStore) -> None:
     assert again.event is None and again.last_seq == 2
 
 
-async def test_members_added_later_do_not_see_earlier_messages(store: SqliteStore) -> None:
+async def test_members_added_later_do_not_see_earlier_messages(store: AnyStore) -> None:
     await make_group(store, ["bob"])
     await send(store, "alice", "early-1", conv=G)
     await send(store, "bob", "early-2", conv=G)
@@ -508,7 +512,7 @@ async def test_members_added_later_do_not_see_earlier_messages(store: SqliteStor
     assert (r.delivered, r.read) == (3, 3)
 
 
-async def test_removed_members_see_up_to_their_removal_only(store: SqliteStore) -> None:
+async def test_removed_members_see_up_to_their_removal_only(store: AnyStore) -> None:
     await make_group(store, ["bob", "carol"])
     await send(store, "alice", "a", conv=G)  # 2
     await send(store, "bob", "b", conv=G)  # 3
@@ -540,7 +544,7 @@ async def test_removed_members_see_up_to_their_removal_only(store: SqliteStore) 
     assert noop.event is None and noop.last_seq == 5
 
 
-async def test_leave(store: SqliteStore) -> None:
+async def test_leave(store: AnyStore) -> None:
     await make_group(store, ["bob", "carol"])
     snap = await store.remove_members("carol", G, ["carol"], NOW)
     assert snap.removed == ("carol",)
@@ -557,7 +561,7 @@ async def test_leave(store: SqliteStore) -> None:
     assert await code_of(store.remove_members("carol", G, ["carol"], NOW)) is ErrorCode.NOT_MEMBER
 
 
-async def test_admin_is_promoted_when_the_last_admin_leaves(store: SqliteStore) -> None:
+async def test_admin_is_promoted_when_the_last_admin_leaves(store: AnyStore) -> None:
     await make_group(store, ["carol", "bob"])
     await store.add_members("alice", G, ["dave"], 50, NOW)
     snap = await store.remove_members("alice", G, ["alice"], NOW)
@@ -573,7 +577,7 @@ async def test_admin_is_promoted_when_the_last_admin_leaves(store: SqliteStore) 
     assert snap.admins == ["carol"]
 
 
-async def test_removed_member_can_be_added_again_and_sees_only_the_new_part(store: SqliteStore) -> None:
+async def test_removed_member_can_be_added_again_and_sees_only_the_new_part(store: AnyStore) -> None:
     await make_group(store, ["bob"])
     await store.remove_members("alice", G, ["bob"], NOW)  # 2
     await send(store, "alice", "while away", conv=G)  # 3
@@ -587,7 +591,7 @@ async def test_removed_member_can_be_added_again_and_sees_only_the_new_part(stor
 # -- history ------------------------------------------------------------------------
 
 
-async def test_history_paging(store: SqliteStore) -> None:
+async def test_history_paging(store: AnyStore) -> None:
     for i in range(10):
         await send(store, "alice" if i % 2 else "bob", f"m{i}", to="bob" if i % 2 else "alice")
     page, first, last = await store.history("alice", AB, None, None, 3)
@@ -617,7 +621,7 @@ async def test_history_paging(store: SqliteStore) -> None:
     assert await code_of(store.history("carol", AB, None, None, 5)) is ErrorCode.NOT_MEMBER
 
 
-async def test_history_pages_of_large_messages_stay_bounded(store: SqliteStore) -> None:
+async def test_history_pages_of_large_messages_stay_bounded(store: AnyStore) -> None:
     body = b"x" * (60 * 1024)
     for i in range(20):
         await send(store, "alice", f"big{i}", to="bob", body=body)
@@ -646,40 +650,34 @@ async def test_history_pages_of_large_messages_stay_bounded(store: SqliteStore) 
 
 
 async def test_a_failed_batch_commits_nothing_and_breaks_its_streams(
-    store: SqliteStore, gate: Gate, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: AnyStore, gate: Gate, harness: Harness
 ) -> None:
     await send(store, "alice", "before", to="bob")  # seq 1
-    real_insert = store._insert_message
-
-    def flaky_insert(conn: sqlite3.Connection, state: Any, sender: str, client_id: str, *rest: Any) -> Any:
-        if client_id == "boom":
-            raise sqlite3.OperationalError("disk I/O error")
-        return real_insert(conn, state, sender, client_id, *rest)
-
-    monkeypatch.setattr(store, "_insert_message", flaky_insert)
     s1, s2, s3 = SendStream(), SendStream(), SendStream()
-    async with gate():
-        ok = send(store, "alice", "fine", to="bob", stream=s1)
-        boom = send(store, "carol", "boom", to="dave", stream=s2)
-        user = store.add_user("zed", b"zed", NOW)
-        mark = store.advance_marks("bob", AB, 1, None)
-    for fut in (ok, boom, user, mark):
-        with pytest.raises(StoreUnavailable):
-            await fut
+    with harness.failing_appends(store, "boom"):
+        async with gate():
+            ok = send(store, "alice", "fine", to="bob", stream=s1)
+            boom = send(store, "carol", "boom", to="dave", stream=s2)
+            user = store.add_user("zed", b"zed", NOW)
+            mark = store.advance_marks("bob", AB, 1, None)
+        for fut in (ok, boom, user, mark):
+            with pytest.raises(StoreUnavailable):
+                await fut
     assert s1.broken and s2.broken
     assert not s3.broken
     # nothing of the batch happened
-    assert count_rows(db_path, "SELECT COUNT(*) FROM messages") == 1
-    assert count_rows(db_path, "SELECT COUNT(*) FROM users WHERE name='zed'") == 0
+    assert await count_rows(harness, "SELECT COUNT(*) FROM messages") == 1
+    assert await count_rows(harness, "SELECT COUNT(*) FROM users WHERE name='zed'") == 0
     assert await store.inbox("bob") == [InboxEntry(AB, 0, 1)]
-    assert count_rows(db_path, "SELECT COUNT(*) FROM conversations") == 1  # d:carol:dave was not kept
-    assert count_rows(db_path, "SELECT delivered FROM members WHERE conv=? AND user='bob'", AB) == 0
+    assert await count_rows(harness, "SELECT COUNT(*) FROM conversations") == 1  # d:carol:dave was not kept
+    bob_delivered = f"SELECT delivered FROM members WHERE conv=? AND {harness.user_column}='bob'"
+    assert await count_rows(harness, bob_delivered, AB) == 0
 
-    monkeypatch.setattr(store, "_insert_message", real_insert)  # storage is back
-    # later sends of a broken stream fail even now, so they cannot overtake a resend
+    # storage is back: later sends of a broken stream fail even now, so they
+    # cannot overtake a resend
     with pytest.raises(StoreUnavailable):
         await send(store, "alice", "later", to="bob", stream=s1)
-    assert count_rows(db_path, "SELECT COUNT(*) FROM messages") == 1
+    assert await count_rows(harness, "SELECT COUNT(*) FROM messages") == 1
     # a new stream (a new connection) works, and the sequence has no gap
     resent = await send(store, "alice", "fine", to="bob", stream=s3)
     assert (resent.seq, resent.duplicate) == (2, False)
@@ -688,8 +686,8 @@ async def test_a_failed_batch_commits_nothing_and_breaks_its_streams(
     assert await store.user_by_token(b"zed") == "zed"
 
 
-async def test_close_then_reopen_keeps_everything(db_path: Path) -> None:
-    s = SqliteStore(db_path)
+async def test_close_then_reopen_keeps_everything(harness: Harness) -> None:
+    s = harness.make()
     await s.open()
     for u in ("alice", "bob", "carol"):
         await s.add_user(u, token_hash(u), NOW)
@@ -701,7 +699,7 @@ async def test_close_then_reopen_keeps_everything(db_path: Path) -> None:
     await send(s, "carol", "g1", conv=G)
     await s.close()
 
-    s = SqliteStore(db_path)
+    s = harness.make()
     await s.open()
     try:
         assert await s.user_by_token(token_hash("carol")) == "carol"
@@ -724,18 +722,18 @@ async def test_close_then_reopen_keeps_everything(db_path: Path) -> None:
         await s.close()
 
 
-async def test_close_finishes_queued_writes(db_path: Path) -> None:
-    s = SqliteStore(db_path)
+async def test_close_finishes_queued_writes(harness: Harness) -> None:
+    s = harness.make()
     await s.open()
     await s.add_user("alice", b"a", NOW)
     await s.add_user("bob", b"b", NOW)
     futures = [send(s, "alice", f"m{i}", to="bob") for i in range(50)]
     await s.close()
     assert [f.result().seq for f in futures] == list(range(1, 51))
-    assert count_rows(db_path, "SELECT COUNT(*) FROM messages") == 50
+    assert await count_rows(harness, "SELECT COUNT(*) FROM messages") == 50
 
 
-async def test_closed_store_refuses_writes_and_reads(store: SqliteStore) -> None:
+async def test_closed_store_refuses_writes_and_reads(store: AnyStore) -> None:
     await store.close()
     with pytest.raises(StoreUnavailable):
         await send(store, "alice", "m", to="bob")
@@ -749,7 +747,7 @@ async def test_closed_store_refuses_writes_and_reads(store: SqliteStore) -> None
         await store.user_by_token(token_hash("bob"))
 
 
-async def test_a_write_submitted_while_closing_is_answered(store: SqliteStore) -> None:
+async def test_a_write_submitted_while_closing_is_answered(store: AnyStore) -> None:
     """A write that arrives while ``close()`` waits for the writer must still get
     an answer (done or StoreUnavailable), never hang forever."""
     closing = asyncio.create_task(store.close())
