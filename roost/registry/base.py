@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from roost.core.presence import PresenceChange
 from roost.store.base import ReceiptState, StoredMessage
 
 
@@ -20,6 +21,18 @@ class SessionHandle(Protocol):
 
 
 class Registry(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    async def flush(self) -> None:
+        """Wait until registrations made so far are visible to every gateway."""
+
+    def announce(self, change: PresenceChange) -> None:
+        """Deliver a presence change to its watchers, wherever they are connected."""
+
+    async def fetch_online(self, users: Iterable[str]) -> set[str]:
+        """Which of ``users`` are connected anywhere."""
+
     def attach(self, session: SessionHandle) -> SessionHandle | None:
         """Make ``session`` the user's current one; returns the one it replaced."""
 
@@ -27,6 +40,9 @@ class Registry(Protocol):
         """Forget ``session``; True if it was still the user's current one."""
 
     def is_online(self, user: str) -> bool: ...
+
+    def sessions(self) -> list[SessionHandle]:
+        """The sessions connected to this gateway."""
 
     def push_message(self, message: StoredMessage, users: Iterable[str]) -> None:
         """Offer a committed message to whichever of ``users`` are connected."""

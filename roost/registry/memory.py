@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from roost.core.presence import PresenceChange
 from roost.protocol.codec import encode
-from roost.protocol.frames import Deliver
+from roost.protocol.frames import Deliver, Presence
 from roost.registry.base import SessionHandle
 from roost.store.base import ReceiptState, StoredMessage
 
@@ -35,6 +36,21 @@ class MemoryRegistry:
 
     async def stop(self) -> None:
         """Nothing to release in one process."""
+
+    async def flush(self) -> None:
+        """Registrations take effect at once in one process."""
+
+    def announce(self, change: PresenceChange) -> None:
+        """Tell the sessions watching ``change.user`` (all of them are here)."""
+        watchers = self._watchers.get(change.user)
+        if not watchers:
+            return
+        frame = encode(Presence(user=change.user, online=change.online, last_seen=change.last_seen))
+        for watcher in list(watchers):
+            watcher.push_frame(frame)
+
+    async def fetch_online(self, users: Iterable[str]) -> set[str]:
+        return {u for u in users if u in self._sessions}
 
     def attach(self, session: SessionHandle) -> SessionHandle | None:
         previous = self._sessions.get(session.user)

@@ -28,11 +28,11 @@ from functools import partial
 from typing import Any
 
 from roost.core.ids import is_group_id, new_group_id
-from roost.core.presence import PresenceChange, PresenceTracker
+from roost.core.presence import PresenceTracker
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
-from roost.registry.memory import MemoryRegistry
+from roost.registry.base import Registry
 from roost.service.session import Session, Sink, receipt_frame
 from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
 
@@ -65,7 +65,7 @@ UNCHARGED = (f.DeliveryAck, f.ReadMarker, f.ReceiptAck, f.Ping)
 
 
 class ChatService:
-    def __init__(self, store: Store, registry: MemoryRegistry, config: ServiceConfig) -> None:
+    def __init__(self, store: Store, registry: Registry, config: ServiceConfig) -> None:
         self.store = store
         self.registry = registry
         self.config = config
@@ -123,7 +123,10 @@ class ChatService:
             previous.replaced()
         change = self.presence.connected(user)
         if change is not None:
-            self._announce(change)
+            self.registry.announce(change)
+        # In a cluster the registration must be visible to the other gateways
+        # before the inbox read, or their pushes could miss this session.
+        await self.registry.flush()
         # Then read the inbox: whatever was committed before registering is there.
         try:
             entries = await self.store.inbox(user)
@@ -271,13 +274,17 @@ class ChatService:
         self._spawn(self._send_presence_state(session, users))
 
     async def _send_presence_state(self, session: Session, users: list[str]) -> None:
-        offline = [u for u in users if not self.presence.is_online(u)]
+        # Asked after the watch is registered: a change after this answer is
+        # announced, one before it is in the answer.
+        anywhere = await self.registry.fetch_online(users)
+        online = {u for u in users if u in anywhere or self.presence.is_online(u)}
+        offline = [u for u in users if u not in online]
         try:
             seen = await self.store.last_seen(offline) if offline else {}
         except StoreUnavailable:
             seen = {}
         for user in users:
-            if self.presence.is_online(user):
+            if user in online:
                 session.push_frame(encode(f.Presence(user=user, online=True)))
             elif user in seen:
                 session.push_frame(encode(f.Presence(user=user, online=False, last_seen=seen[user])))
@@ -285,21 +292,13 @@ class ChatService:
     def _on_presence_unsub(self, session: Session, frame: f.PresenceUnsubscribe) -> None:
         self.registry.unsubscribe(session, frame.users)
 
-    def _announce(self, change: PresenceChange) -> None:
-        watchers = self.registry.subscribers(change.user)
-        if not watchers:
-            return
-        frame = encode(f.Presence(user=change.user, online=change.online, last_seen=change.last_seen))
-        for watcher in watchers:
-            watcher.push_frame(frame)
-
     async def _presence_loop(self) -> None:
         # Presence is not on the message path; a coarse tick is enough to
         # release debounced "offline" announcements.
         while True:
             await asyncio.sleep(min(1.0, self.presence.debounce / 2 or 1.0))
             for change in self.presence.due(time.time()):
-                self._announce(change)
+                self.registry.announce(change)
 
     def _on_typing(self, session: Session, frame: f.Typing) -> None:
         if session.typing_limiter.take(time.monotonic()):
