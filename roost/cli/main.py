@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from roost import __version__
 
@@ -71,7 +72,23 @@ def _add_user(sub: argparse._SubParsersAction) -> None:
     add = users.add_parser("add", help="create a user; prints its bearer token as the last line")
     add.add_argument("name")
     add.add_argument("--data-dir", default="roost-data")
+    add.add_argument("--store", default=None, help="cluster mode: postgresql://... instead of --data-dir")
     add.set_defaults(func=_user_add)
+
+
+def _add_dev_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dev-cluster", help="throwaway PostgreSQL + Redis + N gateways on this machine (Ctrl-C stops)"
+    )
+    p.add_argument("--gateways", type=int, default=3)
+    p.add_argument("--port", type=int, default=8765, help="first gateway's port (then +1, +2, ...)")
+    p.set_defaults(func=lambda a: _dev_cluster(a))
+
+
+def _dev_cluster(args: argparse.Namespace) -> int:
+    from roost.devcluster.run import run_dev_cluster
+
+    return run_dev_cluster(args.gateways, args.port)
 
 
 def _user_add(args: argparse.Namespace) -> int:
@@ -86,7 +103,12 @@ def _user_add(args: argparse.Namespace) -> int:
     token = secrets.token_urlsafe(32)
 
     async def add() -> None:
-        store = SqliteStore(database_path(args.data_dir))
+        if args.store:
+            from roost.store.postgres import PostgresStore
+
+            store: Any = PostgresStore(args.store)
+        else:
+            store = SqliteStore(database_path(args.data_dir))
         await store.open()
         try:
             await store.add_user(args.name, hash_token(token), now_ms())
@@ -109,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_user(sub)
+    _add_dev_cluster(sub)
     from roost.cli import client_commands
 
     client_commands.register(sub)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from roost.devcluster.redis import RedisServer, redis_server_binary
 from roost.store.base import ReceiptState, StoredMessage
-from tests.registry.redis_server import RedisServer, redis_server_binary
 
 
 class FakeSession:

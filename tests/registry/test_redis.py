@@ -10,11 +10,11 @@ import msgspec
 import pytest
 
 from roost.core.presence import PresenceChange
+from roost.devcluster.redis import RedisServer
 from roost.registry.memory import deliver_frame
 from roost.registry.redis import RedisRegistry
 from roost.store.base import ReceiptState
 from tests.registry.conftest import HEARTBEAT, TTL, FakeSession, eventually, message
-from tests.registry.redis_server import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
 

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
+from roost.devcluster.postgres import PgServer, PgUnavailable
 from roost.store.sqlite import SqliteStore
-
-from .pg import PgServer, PgUnavailable
 
 if TYPE_CHECKING:
     from roost.store.postgres import PostgresStore
@@ -294,4 +293,5 @@ async def pg_empty_database(pg_server: PgServer) -> str:
     """A new database (CREATE DATABASE) without any schema. Not dropped: DROP
     DATABASE forces a checkpoint, and the whole server goes at the session end."""
     import asyncpg  # noqa: F401
+
     return pg_server.dsn(await _create_database(pg_server))

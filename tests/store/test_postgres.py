@@ -15,13 +15,13 @@ from typing import Any
 import asyncpg
 import pytest
 
+from roost.devcluster.postgres import PgServer
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.store.base import SendStream, StoredMessage, StoreUnavailable
 from roost.store.postgres import SCHEMA_VERSION, PostgresStore, migrate
 
 from . import test_sqlite as contract
 from .conftest import NOW, USERS, token_hash
-from .pg import PgServer
 
 pytestmark = pytest.mark.postgres
 
@@ -329,7 +329,7 @@ async def test_a_restart_during_writes_fails_in_flight_writes_and_loses_no_acked
 
 
 async def test_a_store_whose_database_is_down_refuses_to_open() -> None:
-    from .pg import free_port
+    from roost.devcluster.postgres import free_port
 
     store = PostgresStore(f"postgresql://roost@127.0.0.1:{free_port()}/nowhere", connect_timeout=1)
     with pytest.raises(StoreUnavailable):
