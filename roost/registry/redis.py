@@ -270,6 +270,10 @@ class RedisRegistry:
         if ttl <= heartbeat:
             raise ValueError("ttl must be longer than the heartbeat interval")
         self.url = url
+        # Called after Redis or the subscription comes back: pushes may have
+        # been lost meanwhile (the chat service then re-reads every local inbox).
+        self.on_recovered: Callable[[], None] | None = None
+        self._subscribed_before = False
         self.gateway_id = gateway_id
         self.heartbeat = heartbeat
         self.ttl_ms = int(ttl * 1000)
@@ -1156,6 +1160,14 @@ class RedisRegistry:
                 time.monotonic() - self._down_since,
             )
             self._down_since = None
+            self._notify_recovered()
+
+    def _notify_recovered(self) -> None:
+        if self.on_recovered is not None:
+            try:
+                self.on_recovered()
+            except Exception:
+                log.exception("gateway %s: on_recovered failed", self.gateway_id)
 
     def _warn(self, fmt: str, *args: Any) -> None:
         """A warning at most every 30 s."""
@@ -1186,6 +1198,11 @@ class RedisRegistry:
                 # and let the heartbeat re-validate the presence view.
                 self._resync_watch = True
                 self._wake.set()
+                if self._subscribed_before:
+                    # Pushes to our sessions may have been lost meanwhile: they
+                    # are in the inbox; have every local session read it now.
+                    self._notify_recovered()
+                self._subscribed_before = True
                 self._subscribed.set()
                 backoff = 0.05
                 idle = 0

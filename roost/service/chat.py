@@ -94,6 +94,25 @@ class ChatService:
 
     def start(self) -> None:
         self._presence_task = asyncio.get_running_loop().create_task(self._presence_loop())
+        if hasattr(self.registry, "on_recovered"):
+            self.registry.on_recovered = self.resync_all
+
+    def resync_all(self) -> None:
+        """Pushes may have been lost (the router was down): every local
+        session re-reads its inbox, a few at a time."""
+        sessions = list(self.registry.sessions())
+        log.info("re-reading the inbox of %d sessions", len(sessions))
+        self._spawn(self._resync_many(sessions))
+
+    async def _resync_many(self, sessions: list[Session]) -> None:
+        limit = asyncio.Semaphore(16)
+
+        async def one(session: Session) -> None:
+            async with limit:
+                if session.active:
+                    await self._resync(session)
+
+        await asyncio.gather(*(one(s) for s in sessions), return_exceptions=True)
 
     async def stop(self) -> None:
         if self._presence_task is not None:
