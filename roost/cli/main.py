@@ -100,7 +100,9 @@ def _user_add(args: argparse.Namespace) -> int:
     if not is_valid_user_name(args.name):
         print("roost user add: a name is 1-32 of a-z 0-9 _ . -", file=sys.stderr)
         return 2
-    token = secrets.token_urlsafe(32)
+    # A fixed prefix: a token never starts with '-', which a command line
+    # would take for an option.
+    token = "rt_" + secrets.token_urlsafe(32)
 
     async def add() -> None:
         if args.store:

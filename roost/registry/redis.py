@@ -273,6 +273,8 @@ class RedisRegistry:
         # Called after Redis or the subscription comes back: pushes may have
         # been lost meanwhile (the chat service then re-reads every local inbox).
         self.on_recovered: Callable[[], None] | None = None
+        self._moved_in: set[str] = set()  # attached here while online on another gateway
+        self._leaving: set[str] = set()  # detached here, this gateway's "offline" not decided yet
         self._subscribed_before = False
         self.gateway_id = gateway_id
         self.heartbeat = heartbeat
@@ -437,7 +439,13 @@ class RedisRegistry:
         value = b"%s|%s%x" % (self._gw_bytes, self._nonce, next(self._tokens))
         self._values[user] = value
         self._retry_detach.pop(user, None)
+        if user in self._remote_online:
+            # Online elsewhere a moment ago (a move or a flap across gateways):
+            # our watchers already know, so the "online" this gateway's tracker
+            # is about to announce must not reach them again.
+            self._moved_in.add(user)
         self._remote_online.discard(user)  # known from the sessions dict while here
+        self._leaving.discard(user)
         self._missing_since.pop(user, None)
         self._op(_ATTACH, user, value)
         return previous
@@ -449,10 +457,15 @@ class RedisRegistry:
             # Replaced by a session on another gateway: the user left *this*
             # gateway (the service's offline announcement is dropped in
             # ``announce`` as long as the user's key exists elsewhere).
+            self._leaving.add(session.user)
             return True
         user = session.user
         if self._sessions.get(user) is session:
             del self._sessions[user]
+            # Until this gateway's debounced "offline" for the user is decided,
+            # our watchers still see the user online: an "online" from another
+            # gateway meanwhile (a flap across gateways) must not reach them.
+            self._leaving.add(user)
             value = self._values.pop(user, None)
             self._confirmed.pop(user, None)
             if value is not None:
@@ -574,7 +587,11 @@ class RedisRegistry:
         the debounce, and the change is dropped everywhere.
         """
         self._remote_online.discard(change.user)  # a user of this gateway
-        if change.online:
+        if not change.online:
+            self._leaving.discard(change.user)
+        moved_in = change.user in self._moved_in
+        self._moved_in.discard(change.user)
+        if change.online and not moved_in:
             self._deliver_presence(change.user, True, None)
         if self._running:
             self._batch.changes.append(change)
@@ -1287,6 +1304,8 @@ class RedisRegistry:
             if user in self._remote_online:
                 return  # e.g. the user moved gateways within the debounce
             self._remote_online.add(user)
+            if user in self._leaving:
+                return  # it left here inside the debounce: our watchers never saw it go
         else:
             self._remote_online.discard(user)
         self._deliver_presence(user, p.online, p.last_seen)

@@ -49,7 +49,7 @@ from typing import Any
 import asyncpg
 
 from roost.core.ids import direct_conv_id, direct_members
-from roost.core.membership import Member
+from roost.core.membership import MEMBER, Member
 from roost.core.membership import require_active as _require_active
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
@@ -1096,7 +1096,11 @@ class PostgresStore:
             user,
         )
         if row is None or row["role"] is None:
-            if row is None and direct_members(conv) is None:
+            pair = direct_members(conv)
+            if row is None and pair is not None and user in pair:
+                # A 1:1 chat nobody wrote in yet: empty, not forbidden.
+                return Member(user, MEMBER, 0, None, 0, 0), 0
+            if row is None and pair is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
             raise ProtocolError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
         member = Member(user, row["role"], row["joined_seq"], row["left_seq"], row["delivered"], row["read"])

@@ -1,7 +1,9 @@
 """Helpers for the end-to-end tests: bulk accounts, a raw WebSocket client, event collection.
 
 Everything here talks to the server over real sockets (or, for accounts, writes
-the database from a separate process, as ``roost user add`` does).
+the database as ``roost user add`` does: the SQLite file from a separate
+process, or PostgreSQL for a ``ClusterServer``). Every helper takes either a
+``ServerProcess`` or a ``ClusterServer``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from typing import Any
 import aiohttp
 
 from roost.client import Client, Event, Message
+from roost.service.chat import hash_token, now_ms
+from tests.e2e.cluster import ClusterServer, run_sync
 from tests.e2e.server import ServerProcess
+
+AnyServer = ServerProcess | ClusterServer
 
 _ADD_USERS = textwrap.dedent(
     """
@@ -49,11 +55,27 @@ def token_for(name: str) -> str:
     return f"test-token-{name}-0123456789"
 
 
-def add_users(srv: ServerProcess, names: list[str]) -> dict[str, str]:
-    """Create ``names`` in one subprocess (one store transaction); returns name -> token.
+async def add_users_pg(dsn: str, tokens: dict[str, str]) -> None:
+    """Create the accounts ``tokens`` (name -> token) in the PostgreSQL store at ``dsn``."""
+    from roost.store.postgres import PostgresStore
 
-    Safe while the server runs (SQLite WAL, the server only reads accounts)."""
+    store = PostgresStore(dsn, migrate=False, pool_size=1)
+    await store.open()
+    try:
+        await asyncio.gather(*(store.add_user(n, hash_token(t), now_ms()) for n, t in tokens.items()))
+    finally:
+        await store.close()
+
+
+def add_users(srv: AnyServer, names: list[str]) -> dict[str, str]:
+    """Create ``names`` in one store transaction; returns name -> token.
+
+    Safe while the server runs (SQLite WAL, the server only reads accounts;
+    PostgreSQL is shared by the gateways anyway)."""
     tokens = {name: token_for(name) for name in names}
+    if isinstance(srv, ClusterServer):
+        run_sync(lambda: add_users_pg(srv.dsn, tokens))
+        return tokens
     srv.data_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-c", _ADD_USERS, str(srv.data_dir)],
@@ -76,10 +98,21 @@ def unb64(data: str) -> bytes:
     return base64.b64decode(data)
 
 
-def healthz(srv: ServerProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(srv.url + "/healthz", timeout=5) as resp:
-        assert resp.status == 200
-        return json.loads(resp.read())
+def healthz(srv: AnyServer) -> dict[str, Any]:
+    """/healthz of the server; for a cluster, of every gateway folded into one:
+    ``status`` "ok" if all are, ``connections`` summed."""
+    bodies = []
+    for url in srv.urls:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+            assert resp.status == 200
+            bodies.append(json.loads(resp.read()))
+    if len(bodies) == 1:
+        return bodies[0]
+    return {
+        "status": "ok" if all(b["status"] == "ok" for b in bodies) else "degraded",
+        "connections": sum(b["connections"] for b in bodies),
+        "gateways": bodies,
+    }
 
 
 def rss_kib(pid: int) -> int:
@@ -87,6 +120,13 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def server_rss_kib(srv: AnyServer) -> int:
+    """The resident memory of the server: summed over every gateway of a cluster."""
+    pids = srv.pids
+    assert pids, "the server is not running"
+    return sum(rss_kib(pid) for pid in pids)
 
 
 class Closed(Exception):
@@ -103,7 +143,7 @@ class RawWS:
         self.ws = ws
 
     @classmethod
-    async def open(cls, srv: ServerProcess, token: str | None = None, **auth: Any) -> RawWS:
+    async def open(cls, srv: Any, token: str | None = None, **auth: Any) -> RawWS:
         """Connect; with ``token``, authenticate and check the welcome."""
         http = aiohttp.ClientSession()
         try:
@@ -261,7 +301,7 @@ async def wait_for_event(
         skipped.append(event)
 
 
-async def connect(srv: ServerProcess, token: str, state: Path, **kwargs: Any) -> Client:
+async def connect(srv: AnyServer, token: str, state: Path, **kwargs: Any) -> Client:
     client = Client(srv.url, token, state_path=state, **kwargs)
     await client.connect(timeout=10)
     return client

@@ -24,6 +24,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """The embedded server (SQLite + in-process registry). ``ClusterServer``
+    (tests/e2e/cluster.py) has the same interface for a cluster of gateways."""
+
+    embedded = True
+    mode = "embedded"
+
     def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None):
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -35,9 +41,22 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def urls(self) -> list[str]:
+        return [self.url]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+
+    @property
+    def store_args(self) -> list[str]:
+        """What ``roost user add`` needs to reach this server's store."""
+        return ["--data-dir", str(self.data_dir)]
+
     def add_user(self, name: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "roost.cli.main", "user", "add", name, "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "roost.cli.main", "user", "add", name, *self.store_args],
             check=True,
             capture_output=True,
             text=True,

@@ -75,12 +75,13 @@ def users(server: ServerProcess, tmp_path: Path) -> dict[str, list[str]]:
 
 
 def test_user_add_prints_token_as_last_line(server: ServerProcess, tmp_path: Path) -> None:
-    data_dir = str(server.data_dir)
-    out = roost(tmp_path, "user", "add", "alice", "--data-dir", data_dir)
+    # ``--data-dir DIR`` embedded, ``--store postgresql://...`` for a cluster.
+    store = server.store_args
+    out = roost(tmp_path, "user", "add", "alice", *store)
     assert out.returncode == 0, out.stderr
     alice_token = out.stdout.strip().splitlines()[-1]
     assert len(alice_token) >= 32 and " " not in alice_token
-    bob_token = roost(tmp_path, "user", "add", "bob", "--data-dir", data_dir).stdout.strip().splitlines()[-1]
+    bob_token = roost(tmp_path, "user", "add", "bob", *store).stdout.strip().splitlines()[-1]
     assert bob_token != alice_token
 
     # The printed token authenticates against the running server.
@@ -90,10 +91,10 @@ def test_user_add_prints_token_as_last_line(server: ServerProcess, tmp_path: Pat
     assert sent.returncode == 0, sent.stderr
     assert json_lines(sent.stdout)[0]["conversation"] == "d:alice:bob"
 
-    dup = roost(tmp_path, "user", "add", "alice", "--data-dir", data_dir)
+    dup = roost(tmp_path, "user", "add", "alice", *store)
     assert dup.returncode != 0 and "exists" in dup.stderr
     for bad_name in ("Not A Name", "bob\n", "x" * 33, ""):
-        bad = roost(tmp_path, "user", "add", bad_name, "--data-dir", data_dir)
+        bad = roost(tmp_path, "user", "add", bad_name, *store)
         assert bad.returncode == 2 and bad.stdout == "", repr(bad_name)
     # A wrong token is refused with a non-zero exit.
     refused = roost(

@@ -148,7 +148,7 @@ async def test_client_crash_with_unsent_outbox(server: ServerProcess, tmp_path: 
 async def test_many_clients_reconnect_after_restart(server: ServerProcess, tmp_path: Path) -> None:
     n = 150
     tokens = {f"u{i}": server.add_user(f"u{i}") for i in range(2)}
-    tokens.update(await add_users(server.data_dir, [f"p{i}" for i in range(n)]))
+    tokens.update(await add_users(server, [f"p{i}" for i in range(n)]))
     clients = [
         Client(server.url, tokens[f"p{i}"], state_path=tmp_path / f"p{i}.state", backoff_cap=2.0)
         for i in range(n)

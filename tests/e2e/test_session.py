@@ -17,7 +17,7 @@ from tests.e2e.helpers import (
     collect,
     connect,
     healthz,
-    rss_kib,
+    server_rss_kib,
     wait_for_event,
 )
 from tests.e2e.server import ServerProcess
@@ -180,12 +180,10 @@ async def _flood_slow_consumer(
     """bob authenticates and never reads while alice sends him ``n`` messages.
 
     Returns bob's (never read) socket and the server's RSS growth in MB."""
-    assert srv.proc is not None
-    pid = srv.proc.pid
     body = b64(b"\xab" * body_size)
     slow = await RawWS.open(srv, tokens["bob"])
     sender = await RawWS.open(srv, tokens["alice"])
-    rss_before = rss_kib(pid)
+    rss_before = server_rss_kib(srv)
     peak = rss_before
     acks: list[int] = []
 
@@ -198,7 +196,7 @@ async def _flood_slow_consumer(
     async def watch_rss() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, rss_kib(pid))
+            peak = max(peak, server_rss_kib(srv))
             await asyncio.sleep(0.1)
 
     reader = asyncio.ensure_future(read_acks())
@@ -212,7 +210,7 @@ async def _flood_slow_consumer(
         reader.cancel()
         await sender.close()
     assert acks == list(range(1, n + 1)), "a send was not acked in order"
-    peak = max(peak, rss_kib(pid))
+    peak = max(peak, server_rss_kib(srv))
     return slow, (peak - rss_before) / 1024
 
 
@@ -308,8 +306,6 @@ async def test_overflowing_queue_closes_a_socket_that_does_not_read(
     (4004, or drop it), although the peer reads nothing (default heartbeat, so
     not the ping timeout); memory stays bounded and nothing is lost."""
     tokens = add_users(server, ["alice", "bob"])
-    assert server.proc is not None
-    pid = server.proc.pid
     n, size = 20, 60 * 1024
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     try:
@@ -319,7 +315,7 @@ async def test_overflowing_queue_closes_a_socket_that_does_not_read(
         await alice.close()
     slow = await RawWS.open(server, tokens["bob"])
     try:
-        rss_before = rss_kib(pid)
+        rss_before = server_rss_kib(server)
         # 40 pages of ~1.2 MB of bodies each: far more than the queue may hold.
         # The first few fill the socket buffers until the server's writer is
         # stuck on the full socket (our kernel receive queue stops growing);
@@ -341,7 +337,7 @@ async def test_overflowing_queue_closes_a_socket_that_does_not_read(
         for i in range(6, 40):
             await slow.send({"type": "history", "conv": CONV, "limit": 200, "ref": f"h{i}"})
         gone = await _slow_socket_gone(server, 10)
-        growth_mb = (rss_kib(pid) - rss_before) / 1024
+        growth_mb = (server_rss_kib(server) - rss_before) / 1024
         assert growth_mb < 150, f"server RSS grew by {growth_mb:.0f} MB"
         assert gone, (
             "the socket is still open 10 s after its outgoing queue overflowed; "
