@@ -152,7 +152,23 @@ _decode = msgspec.msgpack.Decoder(_Envelope).decode
 _ATTACH_MANY = """
 local olds = {}
 for i, key in ipairs(KEYS) do
-  olds[i] = redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1], 'GET') or ''
+  local mine = ARGV[i + 1]
+  local cur = redis.call('GET', key)
+  local newer = false
+  if cur and cur ~= mine then
+    -- An attach that waited out a Redis outage must not displace a
+    -- connection made later elsewhere: values end in '|<connect ms>'.
+    local t_cur = tonumber(string.match(cur, '|(%d+)$') or '0') or 0
+    local t_mine = tonumber(string.match(mine, '|(%d+)$') or '0') or 0
+    if t_cur > t_mine then
+      newer = true
+    end
+  end
+  if newer then
+    olds[i] = '!' .. cur
+  else
+    olds[i] = redis.call('SET', key, mine, 'PX', ARGV[1], 'GET') or ''
+  end
 end
 return olds
 """
@@ -188,7 +204,16 @@ for i, key in ipairs(KEYS) do
   elseif not cur then
     redis.call('SET', key, mine, 'PX', ARGV[1])
   else
-    lost[#lost + 1] = i
+    -- Someone else's. Values end in '|<connect ms>': the later connection
+    -- wins. An older one (e.g. made while Redis was down) or a route without
+    -- a time (stale, forged) is replaced by ours.
+    local t_cur = tonumber(string.match(cur, '|(%d+)$') or '0') or 0
+    local t_mine = tonumber(string.match(mine, '|(%d+)$') or '0') or 0
+    if t_cur > t_mine then
+      lost[#lost + 1] = i
+    else
+      redis.call('SET', key, mine, 'PX', ARGV[1])
+    end
   end
 end
 return lost
@@ -436,7 +461,7 @@ class RedisRegistry:
         user = session.user
         previous = self._sessions.get(user)
         self._sessions[user] = session
-        value = b"%s|%s%x" % (self._gw_bytes, self._nonce, next(self._tokens))
+        value = b"%s|%s%x|%d" % (self._gw_bytes, self._nonce, next(self._tokens), int(time.time() * 1000))
         self._values[user] = value
         self._retry_detach.pop(user, None)
         if user in self._remote_online:
@@ -825,7 +850,11 @@ class RedisRegistry:
         if not pairs:
             return
         pipe.eval(
-            _ATTACH_MANY, len(pairs), *(self._ukey(u) for u, _ in pairs), self.ttl_ms, *(v for _, v in pairs)
+            _ATTACH_MANY,
+            len(pairs),
+            *(self._ukey(u) for u, _ in pairs),
+            self.ttl_ms,
+            *(v for _, v in pairs),
         )
 
         def handle(olds: Any) -> None:
@@ -833,6 +862,9 @@ class RedisRegistry:
                 self._warn("attach failed: %s", olds)
                 return
             for (user, value), old in zip(pairs, olds, strict=True):
+                if isinstance(old, bytes) and old.startswith(b"!"):
+                    self._evict(user, value)  # a later connection elsewhere won
+                    continue
                 if self._values.get(user) == value:
                     self._confirmed[user] = value
                 if old and old != value:
@@ -914,18 +946,16 @@ class RedisRegistry:
             self._resync_watch = False
             self._rewatch_backlog = deque(self._watchers)
         refresh: list[tuple[str, bytes]] = []
-        reattach: list[tuple[str, bytes]] = []
         backlog = self._refresh_backlog
-        while backlog and len(refresh) + len(reattach) < CHUNK:
+        while backlog and len(refresh) < CHUNK:
             user = backlog.popleft()
             value = self._values.get(user)
             if value is None or user in attaching:
                 continue
-            if self._confirmed.get(user) == value:
-                refresh.append((user, value))
-            else:  # its attach never reached Redis: take the mapping over now
-                reattach.append((user, value))
-        self._attach_many(reattach, pipe, handlers, notices)
+            # Also users whose attach never reached Redis (it was down): not a
+            # blind take-over, since a newer connection on another gateway may
+            # hold the key by now, and then it is our session that lost.
+            refresh.append((user, value))
         if refresh:
             pipe.eval(
                 _REFRESH,
@@ -968,9 +998,12 @@ class RedisRegistry:
             if isinstance(lost, Exception):
                 self._warn("mapping refresh failed: %s", lost)
                 return
-            for index in lost:
-                user, value = chunk[int(index) - 1]
-                self._evict(user, value)
+            gone = {int(index) - 1 for index in lost}
+            for i, (user, value) in enumerate(chunk):
+                if i in gone:
+                    self._evict(user, value)
+                elif self._values.get(user) == value:
+                    self._confirmed[user] = value
 
         return handle
 

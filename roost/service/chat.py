@@ -62,6 +62,7 @@ def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
 
 UNAVAILABLE = ErrorCode.UNAVAILABLE
 UNCHARGED = (f.DeliveryAck, f.ReadMarker, f.ReceiptAck, f.Ping)
+MARK_RETRY_SECONDS = 1.0
 
 
 class ChatService:
@@ -263,14 +264,33 @@ class ChatService:
     # -- marks and receipts ------------------------------------------------
 
     def _on_dack(self, session: Session, frame: f.DeliveryAck) -> None:
-        fut = self.store.advance_marks(session.user, frame.conv, frame.seq, None)
-        fut.add_done_callback(partial(self._marked, session, frame.conv, frame.seq))
+        self._mark(session, frame.conv, frame.seq, None)
 
     def _on_read(self, session: Session, frame: f.ReadMarker) -> None:
-        fut = self.store.advance_marks(session.user, frame.conv, None, frame.seq)
-        fut.add_done_callback(partial(self._marked, session, frame.conv, frame.seq))
+        self._mark(session, frame.conv, None, frame.seq)
 
-    def _marked(self, session: Session, conv: str, seq: int, fut: asyncio.Future[MarkResult]) -> None:
+    def _mark(self, session: Session, conv: str, delivered: int | None, read: int | None) -> None:
+        fut = self.store.advance_marks(session.user, conv, delivered, read)
+        fut.add_done_callback(partial(self._marked, session, conv, delivered, read))
+
+    def _marked(
+        self,
+        session: Session,
+        conv: str,
+        delivered: int | None,
+        read: int | None,
+        fut: asyncio.Future[MarkResult],
+    ) -> None:
+        if not fut.cancelled() and isinstance(fut.exception(), StoreUnavailable):
+            # The device does hold these messages, so its window is freed now,
+            # and the cumulative mark is retried until the store takes it
+            # (otherwise the device would wait for pushes that never come).
+            session.acked(conv, max(delivered or 0, read or 0))
+            if session.active:
+                asyncio.get_running_loop().call_later(
+                    MARK_RETRY_SECONDS, self._mark, session, conv, delivered, read
+                )
+            return
         result = self._settle(session, "", fut)
         if result is None:
             return

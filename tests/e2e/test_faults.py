@@ -14,25 +14,9 @@ import textwrap
 from pathlib import Path
 
 from roost.client import Client, Message
+from tests.e2e.helpers import collect
 from tests.e2e.server import ServerProcess
 from tests.e2e.users import add_users
-
-
-async def collect(client: Client, n: int, timeout: float) -> list[Message]:
-    got: list[Message] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(got) < n:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        try:
-            event = await client.next_event(remaining)
-        except TimeoutError:
-            break
-        if isinstance(event, Message):
-            got.append(event)
-    return got
 
 
 def assert_exactly_once_in_order(got: list[Message], sent_ids: list[str]) -> None:

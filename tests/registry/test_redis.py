@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -150,10 +151,11 @@ async def test_a_lost_replaced_notice_is_caught_by_the_heartbeat(gateways: Any, 
     (a,) = [await gateways("a")]
     old = attach(a, "ann")
     await a.flush()
-    await redis_client.set("roost:u:ann", b"z|elsewhere", px=int(TTL * 1000))  # takeover, notice lost
+    newer = b"z|elsewhere|%d" % (time.time() * 1000 + 1000)  # a later connection on gateway z
+    await redis_client.set("roost:u:ann", newer, px=int(TTL * 1000))  # takeover, notice lost
     await eventually(lambda: old.replaced_count == 1)
     assert a.session("ann") is None
-    assert await redis_client.get("roost:u:ann") == b"z|elsewhere"
+    assert await redis_client.get("roost:u:ann") == newer
 
 
 async def test_detach_deletes_only_its_own_mapping(gateways: Any, redis_client: Any) -> None:
