@@ -127,6 +127,26 @@ def _user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    from roost.verify.run import NEMESES
+
+    p = sub.add_parser("verify", help="run a workload under faults and check the history (no loss, order)")
+    p.add_argument("--embedded", action="store_true", required=True, help="start its own roost serve")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of workload")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--rate", type=float, default=100.0, help="messages per second, all clients together")
+    p.add_argument("--seed", type=int, default=1, help="faults and workload are drawn from it")
+    p.add_argument("--no", action="append", choices=NEMESES, help="switch a nemesis off (repeatable)")
+    p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.set_defaults(func=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from roost.verify.run import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roost", description="Roost messaging server")
     parser.add_argument("--version", action="version", version=f"roost {__version__}")
@@ -134,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_user(sub)
     _add_dev_cluster(sub)
+    _add_verify(sub)
     from roost.cli import client_commands
 
     client_commands.register(sub)
