@@ -287,11 +287,13 @@ async def _converge(history: History, users: dict[str, Recorder], timeout: float
 
 def format_report(result: VerifyResult) -> str:
     r = result.report
+    marks = (("p50", r.percentile(50)), ("p99", r.percentile(99)), ("max", r.percentile(100)))
     lines = [
         f"roost verify (embedded) seed={result.seed} duration={result.duration:.1f}s",
         f"sent {r.sent}, acked {r.acked}, delivered (message x recipient) {r.delivered}",
         "faults: " + ", ".join(f"{k} {v}" for k, v in result.faults.items()),
-        f"latency ms: p50 {r.percentile(50)}, p99 {r.percentile(99)}, max {r.percentile(100)}",
+        "latency ms: "
+        + ", ".join(f"{name} {value:.1f}" if value is not None else f"{name} -" for name, value in marks),
         f"violations: {len(r.violations)}",
     ]
     lines += [f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" for v in r.violations[:50]]
