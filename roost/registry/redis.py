@@ -205,11 +205,11 @@ for i, key in ipairs(KEYS) do
     redis.call('SET', key, mine, 'PX', ARGV[1])
   else
     -- Someone else's. Values end in '|<connect ms>': the later connection
-    -- wins. An older one (e.g. made while Redis was down) or a route without
-    -- a time (stale, forged) is replaced by ours.
+    -- wins, and a tie stays with the holder. An older one (e.g. made while
+    -- Redis was down) or a route without a time (stale, forged) is replaced.
     local t_cur = tonumber(string.match(cur, '|(%d+)$') or '0') or 0
     local t_mine = tonumber(string.match(mine, '|(%d+)$') or '0') or 0
-    if t_cur > t_mine then
+    if t_cur >= t_mine then
       lost[#lost + 1] = i
     else
       redis.call('SET', key, mine, 'PX', ARGV[1])
