@@ -19,6 +19,7 @@ from roost.devcluster.run import DevCluster
 from roost.service.chat import hash_token, now_ms
 from roost.store.postgres import PostgresStore
 from tests.e2e.helpers import RawWS
+from tests.e2e.helpers import collect as collect_events
 
 
 def token_for(name: str) -> str:
@@ -124,22 +125,7 @@ async def stored(cluster: DevCluster, conv: str) -> list[tuple[int, str, str]]:
 
 async def collect(client: Client, n: int, timeout: float, others: list[Any] | None = None) -> list[Message]:
     """Up to ``n`` messages within ``timeout`` (other events go to ``others``)."""
-    got: list[Message] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(got) < n:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        try:
-            event = await client.next_event(remaining)
-        except TimeoutError:
-            break
-        if isinstance(event, Message):
-            got.append(event)
-        elif others is not None:
-            others.append(event)
-    return got
+    return await collect_events(client, n, timeout, Message, others)
 
 
 def assert_once_in_order(got: Sequence[Message], expected_ids: Sequence[str]) -> None:
