@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -701,7 +700,3 @@ class Client:
             Message(conv, seq, mid, sender, ct, body, ts)
             for seq, mid, sender, ct, body, ts in self.state.local_history(conv, limit)
         ]
-
-
-def membership_body(action: str, actor: str, users: list[str], name: str = "") -> bytes:
-    return json.dumps({"action": action, "actor": actor, "users": users, "name": name}).encode()

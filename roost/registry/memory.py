@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from roost.core.presence import PresenceChange
 from roost.protocol.codec import encode
@@ -30,6 +30,8 @@ class MemoryRegistry:
         self._sessions: dict[str, SessionHandle] = {}
         self._watchers: dict[str, set[SessionHandle]] = {}  # watched user -> sessions
         self._watching: dict[int, set[str]] = {}  # id(session) -> watched users
+        # Part of the interface; one process never loses a push to recover from.
+        self.on_recovered: Callable[[], None] | None = None
 
     async def start(self) -> None:
         """Nothing to connect to in one process."""

@@ -95,8 +95,7 @@ class ChatService:
 
     def start(self) -> None:
         self._presence_task = asyncio.get_running_loop().create_task(self._presence_loop())
-        if hasattr(self.registry, "on_recovered"):
-            self.registry.on_recovered = self.resync_all
+        self.registry.on_recovered = self.resync_all
 
     def resync_all(self) -> None:
         """Pushes may have been lost (the router was down): every local

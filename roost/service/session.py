@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from roost.core.delivery import DeliveryCursor
 from roost.core.ratelimit import TokenBucket
 from roost.protocol.codec import encode
+from roost.protocol.errors import CloseCode
 from roost.protocol.frames import MemberMarks, Receipt
 from roost.registry.memory import deliver_frame
 from roost.store.base import ReceiptState, SendStream, StoredMessage, StoreUnavailable
@@ -68,7 +69,6 @@ class Session:
         self._drain_task: asyncio.Task[None] | None = None
         self.send_stream = SendStream()
         self.active = True
-        self.delivered_frames = 0
 
     # -- called by the registry --------------------------------------------
 
@@ -78,7 +78,6 @@ class Session:
         own = message.sender == self.user
         if self.cursor.offer(message.conv, message.seq, own, len(frame)):
             self.sink.push(frame)
-            self.delivered_frames += 1
         else:
             self.kick()
 
@@ -92,8 +91,6 @@ class Session:
 
     def replaced(self) -> None:
         """Another connection of the same user took over."""
-        from roost.protocol.errors import CloseCode
-
         self.stop()
         self.sink.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
 
@@ -150,4 +147,3 @@ class Session:
                 return
             for seq in to_push:
                 self.sink.push(frames[seq])
-            self.delivered_frames += len(to_push)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import queue
 import sqlite3
 import threading
@@ -865,12 +864,3 @@ def _resolve(batch: list[_Op], results: list[tuple[bool, Any]]) -> None:
 
 def database_path(data_dir: Path | str) -> Path:
     return Path(data_dir) / "roost.sqlite"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a newly created database file's directory entry durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
