@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     from roost.cli import client_commands
 
     client_commands.register(sub)
+    from roost.bench import cli as bench
+
+    bench.register(sub)
     return parser
 
 

@@ -1,0 +1,161 @@
+"""``roost bench SCENARIO``: common flags, the machine description, the report.
+
+Every scenario gets ``--json FILE``, ``--plot DIR``, ``--workers N`` and the
+target flags (``roost.bench.target``). The JSON report is
+``{scenario, parameters, machine, started, duration_s, results}``;
+``results["loadgen_saturated"]`` is true when any load-generator process used
+more than ``SATURATED_PCT`` of a core during a measurement (then the figures
+may describe the load generator, not the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from roost.bench import SCENARIOS
+
+# A worker above this share of one core is the bottleneck, not the server.
+SATURATED_PCT = 90.0
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    from roost.bench.target import add_target_arguments
+
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON here")
+    parser.add_argument("--plot", default=None, metavar="DIR", help="render PNG plots into this directory")
+    parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    add_target_arguments(parser)
+
+
+def _load(module_name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:  # that scenario is not built (yet)
+            return None
+        raise
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: load a real deployment and measure it")
+    scenarios = bench.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for name, module_name in SCENARIOS.items():
+        module = _load(module_name)
+        if module is None:
+            continue
+        doc = (module.__doc__ or name).strip().splitlines()[0]
+        p = scenarios.add_parser(name, help=doc, description=module.__doc__)
+        add_common_arguments(p)
+        module.add_arguments(p)
+        p.set_defaults(func=run_cli, bench_module=module_name)
+
+
+def parameters_of(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"func", "bench_module", "command"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def mark_saturation(results: dict[str, Any]) -> bool:
+    """Set ``loadgen_saturated`` at the top when any step or phase saw it."""
+    found = bool(results.get("loadgen_saturated"))
+    for value in results.values():
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, dict) and (item.get("loadgen_saturated") or mark_saturation(item)):
+                found = True
+    results["loadgen_saturated"] = found
+    return found
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from roost.bench.stats import machine
+
+    module = importlib.import_module(args.bench_module)
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    results = module.run(args)
+    mark_saturation(results)
+    report = {
+        "scenario": args.scenario,
+        "parameters": parameters_of(args),
+        "machine": machine(),
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "results": results,
+    }
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        from roost.bench.plot import render
+
+        for path in render(args.scenario, results, Path(args.plot)):
+            print(f"plot: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# the readable report
+# --------------------------------------------------------------------------
+
+_STEP_COLUMNS = (
+    "rate_offered", "rate_achieved", "p50_ms", "p99_ms", "p999_ms", "max_ms",
+    "ack_p50_ms", "ack_p99_ms", "receipt_p50_ms", "receipt_p99_ms", "errors", "missing",
+    "server_cpu_pct", "loadgen_cpu_pct",
+)  # fmt: skip
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _print_table(rows: list[dict[str, Any]], out: Any) -> None:
+    columns = [c for c in _STEP_COLUMNS if any(c in r for r in rows)]
+    extra = [k for r in rows for k, v in r.items() if k not in columns and not isinstance(v, (list, dict))]
+    columns += list(dict.fromkeys(extra))
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)), file=out)
+    for row in cells:
+        print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)), file=out)
+
+
+def _print_section(title: str, data: dict[str, Any], out: Any, indent: str = "") -> None:
+    print(f"{indent}{title}:", file=out)
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            print(f"{indent}  {key}:", file=out)
+            _print_table(value, out)
+        elif isinstance(value, dict):
+            _print_section(key, value, out, indent + "  ")
+        elif not isinstance(value, list):
+            print(f"{indent}  {key}: {_fmt(value)}", file=out)
+
+
+def print_report(report: dict[str, Any], out: Any = sys.stdout) -> None:
+    m = report["machine"]
+    print(
+        f"roost bench {report['scenario']}  ({m['cores']} cores, {m['memory_mib']:,} MiB, "
+        f"Python {m['python']}; {report['duration_s']} s)",
+        file=out,
+    )
+    _print_section("results", report["results"], out)
+    if report["results"].get("loadgen_saturated"):
+        print(
+            f"WARNING: a load-generator process used more than {SATURATED_PCT:.0f}% of a core: "
+            "figures may be bounded by the load generator, not the server.",
+            file=out,
+        )
