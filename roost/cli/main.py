@@ -131,13 +131,23 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     from roost.verify.run import NEMESES
 
     p = sub.add_parser("verify", help="run a workload under faults and check the history (no loss, order)")
-    p.add_argument("--embedded", action="store_true", required=True, help="start its own roost serve")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--embedded", action="store_true", help="start its own roost serve (SQLite)")
+    mode.add_argument("--cluster", action="store_true", help="start its own PostgreSQL, Redis and 3 gateways")
+    mode.add_argument(
+        "--url", action="append", help="an existing deployment's gateway (repeatable); client faults only"
+    )
+    p.add_argument(
+        "--store", default=None, help="with --url: postgresql://... or data dir, to add test users"
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds of workload")
     p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--per-process", type=int, default=5, help="clients per client process")
     p.add_argument("--rate", type=float, default=100.0, help="messages per second, all clients together")
     p.add_argument("--seed", type=int, default=1, help="faults and workload are drawn from it")
     p.add_argument("--no", action="append", choices=NEMESES, help="switch a nemesis off (repeatable)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the run's directory (logs, client states)")
     p.set_defaults(func=_verify)
 
 

@@ -1,319 +1,499 @@
-"""``roost verify --embedded``: a workload under faults, then the history check.
+"""``roost verify``: a workload under faults, then the check of the whole history.
 
-K SDK clients (each with its own durable state file) send 1:1 and group
-messages at a steady rate, read some conversations, and record what they sent
-and every message and receipt the SDK showed them. A nemesis drawn from
-``--seed`` kills the server with SIGKILL and restarts it, cuts client
-connections mid-stream, and crashes clients (the client object is abandoned
-without a goodbye; a new one is started from the same state file, so its
-outbox is resent). Then every fault is healed, the run waits until the system
-has converged and ``roost.verify.history.check`` judges the whole history.
+K SDK users run in client processes (:mod:`roost.verify.agent`), a few per
+process, each with its own durable state file. They reach the gateways only
+through fault proxies (:mod:`roost.verify.proxy`). A nemesis drawn from
+``--seed`` breaks things while they send 1:1 and group messages and read
+some conversations:
+
+* server side (:mod:`roost.verify.targets`): kill -9 of the server or of a
+  gateway, Redis restarted empty, PostgreSQL crash-restarted;
+* network: connections torn mid-frame, links or a whole gateway blackholed;
+* clients: a client process killed with SIGKILL (messages still in its
+  outbox) and started again from its state files.
+
+Then every fault is healed, sending stops, the run waits until the system
+has converged, and :func:`roost.verify.history.check` judges the history
+that the clients recorded, completed by what their state files hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
-import secrets
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roost.client import Client, Membership, Message, ReceiptEvent, Sent
-from roost.devcluster.postgres import free_port
-from roost.devcluster.run import wait_healthy
-from roost.verify.history import SYSTEM, History, ReceiptSeen, Report, Shown, check
+from roost.client import Client
+from roost.verify.agent import AgentConfig, UserConfig, read_log
+from roost.verify.history import History, ReceiptSeen, Report, Shown, check
 from roost.verify.history import Sent as SentRecord
+from roost.verify.proxy import FaultProxy
+from roost.verify.targets import (
+    CLIENT_NEMESES,
+    ClusterTarget,
+    EmbeddedTarget,
+    Target,
+    UrlTarget,
+    host_port,
+)
 
-NEMESES = ("kill-server", "cut-connection", "crash-client")
-
-
-class EmbeddedTarget:
-    """A ``roost serve`` subprocess on a free port with its own data dir."""
-
-    def __init__(self, root: Path) -> None:
-        self.data_dir = root / "server"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "roost.cli.main", "serve", "--data-dir", str(self.data_dir),
-                    "--port", str(self.port), "--rate-limit", "0", "--log-level", "warning",
-                ],
-                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        wait_healthy(self.url, self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+NEMESES = ("kill-server", "kill-gateway", "restart-redis", "restart-postgres", *CLIENT_NEMESES)
+# Deliveries of messages sent this close to a fault count as "during faults".
+FAULT_SHADOW = 2.0
 
 
 @dataclass
-class Recorder:
-    """One simulated user: its client and what it recorded."""
-
-    name: str
-    token: str
-    state: Path
-    url: str
-    history: History
-    client: Client | None = None
-    reader: asyncio.Task[None] | None = None
-    index: int = 0
-    acked: dict[str, tuple[str, int, float]] = field(default_factory=dict)
-
-    async def start(self) -> None:
-        self.client = Client(self.url, self.token, state_path=self.state, backoff_cap=1.0)
-        await self.client.connect(timeout=None)
-        self.reader = asyncio.create_task(self._read(self.client))
-
-    async def _read(self, client: Client) -> None:
-        rng = random.Random(self.name)
-        async for event in client.events():
-            now = time.monotonic()
-            if isinstance(event, Message):
-                self.history.shown.append(
-                    Shown(self.name, event.conv, event.seq, event.sender, event.id, now)
-                )
-                if rng.random() < 0.3:
-                    await client.mark_read(event.conv, event.seq)
-            elif isinstance(event, Membership):
-                self.history.shown.append(Shown(self.name, event.conv, event.seq, SYSTEM, "", now))
-            elif isinstance(event, Sent):
-                self.acked[event.message_id] = (event.conv, event.seq, now)
-            elif isinstance(event, ReceiptEvent):
-                self.history.receipts.append(ReceiptSeen(self.name, event.conv, dict(event.marks), now))
-
-    async def send(self, text: str, to: str | None = None, group: str | None = None) -> None:
-        assert self.client is not None
-        message_id = f"{self.name}-{self.index}"
-        self.history.sent.append(SentRecord(self.name, message_id, self.index, time.monotonic()))
-        self.index += 1
-        await self.client.send(text, to=to, group=group, message_id=message_id, wait=False)
-
-    def crash(self) -> None:
-        """Abandon the client without a goodbye, as a killed app would."""
-        if self.client is not None:
-            ws = self.client._ws
-            if ws is not None and ws._writer.transport is not None:  # abort the TCP connection
-                ws._writer.transport.abort()
-            self.client._closing = True
-            if self.client._run_task is not None:
-                self.client._run_task.cancel()
-            self.client.state.close()
-        if self.reader is not None:
-            self.reader.cancel()
-        self.client = None
-
-    async def stop(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-        if self.client is not None:
-            await self.client.close()
+class VerifyConfig:
+    mode: str = "embedded"  # embedded | cluster | url
+    clients: int = 50
+    duration: float = 60.0
+    seed: int = 1
+    rate: float = 100.0  # messages per second, all clients together
+    nemeses: tuple[str, ...] = NEMESES  # those the mode cannot do are ignored
+    per_process: int = 5  # users per client process
+    converge_timeout: float = 90.0
+    urls: list[str] = field(default_factory=list)
+    store: str = ""
 
 
 @dataclass
 class VerifyResult:
+    mode: str
     report: Report
     faults: dict[str, int]
     duration: float
     seed: int
+    latency_quiet_ms: list[float] = field(default_factory=list)
+    latency_faulty_ms: list[float] = field(default_factory=list)
+    redisplayed_after_crash: int = 0
+    converged: bool = True
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "mode": self.mode,
             "seed": self.seed,
             "duration": self.duration,
             "sent": self.report.sent,
             "acked": self.report.acked,
             "delivered": self.report.delivered,
+            "converged": self.converged,
             "faults": self.faults,
             "violations": [
                 {"kind": v.kind, "conv": v.conv, "seq": v.seq, "detail": v.detail}
                 for v in self.report.violations
             ],
             "latency_ms": {
-                "p50": self.report.percentile(50),
-                "p99": self.report.percentile(99),
-                "max": self.report.percentile(100),
+                "all": _marks(self.report.latencies_ms),
+                "outside_faults": _marks(self.latency_quiet_ms),
+                "during_faults": _marks(self.latency_faulty_ms),
             },
+            "redisplayed_after_crash": self.redisplayed_after_crash,
         }
 
 
-async def _add_users(data_dir: Path, names: list[str]) -> dict[str, str]:
-    from roost.service.chat import hash_token, now_ms
-    from roost.store.sqlite import SqliteStore, database_path
+def _percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
-    tokens = {name: "rt_" + secrets.token_urlsafe(24) for name in names}
-    store = SqliteStore(database_path(data_dir))
-    await store.open()
+
+def _marks(values: list[float]) -> dict[str, float | None]:
+    return {"p50": _percentile(values, 50), "p99": _percentile(values, 99), "max": _percentile(values, 100)}
+
+
+def nemeses_for(target: Target, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    possible = (*target.server_nemeses, *CLIENT_NEMESES)
+    return tuple(n for n in wanted if n in possible)
+
+
+# -- client processes ----------------------------------------------------------
+
+
+class AgentProcess:
+    """A client process with a few users; can be killed and started again."""
+
+    def __init__(self, index: int, root: Path, config: AgentConfig) -> None:
+        self.index = index
+        self.root = root
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / f"agent{index}.out"
+
+    @property
+    def status_path(self) -> Path:
+        return Path(self.config.status)
+
+    def start(self) -> None:
+        self.config.incarnation += 1
+        path = self.root / f"agent{self.index}.json"
+        raw = {**self.config.__dict__, "users": [u.__dict__ for u in self.config.users]}
+        path.write_text(json.dumps(raw))
+        self.status_path.unlink(missing_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "roost.verify.agent", str(path)],
+                stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+
+    def status(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.signal(signal.SIGTERM)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+# -- the history ---------------------------------------------------------------
+
+
+def _read_state(path: Path) -> tuple[list[tuple[str, int, str, str]], dict[str, tuple[int, int]]]:
+    """Messages (conv, seq, id, sender) and receipt marks an SDK state file holds."""
+    if not path.exists():
+        return [], {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        await asyncio.gather(*(store.add_user(n, hash_token(t), now_ms()) for n, t in tokens.items()))
+        messages = db.execute("SELECT conv, seq, id, sender FROM messages").fetchall()
+        receipts = {c: (d, r) for c, d, r in db.execute("SELECT conv, all_delivered, all_read FROM receipts")}
     finally:
-        await store.close()
-    return tokens
+        db.close()
+    return messages, receipts
 
 
-async def verify_embedded(
-    clients: int = 50,
-    duration: float = 60.0,
-    seed: int = 1,
-    rate: float = 100.0,
-    nemeses: tuple[str, ...] = NEMESES,
-    converge_timeout: float = 60.0,
-) -> VerifyResult:
-    rng = random.Random(seed)
-    root = Path(tempfile.mkdtemp(prefix="roost-verify-"))
-    target = EmbeddedTarget(root)
-    target.data_dir.mkdir(parents=True)
-    names = [f"v{i}" for i in range(clients)]
-    tokens = await _add_users(target.data_dir, names)
-    target.start()
+def collect(
+    users: dict[str, UserConfig], groups: dict[str, list[str]], with_state: bool
+) -> tuple[History, int]:
+    """Build the run's history from the users' logs (and, at the end, their state files).
+
+    A message the SDK showed, then lost with its process before committing it,
+    is shown again after the restart: that second showing is the first one the
+    user keeps, so a repeat across incarnations is not counted as a duplicate
+    (a repeat within one incarnation is). Returns the history and how many
+    such repeats there were.
+    """
     history = History()
-    users = {n: Recorder(n, tokens[n], root / f"{n}.state", target.url, history) for n in names}
-    faults = dict.fromkeys(nemeses, 0)
-    started = time.monotonic()
-    try:
-        await asyncio.gather(*(u.start() for u in users.values()))
-        # Two groups, created before the workload: members see them from seq 1.
-        groups: list[str] = []
-        for g in range(2):
-            members = rng.sample(names, max(2, clients // 4))
-            owner = users[members[0]]
-            assert owner.client is not None
-            info = await owner.client.create_group(f"group{g}", members[1:])
-            groups.append(info.group)
-            history.members[info.group] = {m: (0, None) for m in info.members}
-        interval = 1.0 / rate
-        next_fault = time.monotonic() + rng.uniform(2, 5)
-        deadline = time.monotonic() + duration
-        while time.monotonic() < deadline:
-            sender = users[rng.choice(names)]
-            if sender.client is not None:
-                mine = [g for g in groups if sender.name in history.members[g]]
-                if mine and rng.random() < 0.2:
-                    await sender.send(f"to the group at {time.monotonic():.3f}", group=rng.choice(mine))
-                else:
-                    peer = rng.choice([n for n in names if n != sender.name])
-                    await sender.send(f"hello {peer}", to=peer)
-            if nemeses and time.monotonic() >= next_fault:
-                await _inject(rng.choice(nemeses), rng, target, users, faults)
-                next_fault = time.monotonic() + rng.uniform(2, 6)
-            await asyncio.sleep(interval)
-        # Heal: server up, every user connected again.
-        if target.proc is None or target.proc.poll() is not None:
-            target.start()
-        for user in users.values():
-            if user.client is None:
-                await user.start()
-        await _converge(history, users, converge_timeout)
-    finally:
-        await asyncio.gather(*(u.stop() for u in users.values()), return_exceptions=True)
-        target.stop()
-    # Fill in what the SDK acked.
-    acked = {mid: info for u in users.values() for mid, info in u.acked.items()}
+    history.members = {g: {m: (0, None) for m in members} for g, members in groups.items()}
+    acked: dict[str, tuple[str, int, float]] = {}
+    redisplayed = 0
+    for name, user in users.items():
+        first_incarnation: dict[tuple[str, int], int] = {}
+        for r in read_log(Path(user.log)):
+            kind = r.get("k")
+            if kind == "sent":
+                history.sent.append(SentRecord(name, r["id"], r["i"], r["t"]))
+            elif kind == "acked":
+                acked[r["id"]] = (r["conv"], r["seq"], r["t"])
+            elif kind == "shown":
+                key = (r["conv"], r["seq"])
+                first = first_incarnation.setdefault(key, r["inc"])
+                if first != r["inc"]:
+                    redisplayed += 1
+                    continue
+                history.shown.append(Shown(name, r["conv"], r["seq"], r["from"], r["id"], r["t"]))
+            elif kind == "receipt":
+                marks = {u: (m[0], m[1]) for u, m in r["marks"].items()}
+                history.receipts.append(ReceiptSeen(name, r["conv"], marks, r["t"]))
+        if with_state:
+            _add_state(history, name, Path(user.state), groups, acked)
     history.sent = [
-        SentRecord(s.sender, s.client_id, s.index, s.t, True, acked[s.client_id][0], acked[s.client_id][1],
-                   acked[s.client_id][2])
+        SentRecord(s.sender, s.client_id, s.index, s.t, True, *acked[s.client_id])
         if s.client_id in acked else s
         for s in history.sent
     ]  # fmt: skip
-    return VerifyResult(check(history), faults, time.monotonic() - started, seed)
+    return history, redisplayed
 
 
-async def _inject(kind: str, rng: random.Random, target: EmbeddedTarget, users: dict[str, Recorder],
-                  faults: dict[str, int]) -> None:  # fmt: skip
-    faults[kind] += 1
-    if kind == "kill-server":
-        target.kill()
-        await asyncio.sleep(rng.uniform(0.2, 1.0))
-        await asyncio.to_thread(target.start)
-    elif kind == "cut-connection":
-        for user in rng.sample(list(users.values()), k=max(1, len(users) // 10)):
-            ws = user.client._ws if user.client is not None else None
-            if ws is not None and ws._writer.transport is not None:
-                ws._writer.transport.abort()
-    elif kind == "crash-client":
-        user = rng.choice(list(users.values()))
-        user.crash()
-        await asyncio.sleep(rng.uniform(0.1, 1.0))
-        await user.start()
+def _add_state(
+    history: History,
+    name: str,
+    state: Path,
+    groups: dict[str, list[str]],
+    acked: dict[str, tuple[str, int, float]],
+) -> None:
+    """What the SDK committed but its process died before recording: own
+    messages that got ✓, and the ticks it last learnt."""
+    messages, receipts = _read_state(state)
+    for conv, seq, message_id, sender in messages:
+        if sender == name and message_id not in acked:
+            acked[message_id] = (conv, seq, 0.0)
+    for conv, (delivered, read) in receipts.items():
+        others = [m for m in groups.get(conv, conv.split(":")[1:]) if m != name]
+        marks = {m: (delivered, read) for m in others}
+        history.receipts.append(ReceiptSeen(name, conv, marks, time.monotonic()))
 
 
-async def _converge(history: History, users: dict[str, Recorder], timeout: float) -> None:
-    """Wait until outboxes are empty and the history check finds nothing missing."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        pending = sum(len(u.client.pending_outbox()) for u in users.values() if u.client is not None)
-        if pending == 0:
-            acked = {mid: info for u in users.values() for mid, info in u.acked.items()}
-            snapshot = History(
-                [
-                    SentRecord(s.sender, s.client_id, s.index, s.t, True, *acked[s.client_id])
-                    if s.client_id in acked else s
-                    for s in history.sent
-                ],
-                list(history.shown),
-                list(history.receipts),
-                history.members,
+def split_latencies(history: History, windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Delivery latencies of messages sent outside / inside (or just after) a fault."""
+    sent_at = {(s.sender, s.client_id): s.t for s in history.sent}
+    quiet: list[float] = []
+    faulty: list[float] = []
+    seen: set[tuple[str, str, int]] = set()
+    for sh in history.shown:
+        t0 = sent_at.get((sh.sender, sh.client_id))
+        key = (sh.recipient, sh.conv, sh.seq)
+        if t0 is None or key in seen:
+            continue
+        seen.add(key)
+        during = any(start <= t0 <= end + FAULT_SHADOW for start, end in windows)
+        (faulty if during else quiet).append((sh.t - t0) * 1000)
+    return quiet, faulty
+
+
+# -- the run -------------------------------------------------------------------
+
+
+def make_target(config: VerifyConfig, root: Path) -> Target:
+    if config.mode == "embedded":
+        return EmbeddedTarget(root)
+    if config.mode == "cluster":
+        return ClusterTarget(root)
+    if config.mode == "url":
+        if not config.urls or not config.store:
+            raise ValueError("--url needs at least one URL and --store (where to create the test users)")
+        return UrlTarget(config.urls, config.store)
+    raise ValueError(f"unknown mode {config.mode!r}")
+
+
+class Run:
+    def __init__(self, config: VerifyConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.root = Path(tempfile.mkdtemp(prefix="roost-verify-"))
+        self.target = make_target(config, self.root)
+        self.nemeses = nemeses_for(self.target, config.nemeses)
+        self.faults = dict.fromkeys(self.nemeses, 0)
+        self.windows: list[tuple[float, float]] = []
+        self.proxies: list[FaultProxy] = []
+        self.agents: list[AgentProcess] = []
+        self.users: dict[str, UserConfig] = {}
+        self.groups: dict[str, list[str]] = {}
+        self.background: set[asyncio.Task[None]] = set()
+
+    async def setup(self) -> None:
+        await asyncio.to_thread(self.target.start)
+        tag = f"{self.config.seed % 1000}{self.rng.randrange(36**4):04x}"
+        names = [f"v{tag}-{i}" for i in range(self.config.clients)]
+        tokens = await self.target.add_users(names)
+        for url in self.target.urls:
+            proxy = FaultProxy(*host_port(url))
+            await proxy.start()
+            self.proxies.append(proxy)
+        self.users = {
+            n: UserConfig(n, tokens[n], str(self.root / f"{n}.state"), str(self.root / f"{n}.log"))
+            for n in names
+        }
+        await self._create_groups(names)
+        per = max(1, self.config.per_process)
+        for index, start in enumerate(range(0, len(names), per)):
+            chunk = [self.users[n] for n in names[start : start + per]]
+            agent = AgentConfig(
+                urls=[p.url for p in self.proxies], users=chunk, peers=names, groups=self.groups,
+                rate=self.config.rate * len(chunk) / len(names), seed=self.config.seed, incarnation=0,
+                status=str(self.root / f"agent{index}.status"),
             )  # fmt: skip
-            kinds = {v.kind for v in check(snapshot).violations}
+            self.agents.append(AgentProcess(index, self.root, agent))
+        for agent in self.agents:
+            agent.start()
+
+    async def _create_groups(self, names: list[str]) -> None:
+        """Two groups, made before the workload through the owner's own SDK state."""
+        for g in range(2):
+            members = self.rng.sample(names, max(2, len(names) // 4))
+            owner = self.users[members[0]]
+            async with Client(self.target.urls, owner.token, state_path=owner.state) as client:
+                info = await client.create_group(f"group{g}", members[1:])
+            self.groups[info.group] = list(info.members)
+
+    async def workload(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.duration
+        next_fault = loop.time() + self.rng.uniform(2, 5)
+        while loop.time() < deadline:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
+            for agent in self.agents:  # a client process that died on its own is a bug, not a fault
+                if not agent.alive() and agent.proc is not None and agent.proc.returncode != -signal.SIGKILL:
+                    raise RuntimeError(f"client process {agent.index} exited with {agent.proc.returncode}")
+            if self.nemeses and loop.time() >= next_fault:
+                await self.inject(self.rng.choice(self.nemeses))
+                next_fault = loop.time() + self.rng.uniform(2, 6)
+
+    async def inject(self, kind: str) -> None:
+        self.faults[kind] += 1
+        start = time.monotonic()
+        if kind == "cut-connection":
+            for proxy in self.proxies:
+                proxy.cut(self.rng, 0.2)
+        elif kind == "blackhole":
+            proxy = self.rng.choice(self.proxies)
+            seconds = self.rng.uniform(1.0, 6.0)
+            whole = self.rng.random() < 0.3
+            task = asyncio.create_task(proxy.blackhole(self.rng, 0.3, seconds, whole))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+            self.windows.append((start, start + seconds))
+            return
+        elif kind == "crash-client":
+            agent = self.rng.choice(self.agents)
+            agent.kill()
+            await asyncio.sleep(self.rng.uniform(0.1, 1.5))
+            agent.start()
+        else:
+            await self.target.inject(kind, self.rng)
+        self.windows.append((start, time.monotonic()))
+
+    async def heal_and_converge(self) -> bool:
+        for agent in self.agents:
+            agent.signal(signal.SIGUSR1)  # stop sending
+        for task in list(self.background):
+            with contextlib.suppress(Exception):
+                await task
+        await self.target.heal()
+        for agent in self.agents:
+            if not agent.alive():
+                agent.start()
+                await asyncio.sleep(0.5)
+                agent.signal(signal.SIGUSR1)
+        return await self._converge()
+
+    async def _converge(self) -> bool:
+        """Until every outbox is empty and nothing is missing any more."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.converge_timeout
+        while loop.time() < deadline:
+            await asyncio.sleep(0.5)
+            statuses = [a.status() for a in self.agents]
+            if any(s is None for s in statuses):
+                continue
+            if any(u["pending"] or not u["connected"] for s in statuses if s for u in s.values()):
+                continue
+            history, _ = collect(self.users, self.groups, with_state=False)
+            kinds = {v.kind for v in check(history).violations}
             if not kinds & {"lost", "missing_receipt", "gap"}:
-                return
-        await asyncio.sleep(0.5)
+                return True
+        return False
+
+    async def finish(self) -> tuple[History, int]:
+        await asyncio.gather(*(asyncio.to_thread(a.stop) for a in self.agents))
+        return collect(self.users, self.groups, with_state=True)
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            agent.kill()
+        for proxy in self.proxies:
+            await proxy.stop()
+        await asyncio.to_thread(self.target.stop)
+
+
+async def verify(config: VerifyConfig, keep: bool = False) -> VerifyResult:
+    run = Run(config)
+    started = time.monotonic()
+    try:
+        await run.setup()
+        await run.workload()
+        converged = await run.heal_and_converge()
+        history, redisplayed = await run.finish()
+    finally:
+        await run.close()
+        if not keep:
+            shutil.rmtree(run.root, ignore_errors=True)
+    report = check(history)
+    quiet, faulty = split_latencies(history, run.windows)
+    return VerifyResult(
+        config.mode, report, run.faults, time.monotonic() - started, config.seed,
+        quiet, faulty, redisplayed, converged,
+    )  # fmt: skip
+
+
+async def verify_embedded(
+    clients: int = 50, duration: float = 60.0, seed: int = 1, rate: float = 100.0,
+    nemeses: tuple[str, ...] = NEMESES,
+) -> VerifyResult:  # fmt: skip
+    return await verify(VerifyConfig("embedded", clients, duration, seed, rate, nemeses))
 
 
 def format_report(result: VerifyResult) -> str:
     r = result.report
-    marks = (("p50", r.percentile(50)), ("p99", r.percentile(99)), ("max", r.percentile(100)))
+
+    def line(name: str, values: list[float]) -> str:
+        marks = _marks(values)
+        shown = ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in marks.items())
+        return f"latency ms {name} ({len(values)}): {shown}"
+
+    kinds: dict[str, int] = defaultdict(int)
+    for v in r.violations:
+        kinds[v.kind] += 1
     lines = [
-        f"roost verify (embedded) seed={result.seed} duration={result.duration:.1f}s",
+        f"roost verify ({result.mode}) seed={result.seed} duration={result.duration:.1f}s",
         f"sent {r.sent}, acked {r.acked}, delivered (message x recipient) {r.delivered}",
-        "faults: " + ", ".join(f"{k} {v}" for k, v in result.faults.items()),
-        "latency ms: "
-        + ", ".join(f"{name} {value:.1f}" if value is not None else f"{name} -" for name, value in marks),
-        f"violations: {len(r.violations)}",
+        "faults: " + (", ".join(f"{k} {v}" for k, v in result.faults.items()) or "none"),
+        line("all", r.latencies_ms),
+        line("outside faults", result.latency_quiet_ms),
+        line("during faults", result.latency_faulty_ms),
+        f"shown again after a client crash (not kept before it): {result.redisplayed_after_crash}",
+        f"converged: {'yes' if result.converged else 'NO (timed out)'}",
+        f"violations: {len(r.violations)}" + (f" {dict(kinds)}" if kinds else ""),
     ]
     lines += [f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" for v in r.violations[:50]]
     return "\n".join(lines)
 
 
 def run_cli(args: Any) -> int:
+    mode = "cluster" if args.cluster else "url" if args.url else "embedded"
     nemeses = tuple(n for n in NEMESES if n not in (args.no or []))
-    result = asyncio.run(
-        verify_embedded(
-            clients=args.clients, duration=args.duration, seed=args.seed, rate=args.rate, nemeses=nemeses
-        )
-    )
+    config = VerifyConfig(
+        mode=mode, clients=args.clients, duration=args.duration, seed=args.seed, rate=args.rate,
+        nemeses=nemeses, per_process=args.per_process, urls=args.url or [], store=args.store or "",
+    )  # fmt: skip
+    try:
+        result = asyncio.run(verify(config, keep=args.keep))
+    except ValueError as exc:
+        print(f"roost verify: {exc}", file=sys.stderr)
+        return 2
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.as_json(), indent=2))
+    return exit_code(result, nemeses_wanted=bool(nemeses))
+
+
+def exit_code(result: VerifyResult, nemeses_wanted: bool) -> int:
     r = result.report
     if r.violations:
         return 1
-    if r.acked == 0 or (nemeses and sum(result.faults.values()) == 0):
+    if r.acked == 0 or (nemeses_wanted and result.faults and sum(result.faults.values()) == 0):
         print("not a meaningful run: nothing acked or no fault injected", file=sys.stderr)
         return 1
     return 0
