@@ -63,16 +63,19 @@ def parameters_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def any_saturated(data: Any) -> bool:
+    """Whether any step or phase anywhere in ``data`` flagged ``loadgen_saturated``."""
+    if isinstance(data, dict):
+        return bool(data.get("loadgen_saturated")) or any(any_saturated(v) for v in data.values())
+    if isinstance(data, list):
+        return any(any_saturated(v) for v in data)
+    return False
+
+
 def mark_saturation(results: dict[str, Any]) -> bool:
     """Set ``loadgen_saturated`` at the top when any step or phase saw it."""
-    found = bool(results.get("loadgen_saturated"))
-    for value in results.values():
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, dict) and (item.get("loadgen_saturated") or mark_saturation(item)):
-                found = True
-    results["loadgen_saturated"] = found
-    return found
+    results["loadgen_saturated"] = any_saturated(results)
+    return results["loadgen_saturated"]
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -123,9 +126,10 @@ def _fmt(value: Any) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], out: Any) -> None:
-    columns = [c for c in _STEP_COLUMNS if any(c in r for r in rows)]
-    extra = [k for r in rows for k, v in r.items() if k not in columns and not isinstance(v, (list, dict))]
-    columns += list(dict.fromkeys(extra))
+    # The main figures only: the JSON report has every field.
+    columns = [c for c in _STEP_COLUMNS if any(c in r for r in rows)] or [
+        k for k, v in rows[0].items() if not isinstance(v, (list, dict))
+    ]
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)), file=out)
