@@ -111,6 +111,7 @@ def run_cli(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 _STEP_COLUMNS = (
+    "label", "online_receivers", "posts_complete",
     "rate_offered", "rate_achieved", "p50_ms", "p99_ms", "p999_ms", "max_ms",
     "ack_p50_ms", "ack_p99_ms", "receipt_p50_ms", "receipt_p99_ms", "errors", "missing",
     "server_cpu_pct", "loadgen_cpu_pct",

@@ -282,6 +282,16 @@ class Worker:
         self.errors: Counter[str] = Counter()
         self.waiters: dict[str, asyncio.Future[Any]] = {}
         self.http: aiohttp.ClientSession | None = None
+        # (CPU seconds, wall time) at the start of the current collect window
+        self.cpu_mark = (time.process_time(), time.monotonic())
+
+    def cpu_window(self, restart: bool = False) -> float:
+        """CPU% since the last mark (100 = one core); ``restart`` starts a new window."""
+        cpu, wall = time.process_time(), time.monotonic()
+        pct = 100.0 * (cpu - self.cpu_mark[0]) / max(wall - self.cpu_mark[1], 1e-9)
+        if restart:
+            self.cpu_mark = (cpu, wall)
+        return pct
 
     def resolve(self, ref: str, frame: Any) -> None:
         waiter = self.waiters.pop(ref, None) if ref else None
@@ -399,6 +409,7 @@ class Worker:
     async def cmd_collect_start(self) -> dict[str, Any]:
         """From now on count bench messages per device (and acks of own sends)."""
         self.mode = Collect()
+        self.cpu_window(restart=True)
         return {"ok": True}
 
     async def cmd_send_bulk(self, sends: list[list[Any]], prefix: str, body_size: int) -> dict[str, Any]:
@@ -464,19 +475,20 @@ class Worker:
         return {"group": frame.group, "members": len(frame.members)}
 
     async def cmd_group_post(
-        self, sender: str, group: str, count: int, interval: float, prefix: str, body_size: int
+        self, sender: str, group: str, first: int, count: int, interval: float, prefix: str, body_size: int
     ) -> dict[str, Any]:
-        """``count`` posts ``interval`` s apart; returns when the last is acked."""
+        """Posts ids ``prefix-first`` onwards, ``interval`` s apart; returns at the last ack."""
         mode = self.mode
         assert isinstance(mode, Collect), "collect_start first"
         conn = self.conns[sender]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for i in range(count):
+        for i in range(first, first + count):
             message_id = f"{prefix}-{i}"
-            if i == count - 1:
+            if i == first + count - 1:
                 mode.ack_waiters[message_id] = waiter
             conn.write(encode(f.Send(id=message_id, body=make_body(body_size), conv=group)))
-            await asyncio.sleep(interval)
+            if i < first + count - 1:
+                await asyncio.sleep(interval)
         await asyncio.wait_for(waiter, 60)
         return {"sent": count}
 
@@ -493,14 +505,17 @@ class Worker:
             await asyncio.sleep(0.01)
         return {
             "per_id": {i: mode.per_id.get(i, [0, 0]) for i in ids},
+            "cpu_pct": self.cpu_window(),
             "per_device": dict(mode.per_device),
             "duplicates": mode.duplicates,
             "errors": sum(self.errors.values()),
             "error_codes": dict(self.errors),
         }
 
-    async def cmd_cpu(self) -> dict[str, Any]:
-        return {"cpu_seconds": time.process_time()}
+    async def cmd_cpu_mark(self) -> dict[str, Any]:
+        """Start a new CPU window (reported by every ``collect_wait`` until the next mark)."""
+        self.cpu_window(restart=True)
+        return {"ok": True}
 
     async def cmd_close_all(self) -> dict[str, Any]:
         closed = await self.cmd_disconnect(list(self.conns))
