@@ -45,10 +45,9 @@ def test_offline_drain_receives_every_message_once(tmp_path: Path) -> None:
     assert r["duplicates"] == 0 and r["errors"] == 0
     assert r["connected"] == r["recipients"] == 6
     assert 0 < r["drain_seconds"] < 30
-    assert (
-        r["rate_achieved"] == round(600 / r["drain_seconds"], 1)
-        or abs(r["rate_achieved"] * r["drain_seconds"] - 600) < 5
-    )
+    # drain_seconds is rounded to the millisecond in the report: allow for that error
+    seconds = r["drain_seconds"]
+    assert abs(r["rate_achieved"] - 600 / seconds) <= 600 * 0.0005 / (seconds * (seconds - 0.0005)) + 1
     assert r["queue_rate"] > 0 and r["server_cpu_pct"] > 0
 
 
