@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from roost.cli import client_commands
 
     client_commands.register(sub)
+    from roost.cli import simulate
+
+    simulate.register(sub)
     from roost.bench import cli as bench
 
     bench.register(sub)

@@ -136,9 +136,11 @@ class SimStore(SqliteStore):
             self._start_batch()
 
     def _committed(self, results: list[tuple[bool, Any]]) -> None:
+        seen: set[int] = set()  # folded acks share one result
         for ok, value in results:
-            if not ok:
+            if not ok or id(value) in seen:
                 continue
+            seen.add(id(value))
             if isinstance(value, StoredMessage) and not value.duplicate:
                 sender = value.sender or "(system)"
                 self._emit("commit", f"{value.conv}#{value.seq} id={value.client_id} from={sender}")

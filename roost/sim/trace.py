@@ -7,6 +7,7 @@ conversations and users of its violations, oldest first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import msgspec
@@ -81,7 +82,7 @@ def _frame_text(kind: str, data: bytes) -> str:
             seqs = ",".join(str(m.seq) for m in frame.messages)
             return f"history_page {frame.conv} [{seqs}] first={frame.first_seq} last={frame.last_seq}"
         case f.Error():
-            return f"error {frame.code} ref={frame.ref} {frame.message}"
+            return f"error {frame.code} ref={request_ref(frame.ref)} {frame.message}"
         case f.Auth():
             return "auth"
         case f.Welcome():
@@ -89,6 +90,14 @@ def _frame_text(kind: str, data: bytes) -> str:
         case f.GroupState():
             return f"group {frame.group} members={','.join(frame.members)}"
     return type(frame).__name__
+
+
+_RANDOM_REF = re.compile(r"(fill-)?[0-9a-f]{12,32}")
+
+
+def request_ref(ref: str) -> str:
+    # The SDK names its requests with random uuids: not part of a replay.
+    return "(request)" if _RANDOM_REF.fullmatch(ref) else ref
 
 
 def describe(event: Event) -> str:

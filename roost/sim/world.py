@@ -36,31 +36,15 @@ from roost.client import Client, Membership, Message, ReceiptEvent, Sent
 from roost.client.events import Connected, Disconnected, ErrorEvent
 from roost.service.chat import ServiceConfig, hash_token
 from roost.sim.cluster import Gateway, Router
+from roost.sim.faults import DEFAULT_FAULTS
 from roost.sim.loop import VirtualClockLoop
 from roost.sim.net import Connection
 from roost.sim.store import SimStore
-from roost.sim.trace import Trace
+from roost.sim.trace import Trace, request_ref
 from roost.verify.history import SYSTEM, History, ReceiptSeen, Report, Shown, Violation, check
 from roost.verify.history import Sent as SentRecord
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
-FAULT_KINDS = (
-    "cut",
-    "partition",
-    "client-crash",
-    "server-kill",
-    "store-fail",
-    "store-crash",
-    "gateway-kill",
-    "store-crash-after-commit",
-    "registry-restart",
-    "registry-stale",
-)
-# Off by default, because each finds a gap of the current code that CI would
-# always trip on (docs/simulation.md, "What it found"); enable them with
-# ``roost simulate --faults all``.
-KNOWN_GAPS = ("gateway-kill", "store-crash-after-commit", "registry-restart", "registry-stale")
-DEFAULT_FAULTS = tuple(k for k in FAULT_KINDS if k not in KNOWN_GAPS)
 SETTLE_SECONDS = 20.0  # virtual time after the workload for everything to heal and drain
 
 
@@ -282,7 +266,7 @@ class SimUser:
         elif isinstance(event, ReceiptEvent):
             history.receipts.append(ReceiptSeen(self.name, event.conv, dict(event.marks), now))
         elif isinstance(event, ErrorEvent):
-            world.record("error", self.name, f"{event.code} {event.message} ref={event.ref}")
+            world.record("error", self.name, f"{event.code} {event.message} ref={request_ref(event.ref)}")
         elif isinstance(event, Connected | Disconnected):
             pass  # the connection events are traced by the network
 
@@ -393,6 +377,7 @@ class World:
         self.faults: dict[str, int] = {}
         self.errors: list[str] = []
         self.conn_ids = 0
+        self.finished = False  # the verdict is in; tearing down is not part of the run
         self.store = SimStore(_rng(self.seed, "store"), self._store_event)
         self.router = Router(_rng(self.seed, "router"), self.record)
         config = ServiceConfig(window=scenario.window, rate=0.0, presence_debounce=3.0)
@@ -406,7 +391,8 @@ class World:
         return asyncio.get_running_loop().time()
 
     def record(self, kind: str, who: str, detail: str | bytes) -> None:
-        self.trace.add(self.now(), kind, who, detail)
+        if not self.finished:
+            self.trace.add(self.now(), kind, who, detail)
 
     def _store_event(self, kind: str, detail: str) -> None:
         self.record(kind, "store", detail)
@@ -436,6 +422,7 @@ class World:
             if user.client is not None:
                 while not user.client._events.empty():
                     user._record(user.client, user.client._events.get_nowait())
+        self.finished = True
         return self._result()
 
     async def _setup(self) -> None:
