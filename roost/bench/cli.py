@@ -24,6 +24,8 @@ from roost.bench import SCENARIOS
 
 # A worker above this share of one core is the bottleneck, not the server.
 SATURATED_PCT = 90.0
+# All cores this busy: the figures describe a CPU-starved machine.
+MACHINE_BUSY_PCT = 95.0
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +74,22 @@ def any_saturated(data: Any) -> bool:
     return False
 
 
+def max_machine_busy(data: Any) -> float:
+    """The highest ``machine_busy_pct`` (all cores, any process) anywhere in ``data``."""
+    if isinstance(data, dict):
+        own = data.get("machine_busy_pct", 0.0)
+        return max([own, *(max_machine_busy(v) for v in data.values())])
+    if isinstance(data, list):
+        return max((max_machine_busy(v) for v in data), default=0.0)
+    return 0.0
+
+
 def mark_saturation(results: dict[str, Any]) -> bool:
-    """Set ``loadgen_saturated`` at the top when any step or phase saw it."""
+    """Set ``loadgen_saturated`` at the top when any step or phase saw it, and
+    ``machine_saturated`` when every core was busy (the server and the load
+    generator then competed for CPU, with each other or with other runs)."""
     results["loadgen_saturated"] = any_saturated(results)
+    results["machine_saturated"] = max_machine_busy(results) > MACHINE_BUSY_PCT
     return results["loadgen_saturated"]
 
 
@@ -114,7 +129,7 @@ _STEP_COLUMNS = (
     "label", "online_receivers", "posts_complete",
     "rate_offered", "rate_achieved", "p50_ms", "p99_ms", "p999_ms", "max_ms",
     "ack_p50_ms", "ack_p99_ms", "receipt_p50_ms", "receipt_p99_ms", "errors", "missing",
-    "server_cpu_pct", "loadgen_cpu_pct",
+    "server_cpu_pct", "server_cpu_us_per_msg", "loadgen_cpu_pct", "machine_busy_pct",
 )  # fmt: skip
 
 
@@ -162,5 +177,11 @@ def print_report(report: dict[str, Any], out: Any = sys.stdout) -> None:
         print(
             f"WARNING: a load-generator process used more than {SATURATED_PCT:.0f}% of a core: "
             "figures may be bounded by the load generator, not the server.",
+            file=out,
+        )
+    if report["results"].get("machine_saturated"):
+        print(
+            f"WARNING: all cores were more than {MACHINE_BUSY_PCT:.0f}% busy during a measurement: "
+            "server and load generator competed for CPU (see machine_busy_pct).",
             file=out,
         )

@@ -148,6 +148,7 @@ async def post_phase(
         "duplicates": sum(r["duplicates"] for r in replies),
         "errors": sum(r["errors"] for r in replies),
         "server_cpu_pct": server["cpu_avg_pct"],
+        "machine_busy_pct": server["machine_busy_pct"],
         **loadgen_figures(replies),
         "cdf": cdf_points(time_to_all),
     }

@@ -141,5 +141,6 @@ async def drain(
         "server_cpu_pct": server["cpu_avg_pct"],
         "server_cpu_peak_pct": server["cpu_peak_pct"],
         "server_rss_peak_kib": server["rss_peak_kib"],
+        "machine_busy_pct": server["machine_busy_pct"],
         **loadgen_figures(replies),
     }

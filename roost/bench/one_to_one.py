@@ -153,7 +153,10 @@ def step_figures(
         **latency_summary(ack_ms, "ack_"),
         **latency_summary(receipt_ms, "receipt_"),
         "server_cpu_pct": server["cpu_avg_pct"],
+        # CPU time per delivered message: comparable across runs on a noisy machine
+        "server_cpu_us_per_msg": round(1e6 * server["cpu_seconds"] / received, 1) if received else 0.0,
         "server_rss_peak_kib": server["rss_peak_kib"],
+        "machine_busy_pct": server["machine_busy_pct"],
         **loadgen_figures(replies),
         "cdf": cdf_points(msg_ms),
     }

@@ -64,6 +64,14 @@ def rss_kib(pid: int) -> int:
         return int(f.read().split()[1]) * _PAGE_KIB
 
 
+def machine_cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
@@ -93,9 +101,12 @@ class ProcSampler:
     _thread: threading.Thread | None = None
     _last: dict[int, tuple[float, float]] = field(default_factory=dict)
     _first: dict[int, float] = field(default_factory=dict)
+    _machine: tuple[int, int] = (0, 0)
+    machine_busy_pct: float = 0.0
 
     def start(self) -> ProcSampler:
         self.started = time.monotonic()
+        self._machine = machine_cpu_times()
         for pid in self.pids:
             self.stats[pid] = ProcStats()
             self._sample(pid, self.started)
@@ -129,6 +140,9 @@ class ProcSampler:
         if self._thread is not None:
             self._thread.join()
         self.stopped = time.monotonic()
+        busy, total = machine_cpu_times()
+        if total > self._machine[1]:
+            self.machine_busy_pct = 100.0 * (busy - self._machine[0]) / (total - self._machine[1])
         for pid in self.pids:
             self._sample(pid, self.stopped)
         return self.summary()
@@ -142,6 +156,8 @@ class ProcSampler:
             "cpu_peak_pct": round(sum(e.cpu_peak_pct for e in entries), 1),
             "rss_peak_kib": sum(e.rss_peak_kib for e in entries),
             "cpu_seconds": round(sum(e.cpu_seconds for e in entries), 3),
+            # share of all cores busy with anything (other runs on a shared machine included)
+            "machine_busy_pct": round(self.machine_busy_pct, 1),
         }
 
 
