@@ -114,7 +114,8 @@ async def run_step(
 ) -> dict[str, Any]:
     total_pairs = sum(len(s) for s in shares)
     start_at = time.monotonic() + 0.3
-    sampler = ProcSampler(target.server_pids() + target.backend_pids()).start()
+    gateways = ProcSampler(target.server_pids()).start()
+    backend = ProcSampler(target.backend_pids()).start()
     replies = await pool.all(
         "traffic",
         [
@@ -126,13 +127,15 @@ async def run_step(
             for share in shares
         ],
     )  # fmt: skip
-    server = sampler.stop()
+    server = gateways.stop()
+    server["backend_cpu_pct"] = backend.stop()["cpu_avg_pct"]
     return step_figures(rate, start_at, replies, server)
 
 
 def step_figures(
     rate: float, start_at: float, replies: list[dict[str, Any]], server: dict[str, float]
 ) -> dict[str, Any]:
+    """One step's report; ``server`` is the gateways' ``ProcSampler`` summary (+ ``backend_cpu_pct``)."""
     sent = sum(r["sent"] for r in replies)
     received = sum(r["received"] for r in replies)
     end = max(max(r["last_msg"] for r in replies), max(r["stop_sending"] for r in replies))
@@ -152,7 +155,8 @@ def step_figures(
         **latency_summary(msg_ms),
         **latency_summary(ack_ms, "ack_"),
         **latency_summary(receipt_ms, "receipt_"),
-        "server_cpu_pct": server["cpu_avg_pct"],
+        "server_cpu_pct": server["cpu_avg_pct"],  # the gateway processes
+        "backend_cpu_pct": server.get("backend_cpu_pct", 0.0),  # PostgreSQL + Redis in cluster mode
         # CPU time per delivered message: comparable across runs on a noisy machine
         "server_cpu_us_per_msg": round(1e6 * server["cpu_seconds"] / received, 1) if received else 0.0,
         "server_rss_peak_kib": server["rss_peak_kib"],
