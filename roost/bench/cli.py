@@ -129,7 +129,7 @@ _STEP_COLUMNS = (
     "label", "online_receivers", "posts_complete",
     "rate_offered", "rate_achieved", "p50_ms", "p99_ms", "p999_ms", "max_ms",
     "ack_p50_ms", "ack_p99_ms", "receipt_p50_ms", "receipt_p99_ms", "errors", "missing",
-    "server_cpu_pct", "server_cpu_us_per_msg", "loadgen_cpu_pct", "machine_busy_pct",
+    "server_cpu_pct", "server_cpu_us_per_msg", "loadgen_cpu_pct", "send_lag_p99_ms", "machine_busy_pct",
 )  # fmt: skip
 
 

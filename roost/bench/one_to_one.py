@@ -155,6 +155,8 @@ def step_figures(
         **latency_summary(msg_ms),
         **latency_summary(ack_ms, "ack_"),
         **latency_summary(receipt_ms, "receipt_"),
+        # how late the load generator sent against its schedule (should stay ~2 ms)
+        "send_lag_p99_ms": latency_summary([us / 1000.0 for r in replies for us in r["lag_us"]])["p99_ms"],
         "server_cpu_pct": server["cpu_avg_pct"],  # the gateway processes
         "backend_cpu_pct": server.get("backend_cpu_pct", 0.0),  # PostgreSQL + Redis in cluster mode
         # CPU time per delivered message: comparable across runs on a noisy machine

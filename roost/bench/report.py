@@ -27,6 +27,7 @@ STEP_COLUMNS = [
     ("server_cpu_us_per_msg", "gateway µs/msg"),
     ("backend_cpu_pct", "PG+Redis CPU %"),
     ("loadgen_cpu_pct", "loadgen CPU % (busiest)"),
+    ("send_lag_p99_ms", "send lag p99 ms"),
     ("machine_busy_pct", "machine busy %"),
 ]
 

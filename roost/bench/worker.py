@@ -189,6 +189,7 @@ class Traffic(Mode):
     # (sender, conv) -> [(seq, send time)] awaiting ✓✓, ascending seq
     awaiting: dict[tuple[str, str], deque[tuple[int, float]]] = field(default_factory=dict)
     received: set[str] = field(default_factory=set)
+    lag_us: list[int] = field(default_factory=list)  # per send burst: behind schedule by
     duplicates: int = 0
     acked: int = 0
     last_msg: float = 0.0
@@ -373,6 +374,7 @@ class Worker:
             "msg_us": mode.msg_us,
             "ack_us": mode.ack_us,
             "receipt_us": mode.receipt_us,
+            "lag_us": mode.lag_us,
             "cpu_seconds": cpu,
             "cpu_pct": 100.0 * cpu / max(wall, 1e-9),
             "send_cpu_pct": 100.0 * cpu / max(wall, 1e-9),
@@ -388,14 +390,21 @@ class Worker:
         body_size: int,
         step: int,
     ) -> int:
-        """Open loop: send whatever is due every ~2 ms, whatever came back or not."""
+        """Open loop: send whatever is due every ~2 ms, whatever came back or not.
+
+        Latency is measured from the actual send; how late a message left
+        against its schedule goes to ``mode.lag_us``, so a late load generator
+        (which would hide server latency) shows in the report.
+        """
         sent = 0
         total = int(rate * duration)
         n = len(senders)
         sent_times = mode.sent_times
         while sent < total:
-            elapsed = time.monotonic() - start_at
-            due = min(total, int(rate * elapsed)) - sent
+            now = time.monotonic()
+            due = min(total, int(rate * (now - start_at))) - sent
+            if due > 0:
+                mode.lag_us.append(micros(now - (start_at + sent / rate)))
             for _ in range(due):
                 conn, peer = senders[sent % n]
                 message_id = f"{step}-{sent}"
