@@ -149,6 +149,8 @@ async def post_phase(
         "errors": sum(r["errors"] for r in replies),
         "server_cpu_pct": server["cpu_avg_pct"],
         "machine_busy_pct": server["machine_busy_pct"],
+        "server_loop_cpu_pct": server["main_thread_cpu_pct"],
+        "server_threads_cpu_pct": server["other_threads_cpu_pct"],
         **loadgen_figures(replies),
         "cdf": cdf_points(time_to_all),
     }

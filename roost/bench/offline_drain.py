@@ -142,5 +142,7 @@ async def drain(
         "server_cpu_peak_pct": server["cpu_peak_pct"],
         "server_rss_peak_kib": server["rss_peak_kib"],
         "machine_busy_pct": server["machine_busy_pct"],
+        "server_loop_cpu_pct": server["main_thread_cpu_pct"],
+        "server_threads_cpu_pct": server["other_threads_cpu_pct"],
         **loadgen_figures(replies),
     }

@@ -159,6 +159,9 @@ def step_figures(
         "send_lag_p99_ms": latency_summary([us / 1000.0 for r in replies for us in r["lag_us"]])["p99_ms"],
         "server_cpu_pct": server["cpu_avg_pct"],  # the gateway processes
         "backend_cpu_pct": server.get("backend_cpu_pct", 0.0),  # PostgreSQL + Redis in cluster mode
+        # the gateways' event loops vs their other threads (SQLite writer and readers)
+        "server_loop_cpu_pct": server["main_thread_cpu_pct"],
+        "server_threads_cpu_pct": server["other_threads_cpu_pct"],
         # CPU time per delivered message: comparable across runs on a noisy machine
         "server_cpu_us_per_msg": round(1e6 * server["cpu_seconds"] / received, 1) if received else 0.0,
         "server_rss_peak_kib": server["rss_peak_kib"],

@@ -25,6 +25,8 @@ STEP_COLUMNS = [
     ("errors", "errors"),
     ("server_cpu_pct", "gateway CPU %"),
     ("server_cpu_us_per_msg", "gateway µs/msg"),
+    ("server_loop_cpu_pct", "of which event loop %"),
+    ("server_threads_cpu_pct", "store threads %"),
     ("backend_cpu_pct", "PG+Redis CPU %"),
     ("loadgen_cpu_pct", "loadgen CPU % (busiest)"),
     ("send_lag_p99_ms", "send lag p99 ms"),
@@ -41,6 +43,8 @@ GROUP_COLUMNS = [
     ("reconnect_drain_seconds", "offline half drained in s"),
     ("offline_received_all", "offline half got all"),
     ("server_cpu_pct", "server CPU %"),
+    ("server_loop_cpu_pct", "of which event loop %"),
+    ("server_threads_cpu_pct", "store threads %"),
     ("machine_busy_pct", "machine busy %"),
 ]
 
@@ -54,6 +58,8 @@ DRAIN_COLUMNS = [
     ("missing", "missing"),
     ("duplicates", "duplicates"),
     ("server_cpu_pct", "server CPU %"),
+    ("server_loop_cpu_pct", "of which event loop %"),
+    ("server_threads_cpu_pct", "store threads %"),
     ("machine_busy_pct", "machine busy %"),
 ]
 

@@ -58,6 +58,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process (thread id -> seconds)."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process in KiB."""
     with open(f"/proc/{pid}/statm", "rb") as f:
@@ -103,10 +121,16 @@ class ProcSampler:
     _first: dict[int, float] = field(default_factory=dict)
     _machine: tuple[int, int] = (0, 0)
     machine_busy_pct: float = 0.0
+    # per-thread CPU at start: the main thread (the event loop) apart from the
+    # others (store writer and readers), to tell which layer is busy
+    _threads: dict[int, dict[int, float]] = field(default_factory=dict)
+    main_thread_seconds: float = 0.0
+    other_threads_seconds: float = 0.0
 
     def start(self) -> ProcSampler:
         self.started = time.monotonic()
         self._machine = machine_cpu_times()
+        self._threads = {pid: thread_cpu_seconds(pid) for pid in self.pids}
         for pid in self.pids:
             self.stats[pid] = ProcStats()
             self._sample(pid, self.started)
@@ -140,12 +164,22 @@ class ProcSampler:
         if self._thread is not None:
             self._thread.join()
         self.stopped = time.monotonic()
+        self._split_threads()
         busy, total = machine_cpu_times()
         if total > self._machine[1]:
             self.machine_busy_pct = 100.0 * (busy - self._machine[0]) / (total - self._machine[1])
         for pid in self.pids:
             self._sample(pid, self.stopped)
         return self.summary()
+
+    def _split_threads(self) -> None:
+        for pid, before in self._threads.items():
+            for tid, seconds in thread_cpu_seconds(pid).items():
+                used = seconds - before.get(tid, 0.0)
+                if tid == pid:
+                    self.main_thread_seconds += used
+                else:
+                    self.other_threads_seconds += used
 
     def summary(self) -> dict[str, float]:
         """Totals over all sampled processes: CPU% average and peak, RSS peak."""
@@ -158,6 +192,8 @@ class ProcSampler:
             "cpu_seconds": round(sum(e.cpu_seconds for e in entries), 3),
             # share of all cores busy with anything (other runs on a shared machine included)
             "machine_busy_pct": round(self.machine_busy_pct, 1),
+            "main_thread_cpu_pct": round(100.0 * self.main_thread_seconds / wall, 1),
+            "other_threads_cpu_pct": round(100.0 * self.other_threads_seconds / wall, 1),
         }
 
 
