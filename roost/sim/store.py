@@ -115,8 +115,10 @@ class SimStore(SqliteStore):
     def _start_batch(self) -> None:
         batch = [self._queued.popleft() for _ in range(min(self.max_batch, len(self._queued)))]
         self._in_flight = batch
-        loop = asyncio.get_running_loop()
-        self._commit_handle = loop.call_later(self.rng.uniform(*self.commit_time), self._commit, batch)
+        assert isinstance(self._loop, _SameThread)
+        self._commit_handle = self._loop.loop.call_later(
+            self.rng.uniform(*self.commit_time), self._commit, batch
+        )
 
     def _commit(self, batch: list[_Op]) -> None:
         self._commit_handle = None
@@ -125,9 +127,10 @@ class SimStore(SqliteStore):
         if failing and not self.down:
             self._failing -= 1
         if failing:
-            # The real failure path: an operation hits a storage error.
+            # The real failure path: the operations ran, then the commit hits
+            # a storage error and everything rolls back.
             poison = _Op(_io_error, self.connection_future())
-            self._run_batch(self.connection, [poison, *batch])
+            self._run_batch(self.connection, [*batch, poison])
         else:
             self._run_batch(self.connection, batch)
         if failing:
