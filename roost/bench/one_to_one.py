@@ -63,7 +63,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.with_baseline:
         base = results["baseline"]["max_sustained_rate"]
         results["baseline_ratio"] = round(results["max_sustained_rate"] / base, 3) if base else None
+        results.update(cpu_ratio(results["steps"], results["baseline"]["steps"]))
     return results
+
+
+def cpu_ratio(roost: list[dict[str, Any]], relay: list[dict[str, Any]]) -> dict[str, Any]:
+    """Relay CPU per message ÷ Roost's, at the highest rate both kept up with.
+
+    Less sensitive than rates to a shared, busy machine: CPU time is only
+    counted while a process runs.
+    """
+    relay_at = {
+        s["rate_offered"]: s for s in relay if s["rate_achieved"] >= SUSTAINED_SHARE * s["rate_offered"]
+    }
+    both = [
+        (s["rate_offered"], relay_at[s["rate_offered"]]["server_cpu_us_per_msg"] / s["server_cpu_us_per_msg"])
+        for s in roost
+        if s["rate_offered"] in relay_at
+        and s["rate_achieved"] >= SUSTAINED_SHARE * s["rate_offered"]
+        and s["server_cpu_us_per_msg"] > 0
+    ]
+    if not both:
+        return {"baseline_cpu_ratio": None}
+    rate, ratio = both[-1]
+    return {"baseline_cpu_ratio": round(ratio, 3), "baseline_cpu_ratio_at": rate}
 
 
 def run_steps(target: Target, args: argparse.Namespace) -> dict[str, Any]:

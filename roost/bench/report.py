@@ -104,7 +104,16 @@ def render(report: dict[str, Any]) -> str:
         parts.append("Roost:")
     if "steps" in results:
         parts.append(table(results["steps"], STEP_COLUMNS))
-        summary = {k: results.get(k) for k in ("max_sustained_rate", "max_rate_achieved", "baseline_ratio")}
+        summary = {
+            k: results.get(k)
+            for k in (
+                "max_sustained_rate",
+                "max_rate_achieved",
+                "baseline_ratio",
+                "baseline_cpu_ratio",
+                "baseline_cpu_ratio_at",
+            )
+        }
         parts.append(scalars({k: v for k, v in summary.items() if v is not None}))
     elif "groups" in results:
         parts.append(table(results["groups"], GROUP_COLUMNS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from roost.bench.one_to_one import is_sustained, sustained
+from roost.bench.one_to_one import cpu_ratio, is_sustained, sustained
 from roost.cli.main import main
 
 
@@ -89,3 +89,13 @@ def test_sustained_needs_rate_latency_and_no_loss() -> None:
     summary = sustained([step(1000, 999, 5), step(2000, 1990, 20), step(5000, 4000, 300)])
     assert summary["max_sustained_rate"] == 1990
     assert summary["max_rate_achieved"] == 4000
+
+
+def test_cpu_ratio_at_the_highest_rate_both_kept_up_with() -> None:
+    def cpu_step(offered: float, achieved: float, us: float) -> dict:
+        return {"rate_offered": offered, "rate_achieved": achieved, "server_cpu_us_per_msg": us}
+
+    roost = [cpu_step(1000, 1000, 200), cpu_step(2000, 2000, 100), cpu_step(5000, 3000, 90)]
+    relay = [cpu_step(1000, 1000, 50), cpu_step(2000, 1990, 40), cpu_step(5000, 5000, 30)]
+    assert cpu_ratio(roost, relay) == {"baseline_cpu_ratio": 0.4, "baseline_cpu_ratio_at": 2000}
+    assert cpu_ratio(roost[2:], relay) == {"baseline_cpu_ratio": None}
