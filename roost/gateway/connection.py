@@ -1,17 +1,24 @@
-"""A WebSocket connection's outgoing side: a bounded queue and one writer task.
+"""A WebSocket connection's outgoing side: coalesced writes, bounded when the peer is slow.
 
 ``push`` never blocks the caller (the chat service calls it from commit
-callbacks). Frames queue here in push order and a per-connection task writes
-them out. A reader that cannot keep up makes the queue grow; past
-``max_queued_bytes`` the socket is closed as a slow consumer, which bounds
-server memory per connection. Nothing is lost by that: messages that were not
-acked are still in the user's inbox and are delivered on reconnect.
+callbacks). Frames pushed during one event-loop pass are joined and written
+to the socket with one ``transport.write`` at the end of the pass: no task,
+future or syscall per frame, and a connection that is only idle costs no
+task at all.
+
+Only when the peer does not keep up (the transport already buffers more than
+``HIGH_WATER`` bytes) do frames go to a queue drained by a writer task that
+waits for the socket to drain. Past ``max_queued_bytes`` (queue plus transport
+buffer) the socket is closed as a slow consumer, which bounds server memory
+per connection. Nothing is lost by that: messages that were not acked are
+still in the user's inbox and are delivered on reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 
 from aiohttp import WSMsgType, web
@@ -21,35 +28,57 @@ from roost.protocol.errors import CloseCode
 log = logging.getLogger("roost.gateway")
 
 CLOSE_TIMEOUT = 2.0  # seconds a peer gets to take our close frame before we abort
+# Above this many bytes waiting in the transport, frames queue here instead and
+# a writer task feeds them as the socket drains (asyncio's own high-water mark).
+HIGH_WATER = 64 * 1024
+
+_TEXT_FIN = 0x81  # FIN + text opcode; server frames are never masked (RFC 6455 5.1)
+_LEN16 = struct.Struct("!BBH").pack
+_LEN64 = struct.Struct("!BBQ").pack
+
+
+def text_frame_header(size: int) -> bytes:
+    """The WebSocket header of an unmasked, uncompressed, final text frame."""
+    if size < 126:
+        return bytes((_TEXT_FIN, size))
+    if size < 65536:
+        return _LEN16(_TEXT_FIN, 126, size)
+    return _LEN64(_TEXT_FIN, 127, size)
 
 
 class Connection:
     __slots__ = (
+        "_batch",
         "_close_code",
         "_close_reason",
         "_closed",
+        "_closer",
+        "_flush_scheduled",
+        "_loop",
         "_queue",
         "_queued_bytes",
         "_transport",
-        "_wakeup",
         "_writer",
         "max_queued_bytes",
         "ws",
     )
 
     def __init__(
-        self, ws: web.WebSocketResponse, max_queued_bytes: int, transport: asyncio.BaseTransport | None = None
+        self, ws: web.WebSocketResponse, max_queued_bytes: int, transport: asyncio.Transport | None = None
     ) -> None:
         self.ws = ws
         self._transport = transport
         self.max_queued_bytes = max_queued_bytes
-        self._queue: deque[bytes] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._batch: list[bytes] = []  # frames pushed during this loop pass
+        self._flush_scheduled = False
+        self._queue: deque[bytes] | None = None  # only while the peer is slow
         self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._closed = False
         self._close_code: int | None = None
         self._close_reason = ""
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     @property
     def closed(self) -> bool:
@@ -58,47 +87,91 @@ class Connection:
     def push(self, frame: bytes) -> None:
         if self._closed:
             return
-        self._queue.append(frame)
+        if self._writer is not None:
+            self._enqueue(frame)
+            return
+        self._batch.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write this pass's frames in one go, or queue them if the peer is behind."""
+        self._flush_scheduled = False
+        frames = self._batch
+        if not frames:
+            return
+        self._batch = []
+        if self._writer is not None:
+            for frame in frames:
+                self._enqueue(frame)
+            return
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            return  # the peer is gone; the inbox keeps whatever it did not ack
+        if transport.get_write_buffer_size() > HIGH_WATER:
+            for frame in frames:
+                self._enqueue(frame)
+            return
+        parts: list[bytes] = []
+        for frame in frames:
+            parts.append(text_frame_header(len(frame)))
+            parts.append(frame)
+        transport.write(b"".join(parts))
+
+    def _enqueue(self, frame: bytes) -> None:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append(frame)
         self._queued_bytes += len(frame)
-        if self._queued_bytes > self.max_queued_bytes:
-            log.warning("closing slow consumer (%d bytes queued)", self._queued_bytes)
-            self._queue.clear()
+        buffered = 0 if self._transport is None else self._transport.get_write_buffer_size()
+        if self._queued_bytes + buffered > self.max_queued_bytes:
+            log.warning("closing slow consumer (%d bytes queued)", self._queued_bytes + buffered)
+            queue.clear()
             self._queued_bytes = 0
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect to resume")
             # The writer may be stuck waiting for the peer to read: stop it, so
             # the close (or an abort) happens now, not when the peer wakes up.
-            self._writer.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
             return
-        self._wakeup.set()
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._write_queued())
+
+    async def _write_queued(self) -> None:
+        """Feed the queue to the socket as it drains; end when the queue is empty."""
+        ws = self.ws
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue:
+                frame = queue.popleft()
+                self._queued_bytes -= len(frame)
+                # send_frame waits for the transport to drain when it is paused.
+                await ws.send_frame(frame, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            # Peer went away; the inbox keeps whatever it did not ack.
+            self._closed = True
+            queue.clear()
+            self._queued_bytes = 0
+        finally:
+            self._writer = None
+            if self._closed and self._close_code is not None and not ws.closed:
+                await self._close_or_abort()
 
     def close(self, code: int, reason: str) -> None:
-        """Close after the frames already queued are written."""
+        """Close after the frames already pushed are written."""
         if self._closed:
             return
         self._closed = True
         self._close_code = code
         self._close_reason = reason
-        self._wakeup.set()
-
-    async def _write_loop(self) -> None:
-        ws = self.ws
-        try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while self._queue:
-                    frame = self._queue.popleft()
-                    self._queued_bytes -= len(frame)
-                    await ws.send_frame(frame, WSMsgType.TEXT)
-                if self._closed:
-                    break
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            # Peer went away; the inbox keeps whatever it did not ack.
-            self._closed = True
-        finally:
-            self._queue.clear()
-            if self._close_code is not None and not ws.closed:
-                await self._close_or_abort()
+        if self._writer is not None:
+            return  # the writer sends the queue, then the close frame
+        self._flush()
+        if self._writer is None and not self.ws.closed:
+            self._closer = self._loop.create_task(self._close_or_abort())
 
     async def _close_or_abort(self) -> None:
         assert self._close_code is not None
@@ -112,10 +185,14 @@ class Connection:
                 self._transport.abort()
 
     async def finish(self, timeout: float = 2.0) -> None:
-        """Flush and stop the writer (the socket is gone or closing)."""
+        """Write what is pending and wait for the close (the socket is gone or closing)."""
         self._closed = True
-        self._wakeup.set()
+        self._flush()
+        tasks = [t for t in (self._writer, self._closer) if t is not None and not t.done()]
+        if not tasks:
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks, return_exceptions=True)), timeout)
         except (TimeoutError, asyncio.CancelledError):
-            self._writer.cancel()
+            for task in tasks:
+                task.cancel()
