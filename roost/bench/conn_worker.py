@@ -43,13 +43,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from roost.client.client import backoff_delay
+from roost.client.client import FATAL_CLOSE_CODES, backoff_delay
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_server, encode
 from roost.protocol.errors import CloseCode
 
 ATTEMPT_TIMEOUT = 15.0  # seconds from TCP connect to welcome, as the SDK waits for welcome
-FATAL_CLOSE_CODES = frozenset({CloseCode.AUTH_FAILED, CloseCode.REPLACED, CloseCode.UNSUPPORTED_VERSION})
+# Error codes in answer to auth after which the SDK stops for good; any other error is retried.
+FATAL_AUTH_ERRORS = frozenset({"auth_auth_failed", "auth_unsupported_version", "auth_auth_required"})
 MAX_HEADER_BYTES = 16 * 1024
 READ_LIMIT = 256 * 1024 * 1024  # command and report lines can be large (15k tokens, per-conn arrays)
 
@@ -192,7 +193,7 @@ class Conn:
         if frame.seq <= have:
             self.dups += 1
             return
-        if frame.seq != have + 1:
+        if have and frame.seq != have + 1:  # (a first message may follow ones from before this worker)
             self.gaps += 1
         self.have[frame.conv] = frame.seq
         due.add(frame.conv)
@@ -323,7 +324,7 @@ class Link(asyncio.Protocol):
 
     def _on_close(self, payload: bytes) -> None:
         code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CloseCode.NORMAL
-        if code in FATAL_CLOSE_CODES:
+        if self.welcomed and code in FATAL_CLOSE_CODES:  # the SDK gives up after these (4003: replaced)
             self.conn.stopped = True
         self.closing = True
         if self.transport is not None:
@@ -404,7 +405,7 @@ class Pool:
                 return
             except AttemptFailed as exc:
                 self.errors[exc.kind] += 1
-                if exc.kind.startswith(("auth_", "close_4001", "close_4003", "close_4005")):
+                if exc.kind in FATAL_AUTH_ERRORS:
                     conn.stopped = True
 
     async def connect_first(self, conn: Conn, gate: asyncio.Semaphore, max_attempts: int) -> bool:
@@ -486,6 +487,7 @@ class Pool:
 
     def cmd_report(self) -> dict[str, Any]:
         return {
+            **self.cmd_status(),
             "reconnected_at": [c.reconnected_at for c in self.conns],
             "lost_at": [c.lost_at for c in self.conns],
             "received": [c.armed_count for c in self.conns],
@@ -493,7 +495,6 @@ class Pool:
             "dups": sum(c.dups for c in self.conns),
             "gaps": sum(c.gaps for c in self.conns),
             "acked": dict(self.acked),
-            **self.cmd_status(),
         }
 
     async def cmd_send(self, msg: dict[str, Any]) -> dict[str, Any]:
