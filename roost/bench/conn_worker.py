@@ -318,8 +318,9 @@ class Link(asyncio.Protocol):
             if not self.welcome.done():
                 self.welcome.set_result(None)
         elif isinstance(frame, f.Error):
-            conn.pool.errors[f"error_{frame.code}"] += 1
-            if not self.welcomed:
+            if self.welcomed:
+                conn.pool.errors[f"error_{frame.code}"] += 1
+            else:  # counted once, as the attempt's failure
                 self.fail(f"auth_{frame.code}")
 
     def _on_close(self, payload: bytes) -> None:
