@@ -125,6 +125,7 @@ class GatewayRegistry:
     def attach(self, session: Session) -> Session | None:
         session.gateway = self.gateway.name  # type: ignore[attr-defined]  # where the router finds it
         self.local[session.user] = session
+        self.router.trace("registered", session.user, f"route to {self.gateway.name}")
         previous = self.router.routes.get(session.user)
         self.router.routes[session.user] = session
         return previous if previous is not session else None

@@ -67,6 +67,7 @@ class Connection:
 
     def up(self, data: bytes) -> None:
         if not self.alive or self.blackholed:
+            self.trace("lost-xmit", self.user, data)
             return
         self._up_at = self._arrival(self._up_at)
         self._schedule(self._up_at, self._arrive_up, data)
@@ -75,11 +76,14 @@ class Connection:
         if self.alive and not self.server.ended:
             self.trace("xmit", self.user, data)
             self.server.feed(data)
+        else:
+            self.trace("lost-xmit", self.user, data)
 
     # -- server -> client ------------------------------------------------------
 
     def down(self, data: bytes) -> None:
         if not self.alive or self.blackholed:
+            self.trace("lost-recv", self.user, data)
             return
         self._down_at = self._arrival(self._down_at)
         self._schedule(self._down_at, self._arrive_down, data)
@@ -88,6 +92,8 @@ class Connection:
         if self.alive and not self.client.closed:
             self.trace("recv", self.user, data)
             self.client.feed(data)
+        else:
+            self.trace("lost-recv", self.user, data)
 
     def close_from_server(self, code: int) -> None:
         """A close frame after the frames queued; then both ends are done."""

@@ -33,7 +33,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from roost.store.base import GroupSnapshot, MarkResult, SendStream, StoredMessage, StoreUnavailable
+from roost.store.base import (
+    GroupSnapshot,
+    InboxEntry,
+    MarkResult,
+    SendStream,
+    StoredMessage,
+    StoreUnavailable,
+)
 from roost.store.sqlite import SqliteStore, _Op
 
 
@@ -63,7 +70,7 @@ class SimStore(SqliteStore):
     def __init__(
         self,
         rng: random.Random,
-        on_event: Callable[[str, str], None] | None = None,
+        on_event: Callable[[str, str, str], None] | None = None,
         commit_time: tuple[float, float] = (0.0002, 0.004),
         read_time: tuple[float, float] = (0.0001, 0.002),
     ) -> None:
@@ -174,6 +181,12 @@ class SimStore(SqliteStore):
         await asyncio.sleep(self.rng.uniform(low, high) / 2)
         return result
 
+    async def inbox(self, user: str) -> list[InboxEntry]:
+        entries = await super().inbox(user)
+        owed = ", ".join(f"{e.conv} after {e.delivered}" for e in entries) or "nothing"
+        self._emit("inbox-read", owed, who=user)
+        return entries
+
     # -- faults --------------------------------------------------------------
 
     def fail_batches(self, count: int) -> None:
@@ -208,9 +221,9 @@ class SimStore(SqliteStore):
         self._convs.clear()
         self._emit("store-up", "")
 
-    def _emit(self, kind: str, detail: str) -> None:
+    def _emit(self, kind: str, detail: str, who: str = "store") -> None:
         if self.on_event is not None:
-            self.on_event(kind, detail)
+            self.on_event(kind, who, detail)
 
     def membership(self) -> dict[str, dict[str, tuple[int, int | None]]]:
         """conv -> user -> (joined, left) for groups, as committed (for the checker)."""

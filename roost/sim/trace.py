@@ -22,6 +22,7 @@ FAULTS = frozenset(
         "partition",
         "client-crash",
         "gateway-kill",
+        "server-kill",
         "gateway-up",
         "store-fail",
         "store-crash",
@@ -31,7 +32,9 @@ FAULTS = frozenset(
         "registry-stale",
     }
 )
-LINKS = frozenset({"connected", "disconnected", "close", "server-close", "client-up"})
+LINKS = frozenset(
+    {"connected", "disconnected", "close", "server-close", "client-up", "registered", "inbox-read"}
+)
 
 
 @dataclass(slots=True)
@@ -103,17 +106,42 @@ def request_ref(ref: str) -> str:
 def describe(event: Event) -> str:
     detail = event.detail
     if isinstance(detail, bytes):
-        # "recv": a frame reached the client; "xmit": a frame reached the server.
-        arrow = "<-" if event.kind == "recv" else "->"
-        return f"{event.t:10.6f}  {event.who:<6} {arrow} {_frame_text(event.kind, detail)}"
+        # "recv": a frame reached the client; "xmit": a frame reached the
+        # server; "lost-...": the connection was down and the frame vanished.
+        arrow = "<-" if event.kind.endswith("recv") else "->"
+        lost = "LOST " if event.kind.startswith("lost-") else ""
+        text = _frame_text(event.kind.removeprefix("lost-"), detail)
+        return f"{event.t:10.6f}  {event.who:<6} {arrow} {lost}{text}"
     return f"{event.t:10.6f}  {event.who:<6} {event.kind}: {detail}"
 
 
+_MESSAGE_ID = re.compile(r"\b[a-z][a-z0-9_.]*-\d+\b")  # the simulator's ids: sender-index
+
+
 def relevant(trace: Trace, violations: list[Violation], users: set[str], limit: int = 80) -> list[str]:
-    """The events that touch the violations' conversations or users, and every fault."""
-    convs = {v.conv for v in violations if v.conv}
-    out = [text for event in trace.events if _touches(event, text := describe(event), convs, users)]
-    return out[-limit:]
+    """The story of the first violations, oldest first: every event that names
+    their messages (by conv#seq or by client id), and around them the faults
+    and the involved users' connections and frames of those conversations."""
+    shown = violations[:3]
+    convs = {v.conv for v in shown if v.conv}
+    pattern = "|".join(
+        [re.escape(f"{v.conv}#{v.seq}") + r"\b" for v in shown if v.conv]
+        + [r"\b" + re.escape(cid) + r"\b" for v in shown for cid in _MESSAGE_ID.findall(v.detail)]
+    )
+    if not pattern:
+        return [describe(e) for e in trace.events][-limit:]
+    names = re.compile(pattern)
+    texts = [(e, describe(e)) for e in trace.events]
+    times = [e.t for e, text in texts if names.search(text)]
+    if not times:
+        return [text for e, text in texts if _touches(e, text, convs, users)][-limit:]
+    start, end = min(times) - 0.5, max(times) + 2.0
+    story = [
+        text
+        for e, text in texts
+        if names.search(text) or (start <= e.t <= end and _touches(e, text, convs, users))
+    ]
+    return story[:limit]
 
 
 def _touches(event: Event, text: str, convs: set[str], users: set[str]) -> bool:
@@ -122,4 +150,4 @@ def _touches(event: Event, text: str, convs: set[str], users: set[str]) -> bool:
     mentions = any(c in text for c in convs)
     if event.who in users:
         return event.kind in LINKS or mentions or not convs
-    return mentions and event.kind in ("commit", "shown", "send")
+    return False

@@ -378,7 +378,7 @@ class World:
         self.errors: list[str] = []
         self.conn_ids = 0
         self.finished = False  # the verdict is in; tearing down is not part of the run
-        self.store = SimStore(_rng(self.seed, "store"), self._store_event)
+        self.store = SimStore(_rng(self.seed, "store"), self.record)
         self.router = Router(_rng(self.seed, "router"), self.record)
         config = ServiceConfig(window=scenario.window, rate=0.0, presence_debounce=3.0)
         self.gateways = {
@@ -393,9 +393,6 @@ class World:
     def record(self, kind: str, who: str, detail: str | bytes) -> None:
         if not self.finished:
             self.trace.add(self.now(), kind, who, detail)
-
-    def _store_event(self, kind: str, detail: str) -> None:
-        self.record(kind, "store", detail)
 
     def urls_for(self, user: str) -> list[str]:
         urls = list(self.gateways)
@@ -457,6 +454,7 @@ class World:
                 loop.call_later(rng.uniform(0.05, 1.0), user.start)
         elif kind == "server-kill":
             # Every gateway at once (the embedded server, or a whole cluster).
+            self.record("server-kill", "", "every gateway is killed")
             for gateway in self.gateways.values():
                 if gateway.alive:
                     gateway.kill()
