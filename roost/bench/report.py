@@ -95,7 +95,9 @@ def render(report: dict[str, Any]) -> str:
     results = report["results"]
     target = results.get("target", {})
     head = f"### {scenario} ({target.get('kind', 'relay')}, {target.get('gateways', 1)} gateway(s))"
-    parts = [head, f"`{_command(report)}` — {report['started']}, {report['duration_s']} s"]
+    commit = report.get("machine", {}).get("roost_commit", "")
+    at = f", commit {commit}" if commit else ""
+    parts = [head, f"`{_command(report)}` — {report['started']}{at}, {report['duration_s']} s"]
     if "baseline" in results:
         parts += [
             "Bare relay (baseline), same clients and steps:",

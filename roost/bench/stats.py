@@ -234,7 +234,28 @@ def machine() -> dict[str, object]:
         "python_impl": platform.python_implementation(),
         "libraries": versions,
         "open_files_limit": _nofile_limit(),
+        "roost_commit": source_commit(),
     }
+
+
+def source_commit() -> str:
+    """The git commit the measured code came from (``+dirty`` with local changes), if known."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "roost"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if head and dirty else "")
 
 
 def _nofile_limit() -> int:
