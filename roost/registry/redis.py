@@ -355,6 +355,10 @@ class RedisRegistry:
         self._running = False
         self._stopping = False
         self._down_since: float | None = None
+        # Set when a heartbeat finds Redis emptied: once every mapping is set
+        # again, local sessions re-read their inboxes (pushes meanwhile found
+        # no route and were left there).
+        self._resync_after_refresh = False
         self._last_warning = 0.0
         self._gw_names: dict[bytes, str] = {}
         self.stats: dict[str, int] = dict.fromkeys(
@@ -694,6 +698,9 @@ class RedisRegistry:
                 self._failed(batch, None)
             else:
                 self._recovered()
+                if self._resync_after_refresh and not self._refresh_backlog:
+                    self._resync_after_refresh = False
+                    self._notify_recovered()
             finally:
                 self._release(batch)
             if heartbeat:
@@ -990,6 +997,7 @@ class RedisRegistry:
                 log.warning(
                     "gateway %s: Redis lost its state; restoring mappings and watches", self.gateway_id
                 )
+                self._resync_after_refresh = True
             self._resync_watch = True
             self._wake.set()
 

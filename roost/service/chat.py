@@ -63,6 +63,7 @@ def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
 UNAVAILABLE = ErrorCode.UNAVAILABLE
 UNCHARGED = (f.DeliveryAck, f.ReadMarker, f.ReceiptAck, f.Ping)
 MARK_RETRY_SECONDS = 1.0
+RESYNC_RETRY_SECONDS = 1.0
 
 
 class ChatService:
@@ -109,8 +110,8 @@ class ChatService:
 
         async def one(session: Session) -> None:
             async with limit:
-                if session.active:
-                    await self._resync(session)
+                if session.active and not await self._resync(session):
+                    self._spawn(self._resync_until_done(session))
 
         await asyncio.gather(*(one(s) for s in sessions), return_exceptions=True)
 
@@ -147,16 +148,9 @@ class ChatService:
         # before the inbox read, or their pushes could miss this session.
         await self.registry.flush()
         # Then read the inbox: whatever was committed before registering is there.
-        try:
-            entries = await self.store.inbox(user)
-            receipts = await self.store.pending_receipts(user)
-        except StoreUnavailable:
-            # The drain will retry; the device can also ask with a sync frame.
-            log.warning("inbox unavailable at connect of %s", user)
-            return session
-        session.load_inbox([(e.conv, e.delivered) for e in entries])
-        for receipt in receipts:
-            session.push_frame(receipt_frame(receipt))
+        if not await self._resync(session):
+            log.warning("inbox unavailable at connect of %s; retrying", user)
+            self._spawn(self._resync_until_done(session))
         return session
 
     def disconnect(self, session: Session) -> None:
@@ -442,12 +436,24 @@ class ChatService:
     def _on_sync(self, session: Session, frame: f.SyncRequest) -> None:
         self._spawn(self._resync(session))
 
-    async def _resync(self, session: Session) -> None:
+    async def _resync(self, session: Session) -> bool:
+        """Offer the session its inbox and its pending receipts again.
+        False when the store could not be read."""
         try:
             entries = await self.store.inbox(session.user)
+            receipts = await self.store.pending_receipts(session.user)
         except StoreUnavailable:
-            return
+            return False
         session.load_inbox([(e.conv, e.delivered) for e in entries])
+        for receipt in receipts:  # the device keeps the highest marks: a repeat is harmless
+            session.push_frame(receipt_frame(receipt))
+        return True
+
+    async def _resync_until_done(self, session: Session) -> None:
+        # Nothing else would bring what waits in the inbox: the device only
+        # gets new pushes until it reconnects.
+        while session.active and not await self._resync(session):
+            await asyncio.sleep(RESYNC_RETRY_SECONDS)
 
     def _on_ping(self, session: Session, frame: f.Ping) -> None:
         session.push_frame(encode(f.Pong(t=frame.t)))

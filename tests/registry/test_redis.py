@@ -443,3 +443,26 @@ async def test_route_cache_option_a_stale_entry_costs_one_dropped_push(gateways:
     a._route_cache.clear()
     a.push_message(message(seq=3), ["bob"])
     await eventually(lambda: moved.offered)
+
+
+async def test_after_redis_loses_its_keys_sessions_resync_once_their_routes_are_back(
+    gateways: Any, redis_server: RedisServer, redis_client: Any
+) -> None:
+    """Pushes made while the routes were gone found nobody and were left in the
+    inbox: the gateway must have its sessions re-read it AFTER their routes
+    are set again, or a message committed in between waits for the next one.
+    FLUSHALL empties Redis without dropping a connection, so only the
+    heartbeat can notice (a restart would also be noticed by the subscriber)."""
+    import redis as sync_redis
+
+    b = await gateways("b")
+    attach(b, "bob")
+    await b.flush()
+    probe = sync_redis.Redis.from_url(redis_server.url)
+    routes_at_resync: list[bool] = []
+    # A blocking GET inside the callback: what Redis holds at that very moment.
+    b.on_recovered = lambda: routes_at_resync.append(probe.get("roost:u:bob") is not None)
+    await redis_client.flushall()
+    await eventually(lambda: routes_at_resync, timeout=5)
+    assert routes_at_resync == [True]
+    probe.close()

@@ -203,3 +203,35 @@ async def test_failed_commit_breaks_the_stream_in_order(service: ChatService) ->
     await asyncio.sleep(0.2)
     assert sink.of(f.SendAck) == []
     assert await service.store.inbox("bob") == []
+
+
+async def test_an_inbox_unreadable_at_connect_is_read_once_the_store_is_back(
+    service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob connects while the store cannot be read: what waits in his inbox
+    (and the receipts waiting for him) must still reach him without a reconnect."""
+    from roost.service import chat
+    from roost.store.base import StoreUnavailable
+
+    monkeypatch.setattr(chat, "RESYNC_RETRY_SECONDS", 0.05)
+    alice_sink = MemorySink()
+    alice = await service.connect("alice", alice_sink)
+    send(service, alice, "waiting")
+    await settle(lambda: alice_sink.of(f.SendAck))  # committed and fanned out: bob was offline
+    service.disconnect(alice)
+    real_inbox = service.store.inbox
+    failures = 3
+
+    async def flaky_inbox(user: str):
+        nonlocal failures
+        if user == "bob" and failures:
+            failures -= 1
+            raise StoreUnavailable("down for the test")
+        return await real_inbox(user)
+
+    monkeypatch.setattr(service.store, "inbox", flaky_inbox)
+    bob_sink = MemorySink()
+    await service.connect("bob", bob_sink)
+    await settle(lambda: bob_sink.of(f.Deliver))
+    assert [m.id for m in bob_sink.of(f.Deliver)] == ["waiting"], bob_sink.frames
+    assert failures == 0
