@@ -92,7 +92,7 @@ class DevCluster:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
-    def stop(self) -> None:
+    def stop_gateways(self) -> None:
         for _, proc in self.gateways:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -101,6 +101,9 @@ class DevCluster:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+    def stop(self) -> None:
+        self.stop_gateways()
         if self.redis is not None:
             self.redis.close()
         if self.pg is not None:

@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roost.client import Client
-from roost.verify.agent import AgentConfig, UserConfig, read_log
+from roost.verify.agent import AgentConfig, RecordingClient, RecordLog, UserConfig, read_log
 from roost.verify.history import History, ReceiptSeen, Report, Shown, check
 from roost.verify.history import Sent as SentRecord
 from roost.verify.proxy import FaultProxy
@@ -334,8 +333,18 @@ class Run:
         for g in range(2):
             members = self.rng.sample(names, max(2, len(names) // 4))
             owner = self.users[members[0]]
-            async with Client(self.target.urls, owner.token, state_path=owner.state) as client:
+            # Through a recording client: what the owner's SDK shows now (the
+            # group's first message) belongs to the owner's history too.
+            log = RecordLog(Path(owner.log))
+            client = RecordingClient(self.target.urls, owner.token, state_path=owner.state, log=log,
+                                     incarnation=0)  # fmt: skip
+            try:
+                await client.connect()
                 info = await client.create_group(f"group{g}", members[1:])
+                await client.flush()
+            finally:
+                await client.close()
+                log.close()
             self.groups[info.group] = list(info.members)
 
     async def workload(self) -> None:

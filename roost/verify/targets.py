@@ -15,6 +15,7 @@ import asyncio
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,7 @@ class ClusterTarget:
     server_nemeses = ("kill-gateway", "restart-redis", "restart-postgres")
 
     def __init__(self, root: Path, gateways: int = 3) -> None:
+        self.root = root
         self.cluster = DevCluster(gateways, extra_args=["--rate-limit", "0", "--log-level", "warning"])
         self.ports: list[int] = []
 
@@ -143,6 +145,9 @@ class ClusterTarget:
         self.ports = [host_port(url)[1] for url in self.cluster.urls]
 
     def stop(self) -> None:
+        self.cluster.stop_gateways()
+        for log in self.cluster.root.glob("gw*.log"):  # the cluster's directory goes; its logs stay
+            shutil.copy(log, self.root / log.name)
         self.cluster.stop()
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
