@@ -124,20 +124,18 @@ def render(scenario: str, results: dict[str, Any], directory: Path) -> list[Path
     directory.mkdir(parents=True, exist_ok=True)
     made: list[Path | None] = []
     series: dict[str, list[dict[str, Any]]] = {}
+    kind = results.get("target", {}).get("kind", "")
+    # the target in the name: embedded and cluster runs can share a directory
+    stem = f"{scenario}-{kind}" if kind and scenario != "baseline" else scenario
     if results.get("steps"):
-        label = results.get("target", {}).get("kind", scenario)
-        series[label] = results["steps"]
-        made.append(
-            plot_latency_cdf(results["steps"], directory / f"{scenario}-cdf.png", f"{scenario} ({label})")
-        )
+        series[kind or scenario] = results["steps"]
+        made.append(plot_latency_cdf(results["steps"], directory / f"{stem}-cdf.png", f"{scenario} ({kind})"))
     baseline = results.get("baseline")
     if isinstance(baseline, dict) and baseline.get("steps"):
         series["baseline relay"] = baseline["steps"]
-        made.append(
-            plot_latency_cdf(baseline["steps"], directory / f"{scenario}-baseline-cdf.png", "bare relay")
-        )
+        made.append(plot_latency_cdf(baseline["steps"], directory / f"{stem}-baseline-cdf.png", "bare relay"))
     if series:
-        made.append(plot_latency_vs_throughput(series, directory / f"{scenario}-latency-throughput.png"))
+        made.append(plot_latency_vs_throughput(series, directory / f"{stem}-latency-throughput.png"))
     if results.get("groups"):
         made.append(plot_time_to_all(results["groups"], directory / f"{scenario}-time-to-all.png"))
     made.append(plot_memory(results, directory / f"{scenario}-memory.png"))

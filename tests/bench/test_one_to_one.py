@@ -49,7 +49,11 @@ def test_one_to_one_with_baseline_and_plots(tmp_path: Path) -> None:
     assert results["baseline_ratio"] == round(results["max_sustained_rate"] / base["rate_achieved"], 3)
     assert isinstance(results["loadgen_saturated"], bool)
     names = {p.name for p in plots.iterdir()}
-    assert {"one-to-one-cdf.png", "one-to-one-latency-throughput.png", "one-to-one-baseline-cdf.png"} <= names
+    assert {
+        "one-to-one-embedded-cdf.png",
+        "one-to-one-embedded-latency-throughput.png",
+        "one-to-one-embedded-baseline-cdf.png",
+    } <= names
 
 
 def test_baseline_alone_two_workers(tmp_path: Path) -> None:
