@@ -45,14 +45,19 @@ AUTH_TIMEOUT = 10.0
 class Router:
     """Shared routes: user -> the session it is connected with."""
 
-    def __init__(self, rng: random.Random, trace: Callable[..., None]) -> None:
-        self.rng = rng
+    def __init__(self, seed: int, trace: Callable[..., None]) -> None:
+        self.seed = seed
+        self.rng = random.Random(f"{seed}/router")
         self.trace = trace
         self.routes: dict[str, Session] = {}
         self.stale: dict[str, Session | None] = {}  # user -> what lookups wrongly return
         self.down = False
         self.gateways: dict[str, Gateway] = {}
-        self._channel_at: dict[tuple[str, str], float] = {}
+        # One FIFO with its own random stream per (source gateway, target
+        # gateway, user): pushes to one device stay in order, and the order in
+        # which pushes to different users are made (the store builds receipts
+        # from a set) changes nothing else in the run.
+        self._channels: dict[tuple[str, str, str], tuple[random.Random, float]] = {}
 
     def lookup(self, user: str) -> Session | None:
         if self.down:
@@ -62,15 +67,16 @@ class Router:
         return self.routes.get(user)
 
     def hop(self, source: str, session: Session, fn: Callable[..., None], *args: Any) -> None:
-        """Deliver to ``session``: at once on the same gateway, else through a channel."""
+        """Deliver to ``session``: at once on the same gateway, else through its channel."""
         target = getattr(session, "gateway", "")
         if target == source:
             fn(*args)
             return
         loop = asyncio.get_running_loop()
-        key = (source, target)
-        at = max(self._channel_at.get(key, 0.0) + FIFO_STEP, loop.time() + self.rng.uniform(0.0002, 0.003))
-        self._channel_at[key] = at
+        key = (source, target, session.user)
+        rng, last = self._channels.get(key) or (random.Random(f"{self.seed}/channel/{'/'.join(key)}"), 0.0)
+        at = max(last + FIFO_STEP, loop.time() + rng.uniform(0.0002, 0.003))
+        self._channels[key] = (rng, at)
         loop.call_at(at, fn, *args)
 
     # -- faults ----------------------------------------------------------------
@@ -200,6 +206,9 @@ class StoreView:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if not self._gateway.alive:
+                # A dead process asks nothing (its leftover timers would).
+                return self._never(attr)
             result = attr(*args, **kwargs)
             if asyncio.isfuture(result):
                 return self._relay(result)
@@ -208,6 +217,16 @@ class StoreView:
             return result
 
         return call
+
+    @staticmethod
+    def _never(method: Any) -> Any:
+        if asyncio.iscoroutinefunction(method):
+
+            async def cancelled() -> Any:
+                raise asyncio.CancelledError
+
+            return cancelled()
+        return asyncio.get_running_loop().create_future()
 
     def _relay(self, inner: asyncio.Future[Any]) -> asyncio.Future[Any]:
         outer = asyncio.get_running_loop().create_future()

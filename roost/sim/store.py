@@ -157,7 +157,7 @@ class SimStore(SqliteStore):
             elif isinstance(value, GroupSnapshot) and value.event is not None:
                 self._emit("commit", f"{value.group}#{value.event.seq} membership change")
             elif isinstance(value, MarkResult) and value.receipts:
-                receipts = ", ".join(f"{r.user} rv={r.rv}" for r in value.receipts)
+                receipts = ", ".join(sorted(f"{r.user} rv={r.rv}" for r in value.receipts))
                 self._emit(
                     "commit",
                     f"marks {value.conv} {value.user}={value.delivered}/{value.read} receipts for {receipts}",

@@ -379,7 +379,7 @@ class World:
         self.conn_ids = 0
         self.finished = False  # the verdict is in; tearing down is not part of the run
         self.store = SimStore(_rng(self.seed, "store"), self.record)
-        self.router = Router(_rng(self.seed, "router"), self.record)
+        self.router = Router(self.seed, self.record)
         config = ServiceConfig(window=scenario.window, rate=0.0, presence_debounce=3.0)
         self.gateways = {
             f"sim://g{i}": Gateway(f"g{i}", self.store, self.router, config, self.record)
