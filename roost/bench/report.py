@@ -78,8 +78,17 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+# Columns that only mean something for some targets (PostgreSQL + Redis; SQLite threads):
+# left out when zero in every row.
+OPTIONAL = {"backend_cpu_pct", "server_threads_cpu_pct"}
+
+
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    used = [(key, title) for key, title in columns if any(key in r for r in rows)]
+    used = [
+        (key, title)
+        for key, title in columns
+        if any(key in r for r in rows) and (key not in OPTIONAL or any(r.get(key) for r in rows))
+    ]
     lines = ["| " + " | ".join(title for _, title in used) + " |", "|" + "---|" * len(used)]
     lines += ["| " + " | ".join(cell(r.get(key)) for key, _ in used) + " |" for r in rows]
     return "\n".join(lines)
