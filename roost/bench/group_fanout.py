@@ -23,8 +23,6 @@ from roost.bench.pool import WorkerPool, loadgen_figures, split
 from roost.bench.stats import ProcSampler, cdf_points, latency_summary
 from roost.bench.target import Target, make_target
 
-SENDER = "u0"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="64,256,1024", help="group sizes (members, the poster included)")
@@ -55,6 +53,7 @@ class Members:
         self.tokens = tokens
         self.where = where
         self.offline: set[str] = set()
+        self.sender = names[0]  # posts to every group (its creator)
 
     def spec(self, name: str) -> list[str]:
         return [name, self.tokens[name], self.where[name]]
@@ -68,7 +67,7 @@ class Members:
 
 async def _run(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    names = [f"u{i}" for i in range(max(sizes))]
+    names = [f"{target.user_tag}u{i}" for i in range(max(sizes))]
     tokens = await target.add_users(names)
     members = Members(names, args.workers, tokens, assign_urls(names, target.urls))
     groups: list[dict[str, Any]] = []
@@ -90,7 +89,11 @@ async def run_size(
 ) -> list[dict[str, Any]]:
     size = len(group_members)
     created = await pool.call(
-        members.owner[SENDER], "group_create", admin=SENDER, name=f"bench-{size}", members=group_members[1:]
+        members.owner[members.sender],
+        "group_create",
+        admin=members.sender,
+        name=f"bench-{size}",
+        members=group_members[1:],
     )
     group = created["group"]
     await asyncio.sleep(0.5)  # let the "created" event reach everyone before timing posts
@@ -121,7 +124,7 @@ async def post_phase(
 ) -> dict[str, Any]:
     """Post ``args.posts`` times; time to all members online now, per post."""
     online = [n for n in receivers if n not in members.offline]
-    ids = [f"{SENDER}/{prefix}-{i}" for i in range(args.posts)]
+    ids = [f"{members.sender}/{prefix}-{i}" for i in range(args.posts)]
     sampler = ProcSampler(target.server_pids() + target.backend_pids()).start()
     await pool.all("cpu_mark")
     expected = [{"expected_per_id": len(n), "timeout": args.timeout} for n in members.per_worker(online)]
@@ -129,7 +132,7 @@ async def post_phase(
     for i, post_id in enumerate(ids):
         # One post at a time: its time to all, not the queue behind the previous ones.
         await pool.call(
-            members.owner[SENDER], "group_post", sender=SENDER, group=group, first=i, count=1,
+            members.owner[members.sender], "group_post", sender=members.sender, group=group, first=i, count=1,
             interval=0.0, prefix=prefix, body_size=args.body_size,
         )  # fmt: skip
         replies = await pool.all("collect_wait", [{**e, "ids": [post_id]} for e in expected])
@@ -165,7 +168,7 @@ async def reconnect(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Bring the offline half back; every receiver must then hold every post of the phase."""
-    ids = [f"{SENDER}/{prefix}-{i}" for i in range(args.posts)]
+    ids = [f"{members.sender}/{prefix}-{i}" for i in range(args.posts)]
     t0 = time.monotonic()
     await pool.all(
         "connect", [{"users": [members.spec(n) for n in share]} for share in members.per_worker(offline)]

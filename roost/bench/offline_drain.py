@@ -40,21 +40,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         target.stop()
 
 
-def plan(messages: int, senders: int, recipients: int) -> list[list[Any]]:
+def plan(messages: int, senders: list[str], recipients: list[str]) -> list[list[Any]]:
     """``[[sender, recipient, count], ...]``: sender i's j-th message goes to recipient (i + j) % R."""
     counts: Counter[tuple[int, int]] = Counter()
     for k in range(messages):
-        i, j = k % senders, k // senders
-        counts[(i, (i + j) % recipients)] += 1
-    return [[f"s{i}", f"r{r}", n] for (i, r), n in sorted(counts.items())]
+        i, j = k % len(senders), k // len(senders)
+        counts[(i, (i + j) % len(recipients))] += 1
+    return [[senders[i], recipients[r], n] for (i, r), n in sorted(counts.items())]
 
 
 async def _run(target: Target, args: argparse.Namespace) -> dict[str, Any]:
-    senders = [f"s{i}" for i in range(args.senders)]
-    recipients = [f"r{i}" for i in range(args.recipients)]
+    senders = [f"{target.user_tag}s{i}" for i in range(args.senders)]
+    recipients = [f"{target.user_tag}r{i}" for i in range(args.recipients)]
     tokens = await target.add_users(senders + recipients)
     where = assign_urls(senders + recipients, target.urls)
-    sends = plan(args.messages, args.senders, args.recipients)
+    sends = plan(args.messages, senders, recipients)
     expected = Counter[str]()
     for _, to, n in sends:
         expected[to] += n

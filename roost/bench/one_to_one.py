@@ -105,7 +105,8 @@ def assign_urls(names: list[str], urls: list[str], seed: int = 1) -> dict[str, s
 
 
 async def _run_steps(target: Target, args: argparse.Namespace) -> dict[str, Any]:
-    pairs = [(f"p{i}a", f"p{i}b") for i in range(args.pairs)]
+    tag = target.user_tag
+    pairs = [(f"{tag}p{i}a", f"{tag}p{i}b") for i in range(args.pairs)]
     names = [n for pair in pairs for n in pair]
     tokens = await target.add_users(names)
     where = assign_urls(names, target.urls)

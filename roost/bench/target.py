@@ -80,6 +80,9 @@ class Target:
 
     def __init__(self) -> None:
         self.urls: list[str] = []
+        # Prefix for the run's user names: empty on a fresh server, random on an
+        # existing deployment so that a second run does not collide with the first.
+        self.user_tag = ""
 
     def start(self) -> None:
         """Start whatever this target owns (nothing for existing URLs)."""
@@ -241,6 +244,7 @@ class UrlTarget(Target):
         super().__init__()
         self.urls = [u.rstrip("/") for u in urls]
         self.store = store
+        self.user_tag = "b" + secrets.token_hex(3) + "-"
 
     def start(self) -> None:
         for url in self.urls:

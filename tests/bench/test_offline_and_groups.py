@@ -17,7 +17,7 @@ def run_bench(tmp_path: Path, *argv: str) -> dict:
 
 
 def test_offline_plan_spreads_every_sender_over_the_recipients() -> None:
-    sends = plan(messages=40, senders=4, recipients=5)
+    sends = plan(40, [f"s{i}" for i in range(4)], [f"r{i}" for i in range(5)])
     assert sum(n for _, _, n in sends) == 40
     per_recipient = Counter[str]()
     for _, to, n in sends:

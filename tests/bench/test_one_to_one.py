@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from roost.bench.one_to_one import cpu_ratio, is_sustained, sustained
+from roost.bench.target import EmbeddedTarget
 from roost.cli.main import main
 
 
@@ -103,3 +104,19 @@ def test_cpu_ratio_at_the_highest_rate_both_kept_up_with() -> None:
     relay = [cpu_step(1000, 1000, 50), cpu_step(2000, 1990, 40), cpu_step(5000, 5000, 30)]
     assert cpu_ratio(roost, relay) == {"baseline_cpu_ratio": 0.4, "baseline_cpu_ratio_at": 2000}
     assert cpu_ratio(roost[2:], relay) == {"baseline_cpu_ratio": None}
+
+
+def test_existing_deployment_by_url_twice(tmp_path: Path) -> None:
+    """--url/--store: users go straight into its store, under fresh names on every run."""
+    server = EmbeddedTarget()
+    server.start()
+    try:
+        for run in range(2):
+            report = run_bench(
+                tmp_path, "one-to-one", "--url", server.urls[0], "--store", str(server.data_dir),
+                "--pairs", "2", "--rates", "100", "--step-seconds", "1", "--workers", "1",
+            )  # fmt: skip
+            assert report["results"]["target"]["kind"] == "url", run
+            check_step(report["results"]["steps"][0], 100.0, 1.0)
+    finally:
+        server.stop()
