@@ -48,7 +48,10 @@ from roost.protocol import frames as f
 from roost.protocol.codec import decode_server, encode
 from roost.protocol.errors import CloseCode
 
-ATTEMPT_TIMEOUT = 15.0  # seconds from TCP connect to welcome, as the SDK waits for welcome
+# The SDK's limits for one attempt: aiohttp's default 300 s for the connect and the upgrade
+# (ClientSession's total timeout), then 15 s from the upgrade for the welcome.
+UPGRADE_TIMEOUT = 300.0
+WELCOME_TIMEOUT = 15.0
 # Error codes in answer to auth after which the SDK stops for good; any other error is retried.
 FATAL_AUTH_ERRORS = frozenset({"auth_auth_failed", "auth_unsupported_version", "auth_auth_required"})
 MAX_HEADER_BYTES = 16 * 1024
@@ -228,11 +231,12 @@ class Conn:
 class Link(asyncio.Protocol):
     """One TCP connection of a ``Conn``: the upgrade, auth, then frames."""
 
-    __slots__ = ("buf", "closing", "conn", "host", "transport", "upgraded", "welcome", "welcomed")
+    __slots__ = ("buf", "closing", "conn", "deadline", "host", "transport", "upgraded", "welcome", "welcomed")
 
     def __init__(self, conn: Conn, welcome: asyncio.Future[None], host: bytes) -> None:
         self.conn = conn
         self.host = host
+        self.deadline: asyncio.Timeout | None = None  # the attempt's; shortened once upgraded
         self.welcome = welcome
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -295,6 +299,8 @@ class Link(asyncio.Protocol):
             return False
         del self.buf[: end + 4]
         self.upgraded = True
+        if self.deadline is not None:
+            self.deadline.reschedule(asyncio.get_running_loop().time() + WELCOME_TIMEOUT)
         self.send_text(encode(f.Auth(token=self.conn.token)))
         return True
 
@@ -381,12 +387,14 @@ class Pool:
         welcome.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
         link = Link(conn, welcome, f"{url.hostname}:{url.port}".encode())
         try:
-            async with asyncio.timeout(ATTEMPT_TIMEOUT):
+            async with asyncio.timeout(UPGRADE_TIMEOUT) as deadline:
+                link.deadline = deadline
                 await self.loop.create_connection(lambda: link, url.hostname, url.port)
                 await welcome
         except TimeoutError:
-            link.fail("timeout")
-            raise AttemptFailed("timeout") from None
+            kind = "timeout_welcome" if link.upgraded else "timeout_upgrade"
+            link.fail(kind)
+            raise AttemptFailed(kind) from None
         except ConnectionRefusedError:
             raise AttemptFailed("refused") from None
         except OSError as exc:

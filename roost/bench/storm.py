@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from roost.bench.cli import SATURATED_PCT
 from roost.bench.conn_worker import WorkerProcess, split_evenly, start_workers, stop_workers
 from roost.bench.idle import MAX_SOCKETS_PER_PROCESS, healthz_connections, merge_counts
 from roost.bench.stats import cpu_seconds, percentile
-from roost.bench.target import Target, make_target
+from roost.bench.target import ClusterTarget, Target, make_target
 
 POLL_SECONDS = 0.1
 
@@ -37,7 +39,10 @@ POLL_SECONDS = 0.1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=15_000, help="connections on the killed gateway")
     parser.add_argument(
-        "--messages", type=int, default=5_000, help="messages sent to reconnecting clients after the kill"
+        "--messages",
+        type=int,
+        default=None,
+        help="messages sent to reconnecting clients after the kill (default: a third of --connections)",
     )
     parser.add_argument("--senders", type=int, default=10, help="sender connections (on the survivors)")
     parser.add_argument(
@@ -52,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-concurrency", type=int, default=200, help="handshakes in flight per process (setup)"
     )
+    parser.add_argument("--keep-logs", default=None, metavar="DIR", help="copy the gateways' logs here")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,7 +72,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         return asyncio.run(storms(args, target))
     finally:
+        if args.keep_logs and isinstance(target, ClusterTarget):
+            keep_logs(target, Path(args.keep_logs))
         target.stop()
+
+
+def keep_logs(target: ClusterTarget, into: Path) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    for log in target.cluster.root.glob("gw*.log"):
+        shutil.copy(log, into / log.name)
 
 
 async def storms(args: argparse.Namespace, target: Target) -> dict[str, Any]:
@@ -215,7 +229,8 @@ async def kill_and_measure(
     held: int,
     tag: str,
 ) -> dict[str, Any]:
-    plan = recipients_plan(len(users), args.messages)
+    messages = args.messages if args.messages is not None else len(users) // 3
+    plan = recipients_plan(len(users), messages)
     shares = split_evenly(range(len(users)), len(clients))
     for worker, share in zip(clients, shares, strict=True):
         first = share[0] if share else 0
