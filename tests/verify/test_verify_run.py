@@ -25,7 +25,6 @@ async def test_short_embedded_run_under_faults_has_no_violations() -> None:
     result = await verify_embedded(clients=12, duration=15.0, seed=11, rate=40.0, nemeses=NEMESES)
     assert_meaningful_and_clean(result, min_acked=300)
     assert set(result.faults) == {"kill-server", "cut-connection", "blackhole", "crash-client"}
-    print(result.faults)
 
 
 @pytest.mark.redis
@@ -40,7 +39,6 @@ async def test_short_cluster_run_under_faults_has_no_violations() -> None:
     server_side = ("kill-gateway", "restart-redis", "restart-postgres")
     assert set(server_side) <= set(result.faults)
     assert sum(result.faults[k] for k in server_side) >= 1, result.faults
-    print(result.faults)
 
 
 async def test_url_mode_injects_client_faults_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
