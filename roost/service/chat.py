@@ -56,6 +56,13 @@ class ServiceConfig:
     presence_debounce: float = 3.0
 
 
+def _log_last_seen_failure(fut: asyncio.Future[None]) -> None:
+    # Last-seen is best effort (presence, not a message): a store outage costs
+    # a stale "last seen", which the next disconnect corrects.
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("last-seen not saved: %s", fut.exception())
+
+
 def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
     return encode(f.Error(code=exc.code.value, message=exc.message, ref=exc.ref or ref))
 
@@ -121,7 +128,7 @@ class ChatService:
         # Last-seen of everyone still connected, so it survives the restart.
         ts = int(time.time())
         for session in self.registry.sessions():
-            self.store.set_last_seen(session.user, ts)
+            self.store.set_last_seen(session.user, ts).add_done_callback(_log_last_seen_failure)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -157,7 +164,8 @@ class ChatService:
         session.stop()
         if self.registry.detach(session):
             self.presence.disconnected(session.user, time.time())
-            self.store.set_last_seen(session.user, int(time.time()))
+            fut = self.store.set_last_seen(session.user, int(time.time()))
+            fut.add_done_callback(_log_last_seen_failure)
 
     # -- frames ------------------------------------------------------------
 
