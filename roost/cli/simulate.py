@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated fault kinds, 'all', 'none' or 'default' ({','.join(DEFAULT_FAULTS)});"
         f" kinds: {','.join(FAULT_KINDS)}",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail on violations explained by a documented gap (docs/simulation.md)",
+    )
     p.add_argument("--json", default=None, help="write the summary as JSON here")
     p.set_defaults(func=_simulate)
 
@@ -76,11 +81,15 @@ def _simulate(args: argparse.Namespace) -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     faults = _fault_kinds(args.faults)
     if args.seed is not None:
-        return _one(args.seed, faults, args.trace)
-    return _many(args.start, args.seeds, faults, args.json)
+        return _one(args.seed, faults, args.trace, args.strict)
+    return _many(args.start, args.seeds, faults, args.json, args.strict)
 
 
-def _one(seed: int, faults: tuple[str, ...], full: bool) -> int:
+def _failed(result: Any, strict: bool) -> bool:
+    return bool(result.violations) if strict else not result.ok
+
+
+def _one(seed: int, faults: tuple[str, ...], full: bool, strict: bool) -> int:
     from roost.sim.world import run_seed
 
     result = run_seed(seed, faults)
@@ -89,16 +98,16 @@ def _one(seed: int, faults: tuple[str, ...], full: bool) -> int:
         print("\n".join(lines))
     print(_summary(result))
     print(f"trace: {len(lines)} events, sha256 {trace_digest(lines)}")
-    if not result.ok:
+    if result.violations:
         print(_failure(result, full_trace_printed=full))
-        return 1
-    return 0
+    return 1 if _failed(result, strict) else 0
 
 
-def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None) -> int:
+def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None, strict: bool) -> int:
     from roost.sim.world import run_seed
 
     failing: list[int] = []
+    known: list[int] = []  # only violations of documented gaps
     first: Any = None
     totals = {"sent": 0, "acked": 0, "delivered": 0, "faults": 0}
     began = time.perf_counter()
@@ -109,10 +118,12 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
         totals["acked"] += result.report.acked
         totals["delivered"] += result.report.delivered
         totals["faults"] += sum(result.faults.values())
-        if not result.ok:
+        if _failed(result, strict):
             failing.append(seed)
             if first is None:
                 first = result
+        elif result.violations:
+            known.append(seed)
     wall = time.perf_counter() - began
     cpu = time.process_time() - cpu
     print(
@@ -125,10 +136,22 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
     )
     print(f"fault kinds: {','.join(faults) or 'none'}")
     print(f"failing seeds: {len(failing)}" + (f" {failing[:20]}" if failing else ""))
+    if known:
+        print(
+            f"seeds with only known gaps (docs/simulation.md; --strict fails them): {len(known)} {known[:20]}"
+        )
     if first is not None:
         print(_failure(first, full_trace_printed=False))
     if json_path:
-        summary = {"start": start, "runs": count, "wall_s": wall, "cpu_s": cpu, "failing": failing, **totals}
+        summary = {
+            "start": start,
+            "runs": count,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "failing": failing,
+            "known_gaps": known,
+            **totals,
+        }
         Path(json_path).write_text(json.dumps(summary, indent=2))
     return 1 if failing else 0
 
@@ -140,15 +163,18 @@ def _summary(result: Any) -> str:
     return (
         f"seed {result.seed}: {len(s.users)} users, {s.gateways} gateway(s), {len(s.groups)} group(s),"
         f" window {s.window}; sent {r.sent}, acked {r.acked}, delivered {r.delivered}; faults: {faults};"
-        f" {'OK' if result.ok else f'{len(result.violations)} violation(s)'}"
+        f" {len(result.violations) or 'no'} violation(s), {len(result.known)} of them known gaps"
     )
 
 
 def _failure(result: Any, full_trace_printed: bool) -> str:
     from roost.sim.trace import relevant
+    from roost.sim.world import known_gap
 
-    lines = [f"FAILED seed {result.seed}:"]
-    lines += [f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" for v in result.violations[:20]]
+    lines = [f"{'FAILED' if not result.ok else 'known gaps only,'} seed {result.seed}:"]
+    for v in result.violations[:20]:
+        gap = known_gap(v, result.members)
+        lines.append(f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" + (f"  [known gap: {gap}]" if gap else ""))
     if not full_trace_printed:
         users = result.involved_users()
         lines.append(f"the events that led to it (faults, and {', '.join(sorted(users)) or 'everyone'}):")

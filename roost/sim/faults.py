@@ -17,5 +17,5 @@ FAULT_KINDS = (
 # Off by default, because each finds a gap of the current code that CI would
 # always trip on (docs/simulation.md, "What it found"); enable them with
 # ``roost simulate --faults all``.
-KNOWN_GAPS = ("store-crash-after-commit", "registry-restart", "registry-stale")
+KNOWN_GAPS = ("store-crash-after-commit", "registry-stale")
 DEFAULT_FAULTS = tuple(k for k in FAULT_KINDS if k not in KNOWN_GAPS)
