@@ -172,14 +172,12 @@ class SimStore(SqliteStore):
     # -- reads ---------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        # The snapshot is taken somewhere inside the read's duration.
-        low, high = self.read_time
-        await asyncio.sleep(self.rng.uniform(low, high) / 2)
+        # The read sees the state at its end (so the trace shows when its
+        # snapshot was taken); commits made meanwhile are not in it.
+        await asyncio.sleep(self.rng.uniform(*self.read_time))
         if self.down:
             raise StoreUnavailable("storage error: database is down")
-        result = fn(self.connection)
-        await asyncio.sleep(self.rng.uniform(low, high) / 2)
-        return result
+        return fn(self.connection)
 
     async def inbox(self, user: str) -> list[InboxEntry]:
         entries = await super().inbox(user)
