@@ -420,6 +420,7 @@ class Pool:
     async def connect_first(self, conn: Conn, gate: asyncio.Semaphore, max_attempts: int) -> bool:
         """Initial connection, at most ``gate`` handshakes in flight; retried with the policy."""
         for _ in range(max_attempts):
+            conn.url_index = 0  # set-up connects to the first URL only (the storm's victim holds them all)
             async with gate:
                 try:
                     await self.attempt(conn)

@@ -244,7 +244,7 @@ async def kill_and_measure(
     t_kill = time.monotonic()
     await asyncio.to_thread(target.kill_gateway, 0)
     send = asyncio.ensure_future(sender.request("send", plan=send_plan, tag=tag, timeout=args.timeout))
-    timeline, converged = await wait_converged(clients, len(users), send, t_kill, args.timeout)
+    timeline, converged = await wait_converged(clients, len(users), held, send, t_kill, args.timeout)
     sent = await send
     peaks = {
         "server": server.stop(),
@@ -258,18 +258,23 @@ async def kill_and_measure(
 
 
 async def wait_converged(
-    clients: list[WorkerProcess], n: int, send: asyncio.Future[Any], t_kill: float, timeout: float
+    clients: list[WorkerProcess], n: int, held: int, send: asyncio.Future[Any], t_kill: float, timeout: float
 ) -> tuple[list[list[float]], bool]:
-    """Poll until every client is back and nothing is missing (or timeout); returns the timeline."""
+    """Poll until every client is back and nothing is missing (or timeout); returns the timeline.
+
+    Back: each of the ``held`` connections the victim had was lost, each lost one was
+    reconnected, and all ``n`` clients are connected now."""
     timeline: list[list[float]] = []
     while True:
         await asyncio.sleep(POLL_SECONDS)
         statuses = await asyncio.gather(*(w.request("status") for w in clients))
         now = time.monotonic() - t_kill
         reconnected = sum(s["reconnected"] for s in statuses)
+        lost = sum(s["lost"] for s in statuses)
+        connected = sum(s["open"] for s in statuses)
         missing = sum(s["missing"] for s in statuses)
         timeline.append([round(now, 2), reconnected, missing])
-        if send.done() and reconnected >= n and missing == 0:
+        if send.done() and lost >= held and reconnected >= lost and connected >= n and missing == 0:
             return timeline, True
         if now > timeout:
             return timeline, False
@@ -289,11 +294,13 @@ def summarize(
 ) -> dict[str, Any]:
     reconnect_s: list[float] = []
     done_at: list[float] = []
+    lost_connection = 0
     received = missing_back = missing_away = 0
     acked: dict[str, int] = sent["acked"]
     for report, share in zip(reports, shares, strict=True):
         for local, i in enumerate(share):
             back = report["reconnected_at"][local]
+            lost_connection += bool(report["lost_at"][local])
             if back:
                 reconnect_s.append(back - t_kill)
                 done_at.append(back - t_kill)
@@ -315,8 +322,9 @@ def summarize(
     loadgen_peak = max(peaks["loadgen"], default=0.0)
     return {
         "converged": converged,
+        "lost_connection": lost_connection,
         "reconnected": len(reconnect_s),
-        "not_reconnected": len(users) - len(reconnect_s),
+        "not_reconnected": lost_connection - len(reconnect_s),
         "reconnect_all_s": round(reconnect_s[-1], 3) if converged and reconnect_s else None,
         "reconnect_p50_s": round(percentile(reconnect_s, 50), 3),
         "reconnect_p99_s": round(percentile(reconnect_s, 99), 3),
