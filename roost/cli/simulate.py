@@ -163,8 +163,15 @@ def _summary(result: Any) -> str:
     return (
         f"seed {result.seed}: {len(s.users)} users, {s.gateways} gateway(s), {len(s.groups)} group(s),"
         f" window {s.window}; sent {r.sent}, acked {r.acked}, delivered {r.delivered}; faults: {faults};"
-        f" {len(result.violations) or 'no'} violation(s), {len(result.known)} of them known gaps"
+        f" {_verdict(result)}"
     )
+
+
+def _verdict(result: Any) -> str:
+    if not result.violations:
+        return "OK"
+    known = f" ({len(result.known)} from known gaps)" if result.known else ""
+    return f"{len(result.violations)} violation(s){known}"
 
 
 def _failure(result: Any, full_trace_printed: bool) -> str:
