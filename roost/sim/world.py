@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from roost.client import Client, Membership, Message, ReceiptEvent, Sent
-from roost.client.events import Connected, Disconnected, ErrorEvent
+from roost.client.events import ErrorEvent
 from roost.service.chat import ServiceConfig, hash_token
 from roost.sim.cluster import Gateway, Router
 from roost.sim.faults import DEFAULT_FAULTS
@@ -254,8 +254,7 @@ class SimUser:
             history.shown.append(Shown(self.name, event.conv, event.seq, event.sender, event.id, now))
             world.record("shown", self.name, f"{event.conv}#{event.seq} id={event.id} from={event.sender}")
             if world.read_rng.random() < world.scenario.read_probability:
-                client._read_marks[event.conv] = max(client._read_marks.get(event.conv, 0), event.seq)
-                client._write(_read_frame(event.conv, event.seq))
+                _quiet(asyncio.get_running_loop().create_task(client.mark_read(event.conv, event.seq)))
         elif isinstance(event, Membership):
             history.shown.append(Shown(self.name, event.conv, event.seq, SYSTEM, "", now))
             world.record(
@@ -267,8 +266,7 @@ class SimUser:
             history.receipts.append(ReceiptSeen(self.name, event.conv, dict(event.marks), now))
         elif isinstance(event, ErrorEvent):
             world.record("error", self.name, f"{event.code} {event.message} ref={request_ref(event.ref)}")
-        elif isinstance(event, Connected | Disconnected):
-            pass  # the connection events are traced by the network
+        # Connected / Disconnected: the network traces connections itself.
 
     def crash(self) -> None:
         """The app is killed: the socket resets, uncommitted local state is lost."""
@@ -330,13 +328,6 @@ class SimUser:
     def close_states(self) -> None:
         for client in [*self.dead_clients, *([self.client] if self.client else [])]:
             client.state.db.close()
-
-
-def _read_frame(conv: str, seq: int) -> bytes:
-    from roost.protocol import frames as f
-    from roost.protocol.codec import encode
-
-    return encode(f.ReadMarker(conv=conv, seq=seq))
 
 
 _RECEIPT_OF = re.compile(r"never learnt that ([a-z0-9_.-]+) got")
@@ -579,6 +570,3 @@ def _scratch_dir() -> str | None:
     # Client state files are tiny and short-lived: keep them in memory when possible.
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() else None
-
-
-Callback = Callable[[], None]
