@@ -103,23 +103,36 @@ class Connection:
             return
         self._batch = []
         if self._writer is not None:
-            for frame in frames:
-                self._enqueue(frame)
+            self._enqueue_all(frames)
             return
         transport = self._transport
         if transport is None or transport.is_closing() or self.ws.closed:
             return  # the peer is gone; the inbox keeps whatever it did not ack
-        if transport.get_write_buffer_size() > HIGH_WATER:
-            for frame in frames:
-                self._enqueue(frame)
-            return
+        # Straight into the transport while it holds little; what does not fit
+        # waits in the queue, so the transport never buffers much more than
+        # HIGH_WATER (plus one frame) for a peer that does not read.
+        room = HIGH_WATER - transport.get_write_buffer_size()
         parts: list[bytes] = []
+        written = 0
         for frame in frames:
+            if room <= 0:
+                break
             parts.append(text_frame_header(len(frame)))
             parts.append(frame)
-        transport.write(b"".join(parts))
+            room -= len(frame)
+            written += 1
+        if parts:
+            transport.write(b"".join(parts))
+        if written < len(frames):
+            self._enqueue_all(frames[written:])
 
-    def _enqueue(self, frame: bytes) -> None:
+    def _enqueue_all(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            if not self._enqueue(frame):
+                return  # cut off as a slow consumer: the rest is dropped too
+
+    def _enqueue(self, frame: bytes) -> bool:
+        """Queue ``frame`` for the writer task; False if that cut the peer off."""
         queue = self._queue
         if queue is None:
             queue = self._queue = deque()
@@ -131,13 +144,15 @@ class Connection:
             queue.clear()
             self._queued_bytes = 0
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect to resume")
-            # The writer may be stuck waiting for the peer to read: stop it, so
-            # the close (or an abort) happens now, not when the peer wakes up.
+            # The writer may be stuck waiting for the peer to read (or not even
+            # started): stop it and close now, not when the peer wakes up.
             if self._writer is not None:
                 self._writer.cancel()
-            return
+            self._start_closer()
+            return False
         if self._writer is None:
             self._writer = self._loop.create_task(self._write_queued())
+        return True
 
     async def _write_queued(self) -> None:
         """Feed the queue to the socket as it drains; end when the queue is empty."""
@@ -157,8 +172,8 @@ class Connection:
             self._queued_bytes = 0
         finally:
             self._writer = None
-            if self._closed and self._close_code is not None and not ws.closed:
-                await self._close_or_abort()
+            if self._closed:
+                self._start_closer()
 
     def close(self, code: int, reason: str) -> None:
         """Close after the frames already pushed are written."""
@@ -168,9 +183,13 @@ class Connection:
         self._close_code = code
         self._close_reason = reason
         if self._writer is not None:
-            return  # the writer sends the queue, then the close frame
+            return  # the writer sends the queue, then starts the close
         self._flush()
-        if self._writer is None and not self.ws.closed:
+        if self._writer is None:
+            self._start_closer()
+
+    def _start_closer(self) -> None:
+        if self._closer is None and self._close_code is not None and not self.ws.closed:
             self._closer = self._loop.create_task(self._close_or_abort())
 
     async def _close_or_abort(self) -> None:
