@@ -36,7 +36,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from roost.gateway.server import GatewayConfig, run_gateway
+    from roost.gateway.server import GatewayConfig, serve
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
 
@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
     )
     try:
-        asyncio.run(run_gateway(config))
+        serve(config)
     except OSError as exc:
         print(f"roost serve: {exc}", file=sys.stderr)
         return 1
