@@ -50,10 +50,12 @@ from roost.verify.targets import (
 )
 
 NEMESES = ("kill-server", "kill-gateway", "restart-redis", "restart-postgres", *CLIENT_NEMESES)
-# Deliveries of messages sent this close after a fault count as "during faults":
-# a Redis restart is noticed by the next registry heartbeat (5 s), and until
-# then pushes wait in the inbox.
-FAULT_SHADOW = 6.0
+# A fault's effects outlast it: a client reconnects with backoff (cap 1 s) and
+# reads its inbox; a Redis restart is noticed by the next registry heartbeat
+# (5 s), and until then pushes wait in the inbox. Messages sent from a fault's
+# start until this long after its end count as "during faults".
+FAULT_SHADOW = {"restart-redis": 6.0}
+DEFAULT_SHADOW = 2.0
 
 
 @dataclass
@@ -269,7 +271,7 @@ def split_latencies(history: History, windows: list[tuple[float, float]]) -> tup
         if t0 is None or key in seen:
             continue
         seen.add(key)
-        during = any(start <= t0 <= end + FAULT_SHADOW for start, end in windows)
+        during = any(start <= t0 <= end for start, end in windows)
         (faulty if during else quiet).append((sh.t - t0) * 1000)
     return quiet, faulty
 
@@ -375,7 +377,7 @@ class Run:
             task = asyncio.create_task(proxy.blackhole(self.rng, 0.3, seconds, whole))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
-            self.windows.append((start, start + seconds))
+            self.windows.append((start, start + seconds + DEFAULT_SHADOW))
             return
         elif kind == "crash-client":
             agent = self.rng.choice(self.agents)
@@ -384,7 +386,7 @@ class Run:
             agent.start()
         else:
             await self.target.inject(kind, self.rng)
-        self.windows.append((start, time.monotonic()))
+        self.windows.append((start, time.monotonic() + FAULT_SHADOW.get(kind, DEFAULT_SHADOW)))
 
     async def heal_and_converge(self) -> bool:
         for agent in self.agents:

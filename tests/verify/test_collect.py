@@ -90,5 +90,5 @@ def test_latencies_split_by_fault_windows(tmp_path: Path) -> None:
         {"k": "shown", "conv": CONV, "seq": 2, "from": "a", "id": "a-1", "t": 21.0, "inc": 1},
     ])  # fmt: skip
     history, _ = collect(u, {}, with_state=False)
-    quiet, faulty = split_latencies(history, [(15.0, 15.5)])
+    quiet, faulty = split_latencies(history, [(15.0, 21.5)])
     assert [round(x) for x in quiet] == [5] and [round(x) for x in faulty] == [1000]
