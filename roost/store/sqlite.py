@@ -25,7 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,26 @@ class _Conv:
     name: str
     last_seq: int
     members: dict[str, Member]
+    # Every message after ``tracked_from`` was appended while this state was
+    # cached, and ``last_sent`` holds each of their senders' highest seq: enough
+    # to find who sent in a range of seqs without a query (``senders_between``).
+    tracked_from: int = 0
+    last_sent: dict[str, int] = field(default_factory=dict)
 
     def active(self) -> list[str]:
         return [m.user for m in self.members.values() if m.left is None]
+
+    def senders_between(self, low: int, high: int) -> set[str] | None:
+        """Who sent a message with ``low < seq <= high``; None when memory cannot tell."""
+        if low < self.tracked_from:
+            return None
+        senders: set[str] = set()
+        for sender, last in self.last_sent.items():
+            if last > low:
+                if last > high:
+                    return None  # a later message of theirs hides whether one is in range
+                senders.add(sender)
+        return senders
 
 
 @dataclass(slots=True)
@@ -181,6 +198,8 @@ class SqliteStore:
         # marks, the MarkResult that carries them). Built once per batch, so a
         # group's 1000 acks in one commit cost one receipt per sender, not 1000.
         self._batch_receipts: dict[tuple[str, str], tuple[dict[str, tuple[int, int]], MarkResult]] = {}
+        # Conversations that got messages in this batch -> their new last seq.
+        self._batch_seqs: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.commits = 0  # statistics: transactions committed
@@ -274,6 +293,7 @@ class SqliteStore:
                     else:
                         outcome[id(op)] = (False, exc)
             self._finish_receipts(conn)
+            self._finish_seqs(conn)
             conn.execute("COMMIT")
             self.commits += 1
             self.committed_ops += len(batch)
@@ -282,6 +302,7 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             self._convs.clear()
             self._batch_receipts.clear()
+            self._batch_seqs.clear()
             for op in batch:
                 if op.stream is not None:
                     op.stream.broken = True
@@ -330,7 +351,9 @@ class SqliteStore:
                 (conv_id,),
             )
         }
-        state = _Conv(conv_id, row[0], row[1], row[2], members)
+        # Evicted and reloaded within one batch: the row does not have this batch's seqs yet.
+        last_seq = self._batch_seqs.get(conv_id, row[2])
+        state = _Conv(conv_id, row[0], row[1], last_seq, members, tracked_from=last_seq)
         if len(self._convs) >= self.cache_size:
             self._convs.pop(next(iter(self._convs)))
         self._convs[conv_id] = state
@@ -358,14 +381,21 @@ class SqliteStore:
         ct: str,
         body: bytes,
         now: int,
-    ) -> StoredMessage:
+    ) -> StoredMessage | None:
+        """Store the next message of ``state``; None if (sender, client id) is taken."""
         seq = state.last_seq + 1
-        conn.execute(
-            f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+        # The idempotency index does the duplicate check: no SELECT before every insert.
+        inserted = conn.execute(
+            f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (conv, sender, client_id) DO NOTHING",
             (state.id, seq, sender, client_id, ct, body, now),
-        )
-        conn.execute("UPDATE conversations SET last_seq=? WHERE id=?", (seq, state.id))
+        ).rowcount
+        if inserted == 0:
+            return None
         state.last_seq = seq
+        state.last_sent[sender] = seq
+        # conversations.last_seq is written once per batch (_finish_batch).
+        self._batch_seqs[state.id] = seq
         recipients = tuple(u for u in state.active() if u != sender)
         return StoredMessage(state.id, seq, client_id, sender, ct, body, now, False, recipients)
 
@@ -445,23 +475,25 @@ class SqliteStore:
                     )
                 state = self._create_direct(c, sender, to, now)
             rules.require_active(state.members.get(sender), conv_id)
+            stored = self._insert_message(c, state, sender, client_id, ct, body, now)
+            if stored is not None:
+                return stored
+            # This client id was stored before: a retry gets the stored message.
             row = c.execute(
                 f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND sender=? AND client_id=?",
                 (conv_id, sender, client_id),
             ).fetchone()
-            if row is not None:
-                stored = _row_message(row)
-                return StoredMessage(
-                    stored.conv,
-                    stored.seq,
-                    stored.client_id,
-                    stored.sender,
-                    stored.ct,
-                    stored.body,
-                    stored.ts,
-                    duplicate=True,
-                )
-            return self._insert_message(c, state, sender, client_id, ct, body, now)
+            stored = _row_message(row)
+            return StoredMessage(
+                stored.conv,
+                stored.seq,
+                stored.client_id,
+                stored.sender,
+                stored.ct,
+                stored.body,
+                stored.ts,
+                duplicate=True,
+            )
 
         return self._submit(op, stream)
 
@@ -483,13 +515,15 @@ class SqliteStore:
             member.delivered, member.read = new_d, new_r
             self._write_marks(c, conv, member)
             low = min(old_d, old_r) if new_r > old_r else old_d
-            senders = {
-                r[0]
-                for r in c.execute(
-                    "SELECT DISTINCT sender FROM messages WHERE conv=? AND seq>? AND seq<=?",
-                    (conv, low, new_d),
-                )
-            }
+            senders = state.senders_between(low, new_d)
+            if senders is None:
+                senders = {
+                    r[0]
+                    for r in c.execute(
+                        "SELECT DISTINCT sender FROM messages WHERE conv=? AND seq>? AND seq<=?",
+                        (conv, low, new_d),
+                    )
+                }
             senders.discard(user)
             senders.discard(SYSTEM_SENDER)
             result = MarkResult(conv, user, new_d, new_r, [])
@@ -512,6 +546,15 @@ class SqliteStore:
             all_d, all_r = _aggregate(state, target)
             carrier.receipts.append(ReceiptState(target, conv, rv, marks, all_d, all_r))
         self._batch_receipts.clear()
+
+    def _finish_seqs(self, c: sqlite3.Connection) -> None:
+        """One last_seq update per conversation per batch, not one per message."""
+        if self._batch_seqs:
+            c.executemany(
+                "UPDATE conversations SET last_seq=? WHERE id=?",
+                [(seq, conv) for conv, seq in self._batch_seqs.items()],
+            )
+            self._batch_seqs.clear()
 
     def ack_receipts(self, user: str, conv: str, rv: int) -> asyncio.Future[None]:
         args: list[int | None] = [rv]
@@ -537,7 +580,9 @@ class SqliteStore:
             separators=(",", ":"),
         ).encode()
         client_id = f"sys-{state.last_seq + 1}"
-        return self._insert_message(c, state, SYSTEM_SENDER, client_id, MEMBERSHIP_CT, body, now)
+        stored = self._insert_message(c, state, SYSTEM_SENDER, client_id, MEMBERSHIP_CT, body, now)
+        assert stored is not None, "system message ids are unique per seq"
+        return stored
 
     def _join(self, c: sqlite3.Connection, state: _Conv, user: str, role: str) -> None:
         # The member sees everything after this point, starting with the

@@ -1,0 +1,122 @@
+"""The SQLite writer answers some questions from its cache instead of the
+database: who sent in a range of seqs (receipts), whether a client id is new
+(the idempotency index decides), a conversation's last seq (written once per
+batch). A reopened database, an evicted conversation and a batch that evicts
+and reloads a conversation must give the answers the database would."""
+
+from __future__ import annotations
+
+import asyncio
+
+from roost.store.sqlite import SqliteStore
+
+from .conftest import NOW, SqliteHarness, WriterGate
+
+USERS = ("alice", "bob", "carol", "dave")
+G = "g:00000000000000cc"
+
+
+async def opened(harness: SqliteHarness, **kwargs: int) -> SqliteStore:
+    store = harness.make(**kwargs)
+    await store.open()
+    return store
+
+
+async def test_receipts_after_reopen_cover_messages_sent_before(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    for name in USERS:
+        await store.add_user(name, name.encode(), NOW)
+    await store.create_group("alice", G, "g", ["bob", "carol"], 10, NOW)  # seq 1
+    await store.append("alice", "a1", "text/plain", b"x", NOW, conv=G)  # seq 2
+    await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)  # seq 3
+    await store.close()
+
+    store = await opened(harness)  # a cold cache: seqs 1-3 are known only to the database
+    try:
+        await store.append("carol", "c1", "text/plain", b"x", NOW, conv=G)  # seq 4
+        result = await store.advance_marks("carol", G, 4, None)
+        assert sorted(r.user for r in result.receipts) == ["alice", "bob"]
+        # Only seq 4 (carol's own) lies in bob's new range after this ack.
+        result = await store.advance_marks("bob", G, 2, None)
+        assert [r.user for r in result.receipts] == ["alice"]
+        result = await store.advance_marks("bob", G, 4, None)
+        assert [r.user for r in result.receipts] == ["carol"]
+        # alice's range (0, 4] holds bob's and carol's messages, not only the tracked one.
+        result = await store.advance_marks("alice", G, 4, None)
+        assert sorted(r.user for r in result.receipts) == ["bob", "carol"]
+    finally:
+        await store.close()
+
+
+async def test_a_sender_with_a_later_message_is_found_in_an_earlier_range(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    try:
+        for name in USERS:
+            await store.add_user(name, name.encode(), NOW)
+        await store.create_group("alice", G, "g", ["bob", "carol"], 10, NOW)  # seq 1
+        await store.append("alice", "a1", "text/plain", b"x", NOW, conv=G)  # seq 2
+        await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)  # seq 3
+        await store.append("alice", "a2", "text/plain", b"x", NOW, conv=G)  # seq 4
+        # carol acks up to 3: alice's last message (4) is past it, her seq 2 is inside.
+        result = await store.advance_marks("carol", G, 3, None)
+        assert sorted(r.user for r in result.receipts) == ["alice", "bob"]
+        # Up to 4 from 3: only alice's seq 4.
+        result = await store.advance_marks("carol", G, 4, None)
+        assert [r.user for r in result.receipts] == ["alice"]
+    finally:
+        await store.close()
+
+
+async def test_duplicate_after_reopen_and_last_seq_written_per_batch(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    for name in USERS:
+        await store.add_user(name, name.encode(), NOW)
+    async with WriterGate(store):
+        sends = [store.append("alice", f"m{i}", "text/plain", b"x", NOW, to="bob") for i in range(5)]
+    assert [m.seq for m in await asyncio.gather(*sends)] == [1, 2, 3, 4, 5]
+    assert await harness.scalar("SELECT last_seq FROM conversations WHERE id='d:alice:bob'") == 5
+    await store.close()
+
+    store = await opened(harness)
+    try:
+        again = await store.append("alice", "m2", "text/plain", b"other", NOW, to="bob")
+        assert (again.seq, again.duplicate, again.body) == (3, True, b"x")
+        fresh = await store.append("alice", "m9", "text/plain", b"x", NOW, to="bob")
+        assert (fresh.seq, fresh.duplicate) == (6, False)
+        assert await harness.scalar("SELECT last_seq FROM conversations WHERE id='d:alice:bob'") == 6
+        [entry] = await store.inbox("bob")
+        assert (entry.conv, entry.delivered, entry.upto) == ("d:alice:bob", 0, 6)
+    finally:
+        await store.close()
+
+
+async def test_a_batch_that_evicts_and_reloads_a_conversation_keeps_its_seqs(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    for name in USERS:
+        await store.add_user(name, name.encode(), NOW)
+    for other in ("bob", "carol"):
+        await store.append("alice", f"first-{other}", "text/plain", b"x", NOW, to=other)
+    await store.close()
+
+    # One cached conversation at a time: alternating sends in one batch evict
+    # and reload each conversation before its new last seq is in the database.
+    store = await opened(harness, cache_size=1)
+    try:
+        async with WriterGate(store):
+            sends = [
+                store.append("alice", f"m{i}", "text/plain", b"x", NOW, to=other)
+                for i in range(3)
+                for other in ("bob", "carol")
+            ]
+        stored = await asyncio.gather(*sends)
+        assert [(m.conv, m.seq) for m in stored] == [
+            (conv, i + 2) for i in range(3) for conv in ("d:alice:bob", "d:alice:carol")
+        ]
+        for conv in ("d:alice:bob", "d:alice:carol"):
+            assert await harness.scalar("SELECT last_seq FROM conversations WHERE id=?", conv) == 4
+    finally:
+        await store.close()
