@@ -179,6 +179,7 @@ async def _measure(
     rss_n = samples[-1]["rss_kib"] if gateway_pids else 0
     connected = sum(per_gateway)
     results: dict[str, Any] = {
+        "target": target.describe(),
         "connections": n,
         "connected": connected,
         "gateways": len(target.urls),

@@ -89,7 +89,11 @@ async def storms(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     users = [[f"storm{k}x{i:05d}" for i in range(args.connections)] for k in range(len(modes))]
     senders = [[f"stormsender{k}x{i}" for i in range(args.senders)] for k in range(len(modes))]
     tokens = await target.add_users([name for names in users + senders for name in names])
-    results: dict[str, Any] = {"connections": args.connections, "gateways": len(target.urls)}
+    results: dict[str, Any] = {
+        "target": target.describe(),
+        "connections": args.connections,
+        "gateways": len(target.urls),
+    }
     for k, jitter in enumerate(modes):
         if k:
             await asyncio.to_thread(target.restart_gateway, 0)
