@@ -196,13 +196,16 @@ return #KEYS
 # the user connected elsewhere meanwhile; return its index (that session lost).
 _REFRESH = """
 local lost = {}
+local restored = {}
 for i, key in ipairs(KEYS) do
   local mine = ARGV[i + 1]
   local cur = redis.call('GET', key)
   if cur == mine then
     redis.call('PEXPIRE', key, ARGV[1])
   elseif not cur then
+    -- Gone (expired during a stall, evicted, flushed): pushes meanwhile found nobody.
     redis.call('SET', key, mine, 'PX', ARGV[1])
+    restored[#restored + 1] = i
   else
     -- Someone else's. Values end in '|<connect ms>': the later connection
     -- wins, and a tie stays with the holder. An older one (e.g. made while
@@ -213,10 +216,11 @@ for i, key in ipairs(KEYS) do
       lost[#lost + 1] = i
     else
       redis.call('SET', key, mine, 'PX', ARGV[1])
+      restored[#restored + 1] = i
     end
   end
 end
-return lost
+return {lost, restored}
 """
 
 # KEYS watcher sets of the users in the payload; ARGV channel, payload, gateway id.
@@ -1002,16 +1006,22 @@ class RedisRegistry:
             self._wake.set()
 
     def _on_refreshed(self, chunk: list[tuple[str, bytes]]) -> Callable[[Any], None]:
-        def handle(lost: Any) -> None:
-            if isinstance(lost, Exception):
-                self._warn("mapping refresh failed: %s", lost)
+        def handle(result: Any) -> None:
+            if isinstance(result, Exception):
+                self._warn("mapping refresh failed: %s", result)
                 return
+            lost, restored = result
             gone = {int(index) - 1 for index in lost}
             for i, (user, value) in enumerate(chunk):
                 if i in gone:
                     self._evict(user, value)
                 elif self._values.get(user) == value:
                     self._confirmed[user] = value
+            if restored and not self._resync_after_refresh:
+                # Routes this refresh had to set again were missing or wrong
+                # for a while; pushes to them were left in the inbox.
+                log.info("gateway %s: %d routes restored; re-reading inboxes", self.gateway_id, len(restored))
+                self._notify_recovered()
 
         return handle
 

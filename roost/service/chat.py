@@ -254,8 +254,10 @@ class ChatService:
                 )
             )
         )
-        if not stored.duplicate:
-            self._fan_out(stored, (*stored.recipients, stored.sender))
+        # A duplicate is fanned out too: its first commit may have lost its
+        # answer (store or gateway died after COMMIT), and then nothing pushed
+        # it. Devices that already hold it drop the repeat by seq.
+        self._fan_out(stored, (*stored.recipients, stored.sender))
 
     def _fan_out(self, stored: StoredMessage, users: tuple[str, ...]) -> None:
         # Persisted first, looked up now: a recipient that is not registered

@@ -18,7 +18,8 @@ the gateways find out (their round fails), set their users' routes again
 after a while and call the service's ``on_recovered`` (every local session
 re-reads its inbox), as ``RedisRegistry`` does. ``stale`` makes one user's
 route point to an older session for a while, then the heartbeat refresh
-restores it (no resync: that is what the production registry does).
+restores it and, as ``RedisRegistry`` does when a refresh has to set a route
+again, the gateway holding the user has its sessions re-read their inboxes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,15 @@ class Router:
         self.trace(
             "registry-stale", user, f"route of {user} lost for {duration:.3f}s (was {current is not None})"
         )
-        asyncio.get_running_loop().call_later(duration, self.stale.pop, user, None)
+        asyncio.get_running_loop().call_later(duration, self._refresh_stale, user)
+
+    def _refresh_stale(self, user: str) -> None:
+        self.stale.pop(user, None)
+        session = self.routes.get(user)
+        gateway = self.gateways.get(getattr(session, "gateway", ""))
+        if gateway is not None and gateway.alive and gateway.registry.on_recovered is not None:
+            self.trace("registry-refresh", user, f"route of {user} set again; {gateway.name} resyncs")
+            gateway.registry.on_recovered()
 
 
 class GatewayRegistry:

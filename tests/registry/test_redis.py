@@ -466,3 +466,19 @@ async def test_after_redis_loses_its_keys_sessions_resync_once_their_routes_are_
     await eventually(lambda: routes_at_resync, timeout=5)
     assert routes_at_resync == [True]
     probe.close()
+
+
+async def test_a_route_that_silently_vanished_is_set_again_and_its_gateway_resyncs(
+    gateways: Any, redis_client: Any
+) -> None:
+    """One key gone (expired during a stall, evicted) while the gateway's own
+    liveness key stayed: the refresh sets it again and, since pushes to that
+    user found no route meanwhile, the gateway's sessions re-read their inbox."""
+    b = await gateways("b")
+    attach(b, "bob")
+    await b.flush()
+    resyncs: list[bool] = []
+    b.on_recovered = lambda: resyncs.append(True)
+    await redis_client.delete("roost:u:bob")
+    await eventually(lambda: resyncs, timeout=5)
+    assert (await redis_client.get("roost:u:bob")).startswith(b"b|")
