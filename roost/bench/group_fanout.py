@@ -151,6 +151,8 @@ async def post_phase(
         "duplicates": sum(r["duplicates"] for r in replies),
         "errors": sum(r["errors"] for r in replies),
         "server_cpu_pct": server["cpu_avg_pct"],
+        # server CPU per message put on a member's screen (includes its dack, receipt and rack)
+        "server_cpu_us_per_delivery": round(1e6 * server["cpu_seconds"] / max(1, sum(counts.values())), 1),
         "machine_busy_pct": server["machine_busy_pct"],
         "server_loop_cpu_pct": server["main_thread_cpu_pct"],
         "server_threads_cpu_pct": server["other_threads_cpu_pct"],

@@ -139,6 +139,7 @@ async def drain(
         "duplicates": sum(r["duplicates"] for r in replies),
         "errors": sum(r["errors"] for r in replies),
         "server_cpu_pct": server["cpu_avg_pct"],
+        "server_cpu_us_per_msg": round(1e6 * server["cpu_seconds"] / max(1, received), 1),
         "server_cpu_peak_pct": server["cpu_peak_pct"],
         "server_rss_peak_kib": server["rss_peak_kib"],
         "machine_busy_pct": server["machine_busy_pct"],
