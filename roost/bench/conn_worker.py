@@ -187,14 +187,18 @@ class Conn:
         pool.server_heartbeat = frame.heartbeat
         if pool.armed_at and not self.reconnected_at:
             self.reconnected_at = time.monotonic()
-        # Everything unacked is resent, oldest first, before anything new (the SDK's outbox rule).
+        # Everything unacked is resent, oldest first, before anything new (the SDK's outbox rule),
+        # and what this device holds is acked again: a dack lost with the old socket frees the window.
         for _, frame_bytes in self.outbox.values():
             link.send_text(frame_bytes)
+        for conv, seq in self.have.items():
+            link.send_text(encode(f.DeliveryAck(conv=conv, seq=seq)))
 
     def on_message(self, frame: f.Deliver, due: set[str]) -> None:
         have = self.have.get(frame.conv, 0)
         if frame.seq <= have:
             self.dups += 1
+            due.add(frame.conv)  # redelivered: our dack was lost, send it again
             return
         if have and frame.seq != have + 1:  # (a first message may follow ones from before this worker)
             self.gaps += 1
