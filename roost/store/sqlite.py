@@ -96,6 +96,12 @@ CREATE TABLE IF NOT EXISTS receipt_pending (
 
 _MSG_COLUMNS = "conv, seq, sender, client_id, ct, body, ts"
 
+# A receipt ack answers nobody and losing one only re-sends a receipt, so it
+# does not start a commit of its own: it rides with the next batch, or is
+# committed after at most this long when no other write comes.
+LAZY_COMMIT_SECONDS = 0.05
+_WAKE = object()  # queued by the lazy timer: run a batch even if only lazy ops wait
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -187,7 +193,9 @@ class SqliteStore:
         self.path = Path(path)
         self.max_batch = max_batch
         self.cache_size = cache_size
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Op | object | None] = queue.SimpleQueue()
+        self._lazy: queue.SimpleQueue[_Op] = queue.SimpleQueue()  # ops that wait for a batch
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-read")
@@ -225,6 +233,9 @@ class SqliteStore:
     async def close(self) -> None:
         """Finish every queued write, then close. Later writes are refused."""
         self._closing = True
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()  # the writer commits the lazy ops before it stops
+            self._lazy_timer = None
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
@@ -244,15 +255,25 @@ class SqliteStore:
         stream: SendStream | None = None,
         key: tuple[str, ...] | None = None,
         args: list[int | None] | None = None,
+        lazy: bool = False,
     ) -> asyncio.Future[Any]:
         if self._loop is None:
             raise StoreUnavailable("store is not open")
         future = self._loop.create_future()
         if self._writer is None or self._closing:
             future.set_exception(StoreUnavailable("store is closed"))
+        elif lazy:
+            self._lazy.put(_Op(fn, future, stream, key, args))
+            if self._lazy_timer is None:
+                self._lazy_timer = self._loop.call_later(LAZY_COMMIT_SECONDS, self._wake_for_lazy)
         else:
             self._queue.put(_Op(fn, future, stream, key, args))
         return future
+
+    def _wake_for_lazy(self) -> None:
+        self._lazy_timer = None
+        if not self._lazy.empty():
+            self._queue.put(_WAKE)
 
     def _write_loop(self) -> None:
         conn = self._wconn
@@ -260,19 +281,28 @@ class SqliteStore:
         stop = False
         while not stop:
             first = self._queue.get()
+            batch: list[_Op] = []
             if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch:
+                stop = True
+            elif isinstance(first, _Op):
+                batch.append(first)
+            while not stop and len(batch) < self.max_batch:
                 try:
                     op = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if op is None:
                     stop = True
+                elif isinstance(op, _Op):
+                    batch.append(op)
+            # Lazy ops ride along (all of them when stopping: close() commits everything).
+            while stop or len(batch) < self.max_batch:
+                try:
+                    batch.append(self._lazy.get_nowait())
+                except queue.Empty:
                     break
-                batch.append(op)
-            self._run_batch(conn, batch)
+            if batch:
+                self._run_batch(conn, batch)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         _merge_cumulative(batch)
@@ -562,7 +592,7 @@ class SqliteStore:
         def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
 
-        return self._submit(op, key=("rack", user, conv), args=args)
+        return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
 
     # -- groups ------------------------------------------------------------
 

@@ -120,3 +120,37 @@ async def test_a_batch_that_evicts_and_reloads_a_conversation_keeps_its_seqs(tmp
             assert await harness.scalar("SELECT last_seq FROM conversations WHERE id=?", conv) == 4
     finally:
         await store.close()
+
+
+async def test_a_receipt_ack_rides_with_the_next_write(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    try:
+        for name in USERS:
+            await store.add_user(name, name.encode(), NOW)
+        first = await store.append("alice", "a1", "text/plain", b"x", NOW, to="bob")
+        [receipt] = (await store.advance_marks("bob", first.conv, 1, None)).receipts
+        before = store.commits
+        rack = store.ack_receipts("alice", first.conv, receipt.rv)
+        await store.append("carol", "c1", "text/plain", b"x", NOW, to="dave")
+        await rack
+        assert store.commits == before + 1, "the receipt ack made a commit of its own"
+        assert await store.pending_receipts("alice") == []
+    finally:
+        await store.close()
+
+
+async def test_a_lone_receipt_ack_is_committed_soon_and_at_close(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    for name in USERS:
+        await store.add_user(name, name.encode(), NOW)
+    for cid in ("a1", "a2"):
+        await store.append("alice", cid, "text/plain", b"x", NOW, to="bob")
+    [receipt] = (await store.advance_marks("bob", "d:alice:bob", 1, None)).receipts
+    await asyncio.wait_for(store.ack_receipts("alice", "d:alice:bob", receipt.rv), 2)
+    assert await store.pending_receipts("alice") == []
+    [receipt] = (await store.advance_marks("bob", "d:alice:bob", 2, None)).receipts
+    store.ack_receipts("alice", "d:alice:bob", receipt.rv)  # not awaited: close() commits it
+    await store.close()
+    assert await harness.scalar("SELECT count(*) FROM receipt_pending") == 0
