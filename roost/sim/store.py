@@ -41,7 +41,7 @@ from roost.store.base import (
     StoredMessage,
     StoreUnavailable,
 )
-from roost.store.sqlite import SqliteStore, _Op
+from roost.store.sqlite import LAZY_COMMIT_SECONDS, SqliteStore, _Op
 
 
 class _SameThread:
@@ -111,13 +111,23 @@ class SimStore(SqliteStore):
         stream: SendStream | None = None,
         key: tuple[str, ...] | None = None,
         args: list[int | None] | None = None,
+        lazy: bool = False,
     ) -> asyncio.Future[Any]:
         assert self._loop is not None
         future = self._loop.create_future()
         self._queued.append(_Op(fn, future, stream, key, args))
-        if self._in_flight is None:
+        if lazy:
+            # As SqliteStore: a lazy op (a receipt ack) rides with the next
+            # commit, or starts one itself after LAZY_COMMIT_SECONDS.
+            assert isinstance(self._loop, _SameThread)
+            self._loop.loop.call_later(LAZY_COMMIT_SECONDS, self._start_if_idle)
+        elif self._in_flight is None:
             self._start_batch()
         return future
+
+    def _start_if_idle(self) -> None:
+        if self._in_flight is None and self._queued:
+            self._start_batch()
 
     def _start_batch(self) -> None:
         batch = [self._queued.popleft() for _ in range(min(self.max_batch, len(self._queued)))]
