@@ -67,7 +67,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
 MIGRATION_LOCK = 0x726F6F7374
 
@@ -212,7 +212,12 @@ BEGIN
     SELECT m.seq, m.ct, m.body, m.ts INTO res.seq, res.ct, res.body, res.ts
         FROM messages m WHERE m.conv = p_conv AND m.sender = p_sender AND m.client_id = p_cid;
     IF FOUND THEN
-        res.dup := true; RETURN res;
+        -- A retry: its first answer may have been lost before anyone was
+        -- pushed, so name who should have it (the members when it was sent).
+        res.dup := true;
+        res.members := ARRAY(SELECT user_name FROM members WHERE conv = p_conv AND joined_seq < res.seq
+            AND (left_seq IS NULL OR left_seq >= res.seq) ORDER BY user_name);
+        RETURN res;
     END IF;
     res.seq := roost_insert(p_conv, p_sender, p_cid, p_ct, p_body, p_ts);
     res.dup := false;
@@ -957,7 +962,10 @@ class PostgresStore:
     ) -> StoredMessage:
         _, sender, conv, _, client_id, ct, body, now, *_ = a
         if row["dup"]:
-            return StoredMessage(conv, row["seq"], client_id, sender, row["ct"], row["body"], row["ts"], True)
+            recipients = tuple(u for u in row["members"] or () if u != sender)
+            return StoredMessage(
+                conv, row["seq"], client_id, sender, row["ct"], row["body"], row["ts"], True, recipients
+            )
         epoch = row["epoch"]
         if row["members"] is not None:
             members = tuple(row["members"])
@@ -1228,7 +1236,10 @@ _POOL_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # Schema steps: (version, idempotent SQL). A database at version v gets every
 # step above v, in order, in one transaction. Bump SCHEMA_VERSION and add a
 # step for every change of a table or a function.
-MIGRATIONS: list[tuple[int, str]] = [(1, _TABLES + FUNCTIONS)]
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, _TABLES + FUNCTIONS),
+    (2, FUNCTIONS),  # roost_append names a duplicate's recipients
+]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 
 
