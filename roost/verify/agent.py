@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roost.client import Client, Membership, Message, ReceiptEvent, Sent
+from roost.client import Client, Disconnected, Membership, Message, ReceiptEvent, Sent
 from roost.client.events import Event
 from roost.verify.history import SYSTEM
 
@@ -86,6 +86,8 @@ class RecordingClient(Client):
         elif isinstance(event, ReceiptEvent):
             marks = {user: list(mark) for user, mark in event.marks.items()}
             self.log.write({"k": "receipt", "conv": event.conv, "marks": marks, "t": now})
+        elif isinstance(event, Disconnected):
+            self.log.write({"k": "disconnected", "code": event.code, "final": event.final, "t": now})
         super()._emit(event)
 
 
@@ -189,7 +191,11 @@ async def _write_status(users: list[User], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     while True:
         status = {
-            u.name: {"pending": len(u.client.pending_outbox()), "connected": u.client.connected}
+            u.name: {
+                "pending": len(u.client.pending_outbox()),
+                "connected": u.client.connected,
+                "fatal": str(u.client._fatal) if u.client._fatal is not None else None,
+            }
             for u in users
         }
         tmp.write_text(json.dumps(status))

@@ -83,6 +83,7 @@ class VerifyResult:
     latency_faulty_ms: list[float] = field(default_factory=list)
     redisplayed_after_crash: int = 0
     converged: bool = True
+    stuck: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +105,7 @@ class VerifyResult:
                 "during_faults": _marks(self.latency_faulty_ms),
             },
             "redisplayed_after_crash": self.redisplayed_after_crash,
+            "not_converged": self.stuck,
         }
 
 
@@ -305,6 +307,7 @@ class Run:
         self.users: dict[str, UserConfig] = {}
         self.groups: dict[str, list[str]] = {}
         self.background: set[asyncio.Task[None]] = set()
+        self.stuck: dict[str, Any] = {}  # why the last convergence check failed
 
     async def setup(self) -> None:
         await asyncio.to_thread(self.target.start)
@@ -409,14 +412,19 @@ class Run:
         while loop.time() < deadline:
             await asyncio.sleep(0.5)
             statuses = [a.status() for a in self.agents]
-            if any(s is None for s in statuses):
-                continue
-            if any(u["pending"] or not u["connected"] for s in statuses if s for u in s.values()):
+            users = {name: u for s in statuses if s for name, u in s.items()}
+            waiting = {n: u for n, u in users.items() if u["pending"] or not u["connected"]}
+            silent = [a.index for a, s in zip(self.agents, statuses, strict=True) if s is None]
+            self.stuck = {"no_status": silent}
+            if waiting or self.stuck["no_status"]:
+                self.stuck["users"] = waiting
                 continue
             history, _ = collect(self.users, self.groups, with_state=False)
-            kinds = {v.kind for v in check(history).violations}
-            if not kinds & {"lost", "missing_receipt", "gap"}:
+            missing = [v for v in check(history).violations if v.kind in ("lost", "missing_receipt", "gap")]
+            if not missing:
+                self.stuck = {}
                 return True
+            self.stuck["missing"] = [f"{v.kind} {v.conv}#{v.seq}: {v.detail}" for v in missing[:10]]
         return False
 
     async def finish(self) -> tuple[History, int]:
@@ -447,7 +455,7 @@ async def verify(config: VerifyConfig, keep: bool = False) -> VerifyResult:
     quiet, faulty = split_latencies(history, run.windows)
     return VerifyResult(
         config.mode, report, run.faults, time.monotonic() - started, config.seed,
-        quiet, faulty, redisplayed, converged,
+        quiet, faulty, redisplayed, converged, run.stuck,
     )  # fmt: skip
 
 
@@ -477,7 +485,7 @@ def format_report(result: VerifyResult) -> str:
         line("outside faults", result.latency_quiet_ms),
         line("during faults", result.latency_faulty_ms),
         f"shown again after a client crash (not kept before it): {result.redisplayed_after_crash}",
-        f"converged: {'yes' if result.converged else 'NO (timed out)'}",
+        f"converged: {'yes' if result.converged else 'NO (timed out): ' + json.dumps(result.stuck)}",
         f"violations: {len(r.violations)}" + (f" {dict(kinds)}" if kinds else ""),
     ]
     lines += [f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" for v in r.violations[:50]]
@@ -505,6 +513,9 @@ def run_cli(args: Any) -> int:
 def exit_code(result: VerifyResult, nemeses_wanted: bool) -> int:
     r = result.report
     if r.violations:
+        return 1
+    if not result.converged:
+        print("did not converge: something was still missing when the wait ran out", file=sys.stderr)
         return 1
     if r.acked == 0 or (nemeses_wanted and result.faults and sum(result.faults.values()) == 0):
         print("not a meaningful run: nothing acked or no fault injected", file=sys.stderr)
