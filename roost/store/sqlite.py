@@ -514,6 +514,9 @@ class SqliteStore:
                 (conv_id, sender, client_id),
             ).fetchone()
             stored = _row_message(row)
+            # With its recipients: the service fans a duplicate out again, in
+            # case the first commit's answer (and so its push) was lost.
+            recipients = tuple(u for u in state.active() if u != sender)
             return StoredMessage(
                 stored.conv,
                 stored.seq,
@@ -522,7 +525,8 @@ class SqliteStore:
                 stored.ct,
                 stored.body,
                 stored.ts,
-                duplicate=True,
+                True,
+                recipients,
             )
 
         return self._submit(op, stream)

@@ -154,3 +154,18 @@ async def test_a_lone_receipt_ack_is_committed_soon_and_at_close(tmp_path) -> No
     store.ack_receipts("alice", "d:alice:bob", receipt.rv)  # not awaited: close() commits it
     await store.close()
     assert await harness.scalar("SELECT count(*) FROM receipt_pending") == 0
+
+
+async def test_a_duplicate_names_its_recipients_for_the_fan_out(tmp_path) -> None:
+    harness = SqliteHarness(tmp_path / "roost.sqlite")
+    store = await opened(harness)
+    try:
+        for name in USERS:
+            await store.add_user(name, name.encode(), NOW)
+        await store.create_group("alice", G, "g", ["bob", "carol"], 10, NOW)
+        first = await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)
+        again = await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)
+        assert (again.seq, again.duplicate) == (first.seq, True)
+        assert sorted(again.recipients) == sorted(first.recipients) == ["alice", "carol"]
+    finally:
+        await store.close()
