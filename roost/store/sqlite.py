@@ -515,8 +515,12 @@ class SqliteStore:
             ).fetchone()
             stored = _row_message(row)
             # With its recipients: the service fans a duplicate out again, in
-            # case the first commit's answer (and so its push) was lost.
-            recipients = tuple(u for u in state.active() if u != sender)
+            # case the first commit's answer (and so its push) was lost. The
+            # members when it was sent: never someone who joined later.
+            recipients = tuple(
+                u for u, m in state.members.items()
+                if u != sender and m.joined < stored.seq and (m.left is None or m.left >= stored.seq)
+            )  # fmt: skip
             return StoredMessage(
                 stored.conv,
                 stored.seq,

@@ -121,6 +121,21 @@ async def test_idempotent_append(store: AnyStore, harness: Harness) -> None:
     assert (await send(store, "alice", "next", to="bob")).seq == 4
 
 
+async def test_a_duplicate_names_who_should_have_it_when_it_was_sent(store: AnyStore) -> None:
+    """The service fans a duplicate out again (its first answer, and so its
+    push, may have been lost): to the members of the message's time, never to
+    someone who joined later, and still to someone removed after it."""
+    await make_group(store, ["bob", "carol"])
+    first = await send(store, "alice", "m", conv=G)
+    await store.add_members("alice", G, ["dave"], 50, NOW)
+    await store.remove_members("alice", G, ["carol"], NOW)
+    retry = await send(store, "alice", "m", conv=G)
+    assert retry.duplicate and retry.seq == first.seq
+    assert sorted(retry.recipients) == ["bob", "carol"]
+    direct = await send(store, "alice", "d", to="bob")
+    assert (await send(store, "alice", "d", to="bob")).recipients == direct.recipients == ("bob",)
+
+
 async def test_idempotent_append_within_one_batch(store: AnyStore, gate: Gate, harness: Harness) -> None:
     async with gate():
         one = send(store, "alice", "dup", to="bob")
