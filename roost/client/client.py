@@ -143,6 +143,9 @@ class Client:
         # Known before connecting once the state has seen a welcome.
         self.user: str | None = self.state.get_meta("user")
         self.connections = 0  # successful connections so far
+        # This client object's run: the server tells our own stale attempt
+        # (superseded, 4007: reconnect) from another device (replaced, 4003: stop).
+        self.instance = uuid.uuid4().hex
         self._rng = random.Random()
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -293,7 +296,7 @@ class Client:
             autoclose=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:
-            await ws.send_bytes(encode(f.Auth(token=self.token)))
+            await ws.send_bytes(encode(f.Auth(token=self.token, client=self.instance)))
             first = await ws.receive(timeout=15.0)
             if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 raise ConnectionError("closed during authentication")

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.memory import MemoryRegistry
 from roost.service.chat import ChatService, ServiceConfig, error_frame
+from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore, database_path
 
 log = logging.getLogger("roost.gateway")
@@ -85,6 +87,7 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.ready = False
         self.stopping = False
+        self._auth_unavailable = RateLimitedWarning("authentication deferred, store unavailable")
         self.app = web.Application()
         self.app.router.add_get("/v1/ws", self.websocket)
         self.app.router.add_get("/healthz", self.healthz)
@@ -147,16 +150,20 @@ class Gateway:
         conn = Connection(ws, self.config.max_queued_bytes, request.transport)
         self.connections.add(conn)
         try:
-            user = await self._authenticate(ws, conn)
-            if user is not None:
-                await self._serve(ws, conn, user)
+            identity = await self._authenticate(ws, conn)
+            # A socket that died while its token was being checked is not
+            # registered: it would replace the live connection its client has
+            # meanwhile opened, and that client would be told it was replaced.
+            if identity is not None and not await _gone(ws, request):
+                await self._serve(ws, conn, *identity)
         finally:
             self.connections.discard(conn)
             conn.close(CloseCode.NORMAL, "")
             await conn.finish()
         return ws
 
-    async def _authenticate(self, ws: web.WebSocketResponse, conn: Connection) -> str | None:
+    async def _authenticate(self, ws: web.WebSocketResponse, conn: Connection) -> tuple[str, str] | None:
+        """(user, client run id) once the auth frame checks out; None after closing."""
         try:
             msg = await asyncio.wait_for(ws.receive(), self.config.auth_timeout)
         except TimeoutError:
@@ -187,16 +194,24 @@ class Gateway:
             conn.push(error_frame(exc))
             conn.close(CloseCode.AUTH_FAILED, exc.code.value)
             return None
+        except StoreUnavailable as exc:
+            # Expected while the store is down or overloaded: the client
+            # retries. One line per interval, not a traceback per client (in
+            # a reconnect storm those cost more CPU than the work itself).
+            self._auth_unavailable.warn(str(exc))
+            conn.push(error_frame(ProtocolError(ErrorCode.UNAVAILABLE, "try again")))
+            conn.close(CloseCode.GOING_AWAY, "unavailable")
+            return None
         except Exception:
             log.exception("authentication failed")
             conn.push(error_frame(ProtocolError(ErrorCode.UNAVAILABLE, "try again")))
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return None
         conn.push(encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat))))
-        return user
+        return user, frame.client
 
-    async def _serve(self, ws: web.WebSocketResponse, conn: Connection, user: str) -> None:
-        session = await self.service.connect(user, conn)
+    async def _serve(self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str) -> None:
+        session = await self.service.connect(user, conn, client)
         log.info("connected", extra={"user": user})
         try:
             async for msg in ws:
@@ -247,3 +262,31 @@ async def run_gateway(config: GatewayConfig) -> None:
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await gateway.stop()
+
+
+async def _gone(ws: web.WebSocketResponse, request: web.Request) -> bool:
+    # Two loop passes: the first reads a reset or EOF that has already
+    # arrived, the second runs the transport's connection_lost.
+    for _ in range(2):
+        await asyncio.sleep(0)
+    transport = request.transport
+    return ws.closed or transport is None or transport.is_closing()
+
+
+class RateLimitedWarning:
+    """A warning logged at most once per ``interval`` seconds, with how many were folded."""
+
+    def __init__(self, what: str, interval: float = 5.0) -> None:
+        self.what = what
+        self.interval = interval
+        self.folded = 0
+        self.last = float("-inf")
+
+    def warn(self, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.folded += 1
+            return
+        more = f" (and {self.folded} more since the last report)" if self.folded else ""
+        log.warning("%s: %s%s", self.what, detail, more)
+        self.last, self.folded = now, 0

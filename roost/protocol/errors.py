@@ -52,3 +52,4 @@ class CloseCode:
     SLOW_CONSUMER = 4004  # could not keep up; messages wait in the inbox
     UNSUPPORTED_VERSION = 4005
     STORE_FAILED = 4006  # a send could not be committed; reconnect and resend in order
+    SUPERSEDED = 4007  # a newer connection of this same client run took over; reconnect

@@ -49,6 +49,11 @@ class Auth(Frame, tag="auth"):
 
     token: Annotated[str, Meta(min_length=1, max_length=256)]
     v: int = PROTOCOL_VERSION
+    # Names this client program's run (random, not secret). A newer connection
+    # from the same run supersedes an older one with 4007 (reconnect), one
+    # from another run replaces it with 4003 (stop): that tells a client's own
+    # stale attempt, authenticated late, from another device.
+    client: Annotated[str, Meta(max_length=64)] = ""
 
 
 class Send(Frame, tag="send"):

@@ -131,6 +131,7 @@ class _Presence(msgspec.Struct, array_like=True):
 class _Replaced(msgspec.Struct, array_like=True):
     user: str
     value: bytes  # the mapping value that was overwritten: names the session to close
+    client: str = ""  # the new session's client run id (auth frame's ``client``)
 
 
 class _Envelope(msgspec.Struct, array_like=True):
@@ -881,7 +882,8 @@ class RedisRegistry:
                 if old and old != value:
                     gw = self._gw_of(old)
                     if gw != self.gateway_id:
-                        notices.setdefault(gw, []).append(_Replaced(user, old))
+                        client = getattr(self._sessions.get(user), "client", "")
+                        notices.setdefault(gw, []).append(_Replaced(user, old, client))
 
         handlers.append(handle)
 
@@ -1333,7 +1335,7 @@ class RedisRegistry:
         for p in env.presence:
             self._on_presence(p, now)
         for rp in env.replaced:
-            self._evict(rp.user, rp.value)
+            self._evict(rp.user, rp.value, rp.client)
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         try:
@@ -1361,7 +1363,7 @@ class RedisRegistry:
             self._remote_online.discard(user)
         self._deliver_presence(user, p.online, p.last_seen)
 
-    def _evict(self, user: str, value: bytes) -> None:
+    def _evict(self, user: str, value: bytes, client: str = "") -> None:
         """The user connected on another gateway: close the session ``value`` names."""
         if self._values.get(user) != value:
             return  # already gone, or a newer local session
@@ -1370,7 +1372,7 @@ class RedisRegistry:
         self._confirmed.pop(user, None)
         self._evicted[id(session)] = session
         self.stats["replaced_remote"] += 1
-        self._call(session.replaced)
+        self._call(session.replaced, bool(client) and getattr(session, "client", "") == client)
 
 
 __all__ = ["RedisRegistry"]

@@ -142,12 +142,14 @@ class ChatService:
     async def authenticate(self, token: str) -> str | None:
         return await self.store.user_by_token(hash_token(token))
 
-    async def connect(self, user: str, sink: Sink) -> Session:
-        session = Session(user, sink, self.store, self.config.window, self.config.rate, self.config.burst)
+    async def connect(self, user: str, sink: Sink, client: str = "") -> Session:
+        session = Session(
+            user, sink, self.store, self.config.window, self.config.rate, self.config.burst, client
+        )
         # Register first: from here on, new messages are offered to this session.
         previous = self.registry.attach(session)
         if previous is not None:
-            previous.replaced()
+            previous.replaced(bool(client) and getattr(previous, "client", "") == client)
         change = self.presence.connected(user)
         if change is not None:
             self.registry.announce(change)

@@ -59,8 +59,10 @@ class Session:
         window: int,
         rate: float,
         burst: float,
+        client: str = "",
     ) -> None:
         self.user = user
+        self.client = client  # the auth frame's client run id ("" if not given)
         self.sink = sink
         self.store = store
         self.cursor = DeliveryCursor(window)
@@ -89,10 +91,15 @@ class Session:
         if self.active:
             self.sink.push(frame)
 
-    def replaced(self) -> None:
-        """Another connection of the same user took over."""
+    def replaced(self, by_same_client: bool = False) -> None:
+        """Another connection of the same user took over: one of this same
+        client run (e.g. an attempt it gave up on, authenticated late), which
+        it may take back by reconnecting, or another device's."""
         self.stop()
-        self.sink.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
+        if by_same_client:
+            self.sink.close(CloseCode.SUPERSEDED, "superseded by a newer connection of this client")
+        else:
+            self.sink.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
 
     # -- called by the chat service ----------------------------------------
 

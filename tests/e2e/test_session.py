@@ -25,6 +25,42 @@ from tests.e2e.server import ServerProcess
 CONV = "d:alice:bob"
 
 
+async def test_a_stale_attempt_of_the_same_client_does_not_stop_it(server: ServerProcess, tmp_path: Path) -> None:
+    """A client gave up on an attempt and connected again; the dead attempt's
+    auth, handled late, takes the user over. Because it names the same client
+    run, the live connection is superseded (4007), not replaced (4003): the
+    SDK reconnects instead of stopping for good."""
+    tokens = add_users(server, ["alice", "bob"])
+    # Raw: same client run -> 4007; the newer socket works.
+    first = await RawWS.open(server, tokens["bob"], client="run-1")
+    second = await RawWS.open(server, tokens["bob"], client="run-1")
+    try:
+        assert await first.wait_closed(5) == 4007
+        await second.send({"type": "ping", "t": 1})
+        assert await second.recv(5) == {"type": "pong", "t": 1}
+    finally:
+        await close_all(first, second)
+    # SDK: stale attempts in its name, whose sockets die at once.
+    bob = await connect(server, tokens["bob"], tmp_path / "b.state")
+    alice = await connect(server, tokens["alice"], tmp_path / "a.state")
+    try:
+        for _ in range(5):
+            dead = await RawWS.open(server)
+            await dead.send({"type": "auth", "token": tokens["bob"], "client": bob.instance})
+            await asyncio.sleep(0.05)
+            transport = dead.ws._response.connection.transport  # type: ignore[union-attr]
+            if transport is not None:
+                transport.abort()
+            await dead.http.close()
+        await bob.wait_connected(10)
+        await asyncio.wait_for(alice.send("still here?", to="bob"), 10)
+        got = await collect(bob, 1, 10)
+        assert [m.text for m in got] == ["still here?"]
+        assert bob._fatal is None
+    finally:
+        await close_all(alice, bob)
+
+
 async def test_second_connection_replaces_the_first(server: ServerProcess, tmp_path: Path) -> None:
     tokens = add_users(server, ["alice", "bob"])
     # Raw: the superseded socket is closed with 4003.

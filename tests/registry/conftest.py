@@ -32,7 +32,7 @@ class FakeSession:
     def push_frame(self, frame: bytes) -> None:
         self.frames.append(frame)
 
-    def replaced(self) -> None:
+    def replaced(self, by_same_client: bool = False) -> None:
         self.replaced_count += 1
 
     def __repr__(self) -> str:
