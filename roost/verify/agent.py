@@ -85,7 +85,8 @@ class RecordingClient(Client):
             )
         elif isinstance(event, ReceiptEvent):
             marks = {user: list(mark) for user, mark in event.marks.items()}
-            self.log.write({"k": "receipt", "conv": event.conv, "marks": marks, "t": now})
+            every = [event.all_delivered, event.all_read]
+            self.log.write({"k": "receipt", "conv": event.conv, "marks": marks, "all": every, "t": now})
         elif isinstance(event, Disconnected):
             self.log.write({"k": "disconnected", "code": event.code, "final": event.final, "t": now})
         super()._emit(event)

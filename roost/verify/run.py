@@ -230,7 +230,14 @@ def collect(
                     continue
                 history.shown.append(Shown(name, r["conv"], r["seq"], r["from"], r["id"], r["t"]))
             elif kind == "receipt":
-                marks = {u: (m[0], m[1]) for u, m in r["marks"].items()}
+                # A receipt frame names the members whose marks moved; its
+                # aggregate (everyone has delivered/read up to ...) speaks for
+                # every member, so a coalesced receipt still counts for all.
+                every = r.get("all", (0, 0))
+                marks = {m: (every[0], every[1]) for m in _others(r["conv"], name, groups)}
+                for u, m in r["marks"].items():
+                    low = marks.get(u, (0, 0))
+                    marks[u] = (max(m[0], low[0]), max(m[1], low[1]))
                 history.receipts.append(ReceiptSeen(name, r["conv"], marks, r["t"]))
         if with_state:
             _add_state(history, name, Path(user.state), groups, acked)
@@ -256,9 +263,13 @@ def _add_state(
         if sender == name and message_id not in acked:
             acked[message_id] = (conv, seq, 0.0)
     for conv, (delivered, read) in receipts.items():
-        others = [m for m in groups.get(conv, conv.split(":")[1:]) if m != name]
-        marks = {m: (delivered, read) for m in others}
+        marks = {m: (delivered, read) for m in _others(conv, name, groups)}
         history.receipts.append(ReceiptSeen(name, conv, marks, time.monotonic()))
+
+
+def _others(conv: str, name: str, groups: dict[str, list[str]]) -> list[str]:
+    """The other members of a group (made before the run) or of a 1:1 conversation."""
+    return [m for m in groups.get(conv, conv.split(":")[1:]) if m != name]
 
 
 def split_latencies(history: History, windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:

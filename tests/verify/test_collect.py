@@ -92,3 +92,33 @@ def test_latencies_split_by_fault_windows(tmp_path: Path) -> None:
     history, _ = collect(u, {}, with_state=False)
     quiet, faulty = split_latencies(history, [(15.0, 21.5)])
     assert [round(x) for x in quiet] == [5] and [round(x) for x in faulty] == [1000]
+
+
+def test_a_receipts_aggregate_speaks_for_every_member(tmp_path: Path) -> None:
+    """Group receipts name only the members whose marks moved; when they
+    coalesce, the aggregate (all delivered up to N) still covers everyone."""
+    group = "g:1"
+    u = {
+        n: UserConfig(n, "t", str(tmp_path / f"{n}.state"), str(tmp_path / f"{n}.log"))
+        for n in ("a", "b", "c")
+    }
+    write_log(Path(u["a"].log), [
+        {"k": "sent", "id": "a-0", "i": 0, "t": 1.0},
+        {"k": "acked", "id": "a-0", "conv": group, "seq": 1, "t": 1.1},
+        {"k": "receipt", "conv": group, "marks": {"c": [1, 0]}, "all": [1, 0], "t": 1.3},
+    ])  # fmt: skip
+    for n in ("b", "c"):
+        write_log(Path(u[n].log), [
+            {"k": "shown", "conv": group, "seq": 1, "from": "a", "id": "a-0", "t": 1.2, "inc": 1},
+        ])  # fmt: skip
+    members = {group: ["a", "b", "c"]}
+    history, _ = collect(u, members, with_state=False)
+    assert check(history).violations == []
+    # Without the aggregate, b's delivery would be unknown to a.
+    write_log(Path(u["a"].log), [
+        {"k": "sent", "id": "a-0", "i": 0, "t": 1.0},
+        {"k": "acked", "id": "a-0", "conv": group, "seq": 1, "t": 1.1},
+        {"k": "receipt", "conv": group, "marks": {"c": [1, 0]}, "all": [0, 0], "t": 1.3},
+    ])  # fmt: skip
+    history, _ = collect(u, members, with_state=False)
+    assert [v.kind for v in check(history).violations] == ["missing_receipt"]
