@@ -28,6 +28,7 @@ from typing import Any
 
 from roost.devcluster.postgres import free_port
 from roost.devcluster.run import DevCluster, wait_healthy
+from roost.store import accounts
 
 SERVER_FLAGS = ["--rate-limit", "0", "--log-level", "warning"]
 
@@ -44,33 +45,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def new_token() -> str:
-    return "rt_" + secrets.token_urlsafe(24)
-
-
-async def add_users_to_store(store_spec: str, names: list[str]) -> dict[str, str]:
-    """Create ``names`` in the store (one group commit for all) and return their tokens."""
-    from roost.service.chat import hash_token, now_ms
-
-    store: Any
-    if store_spec.startswith(("postgresql://", "postgres://")):
-        from roost.store.postgres import PostgresStore
-
-        store = PostgresStore(store_spec)
-    else:
-        from roost.store.sqlite import SqliteStore, database_path
-
-        store = SqliteStore(database_path(store_spec))
-    tokens = {name: new_token() for name in names}
-    await store.open()
-    try:
-        now = now_ms()
-        futures = [store.add_user(name, hash_token(token), now) for name, token in tokens.items()]
-        for future in futures:
-            await future
-    finally:
-        await store.close()
-    return tokens
+# Kept under their old names for the bench modules that import them.
+new_token = accounts.new_token
+add_users_to_store = accounts.add_users
 
 
 class Target:

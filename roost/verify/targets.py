@@ -14,18 +14,17 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from roost.devcluster.postgres import free_port
 from roost.devcluster.run import DevCluster, wait_healthy
-from roost.service.chat import hash_token, now_ms
+from roost.store.accounts import add_users
 
 CLIENT_NEMESES = ("cut-connection", "blackhole", "crash-client")
 
@@ -46,32 +45,6 @@ class Target(Protocol):
 def host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme in ("https", "wss") else 80)
-
-
-def new_tokens(names: list[str]) -> dict[str, str]:
-    return {name: "rt_" + secrets.token_urlsafe(24) for name in names}
-
-
-async def add_users_to(store: Any, names: list[str]) -> dict[str, str]:
-    """Create the run's users directly in the store; returns name -> token."""
-    tokens = new_tokens(names)
-    await store.open()
-    try:
-        await asyncio.gather(*(store.add_user(n, hash_token(t), now_ms()) for n, t in tokens.items()))
-    finally:
-        await store.close()
-    return tokens
-
-
-def open_store(location: str) -> Any:
-    """A store object for a postgresql:// DSN or an embedded data directory."""
-    if location.startswith(("postgresql://", "postgres://")):
-        from roost.store.postgres import PostgresStore
-
-        return PostgresStore(location)
-    from roost.store.sqlite import SqliteStore, database_path
-
-    return SqliteStore(database_path(Path(location)))
 
 
 class EmbeddedTarget:
@@ -114,7 +87,7 @@ class EmbeddedTarget:
                 self.kill()
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
-        return await add_users_to(open_store(str(self.data_dir)), names)
+        return await add_users(self.data_dir, names)
 
     async def inject(self, kind: str, rng: random.Random) -> None:
         assert kind == "kill-server", kind
@@ -151,7 +124,7 @@ class ClusterTarget:
         self.cluster.stop()
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
-        return await add_users_to(open_store(self.cluster.dsn), names)
+        return await add_users(self.cluster.dsn, names)
 
     def _gateway_down(self, i: int) -> bool:
         return self.cluster.gateways[i][1].poll() is not None
@@ -198,7 +171,7 @@ class UrlTarget:
         pass
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
-        return await add_users_to(open_store(self.store), names)
+        return await add_users(self.store, names)
 
     async def inject(self, kind: str, rng: random.Random) -> None:
         raise ValueError(f"{kind} is not possible against --url")
