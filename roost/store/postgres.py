@@ -1196,20 +1196,27 @@ class PostgresStore:
     async def pending_receipts(self, user: str) -> list[ReceiptState]:
         async def fn(c: asyncpg.Connection) -> list[ReceiptState]:
             rows = await c.fetch(
-                "SELECT r.conv, r.rv, m.user_name, m.delivered, m.read, m.left_seq"
+                "SELECT r.conv, r.rv, m.user_name, m.joined_seq, m.delivered, m.read, m.left_seq"
                 " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
                 " WHERE r.user_name = $1 ORDER BY r.conv",
                 user,
             )
-            per_conv: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
-            for conv, rv, other, d, r, left in rows:
-                _, marks = per_conv.setdefault(conv, (rv, {}))
-                if other is not None and other != user and left is None:
+            # Members who left and had got something are named too (the sender
+            # may have been away when they acked); the aggregate is over
+            # current members.
+            per_conv: dict[str, tuple[int, dict[str, tuple[int, int]], list[tuple[int, int]]]] = {}
+            for conv, rv, other, joined, d, r, left in rows:
+                _, marks, current = per_conv.setdefault(conv, (rv, {}, []))
+                if other is None or other == user:
+                    continue
+                if left is None:
+                    current.append((d, r))
+                if left is None or d > joined:
                     marks[other] = (d, r)
             out = []
-            for conv, (rv, marks) in per_conv.items():
-                all_d = min((d for d, _ in marks.values()), default=0)
-                all_r = min((r for _, r in marks.values()), default=0)
+            for conv, (rv, marks, current) in per_conv.items():
+                all_d = min((d for d, _ in current), default=0)
+                all_r = min((r for _, r in current), default=0)
                 out.append(ReceiptState(user, conv, rv, marks, all_d, all_r))
             return out
 

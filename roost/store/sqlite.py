@@ -902,11 +902,15 @@ class SqliteStore:
                 "SELECT conv, rv FROM receipt_pending WHERE user=?", (user,)
             ).fetchall():
                 rows = c.execute(
-                    "SELECT user, delivered, read, left_seq FROM members WHERE conv=?", (conv,)
+                    "SELECT user, joined_seq, delivered, read, left_seq FROM members WHERE conv=?", (conv,)
                 ).fetchall()
-                marks = {u: (d, r) for u, d, r, left in rows if u != user and left is None}
-                all_d = min((d for d, _ in marks.values()), default=0)
-                all_r = min((r for _, r in marks.values()), default=0)
+                # Members who left and had got something are named too: the
+                # sender may have been away when they acked, and must still
+                # learn it. The aggregate (everyone has ...) is over current members.
+                marks = {u: (d, r) for u, j, d, r, left in rows if u != user and (left is None or d > j)}
+                current = [(d, r) for u, _j, d, r, left in rows if u != user and left is None]
+                all_d = min((d for d, _ in current), default=0)
+                all_r = min((r for _, r in current), default=0)
                 out.append(ReceiptState(user, conv, rv, marks, all_d, all_r))
             return out
 

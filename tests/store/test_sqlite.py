@@ -136,6 +136,20 @@ async def test_a_duplicate_names_who_should_have_it_when_it_was_sent(store: AnyS
     assert (await send(store, "alice", "d", to="bob")).recipients == direct.recipients == ("bob",)
 
 
+async def test_pending_receipts_still_name_a_member_who_left(store: AnyStore) -> None:
+    """Alice was away when carol got her message; carol then left. When alice
+    comes back she must still learn that carol got it; the aggregate (all
+    delivered) is over the members who remain."""
+    await make_group(store, ["bob", "carol"])
+    sent = await send(store, "alice", "m", conv=G)
+    await store.advance_marks("carol", G, sent.seq, None)
+    await store.remove_members("alice", G, ["carol"], NOW)
+    [p] = await store.pending_receipts("alice")
+    assert p.marks["carol"][0] >= sent.seq
+    assert p.marks["bob"] == (0, 0)
+    assert (p.all_delivered, p.all_read) == (0, 0)
+
+
 async def test_idempotent_append_within_one_batch(store: AnyStore, gate: Gate, harness: Harness) -> None:
     async with gate():
         one = send(store, "alice", "dup", to="bob")
