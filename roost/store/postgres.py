@@ -68,6 +68,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+TOKEN_BATCH = 512  # token lookups per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
 MIGRATION_LOCK = 0x726F6F7374
 
@@ -631,6 +632,8 @@ class PostgresStore:
         self.max_retries = max_retries
         self.migrate_on_open = migrate
         self._pool: asyncpg.Pool | None = None  # reads
+        self._token_batch: dict[bytes, asyncio.Future[str | None]] | None = None
+        self._token_tasks: set[asyncio.Future[None]] = set()
         # The batching task's own connection (a pool of one, so that a lost
         # connection is replaced on the next batch): commits never queue
         # behind reads for a connection.
@@ -1066,10 +1069,45 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     async def user_by_token(self, token_hash: bytes) -> str | None:
-        async def fn(c: asyncpg.Connection) -> str | None:
-            return await c.fetchval("SELECT name FROM users WHERE token_hash = $1", token_hash)
+        # Lookups made in one loop pass share one query: in a reconnect storm
+        # thousands of devices authenticate at once, and one round trip (and
+        # one pool checkout) each was what exhausted the pool.
+        if self._token_batch is None:
+            self._token_batch = {}
+            asyncio.get_running_loop().call_soon(self._lookup_tokens)
+        fut = self._token_batch.get(token_hash)
+        if fut is None:
+            fut = self._token_batch[token_hash] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(fut)
 
-        return await self._read(fn)
+    def _lookup_tokens(self) -> None:
+        batch, self._token_batch = self._token_batch or {}, None
+        for start in range(0, len(batch), TOKEN_BATCH):
+            chunk = dict(list(batch.items())[start : start + TOKEN_BATCH])
+            task = asyncio.ensure_future(self._lookup_token_chunk(chunk))
+            self._token_tasks.add(task)
+            task.add_done_callback(self._token_tasks.discard)
+
+    async def _lookup_token_chunk(self, chunk: dict[bytes, asyncio.Future[str | None]]) -> None:
+        async def fn(c: asyncpg.Connection) -> dict[bytes, str]:
+            rows = await c.fetch(
+                "SELECT token_hash, name FROM users WHERE token_hash = ANY ($1::bytea[])", list(chunk)
+            )
+            return {bytes(r["token_hash"]): r["name"] for r in rows}
+
+        try:
+            found = await self._read(fn)
+        except BaseException as exc:
+            for fut in chunk.values():
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else StoreUnavailable("cancelled"))
+                    fut.exception()  # a caller that gave up meanwhile is not an error to log
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for token_hash, fut in chunk.items():
+            if not fut.done():
+                fut.set_result(found.get(token_hash))
 
     async def last_seen(self, users: list[str]) -> dict[str, int | None]:
         async def fn(c: asyncpg.Connection) -> dict[str, int | None]:

@@ -82,6 +82,29 @@ async def assert_contiguous(dsn: str) -> dict[str, list[int]]:
 # -- many gateways -------------------------------------------------------------------------
 
 
+async def test_token_lookups_of_one_loop_pass_share_queries_and_each_gets_its_answer(
+    gateways: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A reconnect storm: many lookups at once (known, unknown, the same token
+    twice) are answered right, with far fewer queries than lookups."""
+    store, _ = gateways
+    names = [f"storm{i}" for i in range(1200)]
+    await asyncio.gather(*(store.add_user(n, token_hash(n), NOW) for n in names))
+    calls = 0  # the store's reads (each one pool checkout and one round trip)
+    real_read = store._read
+
+    async def counting_read(fn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await real_read(fn)
+
+    store._read = counting_read  # type: ignore[method-assign]
+    asked = [*names, "nobody", names[0]]
+    got = await asyncio.gather(*(store.user_by_token(token_hash(n)) for n in asked))
+    assert got == [*names, None, names[0]]
+    assert calls <= 4, calls  # 1,201 distinct tokens, at most 512 per query
+
+
 async def test_two_gateways_append_concurrently(
     gateways: tuple[PostgresStore, PostgresStore], pg_database: str
 ) -> None:
