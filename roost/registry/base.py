@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 from roost.core.presence import PresenceChange
@@ -21,9 +21,10 @@ class SessionHandle(Protocol):
 
 
 class Registry(Protocol):
-    # Called when pushes may have been lost (the router was down): the chat
-    # service then has every local session re-read its inbox.
-    on_recovered: Callable[[], None] | None
+    # Called when pushes may have been lost: the chat service then has the
+    # local sessions of these users (None: every local session) re-read
+    # their inbox.
+    on_recovered: Callable[[Collection[str] | None], None] | None
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from roost.core.presence import PresenceChange
 from roost.protocol.codec import encode
@@ -31,7 +31,7 @@ class MemoryRegistry:
         self._watchers: dict[str, set[SessionHandle]] = {}  # watched user -> sessions
         self._watching: dict[int, set[str]] = {}  # id(session) -> watched users
         # Part of the interface; one process never loses a push to recover from.
-        self.on_recovered: Callable[[], None] | None = None
+        self.on_recovered: Callable[[Collection[str] | None], None] | None = None
 
     async def start(self) -> None:
         """Nothing to connect to in one process."""

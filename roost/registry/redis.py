@@ -74,7 +74,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import msgspec
@@ -302,7 +302,7 @@ class RedisRegistry:
         self.url = url
         # Called after Redis or the subscription comes back: pushes may have
         # been lost meanwhile (the chat service then re-reads every local inbox).
-        self.on_recovered: Callable[[], None] | None = None
+        self.on_recovered: Callable[[Collection[str] | None], None] | None = None
         self._moved_in: set[str] = set()  # attached here while online on another gateway
         self._leaving: set[str] = set()  # detached here, this gateway's "offline" not decided yet
         self._subscribed_before = False
@@ -1021,9 +1021,10 @@ class RedisRegistry:
                     self._confirmed[user] = value
             if restored and not self._resync_after_refresh:
                 # Routes this refresh had to set again were missing or wrong
-                # for a while; pushes to them were left in the inbox.
-                log.info("gateway %s: %d routes restored; re-reading inboxes", self.gateway_id, len(restored))
-                self._notify_recovered()
+                # for a while; pushes to those users were left in their inbox.
+                users = [chunk[int(index) - 1][0] for index in restored]
+                log.info("gateway %s: %d routes restored; re-reading inboxes", self.gateway_id, len(users))
+                self._notify_recovered(users)
 
         return handle
 
@@ -1232,10 +1233,10 @@ class RedisRegistry:
             self._down_since = None
             self._notify_recovered()
 
-    def _notify_recovered(self) -> None:
+    def _notify_recovered(self, users: Collection[str] | None = None) -> None:
         if self.on_recovered is not None:
             try:
-                self.on_recovered()
+                self.on_recovered(users)
             except Exception:
                 log.exception("gateway %s: on_recovered failed", self.gateway_id)
 

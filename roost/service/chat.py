@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -105,10 +105,10 @@ class ChatService:
         self._presence_task = asyncio.get_running_loop().create_task(self._presence_loop())
         self.registry.on_recovered = self.resync_all
 
-    def resync_all(self) -> None:
-        """Pushes may have been lost (the router was down): every local
-        session re-reads its inbox, a few at a time."""
-        sessions = list(self.registry.sessions())
+    def resync_all(self, users: Collection[str] | None = None) -> None:
+        """Pushes may have been lost (the router was down, or these users'
+        routes were): those local sessions re-read their inbox, a few at a time."""
+        sessions = [s for s in self.registry.sessions() if users is None or s.user in users]
         log.info("re-reading the inbox of %d sessions", len(sessions))
         self._spawn(self._resync_many(sessions))
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from roost.core.presence import PresenceChange
@@ -109,7 +109,7 @@ class Router:
         gateway = self.gateways.get(getattr(session, "gateway", ""))
         if gateway is not None and gateway.alive and gateway.registry.on_recovered is not None:
             self.trace("registry-refresh", user, f"route of {user} set again; {gateway.name} resyncs")
-            gateway.registry.on_recovered()
+            gateway.registry.on_recovered([user])
 
 
 class GatewayRegistry:
@@ -119,7 +119,7 @@ class GatewayRegistry:
         self.gateway = gateway
         self.router = router
         self.local: dict[str, Session] = {}
-        self.on_recovered: Callable[[], None] | None = None
+        self.on_recovered: Callable[[Collection[str] | None], None] | None = None
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -158,7 +158,7 @@ class GatewayRegistry:
             if user not in self.router.routes:
                 self.router.routes[user] = session
         if self.on_recovered is not None:
-            self.on_recovered()
+            self.on_recovered(None)
 
     def is_online(self, user: str) -> bool:
         return self.router.lookup(user) is not None

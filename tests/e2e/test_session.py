@@ -25,7 +25,9 @@ from tests.e2e.server import ServerProcess
 CONV = "d:alice:bob"
 
 
-async def test_a_stale_attempt_of_the_same_client_does_not_stop_it(server: ServerProcess, tmp_path: Path) -> None:
+async def test_a_stale_attempt_of_the_same_client_does_not_stop_it(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     """A client gave up on an attempt and connected again; the dead attempt's
     auth, handled late, takes the user over. Because it names the same client
     run, the live connection is superseded (4007), not replaced (4003): the

@@ -461,7 +461,7 @@ async def test_after_redis_loses_its_keys_sessions_resync_once_their_routes_are_
     probe = sync_redis.Redis.from_url(redis_server.url)
     routes_at_resync: list[bool] = []
     # A blocking GET inside the callback: what Redis holds at that very moment.
-    b.on_recovered = lambda: routes_at_resync.append(probe.get("roost:u:bob") is not None)
+    b.on_recovered = lambda users: routes_at_resync.append(probe.get("roost:u:bob") is not None)
     await redis_client.flushall()
     await eventually(lambda: routes_at_resync, timeout=5)
     assert routes_at_resync == [True]
@@ -477,8 +477,11 @@ async def test_a_route_that_silently_vanished_is_set_again_and_its_gateway_resyn
     b = await gateways("b")
     attach(b, "bob")
     await b.flush()
-    resyncs: list[bool] = []
-    b.on_recovered = lambda: resyncs.append(True)
+    attach(b, "ann")  # her route is intact: her session need not re-read anything
+    await b.flush()
+    resyncs: list[list[str] | None] = []
+    b.on_recovered = lambda users: resyncs.append(None if users is None else list(users))
     await redis_client.delete("roost:u:bob")
     await eventually(lambda: resyncs, timeout=5)
+    assert resyncs[0] == ["bob"]
     assert (await redis_client.get("roost:u:bob")).startswith(b"b|")
