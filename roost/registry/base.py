@@ -13,6 +13,7 @@ class SessionHandle(Protocol):
     """The registry's view of a connected session (``roost.service.session.Session``)."""
 
     user: str
+    client: str  # the auth frame's client run id ("" if none was given)
 
     def offer(self, message: StoredMessage, frame: bytes) -> None: ...
     def push_receipt(self, receipt: ReceiptState) -> None: ...

@@ -882,7 +882,8 @@ class RedisRegistry:
                 if old and old != value:
                     gw = self._gw_of(old)
                     if gw != self.gateway_id:
-                        client = getattr(self._sessions.get(user), "client", "")
+                        session = self._sessions.get(user)
+                        client = session.client if session is not None else ""
                         notices.setdefault(gw, []).append(_Replaced(user, old, client))
 
         handlers.append(handle)
@@ -1373,7 +1374,7 @@ class RedisRegistry:
         self._confirmed.pop(user, None)
         self._evicted[id(session)] = session
         self.stats["replaced_remote"] += 1
-        self._call(session.replaced, bool(client) and getattr(session, "client", "") == client)
+        self._call(session.replaced, bool(client) and session.client == client)
 
 
 __all__ = ["RedisRegistry"]

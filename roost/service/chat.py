@@ -149,7 +149,7 @@ class ChatService:
         # Register first: from here on, new messages are offered to this session.
         previous = self.registry.attach(session)
         if previous is not None:
-            previous.replaced(bool(client) and getattr(previous, "client", "") == client)
+            previous.replaced(bool(client) and previous.client == client)
         change = self.presence.connected(user)
         if change is not None:
             self.registry.announce(change)

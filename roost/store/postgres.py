@@ -1082,8 +1082,9 @@ class PostgresStore:
 
     def _lookup_tokens(self) -> None:
         batch, self._token_batch = self._token_batch or {}, None
-        for start in range(0, len(batch), TOKEN_BATCH):
-            chunk = dict(list(batch.items())[start : start + TOKEN_BATCH])
+        items = list(batch.items())
+        for start in range(0, len(items), TOKEN_BATCH):
+            chunk = dict(items[start : start + TOKEN_BATCH])
             task = asyncio.ensure_future(self._lookup_token_chunk(chunk))
             self._token_tasks.add(task)
             task.add_done_callback(self._token_tasks.discard)

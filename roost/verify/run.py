@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from roost.verify.agent import AgentConfig, RecordingClient, RecordLog, UserConfig, read_log
-from roost.verify.history import History, ReceiptSeen, Report, Shown, check
+from roost.verify.history import History, ReceiptSeen, Report, Shown, check, percentile
 from roost.verify.history import Sent as SentRecord
 from roost.verify.proxy import FaultProxy
 from roost.verify.targets import (
@@ -109,15 +109,8 @@ class VerifyResult:
         }
 
 
-def _percentile(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
 def _marks(values: list[float]) -> dict[str, float | None]:
-    return {"p50": _percentile(values, 50), "p99": _percentile(values, 99), "max": _percentile(values, 100)}
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": percentile(values, 100)}
 
 
 def nemeses_for(target: Target, wanted: tuple[str, ...]) -> tuple[str, ...]:

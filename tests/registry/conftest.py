@@ -18,6 +18,7 @@ class FakeSession:
 
     def __init__(self, user: str) -> None:
         self.user = user
+        self.client = ""
         self.offered: list[tuple[StoredMessage, bytes]] = []
         self.receipts: list[ReceiptState] = []
         self.frames: list[bytes] = []
