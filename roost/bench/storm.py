@@ -128,6 +128,8 @@ class CpuTimeline:
         self.points: list[tuple[float, float]] = []  # (monotonic time, CPU% since the previous sample)
         self.cpu_seconds = 0.0  # used between start and the last sample
         self._task: asyncio.Task[None] | None = None
+        self._first_cpu = self._last_cpu = self._last_t = 0.0
+        self._window = (0.0, 0.0)  # (time, CPU seconds) where the last point's window began
 
     def _total(self) -> float:
         total = 0.0
@@ -138,25 +140,38 @@ class CpuTimeline:
                 continue  # exited: it adds nothing any more
         return total
 
+    def _sample(self) -> None:
+        now, cpu = time.monotonic(), self._total()
+        if self.points and now - self._last_t < self.interval / 2:
+            # Too short a window to rate on its own (CPU time ticks in 10 ms): widen the last one.
+            self.points.pop()
+            self._last_t, self._last_cpu = self._window
+        self._window = (self._last_t, self._last_cpu)
+        # A process that exited drops out of the total: never count that as negative use.
+        self.points.append((now, max(0.0, 100.0 * (cpu - self._last_cpu) / max(1e-9, now - self._last_t))))
+        self.cpu_seconds = max(self.cpu_seconds, cpu - self._first_cpu)
+        self._last_t, self._last_cpu = now, cpu
+
     async def _loop(self) -> None:
-        last_t, last_cpu = time.monotonic(), self._total()
-        first_cpu = last_cpu
         while True:
             await asyncio.sleep(self.interval)
-            now, cpu = time.monotonic(), self._total()
-            # A process that exited drops out of the total: never count that as negative use.
-            self.points.append((now, max(0.0, 100.0 * (cpu - last_cpu) / max(1e-9, now - last_t))))
-            self.cpu_seconds = max(self.cpu_seconds, cpu - first_cpu)
-            last_t, last_cpu = now, cpu
+            self._sample()
 
     def start(self) -> CpuTimeline:
+        self._last_t, self._last_cpu = time.monotonic(), self._total()
+        self._first_cpu = self._last_cpu
         self._task = asyncio.get_running_loop().create_task(self._loop())
         return self
 
     def stop(self) -> float:
-        """Peak CPU% seen."""
+        """Peak CPU% seen, including the stretch since the last periodic sample.
+
+        A storm shorter than one interval would otherwise report no CPU at all.
+        """
         if self._task is not None:
             self._task.cancel()
+            self._task = None
+            self._sample()
         return round(max((p for _, p in self.points), default=0.0), 1)
 
 

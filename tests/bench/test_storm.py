@@ -49,3 +49,23 @@ def test_storm_reconnects_everyone_elsewhere_and_loses_nothing(tmp_path: Path) -
 def min_reconnect_after(run: dict) -> float:
     """The first poll at which some client was back."""
     return next(t for t, back, _ in run["timeline"] if back > 0)
+
+
+def test_cpu_timeline_counts_a_stretch_shorter_than_one_interval() -> None:
+    """A storm over before the first periodic sample still reports the CPU it used."""
+    import asyncio
+    import os
+    import time
+
+    from roost.bench.storm import CpuTimeline
+
+    async def run() -> tuple[float, CpuTimeline]:
+        timeline = CpuTimeline([os.getpid()], interval=10.0).start()
+        end = time.monotonic() + 0.1
+        while time.monotonic() < end:  # busy: about one core for 0.1 s
+            pass
+        return timeline.stop(), timeline
+
+    peak, timeline = asyncio.run(run())
+    assert 30 < peak <= 200
+    assert len(timeline.points) == 1 and timeline.cpu_seconds > 0.03
