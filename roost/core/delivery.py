@@ -41,6 +41,44 @@ class DrainRequest:
     limit: int
 
 
+class _OrderedSet:
+    """Conversations in first-added order, with O(1) add, test and pop-first.
+
+    (Popping a dict's first key again and again is quadratic: the deleted
+    slots stay in front until the dict is resized.) The containers are made
+    on first use: most connected devices owe nothing, and an empty deque
+    alone is 760 bytes.
+    """
+
+    __slots__ = ("_members", "_order")
+
+    def __init__(self) -> None:
+        self._order: deque[str] | None = None
+        self._members: set[str] | None = None
+
+    def add(self, conv: str) -> None:
+        if self._members is None or self._order is None:
+            self._members, self._order = set(), deque()
+        if conv not in self._members:
+            self._members.add(conv)
+            self._order.append(conv)
+
+    def pop_first(self) -> str:
+        if not self._order or self._members is None:
+            raise KeyError("pop from an empty set")
+        conv = self._order.popleft()
+        self._members.discard(conv)
+        if not self._order:
+            self._members = self._order = None
+        return conv
+
+    def __contains__(self, conv: object) -> bool:
+        return self._members is not None and conv in self._members
+
+    def __len__(self) -> int:
+        return 0 if self._members is None else len(self._members)
+
+
 class DeliveryCursor:
     """Decides, for one connected device, between push and drain."""
 
@@ -56,7 +94,7 @@ class DeliveryCursor:
         self._waiting_for_room = False
         self.convs: dict[str, ConvCursor] = {}
         # Conversations whose inbox must be read from the store, oldest first.
-        self._to_drain: dict[str, None] = {}
+        self._to_drain = _OrderedSet()
         self._draining: set[str] = set()
 
     # -- inputs ------------------------------------------------------------
@@ -66,7 +104,7 @@ class DeliveryCursor:
         cur = self.convs.get(conv)
         if cur is None:
             self.convs[conv] = ConvCursor(sent=delivered, acked=delivered)
-        self._to_drain[conv] = None
+        self._to_drain.add(conv)
 
     def _has_room(self, size: int) -> bool:
         # One message always fits, however large, so the device can progress.
@@ -90,20 +128,20 @@ class DeliveryCursor:
         if cur is None:
             # Where the device stands in this conversation is unknown here:
             # let a drain read the mark from the store.
-            self._to_drain[conv] = None
+            self._to_drain.add(conv)
             return False
         if seq > cur.known_last:
             cur.known_last = seq
         if seq <= cur.sent:
             return False  # a drain already pushed it
         if conv in self._to_drain or conv in self._draining or seq != cur.sent + 1:
-            self._to_drain[conv] = None
+            self._to_drain.add(conv)
             return False
         if own:
             cur.sent = seq
             return False
         if not self._has_room(size):
-            self._to_drain[conv] = None
+            self._to_drain.add(conv)
             return False
         self._push(cur, seq, size)
         return True
@@ -136,12 +174,23 @@ class DeliveryCursor:
             or (self.inflight and self.inflight_bytes >= self.window_bytes)
         ):
             return None
-        for conv in self._to_drain:
-            del self._to_drain[conv]
-            self._draining.add(conv)
-            cur = self.convs.get(conv)
-            return DrainRequest(conv, None if cur is None else cur.sent, room)
-        return None
+        if not self._to_drain:
+            return None
+        conv = self._to_drain.pop_first()
+        self._draining.add(conv)
+        cur = self.convs.get(conv)
+        return DrainRequest(conv, None if cur is None else cur.sent, room)
+
+    def next_drains(self, most: int) -> list[DrainRequest]:
+        """Up to ``most`` inbox reads to run together, each as ``next_drain`` would give.
+
+        They share one window: each may use all of its free room, and
+        ``drained`` pushes only what still fits, in the order given.
+        """
+        requests: list[DrainRequest] = []
+        while len(requests) < most and (request := self.next_drain()) is not None:
+            requests.append(request)
+        return requests
 
     def drained(
         self,
@@ -181,13 +230,13 @@ class DeliveryCursor:
         if last_seq > cur.known_last:
             cur.known_last = last_seq
         if cur.sent < cur.known_last:
-            self._to_drain[conv] = None
+            self._to_drain.add(conv)
         return to_push
 
     def drain_failed(self, conv: str) -> None:
         """The read failed: try again later (the messages are still in the store)."""
         self._draining.discard(conv)
-        self._to_drain[conv] = None
+        self._to_drain.add(conv)
 
     def owes(self, conv: str) -> int:
         """The seq the device is waiting for next in ``conv`` (for tests and metrics)."""

@@ -13,13 +13,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from roost.core.delivery import DeliveryCursor
+from roost.core.delivery import DeliveryCursor, DrainRequest
 from roost.core.ratelimit import TokenBucket
 from roost.protocol.codec import encode
-from roost.protocol.errors import CloseCode
+from roost.protocol.errors import CloseCode, ProtocolError
 from roost.protocol.frames import MemberMarks, Receipt
 from roost.registry.memory import deliver_frame
-from roost.store.base import ReceiptState, SendStream, StoredMessage, StoreUnavailable
+from roost.store.base import DrainPage, ReceiptState, SendStream, StoredMessage, StoreUnavailable
 
 if TYPE_CHECKING:
     from roost.store.base import Store
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.session")
 
 DRAIN_RETRY_SECONDS = 1.0
+# Conversations read per inbox read: a device back after a while owes many
+# conversations a few messages each, and one read per conversation made the
+# drain a round trip per conversation.
+DRAIN_BATCH = 32
 
 
 class Sink(Protocol):
@@ -127,30 +131,45 @@ class Session:
 
     async def _drain(self) -> None:
         while self.active:
-            request = self.cursor.next_drain()
-            if request is None:
+            requests = self.cursor.next_drains(DRAIN_BATCH)
+            if not requests:
                 return
+            # The free window is the same for every request of the batch.
+            budget = requests[0].limit
             try:
-                page = await self.store.read_inbox(self.user, request.conv, request.after, request.limit)
+                pages = await self.store.read_inboxes(self.user, requests, budget)
             except StoreUnavailable as exc:
                 log.warning("inbox read failed for %s: %s", self.user, exc)
-                self.cursor.drain_failed(request.conv)
+                for request in requests:
+                    self.cursor.drain_failed(request.conv)
                 await asyncio.sleep(DRAIN_RETRY_SECONDS)
                 continue
-            except Exception:  # e.g. no longer a member: nothing to drain there
-                log.exception("inbox read refused for %s in %s", self.user, request.conv)
-                self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
+            except Exception:  # a bug: leave the messages in the store for the next connection
+                log.exception("inbox read failed for %s", self.user)
+                for request in requests:
+                    self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
                 continue
-            frames = {m.seq: deliver_frame(m) for m in page.messages}
-            to_push = self.cursor.drained(
-                page.conv,
-                page.start,
-                list(frames),
-                page.scanned_to,
-                page.last_seq,
-                [len(frame) for frame in frames.values()],
-            )
             if not self.active:
                 return
-            for seq in to_push:
-                self.sink.push(frames[seq])
+            for request, page in zip(requests, pages, strict=False):
+                self._push_page(request, page)
+            for request in requests[len(pages) :]:
+                # Not read: the budget was spent on earlier conversations.
+                self.cursor.drain_failed(request.conv)
+
+    def _push_page(self, request: DrainRequest, page: DrainPage | ProtocolError) -> None:
+        if isinstance(page, ProtocolError):  # e.g. no longer a member: nothing to drain there
+            log.info("inbox read refused for %s in %s: %s", self.user, request.conv, page)
+            self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
+            return
+        frames = {m.seq: deliver_frame(m) for m in page.messages}
+        to_push = self.cursor.drained(
+            page.conv,
+            page.start,
+            list(frames),
+            page.scanned_to,
+            page.last_seq,
+            [len(frame) for frame in frames.values()],
+        )
+        for seq in to_push:
+            self.sink.push(frames[seq])

@@ -15,8 +15,12 @@ message costs one row, not one per member.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from roost.core.delivery import DrainRequest
+from roost.protocol.errors import ProtocolError
 
 
 class StoreUnavailable(Exception):
@@ -150,7 +154,20 @@ class Store(Protocol):
 
     # reads
     async def inbox(self, user: str) -> list[InboxEntry]: ...
-    async def read_inbox(self, user: str, conv: str, after: int | None, limit: int) -> DrainPage: ...
+    async def read_inboxes(
+        self, user: str, reads: Sequence[DrainRequest], budget: int
+    ) -> list[DrainPage | ProtocolError]:
+        """Inbox pages of several conversations in one read (one round trip).
+
+        Each read gives its conversation, the cursor to read after (None: the
+        member's delivered mark) and the most messages it wants. The pages
+        come back in the order asked; a conversation the user may not read
+        gives its ``ProtocolError`` in its place, without failing the others.
+        Reading stops once the pages hold ``budget`` messages (a session's
+        free window): the answer is then a prefix of ``reads``, and what was
+        not read is left for the next call.
+        """
+
     async def history(
         self, user: str, conv: str, before: int | None, after: int | None, limit: int
     ) -> tuple[list[StoredMessage], int, int]:

@@ -48,6 +48,7 @@ from typing import Any
 
 import asyncpg
 
+from roost.core.delivery import DrainRequest
 from roost.core.ids import direct_conv_id, direct_members
 from roost.core.membership import MEMBER, Member
 from roost.core.membership import require_active as _require_active
@@ -1154,33 +1155,77 @@ class PostgresStore:
         member = Member(user, row["role"], row["joined_seq"], row["left_seq"], row["delivered"], row["read"])
         return member, row["last_seq"]
 
-    async def read_inbox(self, user: str, conv: str, after: int | None, limit: int) -> DrainPage:
-        async def fn(c: asyncpg.Connection) -> DrainPage:
-            member, last = await self._member_row(c, user, conv)
-            start = member.delivered if after is None else max(after, member.joined)
-            upto = member.visible_upto(last)
-            # Own messages are only counted, so their bodies are not fetched.
+    async def read_inboxes(
+        self, user: str, reads: Sequence[DrainRequest], budget: int
+    ) -> list[DrainPage | ProtocolError]:
+        async def fn(c: asyncpg.Connection) -> list[DrainPage | ProtocolError]:
+            # The member rows of every conversation asked for in one query;
+            # then one message query per conversation until the budget is spent.
             rows = await c.fetch(
-                "SELECT conv, seq, sender, client_id, ct,"
-                " CASE WHEN sender = $4 THEN NULL ELSE body END AS body, ts"
-                " FROM messages WHERE conv = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $5",
-                conv,
-                start,
-                upto,
+                "SELECT c.id, c.last_seq, m.role, m.joined_seq, m.left_seq, m.delivered, m.read"
+                " FROM conversations c JOIN members m ON m.conv = c.id AND m.user_name = $2"
+                " WHERE c.id = ANY($1::text[])",
+                [read.conv for read in reads],
                 user,
-                limit * 4,
             )
-            messages: list[StoredMessage] = []
-            scanned = start
-            for row in rows:
-                if len(messages) >= limit:
+            found = {
+                r["id"]: (
+                    Member(user, r["role"], r["joined_seq"], r["left_seq"], r["delivered"], r["read"]),
+                    r["last_seq"],
+                )
+                for r in rows
+            }
+            pages: list[DrainPage | ProtocolError] = []
+            left = budget
+            for read in reads:
+                if left <= 0:
                     break
-                scanned = row["seq"]
-                if row["sender"] != user:
-                    messages.append(_row_message(row))
-            return DrainPage(conv, start, messages, scanned, upto)
+                try:
+                    member, last = found.get(read.conv) or await self._member_row(c, user, read.conv)
+                except ProtocolError as exc:
+                    pages.append(exc)
+                    continue
+                page = await self._inbox_page(
+                    c, user, read.conv, member, last, read.after, min(read.limit, left)
+                )
+                pages.append(page)
+                left -= len(page.messages)
+            return pages
 
         return await self._read(fn)
+
+    async def _inbox_page(
+        self,
+        c: asyncpg.Connection,
+        user: str,
+        conv: str,
+        member: Member,
+        last: int,
+        after: int | None,
+        limit: int,
+    ) -> DrainPage:
+        start = member.delivered if after is None else max(after, member.joined)
+        upto = member.visible_upto(last)
+        # Own messages are only counted, so their bodies are not fetched.
+        rows = await c.fetch(
+            "SELECT conv, seq, sender, client_id, ct,"
+            " CASE WHEN sender = $4 THEN NULL ELSE body END AS body, ts"
+            " FROM messages WHERE conv = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $5",
+            conv,
+            start,
+            upto,
+            user,
+            limit * 4,
+        )
+        messages: list[StoredMessage] = []
+        scanned = start
+        for row in rows:
+            if len(messages) >= limit:
+                break
+            scanned = row["seq"]
+            if row["sender"] != user:
+                messages.append(_row_message(row))
+        return DrainPage(conv, start, messages, scanned, upto)
 
     async def history(
         self, user: str, conv: str, before: int | None, after: int | None, limit: int

@@ -23,13 +23,14 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from roost.core import membership as rules
+from roost.core.delivery import DrainRequest
 from roost.core.ids import direct_conv_id, direct_members
 from roost.core.membership import ADMIN, MEMBER, Member
 from roost.protocol.errors import ErrorCode, ProtocolError
@@ -823,26 +824,41 @@ class SqliteStore:
         role, joined, left, delivered, read, last = row
         return Member(user, role, joined, left, delivered, read), last
 
-    async def read_inbox(self, user: str, conv: str, after: int | None, limit: int) -> DrainPage:
-        def fn(c: sqlite3.Connection) -> DrainPage:
-            member, last = self._member_row(c, user, conv)
-            start = member.delivered if after is None else max(after, member.joined)
-            upto = member.visible_upto(last)
-            rows = c.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
-                (conv, start, upto, limit * 4),
-            ).fetchall()
-            messages: list[StoredMessage] = []
-            scanned = start
-            for row in rows:
-                if len(messages) >= limit:
+    async def read_inboxes(
+        self, user: str, reads: Sequence[DrainRequest], budget: int
+    ) -> list[DrainPage | ProtocolError]:
+        def fn(c: sqlite3.Connection) -> list[DrainPage | ProtocolError]:
+            found = self._member_rows(c, user, [read.conv for read in reads])
+            pages: list[DrainPage | ProtocolError] = []
+            left = budget
+            for read in reads:
+                if left <= 0:
                     break
-                scanned = row[1]
-                if row[2] != user:
-                    messages.append(_row_message(row))
-            return DrainPage(conv, start, messages, scanned, upto)
+                try:
+                    member, last = found.get(read.conv) or self._member_row(c, user, read.conv)
+                except ProtocolError as exc:
+                    pages.append(exc)
+                    continue
+                page = _inbox_page(c, user, read.conv, member, last, read.after, min(read.limit, left))
+                pages.append(page)
+                left -= len(page.messages)
+            return pages
 
         return await self._read(fn)
+
+    @staticmethod
+    def _member_rows(c: sqlite3.Connection, user: str, convs: list[str]) -> dict[str, tuple[Member, int]]:
+        """The member rows of ``user`` in the ``convs`` it belongs to, in one query."""
+        rows = c.execute(
+            "SELECT m.conv, m.role, m.joined_seq, m.left_seq, m.delivered, m.read, c.last_seq"
+            " FROM members m JOIN conversations c ON c.id = m.conv"
+            f" WHERE m.user=? AND m.conv IN ({','.join('?' * len(convs))})",
+            (user, *convs),
+        ).fetchall()
+        return {
+            conv: (Member(user, role, joined, left, delivered, read), last)
+            for conv, role, joined, left, delivered, read, last in rows
+        }
 
     async def history(
         self, user: str, conv: str, before: int | None, after: int | None, limit: int
@@ -918,6 +934,26 @@ class SqliteStore:
 
 
 HISTORY_PAGE_BYTES = 1024 * 1024
+
+
+def _inbox_page(
+    c: sqlite3.Connection, user: str, conv: str, member: Member, last: int, after: int | None, limit: int
+) -> DrainPage:
+    start = member.delivered if after is None else max(after, member.joined)
+    upto = member.visible_upto(last)
+    rows = c.execute(
+        f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
+        (conv, start, upto, limit * 4),
+    ).fetchall()
+    messages: list[StoredMessage] = []
+    scanned = start
+    for row in rows:
+        if len(messages) >= limit:
+            break
+        scanned = row[1]
+        if row[2] != user:
+            messages.append(_row_message(row))
+    return DrainPage(conv, start, messages, scanned, upto)
 
 
 def _within_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

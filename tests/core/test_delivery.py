@@ -56,6 +56,24 @@ def test_load_schedules_a_drain_from_the_stored_mark() -> None:
     assert cursor.pending_drains == 0
 
 
+def test_batched_drains_share_the_window_in_order() -> None:
+    cursor = DeliveryCursor(4)
+    for i, conv in enumerate([C, D, "d:alice:carol"]):
+        cursor.load(conv, i)
+    reqs = cursor.next_drains(2)
+    assert reqs == [DrainRequest(C, 0, 4), DrainRequest(D, 1, 4)]  # each may use all the room
+    assert cursor.next_drains(2) == [DrainRequest("d:alice:carol", 2, 4)]
+    assert cursor.next_drains(2) == []  # all three are running
+    # The first page takes three of the four slots: the second gets one, the rest waits.
+    assert cursor.drained(C, 0, [1, 2, 3], 3, 3) == [1, 2, 3]
+    assert cursor.drained(D, 1, [2, 3], 3, 3) == [2]
+    assert cursor.owes(D) == 3 and cursor.pending_drains == 2
+    cursor.drain_failed("d:alice:carol")  # not read in this batch: it stays owed
+    assert cursor.next_drains(8) == []  # no room until an ack
+    cursor.ack(C, 3)
+    assert cursor.next_drains(8) == [DrainRequest(D, 2, 3), DrainRequest("d:alice:carol", 2, 3)]
+
+
 def test_fast_path_pushes_contiguous_seqs() -> None:
     cursor = idle_cursor()
     assert [cursor.offer(C, seq) for seq in (1, 2, 3)] == [True, True, True]

@@ -235,3 +235,40 @@ async def test_an_inbox_unreadable_at_connect_is_read_once_the_store_is_back(
     await settle(lambda: bob_sink.of(f.Deliver))
     assert [m.id for m in bob_sink.of(f.Deliver)] == ["waiting"], bob_sink.frames
     assert failures == 0
+
+
+async def test_an_inbox_over_many_conversations_is_read_in_batches(
+    service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty conversations owing one message each: a few store reads, not forty;
+    a batch whose read fails is read again, and nothing is lost or repeated."""
+    from roost.service import session as session_module
+    from roost.store.base import StoreUnavailable
+
+    monkeypatch.setattr(session_module, "DRAIN_RETRY_SECONDS", 0.01)
+    senders = [f"user{i:02d}" for i in range(40)]
+    for name in senders:
+        await service.store.add_user(name, hash_token(name), now_ms())
+    for name in senders:
+        sink = MemorySink()
+        session = await service.connect(name, sink)
+        send(service, session, f"from-{name}")
+        await settle(lambda sink=sink: sink.of(f.SendAck))
+        service.disconnect(session)
+    real_read = service.store.read_inboxes
+    batches: list[int] = []
+
+    async def counted_read(user, reads, budget):
+        batches.append(len(reads))
+        if len(batches) == 1:
+            raise StoreUnavailable("down for the test")
+        return await real_read(user, reads, budget)
+
+    monkeypatch.setattr(service.store, "read_inboxes", counted_read)
+    bob_sink = MemorySink()
+    await service.connect("bob", bob_sink)
+    await settle(lambda: len(bob_sink.of(f.Deliver)) >= 40)
+    await asyncio.sleep(0.05)
+    assert sorted(m.id for m in bob_sink.of(f.Deliver)) == sorted(f"from-{n}" for n in senders)
+    assert batches[0] == session_module.DRAIN_BATCH  # the failed one
+    assert sum(batches[1:]) == 40 and len(batches) == 3

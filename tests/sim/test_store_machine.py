@@ -29,6 +29,7 @@ from roost.service.chat import hash_token
 from roost.sim.loop import VirtualClockLoop
 from roost.sim.store import SimStore
 from roost.store.base import StoreUnavailable
+from tests.store.pages import read_inbox
 
 USERS = ("ann", "ben", "cat", "dan", "eve")
 GROUP = "g:00000000000000aa"
@@ -244,7 +245,7 @@ class StoreMachine(RuleBasedStateMachine):
                 assert (conv_id in entries) == owed, (user, conv_id)
                 if span is None:
                     continue
-                page = self.run(self.store.read_inbox(user, conv_id, None, 200))
+                page = self.run(read_inbox(self.store, user, conv_id, None, 200))
                 expected = [
                     q
                     for q, s in sorted(conv.messages.items())

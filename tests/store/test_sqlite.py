@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from roost.core.delivery import DrainRequest
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
-from roost.store.base import InboxEntry, MarkResult, SendStream, StoredMessage, StoreUnavailable
+from roost.store.base import DrainPage, InboxEntry, MarkResult, SendStream, StoredMessage, StoreUnavailable
 
 from .conftest import NOW, Harness, token_hash
+from .pages import read_inbox
 
 if TYPE_CHECKING:
     from .conftest import AnyStore
@@ -413,7 +415,7 @@ async def test_inbox_lists_conversations_with_undelivered_messages(store: AnySto
 async def test_read_inbox_skips_own_messages(store: AnyStore) -> None:
     for i, sender in enumerate(["alice", "bob", "alice", "bob", "alice"]):
         await send(store, sender, f"m{i}", to="alice" if sender == "bob" else "bob")
-    page = await store.read_inbox("bob", AB, None, 10)
+    page = await read_inbox(store, "bob", AB, None, 10)
     assert (page.conv, page.start, page.scanned_to, page.last_seq) == (AB, 0, 5, 5)
     assert [m.seq for m in page.messages] == [1, 3, 5]
     assert {m.sender for m in page.messages} == {"alice"}
@@ -423,19 +425,19 @@ async def test_read_inbox_skips_own_messages(store: AnyStore) -> None:
 async def test_read_inbox_respects_limit_and_reports_progress(store: AnyStore) -> None:
     for i in range(6):
         await send(store, "alice", f"m{i}", to="bob")
-    page = await store.read_inbox("bob", AB, None, 2)
+    page = await read_inbox(store, "bob", AB, None, 2)
     assert [m.seq for m in page.messages] == [1, 2]
     assert (page.start, page.scanned_to, page.last_seq) == (0, 2, 6)
-    page = await store.read_inbox("bob", AB, page.scanned_to, 3)
+    page = await read_inbox(store, "bob", AB, page.scanned_to, 3)
     assert [m.seq for m in page.messages] == [3, 4, 5]
     assert (page.start, page.scanned_to, page.last_seq) == (2, 5, 6)
-    page = await store.read_inbox("bob", AB, 5, 3)
+    page = await read_inbox(store, "bob", AB, 5, 3)
     assert ([m.seq for m in page.messages], page.scanned_to) == ([6], 6)
-    page = await store.read_inbox("bob", AB, 6, 3)
+    page = await read_inbox(store, "bob", AB, 6, 3)
     assert (page.messages, page.start, page.scanned_to) == ([], 6, 6)
     # without ``after`` it reads from the durable delivered mark
     await store.advance_marks("bob", AB, 4, None)
-    page = await store.read_inbox("bob", AB, None, 10)
+    page = await read_inbox(store, "bob", AB, None, 10)
     assert (page.start, [m.seq for m in page.messages]) == (4, [5, 6])
 
 
@@ -445,7 +447,7 @@ async def test_read_inbox_makes_progress_over_long_runs_of_own_messages(store: A
     await send(store, "alice", "hi", to="bob")
     after, seen = 0, []
     for _ in range(10):
-        page = await store.read_inbox("bob", AB, after, 1)
+        page = await read_inbox(store, "bob", AB, after, 1)
         assert page.scanned_to > after or page.scanned_to == page.last_seq
         seen += [m.seq for m in page.messages]
         after = page.scanned_to
@@ -457,8 +459,31 @@ async def test_read_inbox_makes_progress_over_long_runs_of_own_messages(store: A
 
 async def test_read_inbox_refusals(store: AnyStore) -> None:
     await send(store, "alice", "m", to="bob")
-    assert await code_of(store.read_inbox("carol", AB, None, 5)) is ErrorCode.NOT_MEMBER
-    assert await code_of(store.read_inbox("bob", G, None, 5)) is ErrorCode.UNKNOWN_CONVERSATION
+    assert await code_of(read_inbox(store, "carol", AB, None, 5)) is ErrorCode.NOT_MEMBER
+    assert await code_of(read_inbox(store, "bob", G, None, 5)) is ErrorCode.UNKNOWN_CONVERSATION
+
+
+async def test_read_inboxes_reads_many_conversations_within_one_budget(store: AnyStore) -> None:
+    for i in range(3):
+        await send(store, "alice", f"ab{i}", to="bob")
+        await send(store, "carol", f"cb{i}", to="bob")
+    await send(store, "alice", "ac", to="carol")
+    reads = [DrainRequest(AB, None, 10), DrainRequest(AC, None, 10), DrainRequest("d:bob:carol", 1, 10)]
+    pages = await store.read_inboxes("bob", reads, 10)
+    # A conversation bob may not read is refused in its place; the others are read.
+    assert [type(p) for p in pages] == [DrainPage, ProtocolError, DrainPage]
+    assert isinstance(pages[1], ProtocolError) and pages[1].code is ErrorCode.NOT_MEMBER
+    first, _, third = pages
+    assert isinstance(first, DrainPage) and isinstance(third, DrainPage)
+    assert (first.conv, first.start, [m.seq for m in first.messages]) == (AB, 0, [1, 2, 3])
+    assert (third.conv, third.start, [m.body for m in third.messages]) == ("d:bob:carol", 1, [b"cb1", b"cb2"])
+    # The budget caps the messages read in all: a prefix of the reads comes back,
+    # the page that reached it is cut short, and nothing after it is read.
+    reads = [DrainRequest(AB, None, 10), DrainRequest("d:bob:carol", None, 10), DrainRequest(AB, 3, 10)]
+    pages = await store.read_inboxes("bob", reads, 4)
+    assert len(pages) == 2
+    assert [[m.seq for m in p.messages] for p in pages if isinstance(p, DrainPage)] == [[1, 2, 3], [1]]
+    assert isinstance(pages[1], DrainPage) and pages[1].scanned_to == 1
 
 
 # -- groups ---------------------------------------------------------------------------
@@ -532,9 +557,9 @@ async def test_members_added_later_do_not_see_earlier_messages(store: AnyStore) 
     assert await seqs_of(store, "carol", G) == [4, 5]
     assert (await store.history("carol", G, 4, None, 50))[0] == []
     assert await store.inbox("carol") == [InboxEntry(G, 3, 5)]
-    page = await store.read_inbox("carol", G, None, 50)
+    page = await read_inbox(store, "carol", G, None, 50)
     assert [m.seq for m in page.messages] == [4, 5]
-    page = await store.read_inbox("carol", G, 0, 50)  # an ``after`` before joining is clamped
+    page = await read_inbox(store, "carol", G, 0, 50)  # an ``after`` before joining is clamped
     assert (page.start, [m.seq for m in page.messages]) == (3, [4, 5])
     # acks below the join point change nothing
     r = await store.advance_marks("carol", G, 2, None)
@@ -559,7 +584,7 @@ async def test_removed_members_see_up_to_their_removal_only(store: AnyStore) -> 
     _, _, last = await store.history("bob", G, None, None, 50)
     assert last == 4
     assert await store.inbox("bob") == [InboxEntry(G, 0, 4)]
-    page = await store.read_inbox("bob", G, None, 50)
+    page = await read_inbox(store, "bob", G, None, 50)
     assert ([m.seq for m in page.messages], page.last_seq) == ([1, 2, 4], 4)
     assert await code_of(send(store, "bob", "again", conv=G)) is ErrorCode.NOT_MEMBER
     assert await code_of(store.group_info("bob", G)) is ErrorCode.NOT_MEMBER
