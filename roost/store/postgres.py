@@ -64,12 +64,14 @@ from roost.store.base import (
     StoredMessage,
     StoreUnavailable,
 )
+from roost.store.pass_batch import PassBatcher
 from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 TOKEN_BATCH = 512  # token lookups per query at most
+USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
 MIGRATION_LOCK = 0x726F6F7374
 
@@ -633,8 +635,14 @@ class PostgresStore:
         self.max_retries = max_retries
         self.migrate_on_open = migrate
         self._pool: asyncpg.Pool | None = None  # reads
-        self._token_batch: dict[bytes, asyncio.Future[str | None]] | None = None
-        self._token_tasks: set[asyncio.Future[None]] = set()
+        # Reads every connecting device makes: batched per loop pass (see PassBatcher).
+        self._tokens: PassBatcher[bytes, str | None] = PassBatcher(
+            self._users_by_token, lambda: None, TOKEN_BATCH
+        )
+        self._inboxes: PassBatcher[str, list[InboxEntry]] = PassBatcher(self._inboxes_of, list, USER_BATCH)
+        self._receipts: PassBatcher[str, list[ReceiptState]] = PassBatcher(
+            self._pending_receipts_of, list, USER_BATCH
+        )
         # The batching task's own connection (a pool of one, so that a lost
         # connection is replaced on the next batch): commits never queue
         # behind reads for a connection.
@@ -1070,46 +1078,17 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     async def user_by_token(self, token_hash: bytes) -> str | None:
-        # Lookups made in one loop pass share one query: in a reconnect storm
-        # thousands of devices authenticate at once, and one round trip (and
-        # one pool checkout) each was what exhausted the pool.
-        if self._token_batch is None:
-            self._token_batch = {}
-            asyncio.get_running_loop().call_soon(self._lookup_tokens)
-        fut = self._token_batch.get(token_hash)
-        if fut is None:
-            fut = self._token_batch[token_hash] = asyncio.get_running_loop().create_future()
-        return await asyncio.shield(fut)
+        return await self._tokens.get(token_hash)
 
-    def _lookup_tokens(self) -> None:
-        batch, self._token_batch = self._token_batch or {}, None
-        items = list(batch.items())
-        for start in range(0, len(items), TOKEN_BATCH):
-            chunk = dict(items[start : start + TOKEN_BATCH])
-            task = asyncio.ensure_future(self._lookup_token_chunk(chunk))
-            self._token_tasks.add(task)
-            task.add_done_callback(self._token_tasks.discard)
-
-    async def _lookup_token_chunk(self, chunk: dict[bytes, asyncio.Future[str | None]]) -> None:
-        async def fn(c: asyncpg.Connection) -> dict[bytes, str]:
+    async def _users_by_token(self, token_hashes: list[bytes]) -> dict[bytes, str | None]:
+        async def fn(c: asyncpg.Connection) -> dict[bytes, str | None]:
             rows = await c.fetch(
-                "SELECT token_hash, name FROM users WHERE token_hash = ANY ($1::bytea[])", list(chunk)
+                "SELECT token_hash, name FROM users WHERE token_hash = ANY ($1::bytea[])", token_hashes
             )
             return {bytes(r["token_hash"]): r["name"] for r in rows}
 
-        try:
-            found = await self._read(fn)
-        except BaseException as exc:
-            for fut in chunk.values():
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else StoreUnavailable("cancelled"))
-                    fut.exception()  # a caller that gave up meanwhile is not an error to log
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for token_hash, fut in chunk.items():
-            if not fut.done():
-                fut.set_result(found.get(token_hash))
+        result: dict[bytes, str | None] = await self._read(fn)
+        return result
 
     async def last_seen(self, users: list[str]) -> dict[str, int | None]:
         async def fn(c: asyncpg.Connection) -> dict[str, int | None]:
@@ -1120,21 +1099,26 @@ class PostgresStore:
         return await self._read(fn)
 
     async def inbox(self, user: str) -> list[InboxEntry]:
-        async def fn(c: asyncpg.Connection) -> list[InboxEntry]:
-            rows = await c.fetch(
-                "SELECT m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
-                " JOIN conversations c ON c.id = m.conv"
-                " WHERE m.user_name = $1 AND c.last_seq > m.delivered"
-                " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)"
-                " ORDER BY m.conv",
-                user,
-            )
-            return [
-                InboxEntry(conv, delivered, last if left is None else min(left, last))
-                for conv, delivered, last, left in rows
-            ]
+        return await self._inboxes.get(user)
 
-        return await self._read(fn)
+    async def _inboxes_of(self, users: list[str]) -> dict[str, list[InboxEntry]]:
+        async def fn(c: asyncpg.Connection) -> dict[str, list[InboxEntry]]:
+            rows = await c.fetch(
+                "SELECT m.user_name, m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
+                " JOIN conversations c ON c.id = m.conv"
+                " WHERE m.user_name = ANY ($1::text[]) AND c.last_seq > m.delivered"
+                " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)"
+                " ORDER BY m.user_name, m.conv",
+                users,
+            )
+            out: dict[str, list[InboxEntry]] = {}
+            for user, conv, delivered, last, left in rows:
+                entry = InboxEntry(conv, delivered, last if left is None else min(left, last))
+                out.setdefault(user, []).append(entry)
+            return out
+
+        result: dict[str, list[InboxEntry]] = await self._read(fn)
+        return result
 
     async def _member_row(self, c: asyncpg.Connection, user: str, conv: str) -> tuple[Member, int]:
         row = await c.fetchrow(
@@ -1278,33 +1262,39 @@ class PostgresStore:
         return await self._read(fn)
 
     async def pending_receipts(self, user: str) -> list[ReceiptState]:
-        async def fn(c: asyncpg.Connection) -> list[ReceiptState]:
+        return await self._receipts.get(user)
+
+    async def _pending_receipts_of(self, users: list[str]) -> dict[str, list[ReceiptState]]:
+        async def fn(c: asyncpg.Connection) -> dict[str, list[ReceiptState]]:
             rows = await c.fetch(
-                "SELECT r.conv, r.rv, m.user_name, m.joined_seq, m.delivered, m.read, m.left_seq"
+                "SELECT r.user_name, r.conv, r.rv, m.user_name, m.joined_seq, m.delivered, m.read, m.left_seq"
                 " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
-                " WHERE r.user_name = $1 ORDER BY r.conv",
-                user,
+                " WHERE r.user_name = ANY ($1::text[]) ORDER BY r.user_name, r.conv",
+                users,
             )
             # Members who left and had got something are named too (the sender
             # may have been away when they acked); the aggregate is over
             # current members.
-            per_conv: dict[str, tuple[int, dict[str, tuple[int, int]], list[tuple[int, int]]]] = {}
-            for conv, rv, other, joined, d, r, left in rows:
-                _, marks, current = per_conv.setdefault(conv, (rv, {}, []))
+            per_conv: dict[
+                tuple[str, str], tuple[int, dict[str, tuple[int, int]], list[tuple[int, int]]]
+            ] = {}
+            for user, conv, rv, other, joined, d, r, left in rows:
+                _, marks, current = per_conv.setdefault((user, conv), (rv, {}, []))
                 if other is None or other == user:
                     continue
                 if left is None:
                     current.append((d, r))
                 if left is None or d > joined:
                     marks[other] = (d, r)
-            out = []
-            for conv, (rv, marks, current) in per_conv.items():
+            out: dict[str, list[ReceiptState]] = {}
+            for (user, conv), (rv, marks, current) in per_conv.items():
                 all_d = min((d for d, _ in current), default=0)
                 all_r = min((r for _, r in current), default=0)
-                out.append(ReceiptState(user, conv, rv, marks, all_d, all_r))
+                out.setdefault(user, []).append(ReceiptState(user, conv, rv, marks, all_d, all_r))
             return out
 
-        return await self._read(fn)
+        result: dict[str, list[ReceiptState]] = await self._read(fn)
+        return result
 
 
 # A page of history, cut after ~1 MiB of bodies (at least one message) like

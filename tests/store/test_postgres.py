@@ -105,6 +105,35 @@ async def test_token_lookups_of_one_loop_pass_share_queries_and_each_gets_its_an
     assert calls <= 4, calls  # 1,201 distinct tokens, at most 512 per query
 
 
+async def test_connect_time_reads_of_one_loop_pass_share_queries_and_each_gets_its_own(
+    gateways: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Many devices connecting at once: their inbox and pending-receipt reads
+    are answered per user, as one at a time would, with a few queries in all."""
+    store, _ = gateways
+    await send(store, "alice", "a1", to="bob")
+    await send(store, "carol", "c1", to="bob")
+    await send(store, "bob", "b1", to="dave")
+    await store.advance_marks("dave", "d:bob:dave", 1, None)  # bob now has a receipt pending
+    users = ["bob", "dave", "erin", "alice", "bob"]
+    one_by_one = [(await store.inbox(u), await store.pending_receipts(u)) for u in users]
+    calls = 0
+    real_read = store._read
+
+    async def counting_read(fn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await real_read(fn)
+
+    store._read = counting_read  # type: ignore[method-assign]
+    inboxes = await asyncio.gather(*(store.inbox(u) for u in users))
+    receipts = await asyncio.gather(*(store.pending_receipts(u) for u in users))
+    assert list(zip(inboxes, receipts, strict=True)) == one_by_one
+    assert calls == 2
+    assert sorted(e.conv for e in inboxes[0]) == [AB, "d:bob:carol", "d:bob:dave"] and inboxes[2] == []
+    assert [(r.conv, r.all_delivered) for r in receipts[0]] == [("d:bob:dave", 1)] and receipts[1] == []
+
+
 async def test_two_gateways_append_concurrently(
     gateways: tuple[PostgresStore, PostgresStore], pg_database: str
 ) -> None:
