@@ -82,6 +82,19 @@ class _OrderedSet:
 class DeliveryCursor:
     """Decides, for one connected device, between push and drain."""
 
+    # One per connected device: slots, and containers that cost little while
+    # empty (an empty set is 216 bytes, an empty dict 64).
+    __slots__ = (
+        "_draining",
+        "_to_drain",
+        "_waiting_for_room",
+        "convs",
+        "inflight",
+        "inflight_bytes",
+        "window",
+        "window_bytes",
+    )
+
     def __init__(self, window: int, window_bytes: int = 4 * 1024 * 1024) -> None:
         if window < 1 or window_bytes < 1:
             raise ValueError("window must be >= 1")
@@ -95,7 +108,7 @@ class DeliveryCursor:
         self.convs: dict[str, ConvCursor] = {}
         # Conversations whose inbox must be read from the store, oldest first.
         self._to_drain = _OrderedSet()
-        self._draining: set[str] = set()
+        self._draining: dict[str, None] = {}  # reads running (a set, in the dict's keys)
 
     # -- inputs ------------------------------------------------------------
 
@@ -177,7 +190,7 @@ class DeliveryCursor:
         if not self._to_drain:
             return None
         conv = self._to_drain.pop_first()
-        self._draining.add(conv)
+        self._draining[conv] = None
         cur = self.convs.get(conv)
         return DrainRequest(conv, None if cur is None else cur.sent, room)
 
@@ -209,7 +222,7 @@ class DeliveryCursor:
         and ``last_seq`` the conversation's end as the read saw it. What does
         not fit the window is left for the next drain.
         """
-        self._draining.discard(conv)
+        self._draining.pop(conv, None)
         cur = self.convs.get(conv)
         if cur is None:
             cur = self.convs[conv] = ConvCursor(sent=start, acked=start)
@@ -235,7 +248,7 @@ class DeliveryCursor:
 
     def drain_failed(self, conv: str) -> None:
         """The read failed: try again later (the messages are still in the store)."""
-        self._draining.discard(conv)
+        self._draining.pop(conv, None)
         self._to_drain.add(conv)
 
     def owes(self, conv: str) -> int:

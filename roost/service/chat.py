@@ -345,7 +345,7 @@ class ChatService:
                 self.registry.announce(change)
 
     def _on_typing(self, session: Session, frame: f.Typing) -> None:
-        if session.typing_limiter.take(time.monotonic()):
+        if session.typing_throttled(time.monotonic()):
             return  # typing is ephemeral: excess is dropped silently
         self._spawn(self._relay_typing(session, frame))
 

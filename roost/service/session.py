@@ -55,6 +55,20 @@ def receipt_frame(receipt: ReceiptState) -> bytes:
 
 
 class Session:
+    # One per connected device: no per-instance __dict__.
+    __slots__ = (
+        "_drain_task",
+        "_typing_limiter",
+        "active",
+        "client",
+        "cursor",
+        "limiter",
+        "send_stream",
+        "sink",
+        "store",
+        "user",
+    )
+
     def __init__(
         self,
         user: str,
@@ -71,10 +85,16 @@ class Session:
         self.store = store
         self.cursor = DeliveryCursor(window)
         self.limiter = TokenBucket(rate, burst, time.monotonic()) if rate > 0 else None
-        self.typing_limiter = TokenBucket(2.0, 5.0, time.monotonic())
+        self._typing_limiter: TokenBucket | None = None  # made on the first typing frame
         self._drain_task: asyncio.Task[None] | None = None
         self.send_stream = SendStream()
         self.active = True
+
+    def typing_throttled(self, now: float) -> bool:
+        """True: drop this typing frame (more than 2 a second, bursts of 5)."""
+        if self._typing_limiter is None:
+            self._typing_limiter = TokenBucket(2.0, 5.0, now)
+        return self._typing_limiter.take(now) > 0
 
     # -- called by the registry --------------------------------------------
 

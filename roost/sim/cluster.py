@@ -51,6 +51,7 @@ class Router:
         self.rng = random.Random(f"{seed}/router")
         self.trace = trace
         self.routes: dict[str, Session] = {}
+        self.homes: dict[str, str] = {}  # user -> the gateway its route names
         self.stale: dict[str, Session | None] = {}  # user -> what lookups wrongly return
         self.down = False
         self.gateways: dict[str, Gateway] = {}
@@ -85,6 +86,7 @@ class Router:
     def lose_all(self, outage: float) -> None:
         self.trace("registry-lost", "", f"every route forgotten, down {outage:.3f}s")
         self.routes.clear()
+        self.homes.clear()
         self.down = True
         asyncio.get_running_loop().call_later(outage, self._recover)
 
@@ -106,7 +108,7 @@ class Router:
     def _refresh_stale(self, user: str) -> None:
         self.stale.pop(user, None)
         session = self.routes.get(user)
-        gateway = self.gateways.get(getattr(session, "gateway", ""))
+        gateway = self.gateways.get(self.homes.get(user, "")) if session is not None else None
         if gateway is not None and gateway.alive and gateway.registry.on_recovered is not None:
             self.trace("registry-refresh", user, f"route of {user} set again; {gateway.name} resyncs")
             gateway.registry.on_recovered([user])
@@ -138,11 +140,11 @@ class GatewayRegistry:
         return {u for u in users if self.router.lookup(u) is not None}
 
     def attach(self, session: Session) -> Session | None:
-        session.gateway = self.gateway.name  # type: ignore[attr-defined]  # where the router finds it
         self.local[session.user] = session
         self.router.trace("registered", session.user, f"route to {self.gateway.name}")
         previous = self.router.routes.get(session.user)
         self.router.routes[session.user] = session
+        self.router.homes[session.user] = self.gateway.name
         return previous if previous is not session else None
 
     def detach(self, session: Session) -> bool:
@@ -150,6 +152,7 @@ class GatewayRegistry:
             del self.local[session.user]
         if self.router.routes.get(session.user) is session:
             del self.router.routes[session.user]
+            del self.router.homes[session.user]
             return True
         return False
 
@@ -157,6 +160,7 @@ class GatewayRegistry:
         for user, session in self.local.items():
             if user not in self.router.routes:
                 self.router.routes[user] = session
+                self.router.homes[user] = self.gateway.name
         if self.on_recovered is not None:
             self.on_recovered(None)
 
