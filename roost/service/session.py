@@ -158,24 +158,26 @@ class Session:
             budget = requests[0].limit
             try:
                 pages = await self.store.read_inboxes(self.user, requests, budget)
-            except StoreUnavailable as exc:
-                log.warning("inbox read failed for %s: %s", self.user, exc)
+            except Exception as exc:
+                # StoreUnavailable, or a bug: either way the messages stay in
+                # the store and are read again, at a calm pace.
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("inbox read failed for %s: %s", self.user, exc)
+                else:
+                    log.exception("inbox read failed for %s", self.user)
                 for request in requests:
                     self.cursor.drain_failed(request.conv)
                 await asyncio.sleep(DRAIN_RETRY_SECONDS)
                 continue
-            except Exception:  # a bug: leave the messages in the store for the next connection
-                log.exception("inbox read failed for %s", self.user)
-                for request in requests:
-                    self.cursor.drained(request.conv, request.after or 0, [], 0, 0)
-                continue
             if not self.active:
                 return
+            # Requests the budget left unread go back in the queue first, so
+            # the conversation that took the budget (queued again by
+            # ``drained`` if it owes more) waits behind them: oldest first.
+            for request in requests[len(pages) :]:
+                self.cursor.drain_failed(request.conv)
             for request, page in zip(requests, pages, strict=False):
                 self._push_page(request, page)
-            for request in requests[len(pages) :]:
-                # Not read: the budget was spent on earlier conversations.
-                self.cursor.drain_failed(request.conv)
 
     def _push_page(self, request: DrainRequest, page: DrainPage | ProtocolError) -> None:
         if isinstance(page, ProtocolError):  # e.g. no longer a member: nothing to drain there

@@ -157,7 +157,9 @@ class Store(Protocol):
     async def read_inboxes(
         self, user: str, reads: Sequence[DrainRequest], budget: int
     ) -> list[DrainPage | ProtocolError]:
-        """Inbox pages of several conversations in one read (one round trip).
+        """Inbox pages of several conversations in one store read (SQLite: one
+        transaction on a reader thread; PostgreSQL: one pool checkout, one
+        query for the member rows, then one per conversation).
 
         Each read gives its conversation, the cursor to read after (None: the
         member's delivered mark) and the most messages it wants. The pages

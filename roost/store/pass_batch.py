@@ -21,7 +21,11 @@ V = TypeVar("V")
 
 
 class PassBatcher(Generic[K, V]):
-    """``await get(key)``: the value ``fetch`` found for ``key``, or ``missing()``."""
+    """``await get(key)``: the value ``fetch`` found for ``key``, or ``missing()``.
+
+    Callers asking for the same key in one pass share the one answer object:
+    treat it as read-only.
+    """
 
     def __init__(
         self,

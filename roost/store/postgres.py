@@ -1164,52 +1164,20 @@ class PostgresStore:
             for read in reads:
                 if left <= 0:
                     break
-                try:
-                    member, last = found.get(read.conv) or await self._member_row(c, user, read.conv)
-                except ProtocolError as exc:
-                    pages.append(exc)
-                    continue
-                page = await self._inbox_page(
-                    c, user, read.conv, member, last, read.after, min(read.limit, left)
-                )
+                row = found.get(read.conv)
+                if row is None:
+                    try:  # an empty 1:1 chat, or a refusal to name
+                        row = await self._member_row(c, user, read.conv)
+                    except ProtocolError as exc:
+                        pages.append(exc)
+                        continue
+                member, last = row
+                page = await _inbox_page(c, user, read.conv, member, last, read.after, min(read.limit, left))
                 pages.append(page)
                 left -= len(page.messages)
             return pages
 
         return await self._read(fn)
-
-    async def _inbox_page(
-        self,
-        c: asyncpg.Connection,
-        user: str,
-        conv: str,
-        member: Member,
-        last: int,
-        after: int | None,
-        limit: int,
-    ) -> DrainPage:
-        start = member.delivered if after is None else max(after, member.joined)
-        upto = member.visible_upto(last)
-        # Own messages are only counted, so their bodies are not fetched.
-        rows = await c.fetch(
-            "SELECT conv, seq, sender, client_id, ct,"
-            " CASE WHEN sender = $4 THEN NULL ELSE body END AS body, ts"
-            " FROM messages WHERE conv = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $5",
-            conv,
-            start,
-            upto,
-            user,
-            limit * 4,
-        )
-        messages: list[StoredMessage] = []
-        scanned = start
-        for row in rows:
-            if len(messages) >= limit:
-                break
-            scanned = row["seq"]
-            if row["sender"] != user:
-                messages.append(_row_message(row))
-        return DrainPage(conv, start, messages, scanned, upto)
 
     async def history(
         self, user: str, conv: str, before: int | None, after: int | None, limit: int
@@ -1267,7 +1235,8 @@ class PostgresStore:
     async def _pending_receipts_of(self, users: list[str]) -> dict[str, list[ReceiptState]]:
         async def fn(c: asyncpg.Connection) -> dict[str, list[ReceiptState]]:
             rows = await c.fetch(
-                "SELECT r.user_name, r.conv, r.rv, m.user_name, m.joined_seq, m.delivered, m.read, m.left_seq"
+                "SELECT r.user_name, r.conv, r.rv, m.user_name AS member, m.joined_seq, m.delivered, m.read,"
+                " m.left_seq"
                 " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
                 " WHERE r.user_name = ANY ($1::text[]) ORDER BY r.user_name, r.conv",
                 users,
@@ -1295,6 +1264,39 @@ class PostgresStore:
 
         result: dict[str, list[ReceiptState]] = await self._read(fn)
         return result
+
+
+async def _inbox_page(
+    c: asyncpg.Connection,
+    user: str,
+    conv: str,
+    member: Member,
+    last: int,
+    after: int | None,
+    limit: int,
+) -> DrainPage:
+    start = member.delivered if after is None else max(after, member.joined)
+    upto = member.visible_upto(last)
+    # Own messages are only counted, so their bodies are not fetched.
+    rows = await c.fetch(
+        "SELECT conv, seq, sender, client_id, ct,"
+        " CASE WHEN sender = $4 THEN NULL ELSE body END AS body, ts"
+        " FROM messages WHERE conv = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $5",
+        conv,
+        start,
+        upto,
+        user,
+        limit * 4,
+    )
+    messages: list[StoredMessage] = []
+    scanned = start
+    for row in rows:
+        if len(messages) >= limit:
+            break
+        scanned = row["seq"]
+        if row["sender"] != user:
+            messages.append(_row_message(row))
+    return DrainPage(conv, start, messages, scanned, upto)
 
 
 # A page of history, cut after ~1 MiB of bodies (at least one message) like

@@ -16,8 +16,10 @@ import pytest
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_server, encode
 from roost.registry.memory import MemoryRegistry
+from roost.service import session as session_module
 from roost.service.chat import ChatService, ServiceConfig, hash_token, now_ms
 from roost.service.session import Session
+from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore
 
 
@@ -211,7 +213,6 @@ async def test_an_inbox_unreadable_at_connect_is_read_once_the_store_is_back(
     """Bob connects while the store cannot be read: what waits in his inbox
     (and the receipts waiting for him) must still reach him without a reconnect."""
     from roost.service import chat
-    from roost.store.base import StoreUnavailable
 
     monkeypatch.setattr(chat, "RESYNC_RETRY_SECONDS", 0.05)
     alice_sink = MemorySink()
@@ -237,15 +238,14 @@ async def test_an_inbox_unreadable_at_connect_is_read_once_the_store_is_back(
     assert failures == 0
 
 
+@pytest.mark.parametrize("failure", [StoreUnavailable("down for the test"), RuntimeError("a bug")])
 async def test_an_inbox_over_many_conversations_is_read_in_batches(
-    service: ChatService, monkeypatch: pytest.MonkeyPatch
+    service: ChatService, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
     """Forty conversations owing one message each: a few store reads, not forty;
-    a batch whose read fails is read again, and nothing is lost or repeated."""
-    from roost.service import session as session_module
-    from roost.store.base import StoreUnavailable
-
-    monkeypatch.setattr(session_module, "DRAIN_RETRY_SECONDS", 0.01)
+    a batch whose read fails (storage, or a bug) is read again after a pause,
+    and nothing is lost or repeated."""
+    monkeypatch.setattr(session_module, "DRAIN_RETRY_SECONDS", 0.05)
     senders = [f"user{i:02d}" for i in range(40)]
     for name in senders:
         await service.store.add_user(name, hash_token(name), now_ms())
@@ -261,7 +261,7 @@ async def test_an_inbox_over_many_conversations_is_read_in_batches(
     async def counted_read(user, reads, budget):
         batches.append(len(reads))
         if len(batches) == 1:
-            raise StoreUnavailable("down for the test")
+            raise failure
         return await real_read(user, reads, budget)
 
     monkeypatch.setattr(service.store, "read_inboxes", counted_read)
@@ -272,3 +272,43 @@ async def test_an_inbox_over_many_conversations_is_read_in_batches(
     assert sorted(m.id for m in bob_sink.of(f.Deliver)) == sorted(f"from-{n}" for n in senders)
     assert batches[0] == session_module.DRAIN_BATCH  # the failed one
     assert sum(batches[1:]) == 40 and len(batches) == 3
+
+
+async def test_a_long_backlog_does_not_hold_back_the_other_conversations(tmp_path: Path) -> None:
+    """Bob owes 200 messages in one chat and one in each of ten others, with a
+    window of 16: the ten come within the first windows, not after the 200
+    (the conversation that took a batch's budget queues behind those it left unread)."""
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    others = [f"user{i}" for i in range(10)]
+    for name in ("alice", "bob", *others):
+        await store.add_user(name, hash_token(name), now_ms())
+    svc = ChatService(store, MemoryRegistry(), ServiceConfig(rate=0, window=16))
+    try:
+        alice_sink = MemorySink()
+        alice = await svc.connect("alice", alice_sink)
+        for i in range(200):
+            send(svc, alice, f"a{i}")
+        await settle(lambda: len(alice_sink.of(f.SendAck)) == 200)
+        svc.disconnect(alice)
+        for name in others:
+            sink = MemorySink()
+            session = await svc.connect(name, sink)
+            send(svc, session, f"from-{name}")
+            await settle(lambda sink=sink: sink.of(f.SendAck))
+            svc.disconnect(session)
+        bob_sink = MemorySink()
+        bob = await svc.connect("bob", bob_sink)
+        acked = 0
+        while len(bob_sink.of(f.Deliver)) < 210:  # ack as a device does, window by window
+            delivered = bob_sink.of(f.Deliver)
+            for m in delivered[acked:]:
+                svc.handle(bob, encode(f.DeliveryAck(conv=m.conv, seq=m.seq)))
+            acked = len(delivered)
+            await asyncio.sleep(0.01)
+        order = [m.id for m in bob_sink.of(f.Deliver)]
+        positions = sorted(order.index(f"from-{name}") for name in others)
+        assert positions[-1] < 48, positions  # within the first three windows
+        assert sorted(order) == sorted([f"a{i}" for i in range(200)] + [f"from-{n}" for n in others])
+    finally:
+        await store.close()

@@ -115,7 +115,15 @@ async def test_connect_time_reads_of_one_loop_pass_share_queries_and_each_gets_i
     await send(store, "carol", "c1", to="bob")
     await send(store, "bob", "b1", to="dave")
     await store.advance_marks("dave", "d:bob:dave", 1, None)  # bob now has a receipt pending
-    users = ["bob", "dave", "erin", "alice", "bob"]
+    # Two senders with receipts pending in one group: aggregated per (user, group).
+    await store.create_group("alice", G, "Friends", ["bob", "carol", "dave"], 50, NOW)
+    await send(store, "alice", "ga", conv=G)
+    await send(store, "carol", "gc", conv=G)
+    await store.advance_marks("bob", G, 3, 2)
+    await store.advance_marks("dave", G, 2, None)
+    await store.advance_marks("carol", G, 3, None)
+    await store.advance_marks("alice", G, 3, None)
+    users = ["bob", "dave", "erin", "alice", "bob", "carol"]
     one_by_one = [(await store.inbox(u), await store.pending_receipts(u)) for u in users]
     calls = 0
     real_read = store._read
@@ -132,6 +140,10 @@ async def test_connect_time_reads_of_one_loop_pass_share_queries_and_each_gets_i
     assert calls == 2
     assert sorted(e.conv for e in inboxes[0]) == [AB, "d:bob:carol", "d:bob:dave"] and inboxes[2] == []
     assert [(r.conv, r.all_delivered) for r in receipts[0]] == [("d:bob:dave", 1)] and receipts[1] == []
+    alice_g = next(r for r in receipts[3] if r.conv == G)
+    carol_g = next(r for r in receipts[5] if r.conv == G)
+    assert (alice_g.user, alice_g.marks["bob"], alice_g.all_delivered) == ("alice", (3, 2), 2)
+    assert (carol_g.user, carol_g.marks["dave"], carol_g.all_delivered) == ("carol", (2, 0), 2)
 
 
 async def test_two_gateways_append_concurrently(
