@@ -67,6 +67,16 @@ def send(svc: ChatService, session: Session, mid: str, to: str = "bob") -> None:
     svc.handle(session, encode(f.Send(id=mid, body=mid.encode(), to=to)))
 
 
+async def each_sends_bob_one(svc: ChatService, senders: list[str]) -> None:
+    """Each sender connects, sends bob one message (acked: committed) and leaves."""
+    for name in senders:
+        sink = MemorySink()
+        session = await svc.connect(name, sink)
+        send(svc, session, f"from-{name}")
+        await settle(lambda sink=sink: sink.of(f.SendAck))
+        svc.disconnect(session)
+
+
 class WriterGate:
     """Blocks the store's writer thread until released."""
 
@@ -249,12 +259,7 @@ async def test_an_inbox_over_many_conversations_is_read_in_batches(
     senders = [f"user{i:02d}" for i in range(40)]
     for name in senders:
         await service.store.add_user(name, hash_token(name), now_ms())
-    for name in senders:
-        sink = MemorySink()
-        session = await service.connect(name, sink)
-        send(service, session, f"from-{name}")
-        await settle(lambda sink=sink: sink.of(f.SendAck))
-        service.disconnect(session)
+    await each_sends_bob_one(service, senders)
     real_read = service.store.read_inboxes
     batches: list[int] = []
 
@@ -291,12 +296,7 @@ async def test_a_long_backlog_does_not_hold_back_the_other_conversations(tmp_pat
             send(svc, alice, f"a{i}")
         await settle(lambda: len(alice_sink.of(f.SendAck)) == 200)
         svc.disconnect(alice)
-        for name in others:
-            sink = MemorySink()
-            session = await svc.connect(name, sink)
-            send(svc, session, f"from-{name}")
-            await settle(lambda sink=sink: sink.of(f.SendAck))
-            svc.disconnect(session)
+        await each_sends_bob_one(svc, others)
         bob_sink = MemorySink()
         bob = await svc.connect("bob", bob_sink)
         acked = 0

@@ -82,6 +82,19 @@ async def assert_contiguous(dsn: str) -> dict[str, list[int]]:
 # -- many gateways -------------------------------------------------------------------------
 
 
+def count_reads(store: PostgresStore) -> list[int]:
+    """From now on, ``[n]``: the store's reads so far (each one pool checkout)."""
+    reads = [0]
+    real_read = store._read
+
+    async def counting_read(fn: Any) -> Any:
+        reads[0] += 1
+        return await real_read(fn)
+
+    store._read = counting_read  # type: ignore[method-assign]
+    return reads
+
+
 async def test_token_lookups_of_one_loop_pass_share_queries_and_each_gets_its_answer(
     gateways: tuple[PostgresStore, PostgresStore],
 ) -> None:
@@ -90,19 +103,11 @@ async def test_token_lookups_of_one_loop_pass_share_queries_and_each_gets_its_an
     store, _ = gateways
     names = [f"storm{i}" for i in range(1200)]
     await asyncio.gather(*(store.add_user(n, token_hash(n), NOW) for n in names))
-    calls = 0  # the store's reads (each one pool checkout and one round trip)
-    real_read = store._read
-
-    async def counting_read(fn: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await real_read(fn)
-
-    store._read = counting_read  # type: ignore[method-assign]
+    reads = count_reads(store)
     asked = [*names, "nobody", names[0]]
     got = await asyncio.gather(*(store.user_by_token(token_hash(n)) for n in asked))
     assert got == [*names, None, names[0]]
-    assert calls <= 4, calls  # 1,201 distinct tokens, at most 512 per query
+    assert reads[0] <= 4, reads  # 1,201 distinct tokens, at most 512 per query
 
 
 async def test_connect_time_reads_of_one_loop_pass_share_queries_and_each_gets_its_own(
@@ -125,19 +130,11 @@ async def test_connect_time_reads_of_one_loop_pass_share_queries_and_each_gets_i
     await store.advance_marks("alice", G, 3, None)
     users = ["bob", "dave", "erin", "alice", "bob", "carol"]
     one_by_one = [(await store.inbox(u), await store.pending_receipts(u)) for u in users]
-    calls = 0
-    real_read = store._read
-
-    async def counting_read(fn: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await real_read(fn)
-
-    store._read = counting_read  # type: ignore[method-assign]
+    reads = count_reads(store)
     inboxes = await asyncio.gather(*(store.inbox(u) for u in users))
     receipts = await asyncio.gather(*(store.pending_receipts(u) for u in users))
     assert list(zip(inboxes, receipts, strict=True)) == one_by_one
-    assert calls == 2
+    assert reads == [2]
     assert sorted(e.conv for e in inboxes[0]) == [AB, "d:bob:carol", "d:bob:dave"] and inboxes[2] == []
     assert [(r.conv, r.all_delivered) for r in receipts[0]] == [("d:bob:dave", 1)] and receipts[1] == []
     alice_g = next(r for r in receipts[3] if r.conv == G)
