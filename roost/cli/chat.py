@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -40,6 +41,7 @@ from roost.client.events import (
     ReceiptEvent,
     TypingEvent,
 )
+from roost.client.state import StateInUse
 from roost.core.ids import direct_conv_id, direct_members, is_group_id, is_valid_user_name
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 
@@ -1072,3 +1074,6 @@ def run_chat(urls: list[str], token: str, state: str | None) -> int:
         return asyncio.run(chat_main(list(urls), token, state))
     except KeyboardInterrupt:
         return 130
+    except StateInUse as exc:
+        print(f"roost: {exc}", file=sys.stderr)
+        return 1

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from roost.client import Client, Message, RoostError
+from roost.client import Client, Message, RoostError, StateInUse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,6 +76,9 @@ def _run(fn: Callable[..., Awaitable[int]], args: argparse.Namespace, *extra: An
         return asyncio.run(fn(args, *extra))
     except RoostError as exc:
         print(f"roost: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except StateInUse as exc:
+        print(f"roost: {exc}", file=sys.stderr)
         return 1
     except (OSError, TimeoutError) as exc:
         print(f"roost: cannot reach the server: {exc or 'timed out'}", file=sys.stderr)

@@ -13,6 +13,7 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
+from roost.client.state import StateInUse
 
 __all__ = [
     "Client",
@@ -29,5 +30,6 @@ __all__ = [
     "RoostError",
     "SendResult",
     "Sent",
+    "StateInUse",
     "TypingEvent",
 ]

@@ -16,6 +16,11 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock, one client per state is up to the caller
+    fcntl = None  # type: ignore[assignment]
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     n INTEGER PRIMARY KEY AUTOINCREMENT,   -- send order
@@ -70,11 +75,40 @@ def default_state_path(token: str) -> Path:
     return base / "roost" / f"{digest}.sqlite"
 
 
+class StateInUse(RuntimeError):
+    """Another running client holds this state file."""
+
+
+def _lock(path: str) -> int | None:
+    """An exclusive lock on ``path``.lock, held until closed (or the process dies).
+
+    Two clients on one state would both resend one outbox and write one
+    local history, and the later connection would close the earlier (4003).
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StateInUse(
+            f"the client state {path} is in use by another running client (pid {holder});"
+            " give each running client its own state file"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class ClientState:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
+        self._lock_fd: int | None = None
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.path)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # A process crash loses nothing with WAL at NORMAL; only power loss
@@ -86,6 +120,14 @@ class ClientState:
     def close(self) -> None:
         self.commit()
         self.db.close()
+        self.release_lock()
+
+    def release_lock(self) -> None:
+        """Let another client open this state (closing does it; so does the
+        death of the process, which the simulator imitates with this)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _begin(self) -> None:
         if not self._in_tx:

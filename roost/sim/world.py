@@ -288,6 +288,7 @@ class SimUser:
         if state._in_tx:
             state.db.execute("ROLLBACK")
             state._in_tx = False
+        state.release_lock()  # as the kernel does for a killed process
         self.dead_clients.append(client)
         self.client = None
 
