@@ -36,7 +36,8 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from roost.bench.target import Target, _stop_process, new_token
+from roost.bench.target import Target, new_token
+from roost.devcluster.embedded import stop_process
 from roost.devcluster.postgres import free_port
 from roost.devcluster.run import wait_healthy
 from roost.protocol import frames as f
@@ -165,7 +166,7 @@ class RelayTarget(Target):
         self.urls = [url]
 
     def stop(self) -> None:
-        _stop_process(self.proc)
+        stop_process(self.proc)
         self.log.unlink(missing_ok=True)
 
     async def add_users(self, names: list[str]) -> dict[str, str]:

@@ -16,17 +16,13 @@ thousands of accounts must not take longer than the benchmark.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from roost.devcluster.postgres import free_port
+from roost.devcluster.embedded import EmbeddedServer, stop_process
 from roost.devcluster.run import DevCluster, wait_healthy
 from roost.store import accounts
 
@@ -95,17 +91,6 @@ class Target:
         self.stop()
 
 
-def _stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 class EmbeddedTarget(Target):
     """One ``roost serve`` (SQLite, in-process registry) on a free port, temp data dir."""
 
@@ -114,46 +99,35 @@ class EmbeddedTarget(Target):
     def __init__(self, extra_args: list[str] | None = None) -> None:
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="roost-bench-"))
-        self.data_dir = self.root / "data"
-        self.extra_args = extra_args or []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        self.server = EmbeddedServer(
+            self.root / "data", self.root / "server.log", [*SERVER_FLAGS, *(extra_args or [])]
+        )
 
     def start(self) -> None:
-        self.port = self.port or free_port()
-        url = f"http://127.0.0.1:{self.port}"
-        with open(self.root / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "roost.cli.main", "serve", "--data-dir", str(self.data_dir),
-                    "--port", str(self.port), *SERVER_FLAGS, *self.extra_args,
-                ],
-                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        wait_healthy(url, self.proc)
-        self.urls = [url]
+        self.server.start()
+        self.urls = [self.server.url]
 
     def stop(self) -> None:
-        _stop_process(self.proc)
+        self.server.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
-        return await add_users_to_store(str(self.data_dir), names)
+        return await add_users_to_store(str(self.server.data_dir), names)
 
     def server_pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+        proc = self.server.proc
+        return [proc.pid] if proc is not None and self.server.running else []
 
     def kill_gateway(self, i: int) -> None:
-        assert i == 0 and self.proc is not None, "embedded has one gateway"
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        assert i == 0 and self.server.proc is not None, "embedded has one gateway"
+        self.server.kill()
 
     def restart_gateway(self, i: int) -> str:
         """Start the gateway again on the same port and data dir."""
         assert i == 0, "embedded has one gateway"
-        _stop_process(self.proc)
-        self.start()
-        return self.urls[0]
+        self.server.stop()
+        self.server.start()
+        return self.server.url
 
 
 def _children(pid: int) -> list[int]:
@@ -206,7 +180,7 @@ class ClusterTarget(Target):
     def restart_gateway(self, i: int) -> str:
         """Start gateway ``i`` again on its old port (after ``kill_gateway``)."""
         old_url, proc = self.cluster.gateways[i]
-        _stop_process(proc)
+        stop_process(proc)
         url = self.cluster.start_gateway(i, port=int(old_url.rsplit(":", 1)[1]))
         self.urls[i] = url
         return url

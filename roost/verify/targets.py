@@ -12,18 +12,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from roost.devcluster.postgres import free_port
-from roost.devcluster.run import DevCluster, wait_healthy
+from roost.devcluster.embedded import EmbeddedServer
+from roost.devcluster.run import DevCluster
 from roost.store.accounts import add_users
 
 CLIENT_NEMESES = ("cut-connection", "blackhole", "crash-client")
@@ -52,52 +48,32 @@ class EmbeddedTarget:
     server_nemeses = ("kill-server",)
 
     def __init__(self, root: Path) -> None:
-        self.data_dir = root / "server"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log = root / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server = EmbeddedServer(
+            root / "server", root / "server.log", ["--rate-limit", "0", "--log-level", "warning"]
+        )
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.port}"]
+        return [self.server.url]
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "roost.cli.main", "serve", "--data-dir", str(self.data_dir),
-                    "--port", str(self.port), "--rate-limit", "0", "--log-level", "warning",
-                ],
-                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        wait_healthy(self.urls[0], self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        self.server.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.server.stop()
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
-        return await add_users(self.data_dir, names)
+        return await add_users(self.server.data_dir, names)
 
     async def inject(self, kind: str, rng: random.Random) -> None:
         assert kind == "kill-server", kind
-        self.kill()
+        self.server.kill()
         await asyncio.sleep(rng.uniform(0.2, 1.0))
-        await asyncio.to_thread(self.start)
+        await asyncio.to_thread(self.server.start)
 
     async def heal(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            await asyncio.to_thread(self.start)
+        if not self.server.running:
+            await asyncio.to_thread(self.server.start)
 
 
 class ClusterTarget:

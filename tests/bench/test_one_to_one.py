@@ -113,7 +113,7 @@ def test_existing_deployment_by_url_twice(tmp_path: Path) -> None:
     try:
         for run in range(2):
             report = run_bench(
-                tmp_path, "one-to-one", "--url", server.urls[0], "--store", str(server.data_dir),
+                tmp_path, "one-to-one", "--url", server.urls[0], "--store", str(server.server.data_dir),
                 "--pairs", "2", "--rates", "100", "--step-seconds", "1", "--workers", "1",
             )  # fmt: skip
             assert report["results"]["target"]["kind"] == "url", run

@@ -47,7 +47,7 @@ async def test_url_mode_injects_client_faults_only(tmp_path) -> None:  # type: i
     try:
         config = VerifyConfig(
             "url", clients=8, duration=12.0, seed=13, rate=30.0, per_process=4,
-            urls=server.urls, store=str(server.data_dir),
+            urls=server.urls, store=str(server.server.data_dir),
         )  # fmt: skip
         result = await verify(config)
     finally:
