@@ -311,3 +311,15 @@ async def close_all(*clients: Client | RawWS | None) -> None:
     for c in clients:
         if c is not None:
             await asyncio.wait_for(c.close(), 10)
+
+
+async def assert_taken_over(first: RawWS, second: RawWS, code: int, timeout: float = 5) -> None:
+    """The same user's ``second`` socket took over: ``first`` is closed with
+    ``code`` and ``second`` still answers. Both are closed afterwards."""
+    try:
+        assert await first.wait_closed(timeout) == code
+        await second.send({"type": "ping", "t": 1})
+        assert await second.recv(5) == {"type": "pong", "t": 1}
+    finally:
+        for ws in (first, second):
+            await asyncio.wait_for(ws.close(), 10)

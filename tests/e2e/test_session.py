@@ -12,6 +12,7 @@ from tests.e2e.helpers import (
     Closed,
     RawWS,
     add_users,
+    assert_taken_over,
     b64,
     close_all,
     collect,
@@ -36,12 +37,7 @@ async def test_a_stale_attempt_of_the_same_client_does_not_stop_it(
     # Raw: same client run -> 4007; the newer socket works.
     first = await RawWS.open(server, tokens["bob"], client="run-1")
     second = await RawWS.open(server, tokens["bob"], client="run-1")
-    try:
-        assert await first.wait_closed(5) == 4007
-        await second.send({"type": "ping", "t": 1})
-        assert await second.recv(5) == {"type": "pong", "t": 1}
-    finally:
-        await close_all(first, second)
+    await assert_taken_over(first, second, 4007, timeout=5)
     # SDK: stale attempts in its name, whose sockets die at once.
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
@@ -68,12 +64,7 @@ async def test_second_connection_replaces_the_first(server: ServerProcess, tmp_p
     # Raw: the superseded socket is closed with 4003.
     first = await RawWS.open(server, tokens["bob"])
     second = await RawWS.open(server, tokens["bob"])
-    try:
-        assert await first.wait_closed(5) == 4003
-        await second.send({"type": "ping", "t": 3})
-        assert await second.recv(5) == {"type": "pong", "t": 3}
-    finally:
-        await close_all(first, second)
+    await assert_taken_over(first, second, 4003, timeout=5)
 
     # SDK: the replaced client reports a final Disconnected and does not come back.
     bob1 = await connect(server, tokens["bob"], tmp_path / "b1.state")

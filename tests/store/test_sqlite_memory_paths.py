@@ -7,6 +7,7 @@ and reloads a conversation must give the answers the database would."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from roost.store.sqlite import SqliteStore
 
@@ -22,11 +23,17 @@ async def opened(harness: SqliteHarness, **kwargs: int) -> SqliteStore:
     return store
 
 
-async def test_receipts_after_reopen_cover_messages_sent_before(tmp_path) -> None:
+async def opened_with_users(tmp_path: Path) -> tuple[SqliteHarness, SqliteStore]:
+    """A new database holding ``USERS``, opened."""
     harness = SqliteHarness(tmp_path / "roost.sqlite")
     store = await opened(harness)
     for name in USERS:
         await store.add_user(name, name.encode(), NOW)
+    return harness, store
+
+
+async def test_receipts_after_reopen_cover_messages_sent_before(tmp_path) -> None:
+    harness, store = await opened_with_users(tmp_path)
     await store.create_group("alice", G, "g", ["bob", "carol"], 10, NOW)  # seq 1
     await store.append("alice", "a1", "text/plain", b"x", NOW, conv=G)  # seq 2
     await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)  # seq 3
@@ -50,11 +57,8 @@ async def test_receipts_after_reopen_cover_messages_sent_before(tmp_path) -> Non
 
 
 async def test_a_sender_with_a_later_message_is_found_in_an_earlier_range(tmp_path) -> None:
-    harness = SqliteHarness(tmp_path / "roost.sqlite")
-    store = await opened(harness)
+    _harness, store = await opened_with_users(tmp_path)
     try:
-        for name in USERS:
-            await store.add_user(name, name.encode(), NOW)
         await store.create_group("alice", G, "g", ["bob", "carol"], 10, NOW)  # seq 1
         await store.append("alice", "a1", "text/plain", b"x", NOW, conv=G)  # seq 2
         await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)  # seq 3
@@ -70,10 +74,7 @@ async def test_a_sender_with_a_later_message_is_found_in_an_earlier_range(tmp_pa
 
 
 async def test_duplicate_after_reopen_and_last_seq_written_per_batch(tmp_path) -> None:
-    harness = SqliteHarness(tmp_path / "roost.sqlite")
-    store = await opened(harness)
-    for name in USERS:
-        await store.add_user(name, name.encode(), NOW)
+    harness, store = await opened_with_users(tmp_path)
     async with WriterGate(store):
         sends = [store.append("alice", f"m{i}", "text/plain", b"x", NOW, to="bob") for i in range(5)]
     assert [m.seq for m in await asyncio.gather(*sends)] == [1, 2, 3, 4, 5]
@@ -94,10 +95,7 @@ async def test_duplicate_after_reopen_and_last_seq_written_per_batch(tmp_path) -
 
 
 async def test_a_batch_that_evicts_and_reloads_a_conversation_keeps_its_seqs(tmp_path) -> None:
-    harness = SqliteHarness(tmp_path / "roost.sqlite")
-    store = await opened(harness)
-    for name in USERS:
-        await store.add_user(name, name.encode(), NOW)
+    harness, store = await opened_with_users(tmp_path)
     for other in ("bob", "carol"):
         await store.append("alice", f"first-{other}", "text/plain", b"x", NOW, to=other)
     await store.close()
@@ -123,11 +121,8 @@ async def test_a_batch_that_evicts_and_reloads_a_conversation_keeps_its_seqs(tmp
 
 
 async def test_a_receipt_ack_rides_with_the_next_write(tmp_path) -> None:
-    harness = SqliteHarness(tmp_path / "roost.sqlite")
-    store = await opened(harness)
+    _harness, store = await opened_with_users(tmp_path)
     try:
-        for name in USERS:
-            await store.add_user(name, name.encode(), NOW)
         first = await store.append("alice", "a1", "text/plain", b"x", NOW, to="bob")
         [receipt] = (await store.advance_marks("bob", first.conv, 1, None)).receipts
         before = store.commits
@@ -141,10 +136,7 @@ async def test_a_receipt_ack_rides_with_the_next_write(tmp_path) -> None:
 
 
 async def test_a_lone_receipt_ack_is_committed_soon_and_at_close(tmp_path) -> None:
-    harness = SqliteHarness(tmp_path / "roost.sqlite")
-    store = await opened(harness)
-    for name in USERS:
-        await store.add_user(name, name.encode(), NOW)
+    harness, store = await opened_with_users(tmp_path)
     for cid in ("a1", "a2"):
         await store.append("alice", cid, "text/plain", b"x", NOW, to="bob")
     [receipt] = (await store.advance_marks("bob", "d:alice:bob", 1, None)).receipts
@@ -157,11 +149,8 @@ async def test_a_lone_receipt_ack_is_committed_soon_and_at_close(tmp_path) -> No
 
 
 async def test_a_duplicate_names_its_recipients_for_the_fan_out(tmp_path) -> None:
-    harness = SqliteHarness(tmp_path / "roost.sqlite")
-    store = await opened(harness)
+    _harness, store = await opened_with_users(tmp_path)
     try:
-        for name in USERS:
-            await store.add_user(name, name.encode(), NOW)
         await store.create_group("alice", G, "g", ["bob", "carol"], 10, NOW)
         first = await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)
         again = await store.append("bob", "b1", "text/plain", b"x", NOW, conv=G)
