@@ -451,11 +451,15 @@ class ChatService:
     async def _resync(self, session: Session) -> bool:
         """Offer the session its inbox and its pending receipts again.
         False when the store could not be read."""
-        try:
-            entries = await self.store.inbox(session.user)
-            receipts = await self.store.pending_receipts(session.user)
-        except StoreUnavailable:
-            return False
+        # Both reads at once: one wait instead of two at every connect.
+        entries, receipts = results = await asyncio.gather(
+            self.store.inbox(session.user), self.store.pending_receipts(session.user), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, StoreUnavailable):
+                return False
+            if isinstance(result, BaseException):
+                raise result
         session.load_inbox([(e.conv, e.delivered) for e in entries])
         for receipt in receipts:  # the device keeps the highest marks: a repeat is harmless
             session.push_frame(receipt_frame(receipt))
