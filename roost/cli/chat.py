@@ -41,7 +41,7 @@ from roost.client.events import (
     ReceiptEvent,
     TypingEvent,
 )
-from roost.client.state import StateInUse
+from roost.client.state import CHAT_CURRENT_KEY, ChatSummary, StateInUse
 from roost.core.ids import direct_conv_id, direct_members, is_group_id, is_valid_user_name
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 
@@ -65,6 +65,28 @@ HELP = [
     "anything else is sent to the open chat (start with // to send a line beginning with /)",
     "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; PageUp/PageDown scroll",
 ]
+
+
+# -- text from other users -----------------------------------------------------
+
+TAB_WIDTH = 4
+# C0 controls (but newline), DEL, C1 controls, and the bidirectional overrides
+# and isolates that can make a line read differently from what it holds.
+_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: str) -> str:
+    """Text another user chose, made safe to put on a terminal: tabs become
+    spaces, control characters (ESC sequences, BEL, CR, ...) are shown escaped
+    (``\x1b``), and a continuation line is indented so it cannot pass for a
+    line of its own (``[14:05] bob: ...``)."""
+    lines = [_UNSAFE.sub(_escape, line.expandtabs(TAB_WIDTH)) for line in text.split("\n")]
+    return "\n  ".join(lines)
 
 
 # -- ticks and presence ------------------------------------------------------
@@ -121,7 +143,7 @@ def membership_text(m: Membership, me: str | None) -> str:
     users = ", ".join(who(u) for u in m.users)
     actor = who(m.actor) if m.actor else "someone"
     if m.action == "created":
-        text = f'{actor} created group "{m.name}"' if m.name else f"{actor} created the group"
+        text = f'{actor} created group "{safe_text(m.name)}"' if m.name else f"{actor} created the group"
         others = [who(u) for u in m.users if u != m.actor]
         if others:
             text += " with " + ", ".join(others)
@@ -170,15 +192,20 @@ class Changes:
     lines: list[Line] = field(default_factory=list)
     status: bool = False
     mark_read: tuple[str, int] | None = None
+    seen: tuple[str, int] | None = None  # (conv, seq): shown up to here, to keep in the state
+    bell: bool = False  # news in a chat other than the open one
 
     def __bool__(self) -> bool:
-        return bool(self.lines) or self.status or self.mark_read is not None
+        return bool(self.lines) or self.status or self.mark_read is not None or self.seen is not None
 
     def merge(self, other: Changes) -> Changes:
         self.lines.extend(other.lines)
         self.status = self.status or other.status
+        self.bell = self.bell or other.bell
         if other.mark_read is not None and (self.mark_read is None or other.mark_read[1] > self.mark_read[1]):
             self.mark_read = other.mark_read
+        if other.seen is not None and (self.seen is None or other.seen[1] > self.seen[1]):
+            self.seen = other.seen
         return self
 
 
@@ -214,6 +241,8 @@ class ChatView:
         self.typing: dict[str, dict[str, float]] = {}  # chat -> user -> expires at
         self.unread: dict[str, int] = {}
         self.read_upto: dict[str, int] = {}
+        self.seen_upto: dict[str, int] = {}  # chat -> highest seq shown while it was open
+        self.last: dict[str, Line] = {}  # chat -> its newest line (the chat list's preview)
         self.group_names: dict[str, str] = {}
         self.group_members: dict[str, set[str]] = {}
         self.left_groups: set[str] = set()
@@ -264,6 +293,9 @@ class ChatView:
                 break
         lines.insert(pos, line)
         self._seqs.setdefault(key, set()).add(line.seq)
+        last = self.last.get(key)
+        if last is None or (not last.pending and (last.seq or 0) <= line.seq):
+            self.last[key] = line
 
     def _find_seq(self, key: str, seq: int) -> Line | None:
         for line in self.chats.get(key, ()):
@@ -278,17 +310,51 @@ class ChatView:
         self.current = key
         self._chat(key)
         self.unread.pop(key, None)
-        return Changes(status=True, mark_read=self._read_mark(key))
+        return self._shown(key).merge(Changes(status=True))
 
-    def _read_mark(self, key: str) -> tuple[str, int] | None:
+    def _shown(self, key: str) -> Changes:
+        """The open chat ``key`` was shown: a read marker for what came in, and
+        the seen mark the state keeps (so unread counts survive a restart)."""
+        changes = Changes()
         conv = self.conv_of(key)
         if conv is None:
-            return None
-        top = max((ln.seq for ln in self.chats.get(key, ()) if ln.kind == "in" and ln.seq), default=0)
+            return changes
+        lines = self.chats.get(key, ())
+        top = max((ln.seq for ln in lines if ln.kind == "in" and ln.seq), default=0)
         if top > self.read_upto.get(key, 0):
             self.read_upto[key] = top
-            return conv, top
-        return None
+            changes.mark_read = conv, top
+        seen = max((ln.seq for ln in lines if ln.seq), default=0)
+        if seen > self.seen_upto.get(key, 0):
+            self.seen_upto[key] = seen
+            changes.seen = conv, seen
+        return changes
+
+    def restore(self, summary: ChatSummary) -> None:
+        """A chat known from the client state (a previous run): listed with its
+        newest message and its unread count; its lines load when it is opened."""
+        key = self.key_of(summary.conv)
+        self._chat(key)
+        if key not in self.last:
+            own = summary.sender == self.me
+            self.last[key] = Line(
+                key,
+                "own" if own else "in",
+                self._preview_text(summary),
+                summary.sender,
+                summary.seq,
+                summary.ts,
+            )
+        if summary.unread and key != self.current:
+            self.unread[key] = summary.unread
+
+    @staticmethod
+    def _preview_text(summary: ChatSummary) -> str:
+        if summary.sender == SYSTEM_SENDER and summary.ct == MEMBERSHIP_CT:
+            return "(membership change)"
+        if summary.ct.startswith("text/"):
+            return safe_text(summary.body.decode("utf-8", errors="replace"))
+        return f"[{summary.ct}, {len(summary.body)} bytes]"
 
     def system(self, text: str, chat: str | None = None, kind: str = "system") -> Line:
         """A notice line in ``chat`` (default: the open chat)."""
@@ -307,6 +373,7 @@ class ChatView:
         line = Line(key, "own", text, sender=self.me or "", ts=ts, message_id=message_id)
         self._chat(key).append(line)
         self._own[message_id] = line
+        self.last[key] = line
         return Changes([line])
 
     def acked(self, message_id: str, conv: str, seq: int, ts: int) -> Changes:
@@ -332,7 +399,7 @@ class ChatView:
         return Changes([line, self.error(f"not sent: {reason}", line.chat)])
 
     def set_group(self, info: GroupInfo) -> Changes:
-        self.group_names[info.group] = info.name
+        self.group_names[info.group] = safe_text(info.name)
         self.group_members[info.group] = set(info.members)
         if self.me is not None and self.me in info.members:
             self.left_groups.discard(info.group)
@@ -391,7 +458,7 @@ class ChatView:
             return self.acked(msg.id, msg.conv, msg.seq, msg.ts)
         if msg.seq in self._seqs.get(key, ()):
             return Changes()
-        text = msg.text if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]"
+        text = safe_text(msg.text) if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]"
         line = Line(key, "own" if own else "in", text, msg.sender, msg.seq, msg.ts, msg.id if own else None)
         if own:
             self._own[msg.id] = line
@@ -402,10 +469,10 @@ class ChatView:
         if self.typing.get(key, {}).pop(msg.sender, None) is not None:
             changes.status = True
         if key == self.current:
-            changes.mark_read = self._read_mark(key)
+            changes.merge(self._shown(key))
         elif live:
             self.unread[key] = self.unread.get(key, 0) + 1
-            changes.status = True
+            changes.status = changes.bell = True
         return changes
 
     def add_membership(self, m: Membership, live: bool = True) -> Changes:
@@ -413,7 +480,7 @@ class ChatView:
         if m.seq in self._seqs.get(key, ()):
             return Changes()
         if m.name and (live or key not in self.group_names):
-            self.group_names[key] = m.name
+            self.group_names[key] = safe_text(m.name)
         if live:  # history is older than what we know: it must not undo it
             members = self.group_members.setdefault(key, set())
             if m.action in ("created", "added"):
@@ -429,8 +496,11 @@ class ChatView:
         line = Line(key, "system", membership_text(m, self.me), seq=m.seq, ts=m.ts)
         self._insert(key, line)
         changes = Changes([line], status=True)
-        if live and key != self.current:
+        if key == self.current:
+            changes.merge(self._shown(key))
+        elif live:
             self.unread[key] = self.unread.get(key, 0) + 1
+            changes.bell = True
         return changes
 
     def add_history(self, key: str, items: Iterable[Message | Membership]) -> Changes:
@@ -442,7 +512,7 @@ class ChatView:
             else:
                 changes.merge(self.add_message(item, live=False))
         if key == self.current:
-            changes.merge(Changes(mark_read=self._read_mark(key)))
+            changes.merge(self._shown(key))
         return changes
 
     def update_receipts(self, conv: str, all_delivered: int, all_read: int) -> Changes:
@@ -623,6 +693,7 @@ class ChatController:
         self.view = view
         self.invalidate: Callable[[], None] = invalidate or (lambda: None)
         self.on_quit: Callable[[], None] = on_quit or (lambda: None)
+        self.on_bell: Callable[[], None] = lambda: None  # the terminal's bell, set by the UI
         self.clock = clock
         self.history_limit = history_limit
         self.throttle = TypingThrottle()
@@ -637,6 +708,9 @@ class ChatController:
         task = asyncio.ensure_future(self._guard(coro, what))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before it ran (a quick quit) never awaited ``coro``:
+        # close it, or Python warns "coroutine ... was never awaited" on exit.
+        task.add_done_callback(lambda _task: coro.close())
         return task
 
     async def _guard(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
@@ -657,7 +731,8 @@ class ChatController:
 
     async def start(self) -> None:
         """Show the outbox left from an earlier run, start connecting and reading events."""
-        self.view.system("Roost chat. /to USER opens a 1:1 chat, /group ID a group, /help lists commands.")
+        self.view.system("Roost chat. /to USER opens a 1:1 chat, /group NAME a group, /help lists commands.")
+        self._restore()
         restored = self.client.pending_outbox()
         for item in restored:
             key = item.to or item.conv or HOME
@@ -671,6 +746,24 @@ class ChatController:
             self.view.system(f"{len(restored)} unsent message(s) from the last session will be sent.")
         self.spawn(self._connect(), "connect")
         self._events_task = asyncio.ensure_future(self._event_loop())
+
+    def _restore(self) -> None:
+        """The chats, unread counts and open chat of the previous run, from the
+        client state (own messages and receipt marks are there too: ticks)."""
+        me = self.client.user
+        if me is None:
+            return  # this state never connected: nothing to restore
+        self.view.me = me
+        state = self.client.state
+        for group, name in state.chat_groups().items():
+            self.view.group_names.setdefault(group, safe_text(name))
+        for conv, seen in state.chat_seen().items():
+            self.view.seen_upto[self.view.key_of(conv)] = seen
+        for summary in state.chat_summaries(me):
+            self.view.restore(summary)
+        current = state.get_meta(CHAT_CURRENT_KEY)
+        if current:
+            self.handle_line(f"/group {current}" if is_group_id(current) else f"/to {current}")
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *([self._events_task] if self._events_task else [])]
@@ -702,6 +795,9 @@ class ChatController:
                 changes = self.view.apply(event, now=self.clock())
                 if isinstance(event, Connected):
                     self._after_connect()
+                if isinstance(event, Membership) and event.name:
+                    self._save_group_name(event.conv)
+                self._keep(changes)
                 await self._effects(changes)
             except Exception as exc:  # a bug must not kill the loop
                 self.view.error(f"internal error on {type(event).__name__}: {exc!r}")
@@ -718,8 +814,25 @@ class ChatController:
             await self.client.mark_read(conv, seq)
 
     def _apply_effects(self, changes: Changes) -> None:
+        self._keep(changes)
         if changes.mark_read is not None:
             self.spawn(self._effects(changes), "read marker")
+
+    def _keep(self, changes: Changes) -> None:
+        """Into the client state what must outlive this run; and the bell."""
+        if changes.seen is not None:
+            self.client.state.save_chat_seen(*changes.seen)
+        if changes.bell:
+            self.on_bell()
+
+    def _save_group_name(self, group: str) -> None:
+        name = self.view.group_names.get(group)
+        if name:
+            self.client.state.save_chat_group(group, name)
+
+    def _set_group(self, info: GroupInfo) -> None:
+        self.view.set_group(info)
+        self.client.state.save_chat_group(info.group, info.name)
 
     # input ---------------------------------------------------------------------------
 
@@ -806,6 +919,7 @@ class ChatController:
             self.spawn(self.client.unsubscribe_presence([prev]), "presence")
         self._apply_effects(self.view.open(key))
         self._load_local(key)
+        self.client.state.set_meta(CHAT_CURRENT_KEY, key)
 
     def _load_local(self, key: str) -> None:
         conv = self.view.conv_of(key)
@@ -818,6 +932,7 @@ class ChatController:
             self.view.error(f"local history: {exc!r}")
             return
         self._apply_effects(self.view.add_history(key, messages))
+        self.view.update_receipts(conv, *self.client.receipt_state(conv))  # ticks of a previous run
 
     def _current_group(self) -> str | None:
         key = self.view.current
@@ -846,7 +961,7 @@ class ChatController:
 
     async def _group_info(self, group: str) -> None:
         with contextlib.suppress(ConnectionLost, TimeoutError):
-            self.view.set_group(await self.client.group_info(group))
+            self._set_group(await self.client.group_info(group))
 
     def cmd_newgroup(self, name: str = "", members: str = "") -> None:
         if not name:
@@ -856,7 +971,7 @@ class ChatController:
 
     async def _newgroup(self, name: str, members: list[str]) -> None:
         info = await self.client.create_group(name, members)
-        self.view.set_group(info)
+        self._set_group(info)
         self._open(info.group)
         self.view.system(f"group id {info.group} (others open it with /group {info.group})")
 
@@ -892,7 +1007,7 @@ class ChatController:
             await self.client.leave_group(group)
             self.view.left_groups.add(group)
             return
-        self.view.set_group(info)
+        self._set_group(info)
 
     def cmd_history(self) -> None:
         key = self.view.current

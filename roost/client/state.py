@@ -55,7 +55,20 @@ CREATE TABLE IF NOT EXISTS messages (
     ts INTEGER NOT NULL,
     PRIMARY KEY (conv, seq)
 );
+-- `roost chat`: per conversation, the highest seq the user saw with the chat
+-- open; incoming messages above it are the chat's unread ones.
+CREATE TABLE IF NOT EXISTS chat_seen (
+    conv TEXT PRIMARY KEY,
+    seen INTEGER NOT NULL
+);
+-- `roost chat`: group names it learnt (membership events are not in messages).
+CREATE TABLE IF NOT EXISTS chat_groups (
+    conv TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+);
 """
+
+CHAT_CURRENT_KEY = "chat_current"  # meta: the chat `roost chat` had open
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,6 +79,20 @@ class OutboxItem:
     ct: str
     body: bytes
     created: int
+
+
+@dataclass(slots=True, frozen=True)
+class ChatSummary:
+    """One conversation as the chat list shows it: its newest stored message
+    and how many incoming messages came after what the chat showed."""
+
+    conv: str
+    seq: int
+    sender: str
+    ct: str
+    body: bytes
+    ts: int
+    unread: int
 
 
 def default_state_path(token: str) -> Path:
@@ -213,3 +240,40 @@ class ClientState:
         ).fetchall()
         rows.reverse()
         return [(s, i, snd, ct, bytes(b), ts) for s, i, snd, ct, b, ts in rows]
+
+    # roost chat: what it showed, so unread counts and the open chat survive a restart
+
+    def chat_seen(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT conv, seen FROM chat_seen").fetchall())
+
+    def save_chat_seen(self, conv: str, seq: int) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO chat_seen (conv, seen) VALUES (?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET seen=max(seen, excluded.seen)",
+            (conv, seq),
+        )
+        self.commit()
+
+    def chat_groups(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT conv, name FROM chat_groups").fetchall())
+
+    def save_chat_group(self, conv: str, name: str) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO chat_groups (conv, name) VALUES (?,?) ON CONFLICT (conv) DO UPDATE SET name=excluded.name",
+            (conv, name),
+        )
+        self.commit()
+
+    def chat_summaries(self, me: str) -> list[ChatSummary]:
+        """Every conversation with stored messages: the newest one, and the
+        count of messages from others above the chat's ``seen`` mark."""
+        rows = self.db.execute(
+            "SELECT m.conv, m.seq, m.sender, m.ct, m.body, m.ts,"
+            " (SELECT count(*) FROM messages u WHERE u.conv = m.conv AND u.sender != ?"
+            "  AND u.seq > coalesce((SELECT seen FROM chat_seen s WHERE s.conv = m.conv), 0))"
+            " FROM messages m WHERE m.seq = (SELECT max(seq) FROM messages x WHERE x.conv = m.conv)",
+            (me,),
+        ).fetchall()
+        return [ChatSummary(c, q, snd, ct, bytes(b), ts, n) for c, q, snd, ct, b, ts, n in rows]

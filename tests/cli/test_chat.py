@@ -44,6 +44,7 @@ from roost.client import (
     SendResult,
     TypingEvent,
 )
+from roost.client.state import ClientState
 
 ROOT = Path(__file__).resolve().parents[2]
 DM = "d:alice:bob"
@@ -301,6 +302,11 @@ class FakeClient:
         self.local: dict[str, list[Message]] = {}
         self.server_history: list[Message] = []
         self.closed = False
+        self.state = ClientState(":memory:")  # the chat keeps its own marks there
+        self.receipts: dict[str, tuple[int, int]] = {}
+
+    def receipt_state(self, conv: str) -> tuple[int, int]:
+        return self.receipts.get(conv, (0, 0))
 
     def pending_outbox(self) -> list[Any]:
         return []
@@ -577,3 +583,94 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
     finally:
         tmux.kill()
         srv.stop()
+
+
+# -- restart: ticks, unread counts and the open chat come back from the client state ------------
+
+
+class RealChat:
+    """A ``ChatController`` on a real ``Client``, headless: ``until`` waits for a
+    redraw request (every event and send ends with one) that makes ``cond`` true."""
+
+    def __init__(self, url: str, token: str, state: Path) -> None:
+        self.view = ChatView(tz=UTC)
+        self.changed = asyncio.Event()
+        self.ctrl = ChatController(
+            Client(url, token, state_path=state), self.view, invalidate=self.changed.set
+        )
+
+    async def until(self, cond: Callable[[], Any], what: str, timeout: float = 8.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AssertionError(
+                    f"timed out waiting for {what}; pane:\n{self.view.render_text()}"
+                ) from None
+
+    def own_tick(self, text: str) -> Tick | None:
+        return next(
+            (self.view.tick(ln) for ln in self.view.lines() if ln.kind == "own" and ln.text == text), None
+        )
+
+
+async def receive_text(client: Client, text: str) -> Message:
+    deadline = time.monotonic() + 8
+    while True:
+        event = await client.next_event(max(0.1, deadline - time.monotonic()))
+        if isinstance(event, Message) and event.text == text:
+            return event
+
+
+@pytest.mark.timeout(40)
+async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> None:
+    from tests.e2e.server import ServerProcess
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    tokens = {name: srv.add_user(name) for name in ("alice", "bob", "carol")}
+    srv.start()
+    state = tmp_path / "alice.sqlite"
+    try:
+        chat = RealChat(srv.url, tokens["alice"], state)
+        await chat.ctrl.start()
+        try:
+            await chat.until(lambda: chat.view.connection == "connected", "the connection")
+            chat.ctrl.handle_line("/to bob")
+            chat.ctrl.handle_line("hello")
+            await chat.until(lambda: chat.own_tick("hello") is Tick.SENT, "the sent tick")
+            async with Client(srv.url, tokens["bob"], state_path=tmp_path / "bob.sqlite") as bob:
+                event = await receive_text(bob, "hello")
+                await bob.mark_read(event.conv, event.seq)
+                await bob.flush()
+                await chat.until(lambda: chat.own_tick("hello") is Tick.READ, "the read tick")
+            async with Client(srv.url, tokens["carol"], state_path=tmp_path / "carol.sqlite") as carol:
+                await carol.send("yo", to="alice")
+                await carol.send("still there?", to="alice")
+            await chat.until(lambda: chat.view.unread == {"carol": 2}, "carol's messages as unread")
+        finally:
+            await chat.ctrl.stop()
+    finally:
+        srv.stop()  # from here on nothing can come from the server: all is from the state file
+
+    again = RealChat(srv.url, tokens["alice"], state)
+    await again.ctrl.start()
+    try:
+        assert again.view.current == "bob"
+        assert again.view.render_text().endswith("me: hello ✓✓ read")
+        assert again.view.unread == {"carol": 2}
+        assert "unread: carol 2" in again.view.status_text(time.time())
+        again.ctrl.handle_line("/to carol")  # read now: no longer unread after the next restart
+        assert [ln.text for ln in again.view.lines() if ln.kind == "in"] == ["yo", "still there?"]
+    finally:
+        await again.ctrl.stop()
+    third = RealChat(srv.url, tokens["alice"], state)
+    await third.ctrl.start()
+    try:
+        assert third.view.current == "carol"
+        assert third.view.unread == {}
+        assert [ln.text for ln in third.view.lines() if ln.kind == "in"] == ["yo", "still there?"]
+    finally:
+        await third.ctrl.stop()
