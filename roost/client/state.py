@@ -261,7 +261,8 @@ class ClientState:
     def save_chat_group(self, conv: str, name: str) -> None:
         self._begin()
         self.db.execute(
-            "INSERT INTO chat_groups (conv, name) VALUES (?,?) ON CONFLICT (conv) DO UPDATE SET name=excluded.name",
+            "INSERT INTO chat_groups (conv, name) VALUES (?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET name=excluded.name",
             (conv, name),
         )
         self.commit()
