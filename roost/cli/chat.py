@@ -1104,6 +1104,7 @@ def build_application(controller: ChatController) -> Any:
 
     @kb.add("c-c")
     @kb.add("c-q")
+    @kb.add("<sigint>")  # SIGINT from outside (kill -INT): prompt_toolkit turns it into this key
     def _quit(event: Any) -> None:
         controller.on_quit()
 
@@ -1185,6 +1186,13 @@ async def chat_main(urls: list[str], token: str, state: str | None) -> int:
 
 def run_chat(urls: list[str], token: str, state: str | None) -> int:
     """``roost chat``: the interactive chat until /quit or Ctrl-C."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(
+            "roost: roost chat needs a terminal (stdin and stdout);"
+            " in scripts use roost send and roost listen",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return asyncio.run(chat_main(list(urls), token, state))
     except KeyboardInterrupt:

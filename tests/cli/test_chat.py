@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -503,12 +504,49 @@ class Tmux:
             ln.rstrip() for ln in self.run("capture-pane", "-p", "-t", "chat").stdout.splitlines()
         )
 
+    def start(self, command: str) -> None:
+        self.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
+
     def alive(self) -> bool:
         return self.run("has-session", "-t", "chat", check=False).returncode == 0
+
+    def command_pid(self) -> int:
+        """The pid of the command the pane's shell runs (``chat_command``)."""
+        shell = self.run("display-message", "-p", "-t", "chat", "#{pane_pid}").stdout.strip()
+        children = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+        assert len(children) == 1, children
+        return int(children[0])
 
     def kill(self) -> None:
         self.run("kill-server", check=False)
         self.socket.unlink(missing_ok=True)
+
+
+def chat_command(url: str, token: str, state: Path, err: Path) -> str:
+    """``roost chat`` as a shell command; its exit status goes to ``err`` + ``.rc``."""
+    rc = shlex.quote(f"{err}.rc")
+    return " ".join(
+        [
+            f"cd {shlex.quote(str(ROOT))} &&",
+            shlex.quote(sys.executable),
+            "-m roost.cli.main chat",
+            f"--url {url} --token {shlex.quote(token)}",
+            f"--state {shlex.quote(str(state))}",
+            f"2> {shlex.quote(str(err))};",
+            f"echo $? > {rc}.tmp && mv {rc}.tmp {rc}",
+        ]
+    )
+
+
+async def exit_status(err: Path, timeout: float = 8.0) -> int:
+    """The exit status of the ``chat_command`` that writes to ``err``."""
+    rc = Path(f"{err}.rc")
+    deadline = time.monotonic() + timeout
+    while not rc.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError("roost chat did not exit")
+        await asyncio.sleep(0.1)
+    return int(rc.read_text())
 
 
 async def wait_pane(
@@ -539,17 +577,7 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
     tmux = Tmux(tmp_path)
     err = tmp_path / "chat.stderr"
     try:
-        command = " ".join(
-            [
-                f"cd {shlex.quote(str(ROOT))} && exec",
-                shlex.quote(sys.executable),
-                "-m roost.cli.main chat",
-                f"--url {srv.url} --token {shlex.quote(alice_token)}",
-                f"--state {shlex.quote(str(tmp_path / 'alice.sqlite'))}",
-                f"2> {shlex.quote(str(err))}",
-            ]
-        )
-        tmux.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
+        tmux.start(chat_command(srv.url, alice_token, tmp_path / "alice.sqlite", err))
         await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
 
         tmux.run("send-keys", "-t", "chat", "/to bob", "Enter")
@@ -575,10 +603,7 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
         assert pane.count("hello") == 1  # the tick changed in place
 
         tmux.run("send-keys", "-t", "chat", "/quit", "Enter")
-        deadline = time.monotonic() + 8
-        while tmux.alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert not tmux.alive(), "roost chat did not exit on /quit"
+        assert await exit_status(err) == 0
         assert "Traceback" not in err.read_text()
     finally:
         tmux.kill()
@@ -674,3 +699,62 @@ async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> N
         assert third.view.unread == {}
     finally:
         await third.ctrl.stop()
+
+
+# -- no terminal, Ctrl-C, SIGINT -----------------------------------------------------------------
+
+
+def test_chat_without_a_terminal_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    state = str(tmp_path / "s.sqlite")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roost.cli.main",
+            "chat",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--state",
+            state,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "needs a terminal" in out.stderr
+
+
+@pytest.mark.timeout(40)
+async def test_chat_exits_cleanly_on_ctrl_c_and_on_sigint(tmp_path: Path) -> None:
+    if TMUX is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux); the terminal UI test needs it")
+    from tests.e2e.server import ServerProcess, free_port
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    token = srv.add_user("alice")
+    srv.start()
+    cases = [("ctrl-c", srv.url), ("sigint", srv.url), ("sigint", f"http://127.0.0.1:{free_port()}")]
+    try:
+        for n, (how, url) in enumerate(cases):
+            tmux = Tmux(tmp_path)
+            try:
+                err = tmp_path / f"chat{n}.stderr"
+                tmux.start(chat_command(url, token, tmp_path / "alice.sqlite", err))
+                await wait_pane(tmux, lambda p: "as alice" in p, "the chat to start", err)
+                if how == "ctrl-c":
+                    tmux.run("send-keys", "-t", "chat", "C-c")
+                else:  # kill -INT from outside; the terminal is in raw mode, so not from the keyboard
+                    os.kill(tmux.command_pid(), signal.SIGINT)
+                assert await exit_status(err) == 0, f"{how} against {url}"
+                assert err.read_text() == "", f"{how} against {url}: stderr not empty"
+            finally:
+                tmux.kill()
+    finally:
+        srv.stop()
