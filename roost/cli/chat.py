@@ -54,8 +54,9 @@ Fragments = list[tuple[str, str]]
 
 HELP = [
     "/to USER               open a 1:1 chat with USER",
-    "/group GROUP_ID        open a group chat (g:...)",
+    "/group NAME            open a group chat by its name (Tab completes; or by its id, g:...)",
     "/newgroup NAME a,b,c   create a group with members a, b, c and open it",
+    "/members               the members of the open group",
     "/add USER...           add members to the open group",
     "/remove USER...        remove members from the open group",
     "/leave                 leave the open group",
@@ -63,8 +64,12 @@ HELP = [
     "/help                  this list",
     "/quit                  exit (also Ctrl-C)",
     "anything else is sent to the open chat (start with // to send a line beginning with /)",
-    "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; PageUp/PageDown scroll",
+    "keys: Alt-↑/Alt-↓ (or Ctrl-P/Ctrl-N) previous/next chat in the list, PageUp/PageDown scroll,",
+    "      Tab completes commands, user and group names",
+    "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; the bell rings for news in other chats",
 ]
+COMMANDS = ("to", "group", "newgroup", "members", "add", "remove", "leave", "history", "help", "quit")
+CHAT_LIST_KEYS = "Alt-↑/↓ switch"
 
 
 # -- text from other users -----------------------------------------------------
@@ -549,6 +554,99 @@ class ChatView:
             del users[user]
         return sorted(users)
 
+    def groups_named(self, name: str) -> list[str]:
+        """The ids of the known groups called ``name`` (case does not matter)."""
+        wanted = name.casefold()
+        return sorted(g for g, n in self.group_names.items() if n.casefold() == wanted)
+
+    def known_users(self) -> list[str]:
+        """Users to complete: the peers of 1:1 chats and the members of known groups."""
+        users = {key for key in self.chats if key and not is_group_id(key)}
+        for members in self.group_members.values():
+            users.update(members)
+        users.discard(self.me or "")
+        return sorted(users)
+
+    def completions(self, text: str) -> tuple[int, list[tuple[str, str]]]:
+        """What Tab offers for the input ``text``: (how many characters at its
+        end are replaced, [(replacement, what the menu shows)])."""
+        if not text.startswith("/") or text.startswith("//"):
+            return 0, []
+        command, space, arg = text[1:].partition(" ")
+        if not space:
+            return len(text), [(f"/{c}", f"/{c}") for c in COMMANDS if c.startswith(command.lower())]
+        command = command.lower()
+        if command == "group":
+            return len(arg), self._group_completions(arg)
+        if command in ("to", "add", "remove"):
+            word = re.split(r"[,\s]", arg)[-1]
+            return len(word), [(u, u) for u in self.known_users() if u.startswith(word.lower())]
+        return 0, []
+
+    def _group_completions(self, typed: str) -> list[tuple[str, str]]:
+        prefix = typed.casefold()
+        by_name: dict[str, list[str]] = {}
+        for group, name in self.group_names.items():
+            if group not in self.left_groups and name.casefold().startswith(prefix):
+                by_name.setdefault(name, []).append(group)
+        out: list[tuple[str, str]] = []
+        for name in sorted(by_name, key=str.casefold):
+            groups = sorted(by_name[name])
+            if len(groups) == 1:
+                out.append((name, name))
+            else:  # two groups share the name: only the id tells them apart
+                out.extend((g, f"{name} ({g})") for g in groups)
+        return out
+
+    # the chat list -------------------------------------------------------------------
+
+    def chat_list(self) -> list[str]:
+        """Every chat, the one with the newest message first."""
+        keys = [key for key in self.chats if key]
+
+        def newest(key: str) -> tuple[int, str]:
+            last = self.last.get(key)
+            return -(last.ts or 0) if last else 0, self.chat_label(key)
+
+        return sorted(keys, key=newest)
+
+    def adjacent_chat(self, step: int) -> str | None:
+        """The chat ``step`` places below (+) or above (-) the open one in the list."""
+        keys = self.chat_list()
+        if not keys:
+            return None
+        if self.current not in keys:
+            return keys[0 if step > 0 else -1]
+        return keys[(keys.index(self.current) + step) % len(keys)]
+
+    def preview(self, key: str) -> str:
+        last = self.last.get(key)
+        if last is None:
+            return ""
+        text = last.text.replace("\n  ", " ")
+        if last.kind == "own":
+            return f"me: {text}"
+        if is_group_id(key) and last.kind == "in":
+            return f"{last.sender}: {text}"
+        return text
+
+    def chat_list_fragments(self, width: int = 28) -> Fragments:
+        """The chat list pane: per chat its name and unread count, then the last message."""
+        frags: Fragments = [("class:chatlist.title", f" Chats · {CHAT_LIST_KEYS}"[:width] + "\n")]
+        for key in self.chat_list():
+            current = key == self.current
+            count = self.unread.get(key, 0) if not current else 0
+            badge = f" {count}" if count else ""
+            label = self.chat_label(key)[: max(1, width - 3 - len(badge))]
+            style = "class:chatlist.current" if current else "class:chatlist"
+            frags.append((style, ("▸ " if current else "  ") + label))
+            frags.append(("class:chatlist.unread" if count else style, badge + "\n"))
+            frags.append(("class:chatlist.preview", "  " + self.preview(key)[: width - 3] + "\n"))
+        return frags
+
+    def chat_list_text(self) -> str:
+        return "".join(text for _, text in self.chat_list_fragments())
+
     def chat_label(self, key: str) -> str:
         if is_group_id(key):
             name = self.group_names.get(key)
@@ -610,7 +708,7 @@ class ChatView:
         frags.append(("class:status", "│ "))
         key = self.current
         if not key:
-            frags.append(("class:status", "no chat open (/to USER, /group ID, /help)"))
+            frags.append(("class:status", "no chat open (/to USER, /group NAME, /help)"))
         else:
             frags.append(("class:status.target", self.chat_label(key)))
             if is_group_id(key):
@@ -663,6 +761,8 @@ def parse_command(line: str) -> tuple[str, list[str]] | None:
         return name, [" ".join(tokens[:-1]), tokens[-1]]
     if name in ("add", "remove"):
         return name, [u for u in re.split(r"[,\s]+", rest) if u]
+    if name == "group":  # /group NAME WITH SPACES
+        return name, [" ".join(tokens)] if tokens else []
     return name, tokens
 
 
@@ -876,7 +976,7 @@ class ChatController:
     def say(self, text: str) -> None:
         key = self.view.current
         if not key:
-            self.view.error("no chat open: /to USER or /group GROUP_ID first")
+            self.view.error("no chat open: /to USER or /group NAME first")
             return
         mid = uuid.uuid4().hex
         self.view.add_pending(key, mid, text, int(self.clock() * 1000))
@@ -938,7 +1038,7 @@ class ChatController:
         key = self.view.current
         if key and is_group_id(key):
             return key
-        self.view.error("no group open: /group GROUP_ID first")
+        self.view.error("no group open: /group NAME first")
         return None
 
     def cmd_to(self, user: str) -> None:
@@ -952,12 +1052,48 @@ class ChatController:
         self._open(user)
         self.spawn(self.client.subscribe_presence([user]), "presence")
 
-    def cmd_group(self, group: str) -> None:
-        if not is_group_id(group):
-            self.view.error(f"not a group id (g: and 16 hex digits): {group!r}")
-            return
+    def cmd_group(self, name: str) -> None:
+        """``/group NAME``: a known group by its name; by its id (``g:...``) when
+        two share the name, or for a group this client has not seen yet."""
+        if is_group_id(name):
+            group = name
+        else:
+            groups = self.view.groups_named(name)
+            if not groups:
+                known = ", ".join(sorted({n for n in self.view.group_names.values()}, key=str.casefold))
+                self.view.error(f"no group named {name!r}" + (f" (known: {known})" if known else ""))
+                return
+            if len(groups) > 1:
+                self.view.error(
+                    f"{len(groups)} groups are named {name!r}: {', '.join(groups)}; /group ID opens one"
+                )
+                return
+            group = groups[0]
         self._open(group)
         self.spawn(self._group_info(group), "group")
+
+    def cmd_members(self) -> None:
+        group = self._current_group()
+        if group is not None:
+            self.spawn(self._show_members(group), "members")
+
+    async def _show_members(self, group: str) -> None:
+        info = await self.client.group_info(group)
+        self._set_group(info)
+        admins = set(info.admins)
+        names = [f"{m} (admin)" if m in admins else m for m in sorted(info.members)]
+        self.view.system(f"{len(names)} member{'s' if len(names) != 1 else ''}: {', '.join(names)}", group)
+
+    def switch_chat(self, step: int) -> None:
+        """Open the next (+1) or previous (-1) chat of the chat list."""
+        key = self.view.adjacent_chat(step)
+        if key is None or key == self.view.current:
+            return
+        if is_group_id(key):
+            self.cmd_group(key)
+        else:
+            self.cmd_to(key)
+        self.invalidate()
 
     async def _group_info(self, group: str) -> None:
         with contextlib.suppress(ConnectionLost, TimeoutError):
@@ -1057,17 +1193,38 @@ STYLE = {
     "status.target": "bg:#303030 #ffffff bold",
     "status.typing": "bg:#303030 ansigreen italic",
     "status.unread": "bg:#303030 ansiyellow bold",
+    "chatlist.title": "bold #aaaaaa",
+    "chatlist": "",
+    "chatlist.current": "reverse bold",
+    "chatlist.unread": "bold ansiyellow",
+    "chatlist.preview": "#888888",
+    "chatlist.border": "#555555",
 }
+CHAT_LIST_WIDTH = 28
+
+
+def _completer(view: ChatView) -> Any:
+    """prompt_toolkit's side of ``ChatView.completions`` (Tab in the input line)."""
+    from prompt_toolkit.completion import Completer, Completion
+
+    class ViewCompleter(Completer):
+        def get_completions(self, document: Any, complete_event: Any) -> Any:
+            replaced, options = view.completions(document.text_before_cursor)
+            for text, display in options:
+                yield Completion(text, start_position=-replaced, display=display)
+
+    return ViewCompleter()
 
 
 def build_application(controller: ChatController) -> Any:
     """The prompt_toolkit application: message pane, status line, input line."""
     from prompt_toolkit.application import Application
     from prompt_toolkit.data_structures import Point
-    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.filters import Condition, has_completions
     from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.layout import HSplit, Layout, Window
+    from prompt_toolkit.layout import Float, FloatContainer, HSplit, Layout, VSplit, Window
     from prompt_toolkit.layout.controls import FormattedTextControl
+    from prompt_toolkit.layout.menus import CompletionsMenu
     from prompt_toolkit.styles import Style
     from prompt_toolkit.widgets import TextArea
 
@@ -1097,7 +1254,21 @@ def build_application(controller: ChatController) -> Any:
         controller.handle_line(buffer.text)
         return False  # clear the input line
 
-    entry = TextArea(height=1, prompt="> ", multiline=False, wrap_lines=False, accept_handler=accept)
+    entry = TextArea(
+        height=1,
+        prompt="> ",
+        multiline=False,
+        wrap_lines=False,
+        accept_handler=accept,
+        completer=_completer(view),
+        complete_while_typing=False,  # Tab asks
+    )
+    chat_list = Window(
+        FormattedTextControl(lambda: view.chat_list_fragments(CHAT_LIST_WIDTH), focusable=False),
+        width=CHAT_LIST_WIDTH,
+        wrap_lines=False,
+    )
+    border = Window(width=1, char="│", style="class:chatlist.border")
     entry.buffer.on_text_changed += lambda buffer: controller.on_input_changed(buffer.text)
 
     kb = KeyBindings()
@@ -1112,6 +1283,16 @@ def build_application(controller: ChatController) -> Any:
     def _eof(event: Any) -> None:
         controller.on_quit()
 
+    @kb.add("escape", "up")  # Alt-↑ (also the xterm form, ESC [1;3A)
+    @kb.add("c-p", filter=~has_completions)
+    def _previous_chat(event: Any) -> None:
+        controller.switch_chat(-1)
+
+    @kb.add("escape", "down")
+    @kb.add("c-n", filter=~has_completions)
+    def _next_chat(event: Any) -> None:
+        controller.switch_chat(+1)
+
     @kb.add("pageup")
     def _up(event: Any) -> None:
         height = messages.render_info.window_height if messages.render_info else 10
@@ -1123,7 +1304,13 @@ def build_application(controller: ChatController) -> Any:
         scroll["back"] = max(0, scroll["back"] - max(1, height - 1))
 
     app: Application[int] = Application(
-        layout=Layout(HSplit([messages, status, entry]), focused_element=entry),
+        layout=Layout(
+            FloatContainer(
+                HSplit([VSplit([chat_list, border, messages]), status, entry]),
+                floats=[Float(xcursor=True, ycursor=True, content=CompletionsMenu(max_height=8))],
+            ),
+            focused_element=entry,
+        ),
         key_bindings=kb,
         style=Style.from_dict(STYLE),
         full_screen=True,
@@ -1137,6 +1324,7 @@ def build_application(controller: ChatController) -> Any:
 
     controller.invalidate = app.invalidate
     controller.on_quit = quit_app
+    controller.on_bell = app.output.bell
     return app
 
 

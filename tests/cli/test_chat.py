@@ -425,7 +425,7 @@ async def test_controller_send_refused_and_errors_do_not_crash(chat: Any) -> Non
     errors = [ln.text for ln in view.chats["bob"] if ln.kind == "error"][-4:]
     assert errors[0].startswith("unknown command /nope")
     assert errors[1].startswith("wrong arguments for /to")
-    assert errors[3] == "no group open: /group GROUP_ID first"
+    assert errors[3] == "no group open: /group NAME first"
     assert view.lines(GROUP)[-1].text == "group: not_member: you are not a member"
     client.queue.put_nowait(ErrorEvent("invalid", "bad read marker", ""))
     await settle()
@@ -600,7 +600,8 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
                 tmux, lambda p: re.search(r"me: hello ✓✓ read$", p, re.M), "the read tick", err
             )
             await wait_pane(tmux, lambda p: "bob · online" in p, "bob's presence", err)
-        assert pane.count("hello") == 1  # the tick changed in place
+        assert pane.count("hello ✓") == 1  # the tick changed in place
+        assert "▸ bob" in pane and "me: hello " in pane  # the chat list: bob, open, and the last message
 
         tmux.run("send-keys", "-t", "chat", "/quit", "Enter")
         assert await exit_status(err) == 0
