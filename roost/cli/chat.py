@@ -75,9 +75,9 @@ CHAT_LIST_KEYS = "Alt-↑/↓ switch"
 # -- text from other users -----------------------------------------------------
 
 TAB_WIDTH = 4
-# C0 controls (but newline), DEL, C1 controls, and the bidirectional overrides
+# C0 controls (but tab and newline, handled apart), DEL, C1 controls, and the bidirectional overrides
 # and isolates that can make a line read differently from what it holds.
-_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -88,9 +88,9 @@ def _escape(match: re.Match[str]) -> str:
 def safe_text(text: str) -> str:
     """Text another user chose, made safe to put on a terminal: tabs become
     spaces, control characters (ESC sequences, BEL, CR, ...) are shown escaped
-    (``\x1b``), and a continuation line is indented so it cannot pass for a
+    (``\\x1b``), and a continuation line is indented so it cannot pass for a
     line of its own (``[14:05] bob: ...``)."""
-    lines = [_UNSAFE.sub(_escape, line.expandtabs(TAB_WIDTH)) for line in text.split("\n")]
+    lines = [_UNSAFE.sub(_escape, line).expandtabs(TAB_WIDTH) for line in text.split("\n")]
     return "\n  ".join(lines)
 
 
@@ -585,17 +585,17 @@ class ChatView:
 
     def _group_completions(self, typed: str) -> list[tuple[str, str]]:
         prefix = typed.casefold()
-        by_name: dict[str, list[str]] = {}
+        by_name: dict[str, list[str]] = {}  # as /group compares names: ignoring case
         for group, name in self.group_names.items():
             if group not in self.left_groups and name.casefold().startswith(prefix):
-                by_name.setdefault(name, []).append(group)
+                by_name.setdefault(name.casefold(), []).append(group)
         out: list[tuple[str, str]] = []
-        for name in sorted(by_name, key=str.casefold):
-            groups = sorted(by_name[name])
+        for folded in sorted(by_name):
+            groups = sorted(by_name[folded])
             if len(groups) == 1:
-                out.append((name, name))
+                out.append((self.group_names[groups[0]], self.group_names[groups[0]]))
             else:  # two groups share the name: only the id tells them apart
-                out.extend((g, f"{name} ({g})") for g in groups)
+                out.extend((g, f"{self.group_names[g]} ({g})") for g in groups)
         return out
 
     # the chat list -------------------------------------------------------------------

@@ -288,6 +288,69 @@ def test_parse_command() -> None:
     assert parse_command("/HELP") == ("help", [])
 
 
+# -- text from other users, the chat list, the bell, completion -------------------------------------
+
+CONTROLS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def test_text_from_others_is_made_terminal_safe() -> None:
+    view = view_with_chat()
+    view.apply(msg(1, text="a\tb\x1b[2J\x07\rX\u202eY\n[14:05] alice: fake"))
+    assert view.render_text() == "[14:05] bob: a   b\\x1b[2J\\x07\\x0dX\\u202eY\n  [14:05] alice: fake"
+    view.apply(member(1, "created", "bob", ("alice", "bob"), "Evil\x1b]0;pwned\x07\tgroup"))
+    assert view.chat_label(GROUP) == "#Evil\\x1b]0;pwned\\x07    group"  # the tab stop after what shows
+    view.open(GROUP)
+    for text in (view.render_text(), view.status_text(T0), view.chat_list_text()):
+        assert not CONTROLS.search(text.replace("\n", "")), text
+
+
+def at(seq: int, conv: str, minute: int, sender: str = "bob", text: str = "hi") -> Message:
+    return Message(conv, seq, f"{conv}{seq}", sender, "text/plain", text.encode(), (T0 + 60 * minute) * 1000)
+
+
+def test_chat_list_shows_every_chat_newest_first_with_unread_and_last_message() -> None:
+    view = view_with_chat("bob")
+    view.apply(at(1, DM, 0, text="morning"))
+    view.apply(at(1, "d:alice:carol", 2, sender="carol", text="lunch?"))
+    view.apply(at(2, "d:alice:carol", 3, sender="carol", text="\tnow?"))
+    view.apply(member(1, "created", "dave", ("alice",), "Team"))  # T0: the oldest
+    view.add_pending("bob", "m1", "sure", (T0 + 240) * 1000)
+    assert view.chat_list() == ["bob", "carol", GROUP]
+    assert view.chat_list_text().splitlines() == [
+        " Chats · Alt-↑/↓ switch",
+        "▸ bob",
+        "  me: sure",
+        "  carol 2",
+        "      now?",
+        "  #Team 1",
+        '  dave created group "Team"',  # cut to the pane's width
+    ]
+    assert view.adjacent_chat(+1) == "carol"
+    assert view.adjacent_chat(-1) == GROUP  # wraps around
+
+
+def test_bell_rings_for_news_in_other_chats_only() -> None:
+    view = view_with_chat("bob")
+    assert not view.apply(msg(1)).bell  # the open chat
+    assert view.apply(msg(1, sender="carol", conv="d:alice:carol")).bell
+    assert not view.apply(msg(2, sender="alice", conv="d:alice:carol")).bell  # our own, from elsewhere
+    assert view.apply(member(1, "added", "dave", ("alice",))).bell
+    assert not view.add_history("carol", [msg(0, sender="carol", conv="d:alice:carol")]).bell
+
+
+def test_completion_of_commands_users_and_group_names() -> None:
+    view = view_with_chat("bob")
+    view.apply(member(1, "created", "alice", ("alice", "carol"), "Team"))
+    fun1, fun2 = "g:00000000000000a1", "g:00000000000000a2"
+    view.group_names.update({fun1: "Fun", fun2: "fun"})
+    assert view.completions("/gr") == (3, [("/group", "/group")])
+    assert view.completions("/group t") == (1, [("Team", "Team")])
+    assert view.completions("/group F") == (1, [(fun1, f"Fun ({fun1})"), (fun2, f"fun ({fun2})")])
+    assert view.completions("/to c") == (1, [("carol", "carol")])
+    assert view.completions("/add bob,c") == (1, [("carol", "carol")])
+    assert view.completions("hello /gr") == (0, [])
+
+
 # -- the controller against a fake SDK client ---------------------------------------------------
 
 
@@ -305,6 +368,7 @@ class FakeClient:
         self.closed = False
         self.state = ClientState(":memory:")  # the chat keeps its own marks there
         self.receipts: dict[str, tuple[int, int]] = {}
+        self.groups: dict[str, GroupInfo] = {}
 
     def receipt_state(self, conv: str) -> tuple[int, int]:
         return self.receipts.get(conv, (0, 0))
@@ -344,7 +408,9 @@ class FakeClient:
         return self.server_history, 10
 
     async def group_info(self, group: str) -> GroupInfo:
-        raise RoostError("not_member", "you are not a member")
+        if group not in self.groups:
+            raise RoostError("not_member", "you are not a member")
+        return self.groups[group]
 
     async def create_group(self, name: str, members: list[str]) -> GroupInfo:
         self.calls.append(("create_group", name, list(members)))
@@ -688,6 +754,8 @@ async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> N
         assert again.view.render_text().endswith("me: hello ✓✓ read")
         assert again.view.unread == {"carol": 2}
         assert "unread: carol 2" in again.view.status_text(time.time())
+        listed = again.view.chat_list_text().splitlines()[1:]  # the chat list, from the state alone
+        assert listed == ["  carol 2", "  still there?", "▸ bob", "  me: hello"]
         again.ctrl.handle_line("/to carol")  # read now: no longer unread after the next restart
         assert [ln.text for ln in again.view.lines() if ln.kind == "in"] == ["yo", "still there?"]
         again.ctrl.handle_line("/to bob")
@@ -759,3 +827,39 @@ async def test_chat_exits_cleanly_on_ctrl_c_and_on_sigint(tmp_path: Path) -> Non
                 tmux.kill()
     finally:
         srv.stop()
+
+
+async def test_controller_group_by_name_members_and_switching(chat: Any) -> None:
+    ctrl, client, view = chat
+    bells: list[bool] = []
+    ctrl.on_bell = lambda: bells.append(True)
+    fun1, fun2 = "g:00000000000000a1", "g:00000000000000a2"
+    client.groups[GROUP] = GroupInfo(GROUP, "My Team", ["alice", "bob", "carol"], ["alice"], 3)
+    for group, name in ((GROUP, "My Team"), (fun1, "Fun"), (fun2, "Fun")):
+        client.queue.put_nowait(Membership(group, 1, "created", "bob", ("alice", "bob"), name, T0 * 1000))
+    await settle()
+    assert len(bells) == 3  # each in a chat other than the open one (none)
+
+    ctrl.handle_line("/group my team")
+    await settle()
+    assert view.current == GROUP
+    ctrl.handle_line("/members")
+    await settle()
+    assert view.lines()[-1].text == "3 members: alice (admin), bob, carol"
+
+    ctrl.handle_line("/group Fun")
+    assert view.current == GROUP
+    assert view.lines()[-1].text == f"2 groups are named 'Fun': {fun1}, {fun2}; /group ID opens one"
+    ctrl.handle_line(f"/group {fun2}")
+    assert view.current == fun2
+    ctrl.handle_line("/group Nope")
+    assert view.lines()[-1].text.startswith("no group named 'Nope' (known: Fun, My Team)")
+
+    order = view.chat_list()
+    ctrl.switch_chat(+1)
+    assert view.current == order[(order.index(fun2) + 1) % len(order)]
+    ctrl.switch_chat(-1)
+    assert view.current == fun2
+
+    # The group names outlive the run: a restarted chat opens them by name.
+    assert client.state.chat_groups() == {GROUP: "My Team", fun1: "Fun", fun2: "Fun"}
