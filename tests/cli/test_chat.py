@@ -863,3 +863,62 @@ async def test_controller_group_by_name_members_and_switching(chat: Any) -> None
 
     # The group names outlive the run: a restarted chat opens them by name.
     assert client.state.chat_groups() == {GROUP: "My Team", fun1: "Fun", fun2: "Fun"}
+
+
+@pytest.mark.timeout(40)
+async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path: Path) -> None:
+    if TMUX is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux); the terminal UI test needs it")
+    from tests.e2e.server import ServerProcess
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    tokens = {name: srv.add_user(name) for name in ("alice", "bob", "carol")}
+    srv.start()
+    tmux = Tmux(tmp_path)
+    err = tmp_path / "chat.stderr"
+    keys = lambda *k: tmux.run("send-keys", "-t", "chat", *k)  # noqa: E731
+    flag = lambda fmt: tmux.run("display-message", "-p", "-t", "chat", fmt).stdout.strip()  # noqa: E731
+    try:
+        tmux.start(chat_command(srv.url, tokens["alice"], tmp_path / "alice.sqlite", err))
+        tmux.run("set-option", "-t", "chat", "monitor-bell", "on")
+        await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
+        keys("/to bob", "Enter")
+        await wait_pane(tmux, lambda p: "│ bob" in p, "bob's chat to open", err)
+
+        async with (
+            Client(srv.url, tokens["bob"], state_path=tmp_path / "bob.sqlite") as bob,
+            Client(srv.url, tokens["carol"], state_path=tmp_path / "carol.sqlite") as carol,
+        ):
+            await bob.send("a\tb \x1b[2J\x1b]2;pwned\x07 end", to="alice")
+            await wait_pane(
+                tmux, lambda p: r"bob: a   b \x1b[2J\x1b]2;pwned\x07 end" in p, "the escaped text", err
+            )
+            assert flag("#{pane_title}") != "pwned"
+            assert flag("#{window_bell_flag}") == "0"  # news in the open chat: no bell
+
+            await carol.send("psst", to="alice")
+            await wait_pane(tmux, lambda p: "  carol 1" in p and "  psst" in p, "carol in the chat list", err)
+            assert flag("#{window_bell_flag}") == "1"
+
+            keys("M-Up")  # carol is above bob: the newest first
+            await wait_pane(tmux, lambda p: "▸ carol" in p and "│ carol" in p, "Alt-Up to open carol", err)
+            keys("M-Down")
+            await wait_pane(tmux, lambda p: "▸ bob" in p and "│ bob" in p, "Alt-Down back to bob", err)
+
+            info = await bob.create_group("Weekend Plans", ["alice", "carol"])
+            await wait_pane(tmux, lambda p: "#Weekend Plans 1" in p, "the new group in the list", err)
+            keys("/group wee", "Tab")
+            await wait_pane(tmux, lambda p: "> /group Weekend Plans" in p, "Tab to complete the name", err)
+            keys("Enter")
+            await wait_pane(tmux, lambda p: "│ #Weekend Plans" in p, "the group opened by name", err)
+            keys("/members", "Enter")
+            await wait_pane(tmux, lambda p: "3 members: alice, bob (admin), carol" in p, "/members", err)
+            assert info.group not in tmux.capture()  # opened by name, the id never typed
+
+        keys("/quit", "Enter")
+        assert await exit_status(err) == 0
+        assert err.read_text() == ""
+    finally:
+        tmux.kill()
+        srv.stop()
