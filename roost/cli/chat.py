@@ -48,6 +48,7 @@ from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 TYPING_TTL = 5.0  # an incoming "typing" shows for this long unless refreshed
 TYPING_INTERVAL = 2.0  # send at most one typing frame per conversation this often
 HISTORY_LIMIT = 50
+BELL_INTERVAL = 1.0  # at most one bell a second: a reconnect can bring many messages at once
 HOME = ""  # the chat key of the pane shown while no chat is open
 
 Fragments = list[tuple[str, str]]
@@ -794,6 +795,7 @@ class ChatController:
         self.invalidate: Callable[[], None] = invalidate or (lambda: None)
         self.on_quit: Callable[[], None] = on_quit or (lambda: None)
         self.on_bell: Callable[[], None] = lambda: None  # the terminal's bell, set by the UI
+        self._last_bell = float("-inf")
         self.clock = clock
         self.history_limit = history_limit
         self.throttle = TypingThrottle()
@@ -922,7 +924,8 @@ class ChatController:
         """Into the client state what must outlive this run; and the bell."""
         if changes.seen is not None:
             self.client.state.save_chat_seen(*changes.seen)
-        if changes.bell:
+        if changes.bell and self.clock() - self._last_bell >= BELL_INTERVAL:
+            self._last_bell = self.clock()
             self.on_bell()
 
     def _save_group_name(self, group: str) -> None:
@@ -1201,6 +1204,7 @@ STYLE = {
     "chatlist.border": "#555555",
 }
 CHAT_LIST_WIDTH = 28
+CHAT_LIST_MIN_COLUMNS = 64  # narrower terminals hide the chat list
 
 
 def _completer(view: ChatView) -> Any:
@@ -1219,10 +1223,19 @@ def _completer(view: ChatView) -> Any:
 def build_application(controller: ChatController) -> Any:
     """The prompt_toolkit application: message pane, status line, input line."""
     from prompt_toolkit.application import Application
+    from prompt_toolkit.application.current import get_app
     from prompt_toolkit.data_structures import Point
     from prompt_toolkit.filters import Condition, has_completions
     from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.layout import Float, FloatContainer, HSplit, Layout, VSplit, Window
+    from prompt_toolkit.layout import (
+        ConditionalContainer,
+        Float,
+        FloatContainer,
+        HSplit,
+        Layout,
+        VSplit,
+        Window,
+    )
     from prompt_toolkit.layout.controls import FormattedTextControl
     from prompt_toolkit.layout.menus import CompletionsMenu
     from prompt_toolkit.styles import Style
@@ -1263,12 +1276,20 @@ def build_application(controller: ChatController) -> Any:
         completer=_completer(view),
         complete_while_typing=False,  # Tab asks
     )
-    chat_list = Window(
-        FormattedTextControl(lambda: view.chat_list_fragments(CHAT_LIST_WIDTH), focusable=False),
-        width=CHAT_LIST_WIDTH,
-        wrap_lines=False,
+    chat_list = ConditionalContainer(
+        VSplit(
+            [
+                Window(
+                    FormattedTextControl(lambda: view.chat_list_fragments(CHAT_LIST_WIDTH), focusable=False),
+                    width=CHAT_LIST_WIDTH,
+                    wrap_lines=False,
+                ),
+                Window(width=1, char="│", style="class:chatlist.border"),
+            ]
+        ),
+        # On a narrow terminal the messages need the room; the keys still switch chats.
+        filter=Condition(lambda: get_app().output.get_size().columns >= CHAT_LIST_MIN_COLUMNS),
     )
-    border = Window(width=1, char="│", style="class:chatlist.border")
     entry.buffer.on_text_changed += lambda buffer: controller.on_input_changed(buffer.text)
 
     kb = KeyBindings()
@@ -1306,7 +1327,7 @@ def build_application(controller: ChatController) -> Any:
     app: Application[int] = Application(
         layout=Layout(
             FloatContainer(
-                HSplit([VSplit([chat_list, border, messages]), status, entry]),
+                HSplit([VSplit([chat_list, messages]), status, entry]),
                 floats=[Float(xcursor=True, ycursor=True, content=CompletionsMenu(max_height=8))],
             ),
             focused_element=entry,
