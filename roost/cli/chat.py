@@ -3,12 +3,16 @@
 Three layers, so the logic can be tested without a terminal:
 
 * ``ChatView`` - the state model: the lines of every chat (with the ticks of
-  own messages computed from receipts), presence, typing, unread counts and
-  the connection state. ``apply(event)`` folds an SDK event in and returns the
-  ``Changes`` (lines added or updated, whether the status line changed, and a
-  read marker to send). No I/O, no clock of its own: times are passed in.
+  own messages computed from receipts), the chat list, presence, typing,
+  unread counts and the connection state. Text other users chose goes through
+  ``safe_text`` before it is shown. ``apply(event)`` folds an SDK event in and
+  returns the ``Changes`` (lines added or updated, whether the status line
+  changed, a read marker to send, the seen mark to keep, whether to ring the
+  bell). No I/O, no clock of its own: times are passed in.
 * ``ChatController`` - the glue between the SDK ``Client`` and the view:
   commands, sends (pending -> ack), the event loop, typing throttling. It
+  keeps in the client state what the view must show again after a restart
+  (the open chat, how far each chat was seen, group names) and restores it. It
   never lets an exception out: failures become error lines.
 * ``build_application`` / ``run_chat`` - prompt_toolkit, which only renders
   the view and feeds keystrokes to the controller.
@@ -1221,7 +1225,8 @@ def _completer(view: ChatView) -> Any:
 
 
 def build_application(controller: ChatController) -> Any:
-    """The prompt_toolkit application: message pane, status line, input line."""
+    """The prompt_toolkit application: chat list and message pane side by side,
+    status line, input line (with Tab completion)."""
     from prompt_toolkit.application import Application
     from prompt_toolkit.application.current import get_app
     from prompt_toolkit.data_structures import Point
