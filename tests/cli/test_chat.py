@@ -672,6 +672,15 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
         tmux.run("send-keys", "-t", "chat", "/quit", "Enter")
         assert await exit_status(err) == 0
         assert "Traceback" not in err.read_text()
+
+        # Restarted (the server down, so all comes from the state file): bob open, the tick still read.
+        srv.stop()
+        tmux.kill()
+        tmux = Tmux(tmp_path)
+        err.unlink()
+        tmux.start(chat_command(srv.url, alice_token, tmp_path / "alice.sqlite", err))
+        restored = re.compile(r"me: hello ✓✓ read$", re.M)
+        await wait_pane(tmux, lambda p: "│ bob" in p and restored.search(p), "the restored chat", err)
     finally:
         tmux.kill()
         srv.stop()
