@@ -358,6 +358,11 @@ class ChatView:
         if summary.unread and key != self.current:
             self.unread[key] = summary.unread
 
+    def restore_group(self, group: str, name: str) -> None:
+        """A group known from the client state: listed, and openable by its name."""
+        self.group_names.setdefault(group, safe_text(name))
+        self._chat(group)
+
     @staticmethod
     def _preview_text(summary: ChatSummary) -> str:
         if summary.sender == SYSTEM_SENDER and summary.ct == MEMBERSHIP_CT:
@@ -862,7 +867,7 @@ class ChatController:
         self.view.me = me
         state = self.client.state
         for group, name in state.chat_groups().items():
-            self.view.group_names.setdefault(group, safe_text(name))
+            self.view.restore_group(group, name)
         for conv, seen in state.chat_seen().items():
             self.view.seen_upto[self.view.key_of(conv)] = seen
         for summary in state.chat_summaries(me):

@@ -935,3 +935,24 @@ async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path
     finally:
         tmux.kill()
         srv.stop()
+
+
+async def test_groups_known_from_an_earlier_run_are_listed_and_open_by_name() -> None:
+    first = FakeClient()
+    ctrl = ChatController(first, ChatView(tz=UTC))  # type: ignore[arg-type]
+    await ctrl.start()
+    first.queue.put_nowait(member(1, "created", "bob", ("alice", "bob"), "Team"))
+    await settle()
+    await ctrl.stop()
+
+    again = FakeClient()
+    again.state = first.state  # the same state file, a new run: no event about the group this time
+    view = ChatView(tz=UTC)
+    ctrl = ChatController(again, view)  # type: ignore[arg-type]
+    await ctrl.start()
+    try:
+        assert GROUP in view.chat_list()
+        ctrl.handle_line("/group team")
+        assert view.current == GROUP
+    finally:
+        await ctrl.stop()
