@@ -890,8 +890,13 @@ async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path
     srv.start()
     tmux = Tmux(tmp_path)
     err = tmp_path / "chat.stderr"
-    keys = lambda *k: tmux.run("send-keys", "-t", "chat", *k)  # noqa: E731
-    flag = lambda fmt: tmux.run("display-message", "-p", "-t", "chat", fmt).stdout.strip()  # noqa: E731
+
+    def keys(*typed: str) -> None:
+        tmux.run("send-keys", "-t", "chat", *typed)
+
+    def flag(fmt: str) -> str:
+        return tmux.run("display-message", "-p", "-t", "chat", fmt).stdout.strip()
+
     try:
         tmux.start(chat_command(srv.url, tokens["alice"], tmp_path / "alice.sqlite", err))
         tmux.run("set-option", "-t", "chat", "monitor-bell", "on")
