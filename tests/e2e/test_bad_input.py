@@ -334,12 +334,15 @@ async def test_refused_requests(world) -> None:
         # Acks and markers in someone else's conversation.
         ({"type": "dack", "conv": OTHER, "seq": 1}, "not_member", None),
         ({"type": "read", "conv": OTHER, "seq": 1}, "not_member", None),
+        ({"type": "rack", "conv": OTHER, "rv": 1}, "not_member", None),
         # Past the end.
         ({"type": "dack", "conv": CONV, "seq": 10_000}, "invalid", None),
         ({"type": "read", "conv": CONV, "seq": 10_000}, "invalid", None),
         # Unknown conversations.
         ({"type": "read", "conv": "d:alice:zed", "seq": 1}, "unknown_conversation", None),
         ({"type": "dack", "conv": ghost_group, "seq": 1}, "unknown_conversation", None),
+        ({"type": "rack", "conv": ghost_group, "rv": 1}, "unknown_conversation", None),
+        ({"type": "rack", "conv": "d:alice:zed", "rv": 1}, "unknown_conversation", None),
         ({"type": "history", "conv": OTHER, "ref": "ho"}, "not_member", "ho"),
         ({"type": "history", "conv": ghost_group, "ref": "hg"}, "unknown_conversation", "hg"),
         ({"type": "typing", "conv": OTHER}, "not_member", None),
