@@ -38,6 +38,10 @@ log = logging.getLogger("roost.gateway")
 # MAX_FRAME_BYTES and this get a typed ``too_large`` error and the socket stays.
 WS_HARD_LIMIT = 1024 * 1024
 
+# The protocol is JSON text frames only; a binary frame is refused like any
+# other malformed frame (before auth: then the socket closes with 4001).
+BINARY_REFUSED = ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted: send JSON text frames")
+
 
 @dataclass(slots=True)
 class GatewayConfig:
@@ -173,6 +177,8 @@ class Gateway:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             return None
         try:
+            if msg.type == WSMsgType.BINARY:
+                raise BINARY_REFUSED
             frame = decode_client(msg.data)
             if not isinstance(frame, f.Auth):
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "the first frame must be auth")
@@ -215,7 +221,9 @@ class Gateway:
         log.info("connected", extra={"user": user})
         try:
             async for msg in ws:
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if msg.type == WSMsgType.BINARY:
+                    conn.push(error_frame(BINARY_REFUSED))
+                elif msg.type == WSMsgType.TEXT:
                     if conn.closed:
                         break
                     pause = self.service.handle(session, msg.data)
