@@ -26,7 +26,25 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", default=None, help="cluster mode: redis://... (default: in-process)")
     p.add_argument("--gateway-id", default="", help="cluster mode: this gateway's unique name")
     p.add_argument("--heartbeat", type=float, default=30.0, help="WebSocket ping interval (s)")
-    p.add_argument("--auth-timeout", type=float, default=10.0)
+    p.add_argument("--auth-timeout", type=float, default=10.0, help="upgrade -> auth frame (s)")
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=15.0,
+        help="accept -> authenticated session, covering request, upgrade and auth (s)",
+    )
+    p.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=1024,
+        help="connections not yet authenticated, per gateway; more get 503 (0: no cap)",
+    )
+    p.add_argument(
+        "--max-unauthenticated-per-address",
+        type=int,
+        default=64,
+        help="... from one source address (an IPv6 /64); more get 429 (0: no cap)",
+    )
     p.add_argument("--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)")
     p.add_argument("--max-group-members", type=int, default=1024)
     p.add_argument("--window", type=int, default=128, help="unacked messages per device")
@@ -36,6 +54,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from roost.gateway.admission import AdmissionLimits
     from roost.gateway.server import GatewayConfig, serve
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
@@ -50,6 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         heartbeat=args.heartbeat,
         auth_timeout=args.auth_timeout,
+        admission=AdmissionLimits(
+            handshake_timeout=args.handshake_timeout,
+            max_pending=args.max_unauthenticated,
+            max_pending_per_address=args.max_unauthenticated_per_address,
+        ),
         service=ServiceConfig(
             window=args.window,
             max_group_members=args.max_group_members,
