@@ -38,8 +38,10 @@ log = logging.getLogger("roost.gateway")
 
 # After the deadline, an upgraded socket gets this long to take its close (4002).
 CLOSE_GRACE = 3.0
-# A refused connection gets this long to read its 503/429 before it is dropped.
+# A refused connection gets this long to read its 503/429 before it is dropped;
+# past this many such lingering connections, a refusal is a plain reset.
 REFUSE_LINGER = 1.0
+MAX_REFUSING = 1024
 
 _REFUSAL_HEADERS = b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 BUSY = b"HTTP/1.1 503 Service Unavailable" + _REFUSAL_HEADERS
@@ -102,10 +104,14 @@ class Admission:
             guarded.upgraded = True
 
     def authenticated(self, transport: asyncio.BaseTransport | None) -> None:
-        """The session is authenticated: no deadline, no longer counted."""
+        """The session is authenticated: no deadline, no longer counted, and
+        its socket talks to aiohttp directly from now on (no call in between)."""
         guarded = self.pending.get(transport) if transport is not None else None
-        if guarded is not None:
-            self._release(guarded)
+        if guarded is None:
+            return
+        self._release(guarded)
+        if guarded.handler is not None and transport is not None and not transport.is_closing():
+            transport.set_protocol(guarded.handler)
 
     def close(self) -> None:
         """Shutting down: drop the connections being refused (aiohttp closes the rest)."""
@@ -196,7 +202,7 @@ class Guarded(asyncio.Protocol):
         # read and dropped until it closes (closing with it unread would send
         # a reset that can destroy the answer), for at most REFUSE_LINGER.
         # Past the cap's worth of such lingering sockets, drop at once.
-        if len(admission.refusing) >= max(admission.limits.max_pending, 64):
+        if len(admission.refusing) >= MAX_REFUSING:
             transport.abort()
             return
         admission.refusing.add(self)

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from roost.gateway.admission import CLOSE_GRACE
 from tests.e2e.helpers import RawWS, add_users, b64
 from tests.e2e.server import ServerProcess
 
@@ -59,6 +60,21 @@ class SlowSocket:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+
+async def assert_held(slow: list[SlowSocket]) -> None:
+    """None of ``slow`` was refused: a refusal is written the moment a socket
+    is accepted, so by now it would be readable; none is (nor closed)."""
+
+    async def nothing_comes(s: SlowSocket) -> bool:
+        try:
+            await asyncio.wait_for(s.reader.read(1), 0.3)
+        except TimeoutError:
+            return True
+        return False
+
+    held = await asyncio.gather(*(nothing_comes(s) for s in slow))
+    assert all(held), f"{held.count(False)} of {len(slow)} were refused or closed"
 
 
 async def open_slow(srv: ServerProcess, n: int, source: str = "127.0.0.1") -> list[SlowSocket]:
@@ -150,6 +166,7 @@ async def test_unfinished_requests_are_closed_at_the_deadline(make_server) -> No
 
     trickling = asyncio.create_task(trickle())
     # Authenticated users chat meanwhile, before and after the deadline.
+    users_opened = time.monotonic()
     alice = await RawWS.open(srv, tokens["alice"])
     bob = await RawWS.open(srv, tokens["bob"])
     try:
@@ -159,6 +176,9 @@ async def test_unfinished_requests_are_closed_at_the_deadline(make_server) -> No
         early = [round(t, 2) for t, _ in closes if t < timeout - 0.2]
         assert not late and not early, f"closed too late {late[:5]} / too early {early[:5]}"
         assert all(got == b"" for _, got in closes), "an unfinished request got an answer"
+        # No event marks "a deadline passed and nothing happened": wait past
+        # the users' own deadline and its backstop, then they still chat.
+        await asyncio.sleep(max(0.0, users_opened + timeout + CLOSE_GRACE + 0.5 - time.monotonic()))
         await chat(bob, alice, "alice", "after")
         assert srv.log().count("Traceback") == 0
     finally:
@@ -193,6 +213,7 @@ async def test_unauthenticated_connections_per_address_are_capped(make_server) -
     slow = await open_slow(srv, 5)
     bob: RawWS | None = None
     try:
+        await assert_held(slow)  # alice, authenticated, does not count
         await wait_unauthenticated(srv, OTHER_HOST, 5)
         # The sixth from 127.0.0.1 is refused at once, before its request is read.
         sixth = await SlowSocket.open(srv)
@@ -205,8 +226,7 @@ async def test_unauthenticated_connections_per_address_are_capped(make_server) -
         await chat(alice, bob, "bob", "to-bob")
         await chat(bob, alice, "alice", "to-alice")
         # The held ones were not closed by the cap.
-        for s in slow:
-            assert not s.reader.at_eof()
+        await assert_held(slow)
     finally:
         for s in slow:
             s.close()
@@ -228,6 +248,7 @@ async def test_unauthenticated_connections_per_gateway_are_capped(make_server) -
     bob = await RawWS.open(srv, tokens["bob"])
     slow = await open_slow(srv, 5)
     try:
+        await assert_held(slow)  # alice and bob, authenticated, do not count
         for source in (OTHER_HOST, THIRD_HOST):
             extra = await SlowSocket.open(srv, source)
             seconds, answer = await extra.closed_by_server(5)
