@@ -10,6 +10,7 @@ loopback aliases (127.0.0.2, 127.0.0.3 reach a server on 127.0.0.1).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -60,6 +61,11 @@ class SlowSocket:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+
+def open_fds(srv: ServerProcess) -> int:
+    (pid,) = srv.pids
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 async def assert_held(slow: list[SlowSocket]) -> None:
@@ -165,6 +171,8 @@ async def test_unfinished_requests_are_closed_at_the_deadline(make_server) -> No
             trickler.writer.write(bytes([byte]))
 
     trickling = asyncio.create_task(trickle())
+    await wait_unauthenticated(srv, "127.0.0.1", 201)
+    fds_held = open_fds(srv)
     # Authenticated users chat meanwhile, before and after the deadline.
     users_opened = time.monotonic()
     alice = await RawWS.open(srv, tokens["alice"])
@@ -176,6 +184,9 @@ async def test_unfinished_requests_are_closed_at_the_deadline(make_server) -> No
         early = [round(t, 2) for t, _ in closes if t < timeout - 0.2]
         assert not late and not early, f"closed too late {late[:5]} / too early {early[:5]}"
         assert all(got == b"" for _, got in closes), "an unfinished request got an answer"
+        # Their 201 file descriptors are back (alice's and bob's sockets and
+        # the store's reader connections opened meanwhile are the slack).
+        assert open_fds(srv) <= fds_held - 201 + 8
         # No event marks "a deadline passed and nothing happened": wait past
         # the users' own deadline and its backstop, then they still chat.
         await asyncio.sleep(max(0.0, users_opened + timeout + CLOSE_GRACE + 0.5 - time.monotonic()))
