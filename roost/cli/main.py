@@ -37,7 +37,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-unauthenticated",
         type=int,
         default=1024,
-        help="connections not yet authenticated, per gateway; more get 503 (0: no cap)",
+        help="connections not yet authenticated, per gateway; at the cap the oldest (>= 1 s) "
+        "is closed for a new one, else it gets 503 (0: no cap)",
     )
     p.add_argument(
         "--max-unauthenticated-per-address",

@@ -10,9 +10,13 @@ for good, and a few thousand of them exhausted the gateway's.
 Every accepted connection is therefore *pending* until its session is
 authenticated, and while pending it counts against two caps: all pending
 connections of the gateway, and those from one source address (an IPv6 /64
-counts as one address: one host gets a whole /64). Over a cap, the connection
-is answered at once with ``503`` (gateway busy) or ``429`` (this address) and
-closed, without reading its request or creating any aiohttp state for it.
+counts as one address: one host gets a whole /64). Over the address's cap,
+the connection is answered at once with ``429`` and closed, without reading
+its request or creating any aiohttp state for it. At the gateway's cap, the
+oldest pending connection makes room if it has been pending for
+``EVICT_AGE`` (a real client's handshake takes milliseconds, so under a flood
+of slow sockets the oldest is one of them, and new clients still get in);
+otherwise (a storm of fresh handshakes) the new one is answered ``503``.
 A pending connection not authenticated by ``handshake_timeout`` seconds after
 accept is closed: during the request it is aborted; once upgraded, the
 gateway's own auth wait ends at the same deadline with ``auth_timeout`` and
@@ -38,6 +42,8 @@ log = logging.getLogger("roost.gateway")
 
 # After the deadline, an upgraded socket gets this long to take its close (4002).
 CLOSE_GRACE = 3.0
+# At the gateway's cap, a pending connection this old is closed to admit a new one.
+EVICT_AGE = 1.0
 # A refused connection gets this long to read its 503/429 before it is dropped;
 # past this many such lingering connections, a refusal is a plain reset.
 REFUSE_LINGER = 1.0
@@ -82,6 +88,7 @@ class Admission:
         self.refusing: set[Guarded] = set()
         self.refused = 0
         self.expired = 0
+        self.evicted = 0
         self._last_report = 0.0
 
     def protocol(self) -> Guarded:
@@ -123,17 +130,30 @@ class Admission:
     def _admit(self, guarded: Guarded) -> bytes | None:
         """None if admitted (now pending), else the refusal to send."""
         limits = self.limits
-        if limits.max_pending and len(self.pending) >= limits.max_pending:
-            return self._refuse(BUSY, "too many unauthenticated connections")
         key = guarded.address
         if limits.max_pending_per_address and self.per_address[key] >= limits.max_pending_per_address:
             return self._refuse(TOO_MANY, f"too many unauthenticated connections from {key}")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if limits.max_pending and len(self.pending) >= limits.max_pending and not self._evict_oldest(now):
+            return self._refuse(BUSY, "too many unauthenticated connections")
         self.pending[guarded.transport] = guarded
         self.per_address[key] += 1
-        loop = asyncio.get_running_loop()
-        guarded.deadline = loop.time() + limits.handshake_timeout
+        guarded.accepted = now
+        guarded.deadline = now + limits.handshake_timeout
         guarded.timer = loop.call_at(guarded.deadline, self._expire, guarded)
         return None
+
+    def _evict_oldest(self, now: float) -> bool:
+        """Close the longest-pending connection if it is at least EVICT_AGE old."""
+        oldest = next(iter(self.pending.values()))  # dicts keep admission order
+        if now - oldest.accepted < EVICT_AGE:
+            return False
+        self.evicted += 1
+        self._report("made room for a new connection by closing the oldest unauthenticated one")
+        self._release(oldest)
+        oldest.abort()
+        return True
 
     def _refuse(self, response: bytes, why: str) -> bytes:
         self.refused += 1
@@ -166,10 +186,11 @@ class Admission:
         if now - self._last_report >= 5.0:
             self._last_report = now
             log.warning(
-                "%s (so far: %d refused, %d timed out; %d pending)",
+                "%s (so far: %d refused, %d timed out, %d closed for room; %d pending)",
                 why,
                 self.refused,
                 self.expired,
+                self.evicted,
                 len(self.pending),
             )
 
@@ -177,13 +198,14 @@ class Admission:
 class Guarded(asyncio.Protocol):
     """One accepted connection: aiohttp's handler behind the admission check."""
 
-    __slots__ = ("address", "admission", "deadline", "handler", "timer", "transport", "upgraded")
+    __slots__ = ("accepted", "address", "admission", "deadline", "handler", "timer", "transport", "upgraded")
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.handler: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
         self.address = ""
+        self.accepted = 0.0
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.upgraded = False
