@@ -36,9 +36,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-unauthenticated",
         type=int,
-        default=1024,
-        help="connections not yet authenticated, per gateway; at the cap the oldest (>= 1 s) "
-        "is closed for a new one, else it gets 503 (0: no cap)",
+        default=None,
+        help="connections not yet authenticated, per gateway (default: a quarter of the open-file "
+        "limit, at most 1024); at the cap the oldest (>= 1 s) is closed for a new one, else it "
+        "gets 503 (0: no cap)",
     )
     p.add_argument(
         "--max-unauthenticated-per-address",
@@ -55,12 +56,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from roost.gateway.admission import AdmissionLimits
+    from roost.gateway.admission import AdmissionLimits, default_max_pending
     from roost.gateway.server import GatewayConfig, serve
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
 
     setup_logging(args.log_level)
+    max_pending = args.max_unauthenticated
+    if max_pending is None:
+        max_pending = default_max_pending()
     config = GatewayConfig(
         data_dir=Path(args.data_dir),
         store_url=args.store,
@@ -72,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         auth_timeout=args.auth_timeout,
         admission=AdmissionLimits(
             handshake_timeout=args.handshake_timeout,
-            max_pending=args.max_unauthenticated,
+            max_pending=max_pending,
             max_pending_per_address=args.max_unauthenticated_per_address,
         ),
         service=ServiceConfig(

@@ -35,7 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 log = logging.getLogger("roost.gateway")
@@ -47,17 +47,30 @@ EVICT_AGE = 1.0
 # A refused connection gets this long to read its 503/429 before it is dropped;
 # past this many such lingering connections, a refusal is a plain reset.
 REFUSE_LINGER = 1.0
-MAX_REFUSING = 1024
+MAX_REFUSING = 256
 
 _REFUSAL_HEADERS = b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 BUSY = b"HTTP/1.1 503 Service Unavailable" + _REFUSAL_HEADERS
 TOO_MANY = b"HTTP/1.1 429 Too Many Requests" + _REFUSAL_HEADERS
 
 
+def default_max_pending() -> int:
+    """A quarter of this process's open-file limit, at most 1024: a flood of
+    unauthenticated sockets leaves most descriptors to sessions and the store."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 1024
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 4))
+
+
 @dataclass(slots=True)
 class AdmissionLimits:
     handshake_timeout: float = 15.0  # accept -> authenticated session, seconds
-    max_pending: int = 1024  # unauthenticated connections of the gateway (0: no cap)
+    max_pending: int = field(default_factory=default_max_pending)  # of the gateway (0: no cap)
     max_pending_per_address: int = 64  # ... from one source address (0: no cap)
 
 

@@ -3,7 +3,9 @@ real server in tests/e2e/test_slow_clients.py)."""
 
 from __future__ import annotations
 
-from roost.gateway.admission import address_key
+import pytest
+
+from roost.gateway.admission import address_key, default_max_pending
 
 
 def test_ipv4_is_its_own_address() -> None:
@@ -26,3 +28,11 @@ def test_ipv4_mapped_ipv6_is_the_ipv4_address() -> None:
 
 def test_unknown_peer_is_one_shared_key() -> None:
     assert address_key(None) == address_key("") == ""
+
+
+def test_default_cap_is_a_quarter_of_the_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    for soft, expected in ((1024, 256), (20_000, 1024), (40, 16), (resource.RLIM_INFINITY, 1024)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _which, soft=soft: (soft, soft))
+        assert default_max_pending() == expected
