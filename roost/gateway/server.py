@@ -41,7 +41,7 @@ WS_HARD_LIMIT = 1024 * 1024
 
 # The protocol is JSON text frames only; a binary frame is refused like any
 # other malformed frame (before auth: then the socket closes with 4001).
-BINARY_REFUSED = ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted: send JSON text frames")
+BINARY_REFUSED = "binary frames are not accepted: send JSON text frames"
 
 
 @dataclass(slots=True)
@@ -203,7 +203,7 @@ class Gateway:
             return None
         try:
             if msg.type == WSMsgType.BINARY:
-                raise BINARY_REFUSED
+                raise ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)
             frame = decode_client(msg.data)
             if not isinstance(frame, f.Auth):
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "the first frame must be auth")
@@ -247,7 +247,7 @@ class Gateway:
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
-                    conn.push(error_frame(BINARY_REFUSED))
+                    conn.push(error_frame(ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)))
                 elif msg.type == WSMsgType.TEXT:
                     if conn.closed:
                         break
