@@ -11,7 +11,7 @@ Every accepted connection is therefore *pending* until its session is
 authenticated, and while pending it counts against two caps: all pending
 connections of the gateway, and those from one source address (an IPv6 /64
 counts as one address: one host gets a whole /64). Over the address's cap,
-the connection is answered at once with ``429`` and closed, without reading
+the connection is answered at once with ``429`` and closed, without parsing
 its request or creating any aiohttp state for it. At the gateway's cap, the
 oldest pending connection makes room if it has been pending for
 ``EVICT_AGE`` (a real client's handshake takes milliseconds, so under a flood
@@ -21,7 +21,8 @@ A pending connection not authenticated by ``handshake_timeout`` seconds after
 accept is closed: during the request it is aborted; once upgraded, the
 gateway's own auth wait ends at the same deadline with ``auth_timeout`` and
 close 4002, and the socket is aborted if it has not closed ``CLOSE_GRACE``
-seconds later. Authenticated sessions never count and are never refused.
+seconds later. Authenticated sessions never count, and are never refused or
+closed for room; from authentication on, their socket bypasses this layer.
 
 The check sits in front of aiohttp as the asyncio protocol of the listening
 socket (``Admission.protocol`` wraps aiohttp's request handler).
