@@ -296,7 +296,8 @@ class Client:
             autoclose=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:
-            await ws.send_bytes(encode(f.Auth(token=self.token, client=self.instance)))
+            auth = encode(f.Auth(token=self.token, client=self.instance))
+            await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
             first = await ws.receive(timeout=15.0)
             if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 raise ConnectionError("closed during authentication")

@@ -69,7 +69,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -485,6 +485,15 @@ BEGIN
     WHEN 'mark' THEN
         RETURN roost_mark(p_a, p_b, p_n1, p_n2, p_n3);
     WHEN 'rack' THEN
+        -- Refused like a dack there (one who left still acks their receipts).
+        PERFORM 1 FROM members WHERE conv = p_b AND user_name = p_a;
+        IF NOT FOUND THEN
+            PERFORM 1 FROM conversations WHERE id = p_b;
+            IF NOT FOUND THEN
+                res.code := 'unknown_conversation'; res.msg := 'no conversation ' || p_b; RETURN res;
+            END IF;
+            res.code := 'not_member'; res.msg := 'not a member of ' || p_b; RETURN res;
+        END IF;
         DELETE FROM receipt_pending WHERE user_name = p_a AND conv = p_b AND rv <= p_n1;
     WHEN 'lock' THEN
         -- Lock the batch's conversations in id order before touching any of them.
@@ -1323,6 +1332,7 @@ _POOL_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _TABLES + FUNCTIONS),
     (2, FUNCTIONS),  # roost_append names a duplicate's recipients
+    (3, FUNCTIONS),  # roost_op refuses a rack outside the user's conversations
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

@@ -599,6 +599,12 @@ class SqliteStore:
         args: list[int | None] = [rv]
 
         def op(c: sqlite3.Connection) -> None:
+            # Refused like a dack there: unknown conversation, or never a member
+            # (one who left still acks receipts for what they sent before).
+            state = self._conv(c, conv)
+            if state is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
+            rules.require_visible(state.members.get(user), conv)
             c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
 
         return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
