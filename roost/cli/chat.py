@@ -127,6 +127,12 @@ def membership_text(m: Membership, me: str | None) -> str:
             text += " with " + ", ".join(others)
     elif m.action == "added":
         text = f"{actor} added {users}"
+        # Former members brought back (one removed while offline never saw it).
+        back = [
+            f"{who(u)} had {'left' if how == 'left' else 'been removed'} earlier" for u, how in m.returning
+        ]
+        if back:
+            text += " (" + ", ".join(back) + ")"
     elif m.action == "removed":
         text = f"{actor} removed {users}"
     elif m.action == "left":

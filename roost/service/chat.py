@@ -380,6 +380,8 @@ class ChatService:
         )
         if snap.event is not None:
             self._fan_out(snap.event, snap.event.recipients)
+        for receipt in snap.receipts:
+            self.registry.push_receipt(receipt)
 
     def _check_group(self, group: str, ref: str) -> None:
         if not is_group_id(group):

@@ -86,6 +86,9 @@ class GroupSnapshot:
     # The membership system message this change appended (None for reads).
     event: StoredMessage | None = None
     removed: tuple[str, ...] = ()
+    # Receipts a removal completed: senders whose messages the remaining
+    # members now all have (or have all read). Filled when the change commits.
+    receipts: list[ReceiptState] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

@@ -69,7 +69,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -313,9 +313,10 @@ BEGIN
 END $$;
 
 -- The membership system message (sender "", content type p_ct).
+-- p_returning: for "added", the re-added users and how they had gone (or NULL).
 CREATE OR REPLACE FUNCTION roost_event(
     res roost_result, p_group text, p_actor text, p_action text, p_users text[], p_name text,
-    p_ts bigint, p_ct text
+    p_ts bigint, p_ct text, p_returning jsonb
 ) RETURNS roost_result LANGUAGE plpgsql AS $$
 DECLARE
     v_last bigint;
@@ -323,7 +324,9 @@ BEGIN
     SELECT last_seq INTO v_last FROM conversations WHERE id = p_group;
     res.cid := 'sys-' || (v_last + 1);
     res.body := convert_to('{"action":' || to_json(p_action)::text || ',"actor":' || to_json(p_actor)::text
-        || ',"users":' || array_to_json(p_users)::text || ',"name":' || to_json(p_name)::text || '}', 'UTF8');
+        || ',"users":' || array_to_json(p_users)::text || ',"name":' || to_json(p_name)::text
+        || CASE WHEN p_returning IS NULL THEN '' ELSE ',"returning":' || p_returning::text END
+        || '}', 'UTF8');
     res.ts := p_ts;
     res.ct := p_ct;
     res.seq := roost_insert(p_group, :system_sender, res.cid, p_ct, res.body, p_ts);
@@ -367,7 +370,7 @@ BEGIN
     INSERT INTO members (conv, user_name, role, joined_seq, left_seq, delivered, read)
         SELECT p_group, w, CASE WHEN w = p_creator THEN 'admin' ELSE 'member' END, 0, NULL, 0, 0
         FROM unnest(p_wanted) AS w;
-    res := roost_event(res, p_group, p_creator, 'created', p_wanted, p_name, p_ts, p_ct);
+    res := roost_event(res, p_group, p_creator, 'created', p_wanted, p_name, p_ts, p_ct, NULL);
     RETURN roost_snapshot(res, p_group);
 END $$;
 
@@ -377,7 +380,7 @@ CREATE OR REPLACE FUNCTION roost_add_members(
 DECLARE
     res roost_result;
     v_kind text; v_name text; v_last bigint; v_role text; v_left bigint;
-    v_current text[]; v_new text[]; v_missing text[];
+    v_current text[]; v_new text[]; v_missing text[]; v_returning jsonb;
 BEGIN
     SELECT kind, name, last_seq INTO v_kind, v_name, v_last FROM conversations WHERE id = p_group FOR UPDATE;
     IF NOT FOUND OR v_kind <> 'group' THEN
@@ -406,13 +409,20 @@ BEGIN
         res.code := 'unknown_user'; res.msg := 'no such user: ' || array_to_string(v_missing[1:5], ', ');
         RETURN res;
     END IF;
+    -- Members re-added: a re-added member never sees the event that took it
+    -- out (it sees the group from its new "added" on), so that event says it.
+    SELECT jsonb_object_agg(m.user_name, CASE
+            WHEN convert_from(e.body, 'UTF8')::jsonb->>'action' = 'left' THEN 'left' ELSE 'removed' END)
+        INTO v_returning
+        FROM members m LEFT JOIN messages e ON e.conv = m.conv AND e.seq = m.left_seq
+        WHERE m.conv = p_group AND m.user_name = ANY (v_new) AND m.left_seq IS NOT NULL;
     -- A member sees everything after this point, starting with the event below.
     INSERT INTO members (conv, user_name, role, joined_seq, left_seq, delivered, read)
         SELECT p_group, x, 'member', v_last, NULL, v_last, v_last FROM unnest(v_new) AS x
         ON CONFLICT (conv, user_name) DO UPDATE SET role = excluded.role, joined_seq = excluded.joined_seq,
             left_seq = NULL, delivered = excluded.delivered, read = excluded.read;
     UPDATE conversations SET epoch = epoch + 1 WHERE id = p_group;
-    res := roost_event(res, p_group, p_actor, 'added', v_new, v_name, p_ts, p_ct);
+    res := roost_event(res, p_group, p_actor, 'added', v_new, v_name, p_ts, p_ct, v_returning);
     RETURN roost_snapshot(res, p_group);
 END $$;
 
@@ -421,7 +431,7 @@ CREATE OR REPLACE FUNCTION roost_remove_members(
 ) RETURNS roost_result LANGUAGE plpgsql AS $$
 DECLARE
     res roost_result;
-    v_kind text; v_name text; v_role text; v_left bigint; v_gone text[];
+    v_kind text; v_name text; v_role text; v_left bigint; v_gone text[]; v_low bigint;
 BEGIN
     SELECT kind, name INTO v_kind, v_name FROM conversations WHERE id = p_group FOR UPDATE;
     IF NOT FOUND OR v_kind <> 'group' THEN
@@ -441,8 +451,22 @@ BEGIN
     END IF;
     -- The removed see their own removal event, then nothing more.
     res := roost_event(res, p_group, p_actor, CASE WHEN p_leaving THEN 'left' ELSE 'removed' END,
-                       v_gone, v_name, p_ts, p_ct);
+                       v_gone, v_name, p_ts, p_ct, NULL);
     UPDATE members SET left_seq = res.seq WHERE conv = p_group AND user_name = ANY (v_gone);
+    -- The aggregates are over the members that remain: a removed member may
+    -- have been the last one a message waited for. Every remaining sender of
+    -- a message past the lowest read mark of the removed gets a receipt (from
+    -- roost_receipts() at the end of this transaction), as if the last ack had come.
+    SELECT min(read) INTO v_low FROM members WHERE conv = p_group AND user_name = ANY (v_gone);
+    res.senders := ARRAY(
+        SELECT DISTINCT m.sender FROM messages m
+        JOIN members x ON x.conv = m.conv AND x.user_name = m.sender AND x.left_seq IS NULL
+        WHERE m.conv = p_group AND m.seq > v_low AND m.sender <> :system_sender);
+    IF cardinality(res.senders) > 0 THEN
+        PERFORM set_config('roost.receipts', coalesce(current_setting('roost.receipts', true), '')
+            || (SELECT string_agg(p_group || chr(31) || s, chr(30)) FROM unnest(res.senders) AS s)
+            || chr(30), true);
+    END IF;
     UPDATE conversations SET epoch = epoch + 1 WHERE id = p_group;
     IF NOT EXISTS (SELECT 1 FROM members WHERE conv = p_group AND left_seq IS NULL AND role = 'admin') THEN
         UPDATE members SET role = 'admin'
@@ -887,6 +911,8 @@ class PostgresStore:
                 d, r = folded.get(id(op), op.cumulative)
                 a = (*a[:7], d, r, index if id(op) in folded else -1, a[10])
                 marks = True
+            elif op.kind == "remove":
+                marks = True  # a removal may complete receipts
             elif op.kind == "rack":
                 (rv,) = folded.get(id(op), op.cumulative)
                 a = (*a[:7], rv, *a[8:])
@@ -945,7 +971,13 @@ class PostgresStore:
                     receipts[(a[2], target)] = (marks, result)
                 outcomes[id(op)] = (True, result)
             elif kind in ("create", "add", "remove"):
-                outcomes[id(op)] = (True, _snapshot(a[2], row))
+                snapshot = _snapshot(a[2], row)
+                # Receipts a removal completed go out with the group answer.
+                carrier = MarkResult(a[2], "", 0, 0, snapshot.receipts)
+                for target in row["senders"] or ():  # set by removals only
+                    marks, _ = receipts.get((a[2], target), ({}, carrier))
+                    receipts[(a[2], target)] = (marks, carrier)
+                outcomes[id(op)] = (True, snapshot)
             else:
                 outcomes[id(op)] = (True, None)
         if receipt_row is not None:
@@ -1323,6 +1355,12 @@ _POOL_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _TABLES + FUNCTIONS),
     (2, FUNCTIONS),  # roost_append names a duplicate's recipients
+    # Removals complete receipts, "added" names returning members.
+    (
+        3,
+        "DROP FUNCTION IF EXISTS roost_event(roost_result, text, text, text, text[], text, bigint, text);\n"
+        + FUNCTIONS,
+    ),
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

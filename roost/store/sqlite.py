@@ -613,15 +613,34 @@ class SqliteStore:
         action: str,
         users: list[str],
         now: int,
+        extra: dict[str, Any] | None = None,
     ) -> StoredMessage:
         body = json.dumps(
-            {"action": action, "actor": actor, "users": users, "name": state.name},
+            {"action": action, "actor": actor, "users": users, "name": state.name, **(extra or {})},
             separators=(",", ":"),
         ).encode()
         client_id = f"sys-{state.last_seq + 1}"
         stored = self._insert_message(c, state, SYSTEM_SENDER, client_id, MEMBERSHIP_CT, body, now)
         assert stored is not None, "system message ids are unique per seq"
         return stored
+
+    @staticmethod
+    def _returning(c: sqlite3.Connection, state: _Conv, users: list[str]) -> dict[str, str]:
+        """Of ``users``, those who were members before: user -> how they went
+        ("removed" or "left"). A member re-added while offline never sees the
+        event that took it out (it sees the group from its new ``added`` on),
+        so the ``added`` event says it."""
+        out: dict[str, str] = {}
+        for user in users:
+            member = state.members.get(user)
+            if member is None or member.left is None:
+                continue
+            row = c.execute(
+                "SELECT body FROM messages WHERE conv=? AND seq=?", (state.id, member.left)
+            ).fetchone()
+            action = json.loads(row[0]).get("action") if row is not None else None
+            out[user] = action if action in ("removed", "left") else "removed"
+        return out
 
     def _join(self, c: sqlite3.Connection, state: _Conv, user: str, role: str) -> None:
         # The member sees everything after this point, starting with the
@@ -689,9 +708,11 @@ class SqliteStore:
                 return self._snapshot(state)
             rules.check_group_size(len(current), len(new), limit)
             self._require_users(c, new)
+            returning = self._returning(c, state, new)
             for user in new:
                 self._join(c, state, user, MEMBER)
-            event = self._membership_event(c, state, actor, "added", new, now)
+            extra = {"returning": returning} if returning else None
+            event = self._membership_event(c, state, actor, "added", new, now, extra)
             return self._snapshot(state, event)
 
         return self._submit(op)
@@ -731,9 +752,37 @@ class SqliteStore:
                 tuple(sorted(set(event.recipients) | set(gone))),
             )
             self._promote_if_no_admin(c, state)
-            return self._snapshot(state, event, tuple(gone))
+            snapshot = self._snapshot(state, event, tuple(gone))
+            self._receipts_after_removal(c, state, gone, snapshot)
+            return snapshot
 
         return self._submit(op)
+
+    def _receipts_after_removal(
+        self, c: sqlite3.Connection, state: _Conv, gone: list[str], snapshot: GroupSnapshot
+    ) -> None:
+        """The aggregates are over the members that remain: a removed member
+        may have been the last one a message waited for. Every remaining
+        sender of a message past the lowest read mark of the removed gets a
+        receipt (committed with the removal), as if the last ack had come."""
+        low = min(state.members[user].read for user in gone)
+        high = state.last_seq
+        senders = state.senders_between(low, high)
+        if senders is None:
+            senders = {
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT sender FROM messages WHERE conv=? AND seq>? AND seq<=?",
+                    (state.id, low, high),
+                )
+            }
+        carrier = MarkResult(state.id, "", 0, 0, snapshot.receipts)
+        for target in senders:
+            member = state.members.get(target)
+            if target == SYSTEM_SENDER or member is None or member.left is not None:
+                continue
+            marks, _ = self._batch_receipts.get((state.id, target), ({}, carrier))
+            self._batch_receipts[(state.id, target)] = (marks, carrier)
 
     def _promote_if_no_admin(self, c: sqlite3.Connection, state: _Conv) -> None:
         active = [m for m in state.members.values() if m.left is None]
