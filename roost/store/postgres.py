@@ -55,6 +55,8 @@ from roost.core.membership import require_active as _require_active
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store.base import (
+    REMOVED,
+    Account,
     DrainPage,
     GroupSnapshot,
     InboxEntry,
@@ -63,6 +65,7 @@ from roost.store.base import (
     SendStream,
     StoredMessage,
     StoreUnavailable,
+    removed_token,
 )
 from roost.store.pass_batch import PassBatcher
 from roost.store.sqlite import HISTORY_PAGE_BYTES
@@ -163,7 +166,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION roost_missing_users(p text[]) RETURNS text[] LANGUAGE sql AS $$
     SELECT roost_sorted_set(array_agg(x)) FROM unnest(p) AS x
-    WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.name = x)
+    WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.name = x AND u.state <> 'removed')
 $$;
 
 -- The next seq of a conversation and the message row, in the caller's transaction.
@@ -195,7 +198,7 @@ BEGIN
         IF p_to = p_sender THEN
             res.code := 'invalid'; res.msg := 'cannot send a 1:1 message to yourself'; RETURN res;
         END IF;
-        PERFORM 1 FROM users WHERE name = p_to;
+        PERFORM 1 FROM users WHERE name = p_to AND state <> 'removed';
         IF NOT FOUND THEN
             res.code := 'unknown_user'; res.msg := 'no such user: ' || p_to; RETURN res;
         END IF;
@@ -212,6 +215,10 @@ BEGIN
     PERFORM 1 FROM members WHERE conv = p_conv AND user_name = p_sender AND left_seq IS NULL;
     IF NOT FOUND THEN
         res.code := 'not_member'; res.msg := 'not a member of ' || p_conv; RETURN res;
+    END IF;
+    -- A 1:1 chat whose peer was removed (its member row is gone).
+    IF starts_with(p_conv, 'd:') AND (SELECT count(*) FROM members WHERE conv = p_conv) < 2 THEN
+        res.code := 'unknown_user'; res.msg := 'no such user (removed) in ' || p_conv; RETURN res;
     END IF;
     SELECT m.seq, m.ct, m.body, m.ts INTO res.seq, res.ct, res.body, res.ts
         FROM messages m WHERE m.conv = p_conv AND m.sender = p_sender AND m.client_id = p_cid;
@@ -437,11 +444,12 @@ BEGIN
     IF NOT FOUND OR v_kind <> 'group' THEN
         res.code := 'unknown_conversation'; res.msg := 'no group ' || p_group; RETURN res;
     END IF;
+    -- The administrator (actor '', roost user remove) needs no membership.
     SELECT role, left_seq INTO v_role, v_left FROM members WHERE conv = p_group AND user_name = p_actor;
-    IF NOT FOUND OR v_left IS NOT NULL THEN
+    IF (NOT FOUND OR v_left IS NOT NULL) AND p_actor <> '' THEN
         res.code := 'not_member'; res.msg := 'not a member of ' || p_group; RETURN res;
     END IF;
-    IF NOT p_leaving AND v_role <> 'admin' THEN
+    IF NOT p_leaving AND p_actor <> '' AND v_role <> 'admin' THEN
         res.code := 'forbidden'; res.msg := 'only an admin of ' || p_group || ' can do that'; RETURN res;
     END IF;
     v_gone := roost_sorted_set(ARRAY(
@@ -486,12 +494,51 @@ BEGIN
     INSERT INTO users (name, token_hash, created) VALUES (p_name, p_token, p_ts) ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         res.code := 'invalid';
-        IF EXISTS (SELECT 1 FROM users WHERE name = p_name) THEN
+        IF EXISTS (SELECT 1 FROM users WHERE name = p_name AND state = 'removed') THEN
+            res.msg := format('user %L was removed; names are not reused', p_name);
+        ELSIF EXISTS (SELECT 1 FROM users WHERE name = p_name) THEN
             res.msg := format('user %L already exists', p_name);
         ELSE
             res.msg := 'that token is already in use';
         END IF;
     END IF;
+    RETURN res;
+END $$;
+
+-- Account administration. p_state NULL: set the token only.
+CREATE OR REPLACE FUNCTION roost_set_account(p_name text, p_token bytea, p_state text)
+RETURNS roost_result LANGUAGE plpgsql AS $$
+DECLARE
+    res roost_result;
+    v_state text;
+BEGIN
+    SELECT state INTO v_state FROM users WHERE name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        res.code := 'unknown_user'; res.msg := 'no such user: ' || p_name; RETURN res;
+    END IF;
+    IF v_state = 'removed' AND p_state IS DISTINCT FROM 'removed' THEN
+        res.code := 'unknown_user'; res.msg := 'no such user: ' || p_name || ' (removed)'; RETURN res;
+    END IF;
+    IF p_state = 'removed' THEN
+        UPDATE users SET state = p_state, token_hash = p_token WHERE name = p_name;
+    ELSIF p_state IS NOT NULL THEN
+        UPDATE users SET state = p_state WHERE name = p_name;
+    ELSE
+        UPDATE users SET token_hash = p_token WHERE name = p_name;
+    END IF;
+    RETURN res;
+END $$;
+
+-- A removed user's member rows (inbox, marks) and pending receipts go; the
+-- conversations' epochs move so no gateway pushes to it from a cached list.
+CREATE OR REPLACE FUNCTION roost_purge_member(p_name text) RETURNS roost_result LANGUAGE plpgsql AS $$
+DECLARE
+    res roost_result;
+BEGIN
+    UPDATE conversations SET epoch = epoch + 1
+        WHERE id IN (SELECT conv FROM members WHERE user_name = p_name);
+    DELETE FROM members WHERE user_name = p_name;
+    DELETE FROM receipt_pending WHERE user_name = p_name;
     RETURN res;
 END $$;
 
@@ -519,6 +566,10 @@ BEGIN
         RETURN roost_add_user(p_a, p_body, p_n1);
     WHEN 'seen' THEN
         UPDATE users SET last_seen = p_n1 WHERE name = p_a;
+    WHEN 'account' THEN
+        RETURN roost_set_account(p_a, p_body, p_b);
+    WHEN 'purge' THEN
+        RETURN roost_purge_member(p_a);
     WHEN 'create' THEN
         RETURN roost_create_group(p_a, p_b, p_c, p_names, p_n1, p_n2, p_e);
     WHEN 'add' THEN
@@ -1030,6 +1081,16 @@ class PostgresStore:
     def set_last_seen(self, user: str, ts: int) -> asyncio.Future[None]:
         return self._submit("seen", _args("seen", user, n1=ts))
 
+    def set_token(self, name: str, token_hash: bytes) -> asyncio.Future[None]:
+        return self._submit("account", _args("account", name, body=token_hash))
+
+    def set_user_state(self, name: str, state: str) -> asyncio.Future[None]:
+        token = removed_token(name) if state == REMOVED else None
+        return self._submit("account", _args("account", name, state, body=token))
+
+    def purge_member(self, name: str) -> asyncio.Future[None]:
+        return self._submit("purge", _args("purge", name))
+
     # -- messages ----------------------------------------------------------
 
     def append(
@@ -1115,12 +1176,34 @@ class PostgresStore:
     async def _users_by_token(self, token_hashes: list[bytes]) -> dict[bytes, str | None]:
         async def fn(c: asyncpg.Connection) -> dict[bytes, str | None]:
             rows = await c.fetch(
-                "SELECT token_hash, name FROM users WHERE token_hash = ANY ($1::bytea[])", token_hashes
+                "SELECT token_hash, name FROM users"
+                " WHERE token_hash = ANY ($1::bytea[]) AND state = 'active'",
+                token_hashes,
             )
             return {bytes(r["token_hash"]): r["name"] for r in rows}
 
         result: dict[bytes, str | None] = await self._read(fn)
         return result
+
+    async def list_users(self) -> list[Account]:
+        async def fn(c: asyncpg.Connection) -> list[Account]:
+            rows = await c.fetch("SELECT name, created, state, last_seen FROM users ORDER BY name")
+            return [Account(r["name"], r["created"], r["state"], r["last_seen"]) for r in rows]
+
+        accounts: list[Account] = await self._read(fn)
+        return accounts
+
+    async def active_groups(self, name: str) -> list[str]:
+        async def fn(c: asyncpg.Connection) -> list[str]:
+            rows = await c.fetch(
+                "SELECT m.conv FROM members m JOIN conversations c ON c.id = m.conv"
+                " WHERE m.user_name = $1 AND m.left_seq IS NULL AND c.kind = 'group' ORDER BY m.conv",
+                name,
+            )
+            return [r["conv"] for r in rows]
+
+        groups: list[str] = await self._read(fn)
+        return groups
 
     async def last_seen(self, users: list[str]) -> dict[str, int | None]:
         async def fn(c: asyncpg.Connection) -> dict[str, int | None]:
@@ -1352,13 +1435,19 @@ _POOL_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # Schema steps: (version, idempotent SQL). A database at version v gets every
 # step above v, in order, in one transaction. Bump SCHEMA_VERSION and add a
 # step for every change of a table or a function.
+# The functions read users.state (schema 3): every step that (re)creates
+# them adds the column first, so a database at any version upgrades.
+_ACCOUNT_STATE = "ALTER TABLE users ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'active';\n"
+
 MIGRATIONS: list[tuple[int, str]] = [
-    (1, _TABLES + FUNCTIONS),
-    (2, FUNCTIONS),  # roost_append names a duplicate's recipients
-    # Removals complete receipts, "added" names returning members.
+    (1, _TABLES + _ACCOUNT_STATE + FUNCTIONS),
+    (2, _ACCOUNT_STATE + FUNCTIONS),  # roost_append names a duplicate's recipients
+    # Removals complete receipts, "added" names returning members; accounts
+    # can be disabled and removed.
     (
         3,
         "DROP FUNCTION IF EXISTS roost_event(roost_result, text, text, text, text[], text, bigint, text);\n"
+        + _ACCOUNT_STATE
         + FUNCTIONS,
     ),
 ]

@@ -690,6 +690,53 @@ async def test_removed_member_can_be_added_again_and_sees_only_the_new_part(stor
     assert (await send(store, "bob", "hi", conv=G)).seq == 6
 
 
+# -- account administration -----------------------------------------------------------
+
+
+async def test_token_reset_disable_and_enable(store: AnyStore) -> None:
+    new_hash = b"\x01" * 32
+    await store.set_token("alice", new_hash)
+    assert await store.user_by_token(token_hash("alice")) is None
+    assert await store.user_by_token(new_hash) == "alice"
+    await store.set_user_state("alice", "disabled")
+    assert await store.user_by_token(new_hash) is None
+    # A disabled account still gets messages: they wait in its inbox.
+    assert (await send(store, "bob", "b", to="alice")).seq == 1
+    await store.set_user_state("alice", "active")
+    assert await store.user_by_token(new_hash) == "alice"
+    assert await store.inbox("alice") == [InboxEntry(AB, 0, 1)]
+    accounts = {a.name: a for a in await store.list_users()}
+    assert sorted(accounts) == ["alice", "bob", "carol", "dave", "erin"]
+    assert (accounts["alice"].state, accounts["alice"].created) == ("active", NOW)
+    for refused in (store.set_token("zed", new_hash), store.set_user_state("zed", "disabled")):
+        assert await code_of(refused) is ErrorCode.UNKNOWN_USER
+
+
+async def test_a_removed_account_is_gone_but_its_messages_stay(store: AnyStore) -> None:
+    await make_group(store, ["bob", "carol"])  # 1
+    await send(store, "carol", "c", conv=G)  # 2
+    await send(store, "carol", "hi", to="alice")
+    await send(store, "alice", "for carol", to="carol")
+    assert await store.active_groups("carol") == [G]
+    await store.set_user_state("carol", "removed")
+    assert await store.user_by_token(token_hash("carol")) is None
+    snap = await store.remove_members("", G, ["carol"], NOW)  # the administrator: no membership needed
+    assert snap.members == ["alice", "bob"] and snap.event is not None
+    assert json.loads(snap.event.body)["actor"] == ""
+    await store.purge_member("carol")
+    assert await store.inbox("carol") == []
+    assert await store.active_groups("carol") == []
+    assert await seqs_of(store, "alice", G) == [1, 2, 3]  # carol's message stays
+    assert [m.sender for m in (await store.history("alice", AC, None, None, 50))[0]] == ["carol", "alice"]
+    assert await code_of(send(store, "alice", "again", to="carol")) is ErrorCode.UNKNOWN_USER
+    assert await code_of(send(store, "alice", "again2", conv=AC)) is ErrorCode.UNKNOWN_USER
+    assert await code_of(store.add_members("alice", G, ["carol"], 50, NOW)) is ErrorCode.UNKNOWN_USER
+    assert await code_of(store.add_user("carol", b"\x02" * 32, NOW)) is ErrorCode.INVALID
+    assert await code_of(store.set_user_state("carol", "active")) is ErrorCode.UNKNOWN_USER
+    await store.set_user_state("carol", "removed")  # repeating a removal is harmless
+    assert {a.name: a.state for a in await store.list_users()}["carol"] == "removed"
+
+
 # -- history ------------------------------------------------------------------------
 
 
