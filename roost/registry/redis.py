@@ -1352,8 +1352,9 @@ class RedisRegistry:
         for rv in env.revoked:
             if self.on_revoked is not None:
                 self._call(self.on_revoked, rv.user, rv.reason)
-        if env.resync:
-            self._notify_recovered([u for u in env.resync if u in sessions])
+        local = [u for u in env.resync if u in sessions]
+        if local:
+            self._notify_recovered(local)
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         try:
