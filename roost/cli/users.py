@@ -82,7 +82,7 @@ async def _run(args: argparse.Namespace, request: dict[str, Any], operation: Ope
     if not data_dir.is_dir():
         raise Failed(f"no data directory {data_dir} (give the server's --data-dir)")
     try:
-        return await _ask_server(data_dir / admin.ADMIN_SOCKET, request)
+        return await _ask_server(admin.admin_socket_path(data_dir), request)
     except (FileNotFoundError, ConnectionRefusedError):
         pass  # no server running: change the database directly, nobody is connected
     from roost.store.sqlite import SqliteStore, database_path

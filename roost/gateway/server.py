@@ -28,7 +28,7 @@ from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.memory import MemoryRegistry
-from roost.service.admin import ADMIN_SOCKET, AdminServer
+from roost.service.admin import AdminServer
 from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore, database_path
@@ -98,7 +98,7 @@ class Gateway:
         # server through a socket in its data directory (cluster: via Redis).
         self.admin: AdminServer | None = None
         if config.store_url is None:
-            self.admin = AdminServer(config.data_dir / ADMIN_SOCKET, self.store, self.service, now_ms)
+            self.admin = AdminServer(config.data_dir, self.store, self.service, now_ms)
 
     async def start(self) -> None:
         await self.store.open()

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,19 @@ from roost.store.base import ACTIVE, DISABLED, REMOVED, Account, GroupSnapshot, 
 log = logging.getLogger("roost.admin")
 
 ADMIN_SOCKET = "admin.sock"  # in the data directory of an embedded server
+# A socket path must fit in sun_path (~107 bytes). For a data directory deeper
+# than that, the socket goes to a private temporary directory and this file
+# in the data directory names it.
+ADMIN_SOCKET_POINTER = "admin.sock.path"
+MAX_SOCKET_PATH = 100
+
+
+def admin_socket_path(data_dir: Path) -> Path:
+    """Where the running server of ``data_dir`` listens (it may not be running)."""
+    pointer = data_dir / ADMIN_SOCKET_POINTER
+    if pointer.exists():
+        return Path(pointer.read_text().strip())
+    return data_dir / ADMIN_SOCKET
 
 
 class Notifier(Protocol):
@@ -119,17 +133,20 @@ class AdminServer:
     database may administer it). One JSON request per line, one JSON answer:
     ``{"ok": result}`` or ``{"error": code, "message": text}``."""
 
-    def __init__(self, path: Path, store: Store, notifier: Notifier, now: Callable[[], int]) -> None:
-        self.path = path
+    def __init__(self, data_dir: Path, store: Store, notifier: Notifier, now: Callable[[], int]) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / ADMIN_SOCKET
         self.store = store
         self.notifier = notifier
         self.now = now
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        if len(os.fsencode(self.path)) > 100:  # sun_path holds ~107 bytes
-            log.warning("admin socket path too long, not listening: %s", self.path)
-            return
+        pointer = self.data_dir / ADMIN_SOCKET_POINTER
+        pointer.unlink(missing_ok=True)  # left by a server that was killed
+        if len(os.fsencode(self.path.absolute())) > MAX_SOCKET_PATH:
+            self.path = Path(tempfile.mkdtemp(prefix="roost-admin-")) / ADMIN_SOCKET  # mode 0700
+            pointer.write_text(f"{self.path}\n")
         self.path.unlink(missing_ok=True)  # left by a server that was killed
         old = os.umask(0o177)
         try:
@@ -142,6 +159,9 @@ class AdminServer:
             self._server.close()
             await self._server.wait_closed()
             self.path.unlink(missing_ok=True)
+            if self.path.parent != self.data_dir:
+                self.path.parent.rmdir()
+            (self.data_dir / ADMIN_SOCKET_POINTER).unlink(missing_ok=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +166,30 @@ async def test_with_no_server_running_the_database_is_changed_directly(make_serv
     await assert_refused(srv, tokens["alice"])
     raw = await RawWS.open(srv, new_token)
     await raw.close()
+
+
+@pytest.mark.embedded_only
+async def test_a_data_directory_too_deep_for_a_socket_path_still_works(mode: str, tmp_path: Any) -> None:
+    """A Unix socket path holds ~107 bytes: for a deeper data directory the
+    server listens in a private temporary directory the data directory names."""
+    from tests.e2e.server import ServerProcess
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "data"
+    deep.mkdir(parents=True)
+    srv = ServerProcess(deep)
+    srv.start()
+    try:
+        tokens = add_users(srv, ["alice"])
+        alice = await RawWS.open(srv, tokens["alice"])
+        try:
+            out = await roost_user(srv, "disable", "alice")
+            assert out.returncode == 0, out.stderr
+            assert await alice.wait_closed(10) == REVOKED
+        finally:
+            await alice.close()
+        pointer = deep / "admin.sock.path"
+        socket_dir = Path(pointer.read_text().strip()).parent
+        assert srv.terminate() == 0  # a clean stop removes the socket, its directory and the pointer
+        assert not pointer.exists() and not socket_dir.exists()
+    finally:
+        srv.stop()
