@@ -119,7 +119,8 @@ def membership_text(m: Membership, me: str | None) -> str:
         return "you" if me is not None and user == me else user
 
     users = ", ".join(who(u) for u in m.users)
-    actor = who(m.actor) if m.actor else "someone"
+    # No actor: the server's administrator (`roost user remove`).
+    actor = who(m.actor) if m.actor else "the administrator"
     if m.action == "created":
         text = f'{actor} created group "{m.name}"' if m.name else f"{actor} created the group"
         others = [who(u) for u in m.users if u != m.actor]

@@ -26,3 +26,8 @@ def test_an_added_event_says_who_had_been_removed_or_had_left() -> None:
 def test_a_malformed_returning_field_is_ignored_not_fatal() -> None:
     m = event({"action": "added", "actor": "alice", "users": ["bob"], "returning": "nonsense"})
     assert m.action in ("added", "unknown")
+
+
+def test_a_removal_by_the_administrator_says_so() -> None:
+    m = event({"action": "removed", "actor": "", "users": ["carol"], "name": "g"})
+    assert membership_text(m, "alice") == "the administrator removed carol"
