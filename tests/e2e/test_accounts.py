@@ -77,8 +77,8 @@ async def test_a_disabled_account_cannot_log_in_and_gets_its_messages_once_enabl
         assert (await alice.recv_type("ack"))["seq"] == 1
         listed = await roost_user(server, "list", "--json")
         assert listed.returncode == 0, listed.stderr
-        states = {row["name"]: row["state"] for row in json.loads(listed.stdout)}
-        assert states == {"alice": "active", "bob": "disabled"}
+        rows = {row["name"]: (row["state"], row["online"]) for row in json.loads(listed.stdout)}
+        assert rows == {"alice": ("active", True), "bob": ("disabled", False)}
 
         out = await roost_user(server, "enable", "bob")
         assert out.returncode == 0, out.stderr
