@@ -151,7 +151,8 @@ def membership_text(m: Membership, me: str | None) -> str:
         return "you" if me is not None and user == me else user
 
     users = ", ".join(who(u) for u in m.users)
-    actor = who(m.actor) if m.actor else "someone"
+    # No actor: the server's administrator (`roost user remove`).
+    actor = who(m.actor) if m.actor else "the administrator"
     if m.action == "created":
         text = f'{actor} created group "{safe_text(m.name)}"' if m.name else f"{actor} created the group"
         others = [who(u) for u in m.users if u != m.actor]
@@ -159,6 +160,12 @@ def membership_text(m: Membership, me: str | None) -> str:
             text += " with " + ", ".join(others)
     elif m.action == "added":
         text = f"{actor} added {users}"
+        # Former members brought back (one removed while offline never saw it).
+        back = [
+            f"{who(u)} had {'left' if how == 'left' else 'been removed'} earlier" for u, how in m.returning
+        ]
+        if back:
+            text += " (" + ", ".join(back) + ")"
     elif m.action == "removed":
         text = f"{actor} removed {users}"
     elif m.action == "left":

@@ -103,6 +103,9 @@ def _add_user(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--data-dir", default="roost-data")
     add.add_argument("--store", default=None, help="cluster mode: postgresql://... instead of --data-dir")
     add.set_defaults(func=_user_add)
+    from roost.cli import users as administration
+
+    administration.register(users)
 
 
 def _add_dev_cluster(sub: argparse._SubParsersAction) -> None:

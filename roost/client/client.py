@@ -55,7 +55,12 @@ from roost.protocol.errors import RETRYABLE, CloseCode, ErrorCode
 log = logging.getLogger("roost.client")
 
 # Close codes after which reconnecting would be wrong.
-FATAL_CLOSE_CODES = {CloseCode.AUTH_FAILED, CloseCode.REPLACED, CloseCode.UNSUPPORTED_VERSION}
+FATAL_CLOSE_CODES = {
+    CloseCode.AUTH_FAILED,
+    CloseCode.REPLACED,
+    CloseCode.UNSUPPORTED_VERSION,
+    CloseCode.REVOKED,
+}
 HISTORY_PAGE = 200
 
 

@@ -32,6 +32,8 @@ class Membership:
     users: tuple[str, ...]
     name: str
     ts: int
+    # "added" only: former members brought back -> how they had gone ("removed" | "left").
+    returning: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, conv: str, seq: int, body: bytes, ts: int) -> Membership:
@@ -45,6 +47,7 @@ class Membership:
                 tuple(str(u) for u in data.get("users", [])),
                 str(data.get("name", "")),
                 ts,
+                tuple((str(u), str(how)) for u, how in dict(data.get("returning") or {}).items()),
             )
         except (ValueError, AttributeError, TypeError):
             return cls(conv, seq, "unknown", "", (), "", ts)

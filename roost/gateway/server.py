@@ -29,7 +29,8 @@ from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.memory import MemoryRegistry
-from roost.service.chat import ChatService, ServiceConfig, error_frame
+from roost.service.admin import AdminServer
+from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore, database_path
 
@@ -101,11 +102,18 @@ class Gateway:
         self._listener: asyncio.AbstractServer | None = None
         self.admission: Admission | None = None
         self.port: int | None = None
+        # Embedded: `roost user token reset / disable / remove` reach this
+        # server through a socket in its data directory (cluster: via Redis).
+        self.admin: AdminServer | None = None
+        if config.store_url is None:
+            self.admin = AdminServer(config.data_dir, self.store, self.service, now_ms)
 
     async def start(self) -> None:
         await self.store.open()
         await self.registry.start()
         self.service.start()
+        if self.admin is not None:
+            await self.admin.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
         assert self._runner.server is not None
@@ -144,6 +152,8 @@ class Gateway:
             self.admission.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.admin is not None:
+            await self.admin.stop()
         await self.service.stop()
         await self.registry.stop()
         await self.store.close()
@@ -187,8 +197,9 @@ class Gateway:
 
     async def _authenticate(
         self, ws: web.WebSocketResponse, conn: Connection, request: web.Request
-    ) -> tuple[str, str] | None:
-        """(user, client run id) once the auth frame checks out; None after closing."""
+    ) -> tuple[str, str, float] | None:
+        """(user, client run id, when its token check began) once the auth
+        frame checks out; None after closing."""
         wait = self.config.auth_timeout
         if self.admission is not None:
             # The deadline from accept covers the request and the upgrade too.
@@ -218,6 +229,7 @@ class Gateway:
                 )
                 conn.close(CloseCode.UNSUPPORTED_VERSION, "unsupported version")
                 return None
+            started = time.monotonic()
             user = await self.service.authenticate(frame.token)
             if user is None:
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown or revoked token")
@@ -239,10 +251,12 @@ class Gateway:
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return None
         conn.push(encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat))))
-        return user, frame.client
+        return user, frame.client, started
 
-    async def _serve(self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str) -> None:
-        session = await self.service.connect(user, conn, client)
+    async def _serve(
+        self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str, started: float
+    ) -> None:
+        session = await self.service.connect(user, conn, client, started)
         log.info("connected", extra={"user": user})
         try:
             async for msg in ws:

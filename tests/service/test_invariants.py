@@ -312,3 +312,29 @@ async def test_a_long_backlog_does_not_hold_back_the_other_conversations(tmp_pat
         assert sorted(order) == sorted([f"a{i}" for i in range(200)] + [f"from-{n}" for n in others])
     finally:
         await store.close()
+
+
+async def test_a_connection_whose_token_was_revoked_while_it_was_checked_is_closed(
+    service: ChatService,
+) -> None:
+    """Token reset / disable / remove commit, then close the open connection.
+    A connection whose token check began before that (and so succeeded)
+    registers after the close went out: it is closed when it registers, and
+    one checked after the revocation is not affected."""
+    import time
+
+    from roost.protocol.errors import CloseCode
+
+    began = time.monotonic()
+    assert await service.authenticate("alice") == "alice"  # checked before the revocation
+    service.revoke_local("alice", "token reset")  # nothing registered yet: nothing closed
+    late = MemorySink()
+    await service.connect("alice", late, authenticated_at=began)
+    assert late.closed_with == CloseCode.REVOKED
+
+    checked_after = time.monotonic()
+    fresh = MemorySink()
+    session = await service.connect("alice", fresh, authenticated_at=checked_after)
+    assert fresh.closed_with is None
+    service.revoke_local("alice", "account disabled")
+    assert fresh.closed_with == CloseCode.REVOKED and not session.active
