@@ -462,6 +462,8 @@ class Client:
         fut = self._ack_waiters.get(message_id)
         if fut is None or fut.done():
             fut = self._ack_waiters[message_id] = asyncio.get_running_loop().create_future()
+            # Shielded: a waiter that timed out leaves it to the next one (or to close()).
+            fut.add_done_callback(lambda done: done.cancelled() or done.exception())
         return await asyncio.shield(fut)
 
     def _on_ack(self, frame: f.SendAck) -> None:
