@@ -737,7 +737,11 @@ class Client:
         return await self._request(f.HistoryRequest(conv=conv, before=before, after=after, limit=limit))
 
     async def mark_read(self, conv: str, seq: int) -> None:
-        """Tell the senders ``conv`` was read up to ``seq`` (blue ticks)."""
+        """Tell the senders ``conv`` was read up to ``seq`` (blue ticks).
+
+        Read implies shown: those messages are also marked consumed, so the
+        chat that displays them needs no second call."""
+        self.state.mark_consumed(conv, seq)
         if seq > self._read_marks.get(conv, 0):
             self._read_marks[conv] = seq
             self._write(encode(f.ReadMarker(conv=conv, seq=seq)))

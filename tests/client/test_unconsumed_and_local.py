@@ -83,6 +83,10 @@ def test_two_readers_never_take_the_same_message(tmp_path: Path) -> None:
             client.consume(second)
             assert [m.seq for m in client.take_unconsumed(5)] == [1, 2]
             assert [m.seq for m in client.unconsumed()] == [1, 2]
+            # Read implies shown (roost chat marks what it displays read).
+            await client.mark_read("d:alice:bob", 1)
+            assert [m.seq for m in client.unconsumed()] == [2]
+            assert client.unread_counts() == {"d:alice:bob": 1}
         finally:
             await client.close()
 
