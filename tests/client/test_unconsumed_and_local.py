@@ -7,6 +7,8 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,29 @@ def test_a_send_handed_to_an_offline_client_is_queued_in_its_outbox(tmp_path: Pa
             assert [item.id for item in reopened.outbox()] == ["m-1"]  # durable
         finally:
             reopened.close()
+
+    asyncio.run(scenario())
+
+
+def test_roost_send_through_an_offline_running_client_exits_4_queued(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = await _served_client(tmp_path)
+        try:
+            argv = ["--url", DEAD_URL, "--token", "t", "--state", str(tmp_path / "alice.state")]
+            command = ["send", *argv, "--to", "bob", "--timeout", "0.5", "hi"]
+            out = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "roost.cli.main", *command],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert out.returncode == 4, out.stderr
+            result = json.loads(out.stdout)
+            assert result["status"] == "queued"
+            assert [item.id for item in client.pending_outbox()] == [result["message_id"]]
+        finally:
+            await client.close()
 
     asyncio.run(scenario())
 

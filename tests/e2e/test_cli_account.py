@@ -20,6 +20,7 @@ import pytest
 
 from roost.client import Client, Disconnected, LocalSend, Sent
 from roost.client.local import socket_path
+from roost.client.state import ClientState
 from tests.e2e.helpers import add_users
 from tests.e2e.server import ServerProcess
 from tests.e2e.test_cli import client_args, finish, json_lines, roost, roost_bg
@@ -186,3 +187,17 @@ def test_send_while_the_server_is_down_is_queued_and_sent_by_the_next_client(
     nxt = roost(tmp_path, "send", *alice, "--to", "bob", "next")
     assert nxt.returncode == 0, nxt.stderr
     assert json.loads(nxt.stdout)["seq"] == 2
+
+
+def test_a_send_the_server_refuses_is_not_left_queued(server: ServerProcess, flags, tmp_path: Path) -> None:
+    state = tmp_path / "wrong.state"
+    refused = roost(tmp_path, "send", *client_args(server, "wrong-token", state), "--to", "bob", "x")
+    assert refused.returncode == 1 and "auth_failed" in refused.stderr
+    unknown = roost(tmp_path, "send", *flags["alice"], "--to", "nobody", "x")
+    assert unknown.returncode == 1 and "unknown_user" in unknown.stderr
+    for path in (state, tmp_path / "alice.state"):
+        held = ClientState(path)
+        try:
+            assert held.outbox() == []
+        finally:
+            held.close()
