@@ -36,8 +36,12 @@ def flags(server: ServerProcess, tmp_path: Path) -> dict[str, list[str]]:
 
 
 def _connections(srv: ServerProcess) -> int:
-    with urllib.request.urlopen(srv.url + "/healthz", timeout=5) as resp:
-        return int(json.loads(resp.read())["connections"])
+    """Open WebSocket connections over all the server's gateways."""
+    total = 0
+    for url in srv.urls:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+            total += int(json.loads(resp.read())["connections"])
+    return total
 
 
 def _wait_for_socket(state: Path, timeout: float = 15.0) -> None:
