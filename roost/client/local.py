@@ -161,6 +161,10 @@ class LocalEndpoint:
             with contextlib.suppress(Exception):
                 writer.write(OWNER_CLOSED)
             raise
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                message = "the running client did not get an answer from the server in time"
+                await _write(writer, {"ok": False, "code": "timeout", "message": message})
         except (ValueError, KeyError, TypeError) as exc:
             with contextlib.suppress(Exception):
                 await _write(writer, {"ok": False, "code": "bad_request", "message": str(exc)})
