@@ -205,3 +205,28 @@ def test_a_send_the_server_refuses_is_not_left_queued(server: ServerProcess, fla
             assert held.outbox() == []
         finally:
             held.close()
+
+
+def test_own_messages_sent_from_another_state_join_the_history(
+    server: ServerProcess, flags, tmp_path: Path
+) -> None:
+    token = flags["alice"][flags["alice"].index("--token") + 1]
+    other = client_args(server, token, tmp_path / "alice-other.state")
+    for alice_flags, text in ((flags["alice"], "from here"), (other, "from elsewhere")):
+        out = roost(tmp_path, "send", *alice_flags, "--to", "bob", text)
+        assert out.returncode == 0, out.stderr
+    reply = roost(tmp_path, "send", *flags["bob"], "--to", "alice", "reply")
+    assert reply.returncode == 0, reply.stderr
+    # alice's usual state learns of seq 2 by filling the gap before bob's seq 3.
+    listen = roost(tmp_path, "listen", *flags["alice"], "--count", "1", "--timeout", "10")
+    assert [m["text"] for m in json_lines(listen.stdout)] == ["reply"], listen.stderr
+    state = ClientState(tmp_path / "alice.state")
+    try:
+        history = [
+            (seq, sender, bytes(body).decode())
+            for seq, _i, sender, _ct, body, _ts in state.local_history("d:alice:bob")
+        ]
+        assert history == [(1, "alice", "from here"), (2, "alice", "from elsewhere"), (3, "bob", "reply")]
+        assert state.unconsumed() == []
+    finally:
+        state.close()
