@@ -189,6 +189,7 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
     try:
         # Durable first: if the server cannot be reached it is already queued.
         await client.send(args.text, to=args.to, group=args.group, message_id=message_id, wait=False)
+        acked = client.wait_sent(message_id)  # before connecting: the ✓ may come during connect()
         try:
             await client.connect(timeout=args.timeout)
         except ConnectionLost:
@@ -199,7 +200,7 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
         except TimeoutError:
             return _queued(message_id, f"the server was not reached within {args.timeout:g}s")
         try:
-            result = await asyncio.wait_for(client.wait_sent(message_id), max(0.0, deadline - loop.time()))
+            result = await asyncio.wait_for(acked, max(0.0, deadline - loop.time()))
         except (TimeoutError, ConnectionLost):
             return _queued(message_id, f"the server did not store it within {args.timeout:g}s")
         out = {

@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,12 @@ class _ReceiptView:
     all_delivered: int = 0
     all_read: int = 0
     marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def ws_url(url: str) -> str:
@@ -454,17 +460,21 @@ class Client:
             return item.id
         return await future
 
-    async def wait_sent(self, message_id: str) -> SendResult:
-        """Wait for the ✓ of a message in the outbox (queued by ``send(wait=False)``
-        or by an earlier run); raises ``RoostError`` if the server refuses it."""
+    def wait_sent(self, message_id: str) -> Awaitable[SendResult]:
+        """The ✓ of a message in the outbox (queued by ``send(wait=False)`` or
+        by an earlier run), to await; raises ``RoostError`` if the server
+        refuses it. Registered at the call, so an answer that arrives before
+        the caller awaits it is not missed."""
         if message_id not in self._outbox:
             raise KeyError(f"{message_id} is not in the outbox")
         fut = self._ack_waiters.get(message_id)
         if fut is None or fut.done():
             fut = self._ack_waiters[message_id] = asyncio.get_running_loop().create_future()
             # Shielded: a waiter that timed out leaves it to the next one (or to close()).
-            fut.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return await asyncio.shield(fut)
+            fut.add_done_callback(_retrieved)
+        waiter = asyncio.shield(fut)
+        waiter.add_done_callback(_retrieved)  # a caller that gave up (queued) does not await it
+        return waiter
 
     def _on_ack(self, frame: f.SendAck) -> None:
         item = self._outbox.pop(frame.id, None)

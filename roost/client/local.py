@@ -198,6 +198,7 @@ class LocalEndpoint:
         deadline = loop.time() + timeout
         wait = request.get("wait", "sent")
         message_id = str(request["id"])
+        # Both before any await, so the ✓ cannot come before its waiter exists.
         await client.send(
             str(request["text"]),
             to=request.get("to"),
@@ -206,9 +207,10 @@ class LocalEndpoint:
             wait=False,
             announce=True,
         )
+        acked = client.wait_sent(message_id)
         out: dict[str, Any] = {"ok": True, "message_id": message_id}
         try:
-            result = await asyncio.wait_for(client.wait_sent(message_id), timeout)
+            result = await asyncio.wait_for(acked, timeout)
         except TimeoutError:
             out.update(conversation=None, seq=None, ts=None, status="queued")
             return out

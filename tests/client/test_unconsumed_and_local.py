@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from roost.client import Client, LocalSend
+from roost.client import Client, LocalSend, RoostError
 from roost.client import local as local_socket
 from roost.client.state import ClientState
 
@@ -209,3 +209,27 @@ def test_message_json_carries_binary_bodies_as_base64() -> None:
 
     out = local_socket.message_json(Message("c", 1, "i", "a", "application/octet-stream", b"\x00\xff", 1))
     assert json.loads(json.dumps(out))["body_b64"] == "AP8="
+
+
+def test_a_tick_that_comes_before_anyone_awaits_it_is_not_missed(tmp_path: Path) -> None:
+    """``roost send`` queues, then connects: the ✓ (or a refusal) can arrive
+    inside ``connect()``, before the command awaits it."""
+    from roost.protocol import frames as f
+    from roost.protocol.codec import encode
+
+    async def scenario() -> None:
+        client = Client(DEAD_URL, "t", state_path=tmp_path / "alice.state")
+        try:
+            await client.send("hi", to="bob", message_id="m-1", wait=False)
+            await client.send("no", group="g:1", message_id="m-2", wait=False)
+            acked, refused = client.wait_sent("m-1"), client.wait_sent("m-2")
+            client._on_frame(encode(f.SendAck(id="m-1", conv="d:alice:bob", seq=7, ts=1)))
+            client._on_frame(encode(f.Error(code="not_member", message="no", ref="m-2")))
+            assert (await asyncio.wait_for(acked, 1)).seq == 7
+            with pytest.raises(RoostError, match="not_member"):
+                await asyncio.wait_for(refused, 1)
+            assert client.pending_outbox() == []
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
