@@ -274,12 +274,6 @@ class Client:
                 await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
         return not self._outbox
 
-    def discard(self, message_id: str) -> None:
-        """Take a message back out of the outbox (it will not be sent or resent)."""
-        if self._outbox.pop(message_id, None) is not None:
-            self.state.outbox_remove(message_id)
-            self.state.commit()
-
     # -- the connection loop -------------------------------------------------
 
     async def _run(self) -> None:
@@ -775,7 +769,7 @@ class Client:
 
         Every received message is stored unconsumed before it is emitted; a
         client that shows it (``roost listen`` prints it, ``roost chat``
-        displays its chat) calls ``mark_consumed``. What a short-lived command
+        displays its chat) calls ``mark_consumed`` (``mark_read`` does it too). What a short-lived command
         such as ``roost send`` received meanwhile stays here for the next
         ``roost listen``, and ``len(unconsumed(conv))`` is the chat's unread count.
         """
@@ -792,7 +786,7 @@ class Client:
     def mark_consumed(self, conv: str, seq: int) -> None:
         """The user has been shown ``conv`` up to ``seq``: committed at once, so
         no later client (``roost listen`` after a restart) shows them again.
-        Independent of ``mark_read`` (which tells the sender: blue ticks)."""
+        ``mark_read`` does this too; this alone tells the sender nothing."""
         self.state.mark_consumed(conv, seq)
 
     # Two readers of one client (a running ``roost listen`` and one handed
