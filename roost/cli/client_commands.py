@@ -229,7 +229,10 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
 
 def _discard(state_path: str, message_id: str) -> None:
     """Take a refused message back out of the outbox of a closed client's state."""
-    state = ClientState(state_path)
+    try:
+        state = ClientState(state_path)
+    except StateInUse:  # another client took it meanwhile: it will be refused there too
+        return
     try:
         state.outbox_remove(message_id)
     finally:
