@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -230,3 +232,43 @@ def test_own_messages_sent_from_another_state_join_the_history(
         assert state.unconsumed() == []
     finally:
         state.close()
+
+
+@pytest.mark.embedded_only
+async def test_roost_send_while_roost_chat_runs_leaves_the_chat_connected(
+    server: ServerProcess, flags, tmp_path: Path
+) -> None:
+    """The issue's case: ``roost send`` while ``roost chat`` of the same account runs."""
+    from tests.cli.test_chat import ROOT, TMUX, Tmux, wait_pane
+
+    if TMUX is None:
+        pytest.skip("tmux is not installed; the terminal UI test needs it")
+    alice = flags["alice"]
+    tmux = Tmux(tmp_path)
+    err = tmp_path / "chat.stderr"
+    try:
+        command = " ".join(
+            [
+                f"cd {shlex.quote(str(ROOT))} && exec",
+                shlex.quote(sys.executable),
+                "-m roost.cli.main chat",
+                *(shlex.quote(a) for a in alice),
+                f"2> {shlex.quote(str(err))}",
+            ]
+        )
+        tmux.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
+        await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
+        _wait_for_socket(tmp_path / "alice.state")
+        out = await asyncio.to_thread(roost, tmp_path, "send", *alice, "--to", "bob", "from a script")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["status"] == "sent"
+        assert _connections(server) == 1
+        got = await asyncio.to_thread(
+            roost, tmp_path, "listen", *flags["bob"], "--count", "1", "--timeout", "10"
+        )
+        assert [m["text"] for m in json_lines(got.stdout)] == ["from a script"], got.stderr
+        pane = tmux.capture()
+        assert "disconnected" not in pane and "replaced" not in pane, pane
+        assert tmux.alive()
+    finally:
+        tmux.kill()
