@@ -64,6 +64,24 @@ class Sent:
 
 
 @dataclass(slots=True, frozen=True)
+class LocalSend:
+    """A message another local command of this account (``roost send`` while
+    this client runs) handed to this client to send: the user's own message,
+    to show as such. Its ✓ follows as a ``Sent`` event with the same id."""
+
+    message_id: str
+    to: str | None  # the user, for a 1:1 chat
+    conv: str | None  # the group, otherwise
+    ct: str
+    body: bytes
+    created: int  # client time (ms)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True, frozen=True)
 class ReceiptEvent:
     """Receipt marks for messages this user sent in ``conv``.
 
@@ -112,5 +130,14 @@ class ErrorEvent:
 
 
 Event = (
-    Message | Membership | ReceiptEvent | PresenceEvent | TypingEvent | Connected | Disconnected | ErrorEvent
+    Message
+    | Membership
+    | LocalSend
+    | Sent
+    | ReceiptEvent
+    | PresenceEvent
+    | TypingEvent
+    | Connected
+    | Disconnected
+    | ErrorEvent
 )
