@@ -1,21 +1,48 @@
-"""Client sub-commands: send, listen, group, chat. Thin wrappers over the SDK."""
+"""Client sub-commands: send, listen, group, chat, login, logout. Thin wrappers over the SDK.
+
+Exit codes (README.md has the table): 0 ok, 1 the server refused or could not
+be reached, 2 bad usage (flags, URL, token, an empty or too large message),
+3 ``send --wait`` timed out, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import getpass
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from roost.client import Client, Message, RoostError, StateInUse
+from roost.cli.profiles import (
+    Profile,
+    UsageError,
+    checked_token,
+    checked_urls,
+    profile_path,
+    remove_profile,
+    resolve,
+    save_profile,
+    split_urls,
+)
+from roost.cli.progress import RetryLine
+from roost.client import CannotConnect, Client, InvalidArgument, Message, RoostError, StateInUse
+from roost.client.client import authenticate, message_payload
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, action="append", help="server base URL (repeatable)")
-    p.add_argument("--token", required=True)
+    p.add_argument(
+        "--url",
+        action="append",
+        help="server base URL (repeatable); default: $ROOST_URL or the login profile",
+    )
+    p.add_argument("--token", help="bearer token; default: $ROOST_TOKEN or the login profile")
     p.add_argument(
         "--state",
         default=None,
@@ -64,29 +91,114 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_chat)
 
+    p = sub.add_parser("login", help="check a token and save it as the profile later commands use")
+    p.add_argument("--url", action="append", help="server base URL (repeatable); default: $ROOST_URL")
+    p.add_argument(
+        "--token", help="'-' or left out: read it from stdin, or prompt on a terminal (not in shell history)"
+    )
+    p.add_argument("--no-check", action="store_true", help="save without logging in to the server first")
+    p.set_defaults(func=_login)
+
+    p = sub.add_parser("logout", help="remove the saved profile")
+    p.set_defaults(func=_logout)
+
 
 def _chat(args: argparse.Namespace) -> int:
     from roost.cli.chat import run_chat
 
+    try:
+        args.url, args.token = resolve(args.url, args.token)
+    except UsageError as exc:
+        print(f"roost chat: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return run_chat(args.url, args.token, args.state)
 
 
-def _run(fn: Callable[..., Awaitable[int]], args: argparse.Namespace, *extra: Any) -> int:
+def _read_token(given: str | None) -> str:
+    if given is not None and given != "-":
+        return given
+    if given is None and os.environ.get("ROOST_TOKEN"):
+        return os.environ["ROOST_TOKEN"]
+    if sys.stdin.isatty():
+        return getpass.getpass("token: ")
+    return sys.stdin.readline().strip()
+
+
+def _login(args: argparse.Namespace) -> int:
+    path = profile_path()
     try:
+        urls = checked_urls(args.url or split_urls(os.environ.get("ROOST_URL", "")))
+        if not urls:
+            raise UsageError("no server URL: give --url or set ROOST_URL")
+        token = checked_token(_read_token(args.token))
+    except UsageError as exc:
+        print(f"roost login: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    user = None
+    if not args.no_check:
+        try:
+            user = asyncio.run(authenticate(urls, token))
+        except CannotConnect as exc:
+            print(f"roost login: cannot reach the server: {exc.message}; nothing saved", file=sys.stderr)
+            return EXIT_FAILED
+        except RoostError as exc:
+            print(f"roost login: {exc.code}: {exc.message}; nothing saved", file=sys.stderr)
+            return EXIT_FAILED
+    save_profile(Profile(urls, token), path)
+    who = f"logged in as {user}" if user else "saved without checking"
+    print(f"{who} at {', '.join(urls)}; profile {path}")
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    path = profile_path()
+    if remove_profile(path):
+        print(f"logged out: removed {path}")
+    else:
+        print(f"not logged in: no profile at {path}")
+    return 0
+
+
+def _prog(args: argparse.Namespace) -> str:
+    sub = getattr(args, "group_cmd", None)
+    return f"roost {args.command}" + (f" {sub}" if sub else "")
+
+
+def _run(fn: Callable[..., Awaitable[int]], args: argparse.Namespace, *extra: Any) -> int:
+    prog = _prog(args)
+    try:
+        args.url, args.token = resolve(args.url, args.token)
         return asyncio.run(fn(args, *extra))
+    except (UsageError, InvalidArgument) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CannotConnect as exc:
+        print(f"{prog}: cannot reach the server: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except RoostError as exc:
-        print(f"roost: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        print(f"{prog}: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except StateInUse as exc:
-        print(f"roost: {exc}", file=sys.stderr)
-        return 1
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (OSError, TimeoutError) as exc:
-        print(f"roost: cannot reach the server: {exc or 'timed out'}", file=sys.stderr)
-        return 1
+        print(f"{prog}: cannot reach the server: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _client(args: argparse.Namespace, keep_events: bool = False) -> Client:
-    return Client(args.url, args.token, state_path=args.state, keep_events=keep_events)
+    return Client(
+        args.url, args.token, state_path=args.state, keep_events=keep_events, on_retry=RetryLine(_prog(args))
+    )
+
+
+async def _connect(client: Client, timeout: float | None) -> None:
+    """Connect, with the retry line (on a terminal) removed whatever the outcome."""
+    try:
+        await client.connect(timeout=timeout)
+    finally:
+        if isinstance(client.on_retry, RetryLine):
+            client.on_retry.clear()
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -94,8 +206,9 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 async def _send(args: argparse.Namespace) -> int:
+    message_payload(args.text, None)  # an empty or too large text is refused before connecting
     client = _client(args)
-    await client.connect(timeout=args.timeout)
+    await _connect(client, args.timeout)
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + args.timeout
@@ -142,7 +255,7 @@ def message_json(m: Message) -> dict[str, Any]:
 
 async def _listen(args: argparse.Namespace) -> int:
     client = _client(args, keep_events=True)
-    await client.connect(timeout=args.timeout or 30.0)
+    await _connect(client, args.timeout or 30.0)
     received = 0
     loop = asyncio.get_running_loop()
     deadline = None if args.timeout is None else loop.time() + args.timeout
@@ -172,7 +285,7 @@ async def _listen(args: argparse.Namespace) -> int:
 
 async def _group_create(args: argparse.Namespace) -> int:
     client = _client(args)
-    await client.connect()
+    await _connect(client, 10.0)
     try:
         members = [m.strip() for m in args.members.split(",") if m.strip()]
         info = await client.create_group(args.name, members)
@@ -185,7 +298,7 @@ async def _group_create(args: argparse.Namespace) -> int:
 
 async def _group_change(args: argparse.Namespace, action: str) -> int:
     client = _client(args)
-    await client.connect()
+    await _connect(client, 10.0)
     try:
         members = [m.strip() for m in getattr(args, "members", "").split(",") if m.strip()]
         if action == "add":
