@@ -8,6 +8,7 @@ no-op when progress is off.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -42,8 +43,12 @@ class Progress:
         self._end_phase()
         if not self.enabled:
             return
+        bar_format = None  # tqdm's own: count, rate, time left
         if seconds is not None:
             total, unit = seconds, "s"
+            bar_format = "{l_bar}{bar}| {n:.0f} of {total:.0f} s"
+        elif total is None:
+            bar_format = "{desc}: {elapsed}"
         self._bar = tqdm(
             total=total,
             unit=unit,
@@ -51,6 +56,7 @@ class Progress:
             file=sys.stderr,
             leave=False,
             dynamic_ncols=True,
+            bar_format=bar_format,
         )
         if seconds is not None or total is None:
             self._stop.clear()
@@ -94,6 +100,42 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def stdout_through_bars(self) -> contextlib.AbstractContextManager[object]:
+        """While in it, lines printed to stdout go above the bar instead of into it."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return contextlib.redirect_stdout(_AboveBar(self, sys.stdout))  # type: ignore[arg-type]
+
+    def write_above(self, text: str, out: TextIO) -> None:
+        """Write ``text`` to ``out`` with the bar taken off the terminal meanwhile."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.clear()
+            out.write(text)
+            out.flush()
+            if self._bar is not None:
+                self._bar.refresh()
+
+
+class _AboveBar:
+    """A stdout that hands whole lines to ``Progress.write_above``."""
+
+    def __init__(self, progress: Progress, out: TextIO) -> None:
+        self.progress = progress
+        self.out = out
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        lines, newline, self.partial = (self.partial + text).rpartition("\n")
+        if newline:
+            self.progress.write_above(lines + newline, self.out)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.partial:
+            self.progress.write_above(self.partial, self.out)
+            self.partial = ""
 
 
 class RetryLine:

@@ -104,8 +104,11 @@ def _one(seed: int, faults: tuple[str, ...], full: bool, strict: bool) -> int:
 
 
 def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None, strict: bool) -> int:
+    from roost.cli.progress import Progress, on_terminal
     from roost.sim.world import run_seed
 
+    progress = Progress("roost simulate", on_terminal(json_path))
+    progress.phase("seeds", total=count, unit="run")
     failing: list[int] = []
     known: list[int] = []  # only violations of documented gaps
     first: Any = None
@@ -124,6 +127,8 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
                 first = result
         elif result.violations:
             known.append(seed)
+        progress.advance(failing=len(failing))
+    progress.close()
     wall = time.perf_counter() - began
     cpu = time.process_time() - cpu
     print(
