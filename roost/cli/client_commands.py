@@ -17,9 +17,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from roost.cli.errors import EXIT_FAILED, EXIT_USAGE, EXIT_WAIT_TIMED_OUT, UsageError
 from roost.cli.profiles import (
     Profile,
-    UsageError,
     checked_token,
     checked_urls,
     profile_path,
@@ -31,9 +31,6 @@ from roost.cli.profiles import (
 from roost.cli.progress import RetryLine
 from roost.client import CannotConnect, Client, InvalidArgument, Message, RoostError, StateInUse
 from roost.client.client import authenticate, message_payload
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -229,7 +226,7 @@ async def _send(args: argparse.Namespace) -> int:
             except TimeoutError:
                 out["error"] = f"timed out waiting for {args.wait}"
                 _emit(out)
-                return 3
+                return EXIT_WAIT_TIMED_OUT
             out["status"] = args.wait
         _emit(out)
         return 0
@@ -279,7 +276,7 @@ async def _listen(args: argparse.Namespace) -> int:
         await client.close()
     if args.count is not None and received < args.count:
         print(f"roost listen: got {received} of {args.count} messages", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return 0
 
 

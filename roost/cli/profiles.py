@@ -21,13 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from roost.cli.errors import UsageError
 from roost.client.client import InvalidArgument, check_url
 
 PROFILE_FILE = "profile.json"
-
-
-class UsageError(Exception):
-    """A one-line reason the command cannot run as given (exit code 2)."""
 
 
 @dataclass(frozen=True, slots=True)

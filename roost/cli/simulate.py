@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from roost.cli.errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
@@ -55,7 +57,7 @@ def _fault_kinds(spec: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in spec.split(",") if k.strip())
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown:
-        raise SystemExit(f"roost simulate: unknown fault kind(s) {', '.join(unknown)}")
+        raise UsageError(f"unknown fault kind(s) {', '.join(unknown)}")
     return kinds
 
 
