@@ -184,6 +184,13 @@ def test_login_profile_env_and_flags(server: ServerProcess, alice: str, tmp_path
     assert refused.returncode == 1 and "auth_failed" in one_line(refused.stderr)
     assert not profile.exists()
 
+    # So is one for a server that cannot be reached.
+    unreachable = roost(tmp_path, "login", "--url", dead, "--token", "-", stdin=alice + "\n")
+    assert unreachable.returncode == 1 and "connection refused" in one_line(unreachable.stderr)
+    assert not profile.exists()
+    empty = roost(tmp_path, "login", "--url", server.url, stdin="\n")  # no --token: read from stdin
+    assert empty.returncode == 2 and "token is empty" in one_line(empty.stderr)
+
     # The token read from stdin (not the command line) is saved, owner-only.
     login = roost(tmp_path, "login", "--url", server.url, "--token", "-", stdin=alice + "\n")
     assert login.returncode == 0, login.stderr
