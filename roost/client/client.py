@@ -187,7 +187,7 @@ def describe_failure(exc: BaseException) -> tuple[str, bool]:
         temporary = getattr(exc.os_error, "errno", None) == socket.EAI_AGAIN
         return f"host name not found: {exc.host}", not temporary
     if isinstance(exc, aiohttp.NonHttpUrlClientError):
-        return f"not an http(s) or ws(s) URL: {exc.url}", True
+        return f"not an http(s) or ws(s) URL: {exc}", True
     if isinstance(exc, aiohttp.WSServerHandshakeError):
         if exc.status in (401, 403):
             return f"HTTP {exc.status}: the server refused the token", True

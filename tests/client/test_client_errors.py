@@ -137,3 +137,12 @@ async def test_one_final_failure_does_not_stop_failover_to_a_working_url(
         await client.connect(timeout=1.0)
     assert time.monotonic() - start >= 1.0
     assert "TLS handshake failed" in info.value.message and "connection refused" in info.value.message
+
+
+async def test_a_url_aiohttp_cannot_speak_fails_at_once(tmp_path: Path) -> None:
+    """The SDK does not check schemes itself (the simulator uses its own); aiohttp's refusal is final."""
+    client = Client("ftp://127.0.0.1:1", "t", state_path=tmp_path / "a.state")
+    start = time.monotonic()
+    with pytest.raises(CannotConnect, match=r"ftp://127.0.0.1:1: not an http\(s\) or ws\(s\) URL"):
+        await client.connect(timeout=30)
+    assert time.monotonic() - start < 5
