@@ -16,12 +16,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def on_terminal(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
-    """Run ``roost ARGS`` with stdout and stderr on a 100-column pseudo-terminal."""
+def on_terminal(tmp_path: Path, *args: str, timeout: float = 120, module: bool = True) -> tuple[int, str]:
+    """Run ``roost ARGS`` (``python ARGS`` without ``module``) on a 100-column pseudo-terminal."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "roost.cli.main", *args],
+        [sys.executable, *(["-m", "roost.cli.main"] if module else []), *args],
         stdin=subprocess.DEVNULL,
         stdout=follower,
         stderr=follower,
@@ -91,3 +91,23 @@ def test_bench_lines_go_above_the_bar(tmp_path: Path) -> None:
     step = out.index("[embedded] offered 100/s")
     assert re.search(r"\r +\r$", out[:step]), out[:step]  # the bar was cleared before the line
     assert "\rroost bench one-to-one: running" in out[step:]  # and drawn again after it
+
+
+TIMED = """
+import time
+from roost.cli.progress import Progress
+with Progress("roost verify", enabled=True) as progress:
+    progress.phase("workload under faults", seconds=1.0)
+    time.sleep(1.6)  # the workload the bar stands for
+    progress.phase("collecting the history")
+print("report")
+"""
+
+
+def test_a_timed_phase_advances_with_the_clock_and_is_erased(tmp_path: Path) -> None:
+    code, out = on_terminal(tmp_path, "-c", TIMED, module=False)
+    assert code == 0, out
+    assert "roost verify: workload under faults:   0%" in out
+    assert re.search(r"roost verify: workload under faults: 100%\|[^|]*\| 1 of 1 s", out), out
+    assert "roost verify: collecting the history: 00:00" in out
+    assert re.search(r"\r +\rreport", out), out
