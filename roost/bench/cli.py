@@ -46,7 +46,7 @@ def _load(module_name: str) -> ModuleType | None:
         raise
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks: load a real deployment and measure it")
     scenarios = bench.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     for name, module_name in SCENARIOS.items():

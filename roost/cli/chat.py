@@ -896,7 +896,7 @@ class ChatController:
 
     async def _connect(self) -> None:
         try:
-            await self.client.connect(timeout=None)  # type: ignore[arg-type]  # retry until connected
+            await self.client.connect(timeout=None)  # retry until connected
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -1032,7 +1032,7 @@ class ChatController:
         else:
             if self.view.me is None:  # the ack can overtake the Connected event
                 self.view.me = self.client.user
-            self.view.acked(result.message_id, result.conv, result.seq, result.ts)  # type: ignore[union-attr]
+            self.view.acked(result.message_id, result.conv, result.seq, result.ts)
         self.invalidate()
 
     # commands ------------------------------------------------------------------------
@@ -1248,6 +1248,7 @@ def build_application(controller: ChatController) -> Any:
     from prompt_toolkit.application.current import get_app
     from prompt_toolkit.data_structures import Point
     from prompt_toolkit.filters import Condition, has_completions
+    from prompt_toolkit.formatted_text import FormattedText
     from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.layout import (
         ConditionalContainer,
@@ -1266,8 +1267,10 @@ def build_application(controller: ChatController) -> Any:
     view = controller.view
     scroll = {"back": 0}
 
-    def pane() -> Fragments:
-        return view.render_fragments()
+    # FormattedText: prompt_toolkit's own fragment list type (a plain list of
+    # pairs is not one to a type checker: lists are invariant).
+    def pane() -> FormattedText:
+        return FormattedText(view.render_fragments())
 
     def cursor() -> Point:
         count = sum(text.count("\n") for _, text in view.render_fragments()) + 1
@@ -1279,7 +1282,7 @@ def build_application(controller: ChatController) -> Any:
         wrap_lines=True,
     )
     status = Window(
-        FormattedTextControl(lambda: view.status_fragments(controller.clock())),
+        FormattedTextControl(lambda: FormattedText(view.status_fragments(controller.clock()))),
         height=1,
         style="class:status",
     )
@@ -1302,7 +1305,9 @@ def build_application(controller: ChatController) -> Any:
         VSplit(
             [
                 Window(
-                    FormattedTextControl(lambda: view.chat_list_fragments(CHAT_LIST_WIDTH), focusable=False),
+                    FormattedTextControl(
+                        lambda: FormattedText(view.chat_list_fragments(CHAT_LIST_WIDTH)), focusable=False
+                    ),
                     width=CHAT_LIST_WIDTH,
                     wrap_lines=False,
                 ),

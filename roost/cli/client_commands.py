@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("send", help="send one message and wait for its tick")
     _common(p)
     target = p.add_mutually_exclusive_group(required=True)
@@ -179,7 +179,7 @@ def _prog(args: argparse.Namespace) -> str:
     return f"roost {args.command}" + (f" {sub}" if sub else "")
 
 
-def _run(fn: Callable[..., Awaitable[int]], args: argparse.Namespace, *extra: Any) -> int:
+def _run(fn: Callable[..., Coroutine[Any, Any, int]], args: argparse.Namespace, *extra: Any) -> int:
     prog = _prog(args)
     try:
         args.url, args.token = resolve(args.url, args.token)

@@ -16,7 +16,7 @@ from roost import __version__
 from roost.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the server (embedded: SQLite + in-process registry)")
     p.add_argument("--data-dir", default="roost-data", help="where the database lives")
     p.add_argument("--host", default="127.0.0.1")
@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_user(sub: argparse._SubParsersAction) -> None:
+def _add_user(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("user", help="manage accounts")
     users = p.add_subparsers(dest="user_cmd", required=True)
     add = users.add_parser("add", help="create a user; prints its bearer token as the last line")
@@ -109,7 +109,7 @@ def _add_user(sub: argparse._SubParsersAction) -> None:
     administration.register(users)
 
 
-def _add_dev_cluster(sub: argparse._SubParsersAction) -> None:
+def _add_dev_cluster(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "dev-cluster", help="throwaway PostgreSQL + Redis + N gateways on this machine (Ctrl-C stops)"
     )
@@ -160,7 +160,7 @@ def _user_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_verify(sub: argparse._SubParsersAction) -> None:
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from roost.verify.run import NEMESES
 
     p = sub.add_parser("verify", help="run a workload under faults and check the history (no loss, order)")

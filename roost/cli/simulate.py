@@ -19,7 +19,7 @@ from typing import Any
 from roost.cli.errors import UsageError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
 
     p = sub.add_parser(

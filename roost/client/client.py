@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import aiohttp
 import msgspec
@@ -573,6 +573,46 @@ class Client:
 
     # -- sending -------------------------------------------------------------
 
+    @overload
+    async def send(
+        self,
+        text: str | None = None,
+        *,
+        to: str | None = None,
+        group: str | None = None,
+        conv: str | None = None,
+        body: bytes | None = None,
+        ct: str = "text/plain",
+        message_id: str | None = None,
+        wait: Literal[True] = True,
+    ) -> SendResult: ...
+    @overload
+    async def send(
+        self,
+        text: str | None = None,
+        *,
+        to: str | None = None,
+        group: str | None = None,
+        conv: str | None = None,
+        body: bytes | None = None,
+        ct: str = "text/plain",
+        message_id: str | None = None,
+        wait: Literal[False],
+    ) -> str: ...
+    @overload
+    async def send(
+        self,
+        text: str | None = None,
+        *,
+        to: str | None = None,
+        group: str | None = None,
+        conv: str | None = None,
+        body: bytes | None = None,
+        ct: str = "text/plain",
+        message_id: str | None = None,
+        wait: bool,
+    ) -> SendResult | str: ...
+
     async def send(
         self,
         text: str | None = None,
@@ -604,7 +644,9 @@ class Client:
         item = OutboxItem(
             message_id or uuid.uuid4().hex, to, target_conv, ct, payload, int(time.time() * 1000)
         )
-        future = asyncio.get_running_loop().create_future() if wait else None
+        future: asyncio.Future[SendResult] | None = (
+            asyncio.get_running_loop().create_future() if wait else None
+        )
         if future is not None:
             self._ack_waiters[item.id] = future
         if item.id not in self._outbox:
@@ -882,26 +924,33 @@ class Client:
             self._fail_request(ref, exc)
         self._filling.clear()
 
+    async def _group_request(self, frame: Any) -> GroupInfo:
+        info: GroupInfo = await self._request(frame)  # a group reply resolves it with a GroupInfo
+        return info
+
     async def create_group(self, name: str, members: Sequence[str]) -> GroupInfo:
-        return await self._request(f.GroupCreate(name=name, members=list(members)))
+        return await self._group_request(f.GroupCreate(name=name, members=list(members)))
 
     async def add_members(self, group: str, members: Sequence[str]) -> GroupInfo:
-        return await self._request(f.GroupAdd(group=group, members=list(members)))
+        return await self._group_request(f.GroupAdd(group=group, members=list(members)))
 
     async def remove_members(self, group: str, members: Sequence[str]) -> GroupInfo:
-        return await self._request(f.GroupRemove(group=group, members=list(members)))
+        return await self._group_request(f.GroupRemove(group=group, members=list(members)))
 
     async def leave_group(self, group: str) -> GroupInfo:
-        return await self._request(f.GroupLeave(group=group))
+        return await self._group_request(f.GroupLeave(group=group))
 
     async def group_info(self, group: str) -> GroupInfo:
-        return await self._request(f.GroupInfo(group=group))
+        return await self._group_request(f.GroupInfo(group=group))
 
     async def history(
         self, conv: str, *, before: int | None = None, after: int | None = None, limit: int = 50
     ) -> tuple[list[Message], int]:
         """A page of ``conv`` from the server: (messages ascending, last seq)."""
-        return await self._request(f.HistoryRequest(conv=conv, before=before, after=after, limit=limit))
+        page: tuple[list[Message], int] = await self._request(
+            f.HistoryRequest(conv=conv, before=before, after=after, limit=limit)
+        )
+        return page
 
     async def mark_read(self, conv: str, seq: int) -> None:
         """Tell the senders ``conv`` was read up to ``seq`` (blue ticks).
