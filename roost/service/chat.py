@@ -116,7 +116,12 @@ class ChatService:
     def resync_all(self, users: Collection[str] | None = None) -> None:
         """Pushes may have been lost (the router was down, or these users'
         routes were): those local sessions re-read their inbox, a few at a time."""
-        sessions = [s for s in self.registry.sessions() if users is None or s.user in users]
+        # This service registers only Sessions; the registry knows them as SessionHandles.
+        sessions = [
+            s
+            for s in self.registry.sessions()
+            if isinstance(s, Session) and (users is None or s.user in users)
+        ]
         log.info("re-reading the inbox of %d sessions", len(sessions))
         self._spawn(self._resync_many(sessions))
 
@@ -495,14 +500,18 @@ class ChatService:
         """Offer the session its inbox and its pending receipts again.
         False when the store could not be read."""
         # Both reads at once: one wait instead of two at every connect.
-        entries, receipts = results = await asyncio.gather(
+        entries, receipts = await asyncio.gather(
             self.store.inbox(session.user), self.store.pending_receipts(session.user), return_exceptions=True
         )
-        for result in results:
-            if isinstance(result, StoreUnavailable):
+        # The first failure decides: an unavailable store is retried, anything else raised.
+        if isinstance(entries, BaseException):
+            if isinstance(entries, StoreUnavailable):
                 return False
-            if isinstance(result, BaseException):
-                raise result
+            raise entries
+        if isinstance(receipts, BaseException):
+            if isinstance(receipts, StoreUnavailable):
+                return False
+            raise receipts
         session.load_inbox([(e.conv, e.delivered) for e in entries])
         for receipt in receipts:  # the device keeps the highest marks: a repeat is harmless
             session.push_frame(receipt_frame(receipt))
