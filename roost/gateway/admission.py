@@ -141,7 +141,7 @@ class Admission:
 
     # -- the protocol's view --------------------------------------------------
 
-    def _admit(self, guarded: Guarded) -> bytes | None:
+    def _admit(self, guarded: Guarded, transport: asyncio.Transport) -> bytes | None:
         """None if admitted (now pending), else the refusal to send."""
         limits = self.limits
         key = guarded.address
@@ -151,7 +151,7 @@ class Admission:
         now = loop.time()
         if limits.max_pending and len(self.pending) >= limits.max_pending and not self._evict_oldest(now):
             return self._refuse(BUSY, "too many unauthenticated connections")
-        self.pending[guarded.transport] = guarded
+        self.pending[transport] = guarded
         self.per_address[key] += 1
         guarded.accepted = now
         guarded.deadline = now + limits.handshake_timeout
@@ -184,7 +184,7 @@ class Admission:
             guarded.abort()
 
     def _release(self, guarded: Guarded) -> None:
-        if self.pending.pop(guarded.transport, None) is None:
+        if guarded.transport is None or self.pending.pop(guarded.transport, None) is None:
             return
         key = guarded.address
         self.per_address[key] -= 1
@@ -229,7 +229,7 @@ class Guarded(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self.address = address_key(transport.get_extra_info("peername"))
         admission = self.admission
-        refusal = admission._admit(self)
+        refusal = admission._admit(self, transport)
         if refusal is None:
             self.handler = admission.make_handler()
             self.handler.connection_made(transport)
