@@ -781,10 +781,10 @@ class RedisRegistry:
         elsewhere: list[bool] = []
         for change in batch.changes:
             pipe.smembers(self._wkey(change.user))
-            handlers.append(lambda r, acc=watched_by: acc.append(self._gw_set(r)))
+            handlers.append(lambda r: watched_by.append(self._gw_set(r)))
             if not change.online:
                 pipe.exists(self._ukey(change.user))
-                handlers.append(lambda r, acc=elsewhere: acc.append(bool(r) and not isinstance(r, Exception)))
+                handlers.append(lambda r: elsewhere.append(bool(r) and not isinstance(r, Exception)))
 
         if handlers:
             results = await pipe.execute(raise_on_error=False)
@@ -1133,15 +1133,15 @@ class RedisRegistry:
                     )
                 )
         for r in batch.rcpts:
-            gw = routes.get(r.user)
-            if gw is None:
+            route = routes.get(r.user)
+            if route is None:
                 stats["dropped_offline"] += 1
-            elif gw == me:
+            elif route == me:
                 if r.user in self._sessions:
                     self._sessions[r.user].push_receipt(r)
             else:
                 stats["remote_pushes"] += 1
-                envelope(gw).rcpts.append(
+                envelope(route).rcpts.append(
                     _Rcpt(r.user, r.conv, r.rv, dict(r.marks), r.all_delivered, r.all_read)
                 )
         for frame, users in batch.frames:
