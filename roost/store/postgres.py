@@ -44,7 +44,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -71,6 +71,8 @@ from roost.store.pass_batch import PassBatcher
 from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 3
 TOKEN_BATCH = 512  # token lookups per query at most
@@ -990,7 +992,8 @@ class PostgresStore:
             raise asyncpg.InterfaceError("store is closed")
         conn = await pool.acquire(timeout=self.connect_timeout)
         try:
-            return await conn.fetchmany(_OP_SQL, args, timeout=self.batch_timeout)
+            rows: list[asyncpg.Record] = await conn.fetchmany(_OP_SQL, args, timeout=self.batch_timeout)
+            return rows
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == REFOLD_SQLSTATE:
                 raise _Refold(int(exc.detail or "0")) from exc
@@ -1158,7 +1161,7 @@ class PostgresStore:
 
     # -- reads ---------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         for attempt in (1, 2):
             pool = self._pool
             if pool is None or self._closing:

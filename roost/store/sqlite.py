@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from roost.core import membership as rules
 from roost.core.delivery import DrainRequest
@@ -48,6 +48,8 @@ from roost.store.base import (
     StoreUnavailable,
     removed_token,
 )
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 
@@ -863,10 +865,10 @@ class SqliteStore:
             self._reader_conns.append(conn)
         return conn
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
 
-        def run() -> Any:
+        def run() -> T:
             conn = self._reader()
             try:
                 conn.execute("BEGIN")
