@@ -20,7 +20,7 @@ class StalledError(RuntimeError):
     """Nothing is ready and no timer is due: the simulated world is stuck."""
 
 
-class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _JumpingSelector(selectors.DefaultSelector):
     def __init__(self, clock: VirtualClockLoop) -> None:
         super().__init__()
         self._clock = clock

@@ -185,11 +185,11 @@ def check(history: History) -> Report:
     own: dict[tuple[str, str], set[int]] = defaultdict(set)
     for s in by_slot.values():
         own[(s.sender, s.conv)].add(s.seq)
-    for (recipient, conv), items in shown_by.items():
-        seqs = [sh.seq for sh in items]
-        for a, b in itertools.pairwise(seqs):
-            if b < a:
-                flag("reordered", conv, b, f"{recipient} was shown seq {b} after {a}")
+    for (recipient, conv), views in shown_by.items():
+        seqs = [sh.seq for sh in views]
+        for earlier, later in itertools.pairwise(seqs):
+            if later < earlier:
+                flag("reordered", conv, later, f"{recipient} was shown seq {later} after {earlier}")
                 break
         span = _members_of(history, conv).get(recipient)
         if span is None:

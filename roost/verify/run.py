@@ -164,7 +164,8 @@ class AgentProcess:
 
     def status(self) -> dict[str, dict[str, Any]] | None:
         try:
-            return json.loads(self.status_path.read_text())
+            status: dict[str, dict[str, Any]] = json.loads(self.status_path.read_text())
+            return status
         except (OSError, ValueError):
             return None
 
@@ -311,7 +312,7 @@ class Run:
         self.agents: list[AgentProcess] = []
         self.users: dict[str, UserConfig] = {}
         self.groups: dict[str, list[str]] = {}
-        self.background: set[asyncio.Task[None]] = set()
+        self.background: set[asyncio.Task[int]] = set()  # blackholes: each returns the links it stalled
         self.stuck: dict[str, Any] = {}  # why the last convergence check failed
 
     async def setup(self) -> None:
@@ -337,8 +338,8 @@ class Run:
                 status=str(self.root / f"agent{index}.status"),
             )  # fmt: skip
             self.agents.append(AgentProcess(index, self.root, agent))
-        for agent in self.agents:
-            agent.start()
+        for process in self.agents:
+            process.start()
 
     async def _create_groups(self, names: list[str]) -> None:
         """Two groups, made before the workload through the owner's own SDK state."""

@@ -45,7 +45,7 @@ def host_port(url: str) -> tuple[str, int]:
 
 class EmbeddedTarget:
     mode = "embedded"
-    server_nemeses = ("kill-server",)
+    server_nemeses: tuple[str, ...] = ("kill-server",)
 
     def __init__(self, root: Path) -> None:
         self.server = EmbeddedServer(
@@ -78,7 +78,7 @@ class EmbeddedTarget:
 
 class ClusterTarget:
     mode = "cluster"
-    server_nemeses = ("kill-gateway", "restart-redis", "restart-postgres")
+    server_nemeses: tuple[str, ...] = ("kill-gateway", "restart-redis", "restart-postgres")
 
     def __init__(self, root: Path, gateways: int = 3) -> None:
         self.root = root
