@@ -77,7 +77,7 @@ def any_saturated(data: Any) -> bool:
 def max_machine_busy(data: Any) -> float:
     """The highest ``machine_busy_pct`` (all cores, any process) anywhere in ``data``."""
     if isinstance(data, dict):
-        own = data.get("machine_busy_pct", 0.0)
+        own = float(data.get("machine_busy_pct", 0.0))
         return max([own, *(max_machine_busy(v) for v in data.values())])
     if isinstance(data, list):
         return max((max_machine_busy(v) for v in data), default=0.0)
@@ -88,9 +88,9 @@ def mark_saturation(results: dict[str, Any]) -> bool:
     """Set ``loadgen_saturated`` at the top when any step or phase saw it, and
     ``machine_saturated`` when every core was busy (the server and the load
     generator then competed for CPU, with each other or with other runs)."""
-    results["loadgen_saturated"] = any_saturated(results)
+    saturated = results["loadgen_saturated"] = any_saturated(results)
     results["machine_saturated"] = max_machine_busy(results) > MACHINE_BUSY_PCT
-    return results["loadgen_saturated"]
+    return saturated
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from roost.client.client import FATAL_CLOSE_CODES, backoff_delay
@@ -65,7 +65,7 @@ def reconnect_delay(attempt: int, jitter: bool, base: float, cap: float, rng: ra
     """The SDK's delay before reconnect attempt ``attempt`` (roost/client/client.py ``Client._run``)."""
     if jitter:
         return backoff_delay(attempt, base, cap, rng)
-    return min(cap, base * 2 ** min(attempt, 30))
+    return min(cap, base * 2.0 ** min(attempt, 30))
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -249,7 +249,8 @@ class Link(asyncio.Protocol):
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport = cast(asyncio.Transport, transport)
         key = base64.b64encode(os.urandom(16))
         transport.write(
             b"GET /v1/ws HTTP/1.1\r\nHost: " + self.host + b"\r\n"
@@ -386,6 +387,8 @@ class Pool:
     async def attempt(self, conn: Conn) -> None:
         """One connection attempt to the conn's next URL; raises ``AttemptFailed``."""
         url = urlsplit(conn.next_url())
+        if url.hostname is None or url.port is None:
+            raise ValueError(f"{url.geturl()}: a bench URL needs a host and a port")
         welcome: asyncio.Future[None] = self.loop.create_future()
         # An attempt may fail after nobody waits for it any more: mark the outcome as seen.
         welcome.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
@@ -637,7 +640,8 @@ class WorkerProcess:
             line = await self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"connection worker {self.pid} exited ({self.proc.returncode})")
-        return json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
+        return reply
 
     async def stop(self) -> None:
         if self.proc.returncode is None:

@@ -55,7 +55,7 @@ class WorkerPool:
             line = await proc.stdout.readline()
         if not line:
             raise WorkerError(f"worker {i} (pid {proc.pid}) exited during {cmd!r}")
-        reply = _decode(line)
+        reply: dict[str, Any] = _decode(line)
         if "error" in reply:
             raise WorkerError(f"worker {i} {cmd}: {reply['error']}")
         return reply
