@@ -27,7 +27,7 @@ EXIT_REFUSED = 1  # unknown user, store or server unreachable
 EXIT_USAGE = 2
 
 
-def register(users: argparse._SubParsersAction) -> None:
+def register(users: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the administration commands to ``roost user``."""
     p = users.add_parser("list", help="every account: name, created, state, last seen, online")
     _location(p, mutating=False)

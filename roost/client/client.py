@@ -573,6 +573,8 @@ class Client:
 
     # -- sending -------------------------------------------------------------
 
+    # What send returns follows ``wait``; each overload repeats send's
+    # parameters, so a new parameter goes in all four.
     @overload
     async def send(
         self,
@@ -585,6 +587,7 @@ class Client:
         ct: str = "text/plain",
         message_id: str | None = None,
         wait: Literal[True] = True,
+        announce: bool = False,
     ) -> SendResult: ...
     @overload
     async def send(
@@ -598,6 +601,7 @@ class Client:
         ct: str = "text/plain",
         message_id: str | None = None,
         wait: Literal[False],
+        announce: bool = False,
     ) -> str: ...
     @overload
     async def send(
@@ -611,6 +615,7 @@ class Client:
         ct: str = "text/plain",
         message_id: str | None = None,
         wait: bool,
+        announce: bool = False,
     ) -> SendResult | str: ...
 
     async def send(

@@ -104,7 +104,8 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
         return None  # not Linux: the 0600 file mode is the guard
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    uid: int = struct.unpack("3i", creds)[1]  # struct ucred: pid, uid, gid
+    return uid
 
 
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
