@@ -72,8 +72,6 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 SCHEMA_VERSION = 3
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
@@ -684,6 +682,9 @@ def _connection_lost(exc: BaseException) -> bool:
         | asyncpg.exceptions.CrashShutdownError
         | ConnectionError,
     )
+
+
+T = TypeVar("T")  # what a read (_read) returns
 
 
 class PostgresStore:

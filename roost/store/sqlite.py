@@ -49,8 +49,6 @@ from roost.store.base import (
     removed_token,
 )
 
-T = TypeVar("T")
-
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -191,6 +189,9 @@ def _merge_cumulative(batch: list[_Op]) -> None:
             ]
             prev.merged_into = op
         latest[op.key] = op
+
+
+T = TypeVar("T")  # what a read (_read) returns
 
 
 class SqliteStore:

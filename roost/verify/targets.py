@@ -27,7 +27,9 @@ CLIENT_NEMESES = ("cut-connection", "blackhole", "crash-client")
 
 class Target(Protocol):
     mode: str
-    server_nemeses: tuple[str, ...]
+
+    @property  # read-only: a target may declare a narrower tuple, such as tuple[str]
+    def server_nemeses(self) -> tuple[str, ...]: ...
 
     @property
     def urls(self) -> list[str]: ...
@@ -45,7 +47,7 @@ def host_port(url: str) -> tuple[str, int]:
 
 class EmbeddedTarget:
     mode = "embedded"
-    server_nemeses: tuple[str, ...] = ("kill-server",)
+    server_nemeses = ("kill-server",)
 
     def __init__(self, root: Path) -> None:
         self.server = EmbeddedServer(
@@ -78,7 +80,7 @@ class EmbeddedTarget:
 
 class ClusterTarget:
     mode = "cluster"
-    server_nemeses: tuple[str, ...] = ("kill-gateway", "restart-redis", "restart-postgres")
+    server_nemeses = ("kill-gateway", "restart-redis", "restart-postgres")
 
     def __init__(self, root: Path, gateways: int = 3) -> None:
         self.root = root
