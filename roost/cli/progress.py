@@ -105,7 +105,7 @@ class Progress:
         """While in it, lines printed to stdout go above the bar instead of into it."""
         if not self.enabled:
             return contextlib.nullcontext()
-        return contextlib.redirect_stdout(_AboveBar(self, sys.stdout))  # type: ignore[arg-type]
+        return contextlib.redirect_stdout(_AboveBar(self, sys.stdout))
 
     def write_above(self, text: str, out: TextIO) -> None:
         """Write ``text`` to ``out`` with the bar taken off the terminal meanwhile."""
