@@ -17,13 +17,23 @@ Promises checked:
 * ``non_member``: a message was shown to someone who was not a member for it;
 * ``missing_receipt``: a message was shown to a recipient but its sender
   never learnt it was delivered;
-* ``read_before_delivered``: a receipt said read past delivered.
+* ``read_before_delivered``: a receipt said read past delivered;
+* ``not_durable``: a message that got ✓ is not in the store at its seq
+  (checked when the history has the store's messages: ``roost verify
+  --embedded`` reads the server's database after the run).
+
+Each violation also names the invariant of docs/reliability.md it breaks
+(``Violation.invariant``). The checker sees symptoms, so where one symptom
+has several possible causes it names the one the evidence points to: a lost
+message that the store does not hold was acked before it was committed; one
+the store holds lost its inbox entry before the recipient's ack.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SYSTEM = ""  # sender of the server's own membership messages
@@ -66,6 +76,29 @@ class History:
     receipts: list[ReceiptSeen] = field(default_factory=list)
     # conv -> user -> (joined_seq, left_seq or None): sees joined < seq <= left
     members: dict[str, dict[str, tuple[int, int | None]]] = field(default_factory=dict)
+    # What the server's store holds after the run, when the checker can read
+    # it: (conv, seq) -> (sender, client id). None: unknown.
+    stored: dict[tuple[str, int], tuple[str, str]] | None = None
+
+
+# The invariants of docs/reliability.md, as each violation kind breaks them
+# (unless flagged with a more precise one).
+ACK_AFTER_COMMIT = "ack after commit"
+INBOX_UNTIL_ACK = "inbox entry until ack"
+SENDER_ORDER = "sender order"
+CONTIGUOUS_SEQS = "contiguous seqs"
+DEDUPE_BY_ID = "dedupe by id"
+INVARIANT_OF = {
+    "lost": "no loss",
+    "not_durable": ACK_AFTER_COMMIT,
+    "duplicate": "shown once",
+    "reordered": "shown in seq order",
+    "gap": CONTIGUOUS_SEQS,
+    "phantom": "nothing shown that was not sent",
+    "non_member": "members only",
+    "missing_receipt": "every delivery reaches its sender as a receipt",
+    "read_before_delivered": "read never past delivered",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +107,11 @@ class Violation:
     conv: str
     seq: int
     detail: str
+    invariant: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.invariant:
+            object.__setattr__(self, "invariant", INVARIANT_OF.get(self.kind, self.kind))
 
 
 @dataclass(slots=True)
@@ -117,8 +155,8 @@ def _sees(span: tuple[int, int | None], seq: int) -> bool:
 def check(history: History) -> Report:
     violations: list[Violation] = []
 
-    def flag(kind: str, conv: str, seq: int, detail: str) -> None:
-        violations.append(Violation(kind, conv, seq, detail))
+    def flag(kind: str, conv: str, seq: int, detail: str, invariant: str = "") -> None:
+        violations.append(Violation(kind, conv, seq, detail, invariant))
 
     # What exists: acked messages by (conv, seq), and by (sender, client id).
     by_slot: dict[tuple[str, int], Sent] = {}
@@ -127,11 +165,13 @@ def check(history: History) -> Report:
             continue
         other = by_slot.get((s.conv, s.seq))
         if other is not None and (other.sender, other.client_id) != (s.sender, s.client_id):
+            # The seq was handed out again: the first ✓ came before its commit.
             flag(
                 "duplicate",
                 s.conv,
                 s.seq,
                 f"two messages acked with one seq: {other.client_id}, {s.client_id}",
+                ACK_AFTER_COMMIT,
             )
         by_slot[(s.conv, s.seq)] = s
 
@@ -151,6 +191,7 @@ def check(history: History) -> Report:
                     conv,
                     b.seq,
                     f"{sender} sent {a.client_id} before {b.client_id} but got seq {a.seq} >= {b.seq}",
+                    SENDER_ORDER,
                 )
 
     # What each recipient was shown.
@@ -158,12 +199,17 @@ def check(history: History) -> Report:
     counts: dict[tuple[str, str, int], int] = defaultdict(int)
     latencies: list[float] = []
     delivered_pairs = 0
+    seq_of_id: dict[tuple[str, str, str, str], int] = {}
     for sh in history.shown:
         shown_by[(sh.recipient, sh.conv)].append(sh)
         counts[(sh.recipient, sh.conv, sh.seq)] += 1
         if counts[(sh.recipient, sh.conv, sh.seq)] == 2:
             flag("duplicate", sh.conv, sh.seq, f"{sh.recipient} was shown {sh.client_id!r} twice")
         if sh.sender != SYSTEM:
+            first = seq_of_id.setdefault((sh.recipient, sh.conv, sh.sender, sh.client_id), sh.seq)
+            if first != sh.seq:
+                detail = f"{sh.recipient} was shown {sh.client_id!r} as seq {first} and {sh.seq}"
+                flag("duplicate", sh.conv, sh.seq, detail, DEDUPE_BY_ID)
             origin = by_slot.get((sh.conv, sh.seq))
             if origin is None:
                 # Sent but the sender never saw ✓ (crash before the ack) is fine:
@@ -207,7 +253,8 @@ def check(history: History) -> Report:
             if user == s.sender or not _sees(span, seq):
                 continue
             if counts.get((user, conv, seq), 0) == 0:
-                flag("lost", conv, seq, f"{s.client_id!r} from {s.sender} never reached {user}")
+                flag("lost", conv, seq, f"{s.client_id!r} from {s.sender} never reached {user}",
+                     _why_lost(history.stored, s))  # fmt: skip
 
     # Receipts: read never past delivered; what was shown is eventually
     # reported delivered to its sender.
@@ -237,6 +284,9 @@ def check(history: History) -> Report:
                 f"{origin.sender} never learnt that {sh.recipient} got {origin.client_id!r}",
             )
 
+    if history.stored is not None:
+        _check_store(history.stored, by_slot, flag)
+
     return Report(
         sent=len(history.sent),
         acked=sum(1 for s in history.sent if s.acked),
@@ -244,3 +294,31 @@ def check(history: History) -> Report:
         violations=violations,
         latencies_ms=latencies,
     )
+
+
+def _why_lost(stored: dict[tuple[str, int], tuple[str, str]] | None, s: Sent) -> str:
+    if stored is None:
+        return INVARIANT_OF["lost"]
+    return INBOX_UNTIL_ACK if stored.get((s.conv, s.seq)) == (s.sender, s.client_id) else ACK_AFTER_COMMIT
+
+
+def _check_store(
+    stored: dict[tuple[str, int], tuple[str, str]],
+    by_slot: dict[tuple[str, int], Sent],
+    flag: Callable[[str, str, int, str, str], None],
+) -> None:
+    """Every ✓ names a committed message; every conversation's seqs run 1, 2, 3, ..."""
+    for (conv, seq), s in by_slot.items():
+        held = stored.get((conv, seq))
+        if held != (s.sender, s.client_id):
+            what = f"{held[1]!r} from {held[0]}" if held else "nothing"
+            detail = f"{s.client_id!r} from {s.sender} got ✓ but the store holds {what}"
+            flag("not_durable", conv, seq, detail, ACK_AFTER_COMMIT)
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for conv, seq in stored:
+        seqs[conv].append(seq)
+    for conv, held in seqs.items():
+        missing = sorted(set(range(1, max(held) + 1)) - set(held))
+        if missing:
+            detail = f"the store has no seq {missing[:5]} below {max(held)}"
+            flag("gap", conv, missing[0], detail, CONTIGUOUS_SEQS)
