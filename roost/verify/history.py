@@ -248,13 +248,14 @@ def check(history: History) -> Report:
             flag("gap", conv, missing[0], f"{recipient} never saw seq {missing[:5]} below {top}")
 
     # Every acked message reached every member who should see it, exactly once.
+    first_gap = _store_gaps(history.stored) if history.stored is not None else {}
     for (conv, seq), s in by_slot.items():
         for user, span in _members_of(history, conv).items():
             if user == s.sender or not _sees(span, seq):
                 continue
             if counts.get((user, conv, seq), 0) == 0:
                 flag("lost", conv, seq, f"{s.client_id!r} from {s.sender} never reached {user}",
-                     _why_lost(history.stored, s))  # fmt: skip
+                     _why_lost(history.stored, first_gap, s))  # fmt: skip
 
     # Receipts: read never past delivered; what was shown is eventually
     # reported delivered to its sender.
@@ -296,10 +297,29 @@ def check(history: History) -> Report:
     )
 
 
-def _why_lost(stored: dict[tuple[str, int], tuple[str, str]] | None, s: Sent) -> str:
+def _why_lost(
+    stored: dict[tuple[str, int], tuple[str, str]] | None, first_gap: dict[str, int], s: Sent
+) -> str:
+    """Not in the store: acked too early. Behind a hole in the store's seqs:
+    the SDK waits for the missing seq. Otherwise its inbox entry went early."""
     if stored is None:
         return INVARIANT_OF["lost"]
-    return INBOX_UNTIL_ACK if stored.get((s.conv, s.seq)) == (s.sender, s.client_id) else ACK_AFTER_COMMIT
+    if stored.get((s.conv, s.seq)) != (s.sender, s.client_id):
+        return ACK_AFTER_COMMIT
+    return CONTIGUOUS_SEQS if first_gap.get(s.conv, s.seq) < s.seq else INBOX_UNTIL_ACK
+
+
+def _store_gaps(stored: dict[tuple[str, int], tuple[str, str]]) -> dict[str, int]:
+    """conv -> the first seq below its last that the store does not hold."""
+    seqs: dict[str, set[int]] = defaultdict(set)
+    for conv, seq in stored:
+        seqs[conv].add(seq)
+    gaps = {}
+    for conv, held in seqs.items():
+        missing = set(range(1, max(held) + 1)) - held
+        if missing:
+            gaps[conv] = min(missing)
+    return gaps
 
 
 def _check_store(
@@ -314,11 +334,5 @@ def _check_store(
             what = f"{held[1]!r} from {held[0]}" if held else "nothing"
             detail = f"{s.client_id!r} from {s.sender} got ✓ but the store holds {what}"
             flag("not_durable", conv, seq, detail, ACK_AFTER_COMMIT)
-    seqs: dict[str, list[int]] = defaultdict(list)
-    for conv, seq in stored:
-        seqs[conv].append(seq)
-    for conv, held in seqs.items():
-        missing = sorted(set(range(1, max(held) + 1)) - set(held))
-        if missing:
-            detail = f"the store has no seq {missing[:5]} below {max(held)}"
-            flag("gap", conv, missing[0], detail, CONTIGUOUS_SEQS)
+    for conv, missing in _store_gaps(stored).items():
+        flag("gap", conv, missing, f"the store has no seq {missing} (and holds later ones)", CONTIGUOUS_SEQS)
