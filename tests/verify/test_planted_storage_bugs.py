@@ -9,6 +9,7 @@ invariant it breaks. The correct server under the same faults is clean.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -17,7 +18,11 @@ import pytest
 from roost.verify.run import STORAGE_NEMESES, VerifyConfig, VerifyResult, exit_code, verify
 from roost.verify.storage_faults import compiler
 
-pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler for the storage-fault shim")
+# CI (ROOST_REQUIRE_SERVICES=1) installs a compiler: there a missing one fails these tests.
+pytestmark = pytest.mark.skipif(
+    compiler() is None and os.environ.get("ROOST_REQUIRE_SERVICES") != "1",
+    reason="no C compiler for the storage-fault shim",
+)
 
 # Replaces one line of SqliteStore._run_batch (``old`` must be in its source).
 PLANT = """
