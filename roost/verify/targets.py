@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import asyncpg
+
 from roost.devcluster.embedded import EmbeddedServer
 from roost.devcluster.run import DevCluster
 from roost.store.accounts import add_users
@@ -42,7 +44,7 @@ class Target(Protocol):
     async def add_users(self, names: list[str]) -> dict[str, str]: ...
     async def inject(self, kind: str, rng: random.Random) -> None: ...
     async def heal(self) -> None: ...
-    def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None: ...
+    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None: ...
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -122,13 +124,17 @@ class EmbeddedTarget:
             return {}
         return {**self.storage.failed_calls(), "server_restarts": self.restarts_after_storage_fault}
 
-    def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
+    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
         """Every message in the server's database: (conv, seq) -> (sender, client id)."""
-        db = sqlite3.connect(f"file:{database_path(self.server.data_dir)}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT conv, seq, sender, client_id FROM messages").fetchall()
-        finally:
-            db.close()
+
+        def read() -> list[tuple[str, int, str, str]]:
+            db = sqlite3.connect(f"file:{database_path(self.server.data_dir)}?mode=ro", uri=True)
+            try:
+                return db.execute("SELECT conv, seq, sender, client_id FROM messages").fetchall()
+            finally:
+                db.close()
+
+        rows = await asyncio.to_thread(read)
         return {(conv, seq): (sender, client_id) for conv, seq, sender, client_id in rows}
 
 
@@ -182,8 +188,14 @@ class ClusterTarget:
             if self._gateway_down(i):
                 await asyncio.to_thread(self.cluster.start_gateway, i, port)
 
-    def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
-        return None
+    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
+        """Every message in the cluster's PostgreSQL: (conv, seq) -> (sender, client id)."""
+        conn = await asyncpg.connect(self.cluster.dsn)
+        try:
+            rows = await conn.fetch("SELECT conv, seq, sender, client_id FROM messages")
+        finally:
+            await conn.close()
+        return {(r["conv"], r["seq"]): (r["sender"], r["client_id"]) for r in rows}
 
 
 class UrlTarget:
@@ -214,5 +226,5 @@ class UrlTarget:
     async def heal(self) -> None:
         pass
 
-    def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
+    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
         return None
