@@ -16,8 +16,8 @@ some conversations:
 
 Then every fault is healed, sending stops, the run waits until the system
 has converged, and :func:`roost.verify.history.check` judges the history
-that the clients recorded, completed by what their state files hold (and,
-embedded, by what the server's database holds).
+that the clients recorded, completed by what their state files hold, and
+against what the server's store holds (embedded and cluster).
 """
 
 from __future__ import annotations

@@ -57,11 +57,11 @@ class EmbeddedTarget:
 
     mode = "embedded"
 
-    def __init__(self, root: Path, server_env: dict[str, str] | None = None, storage: bool = True) -> None:
+    def __init__(self, root: Path, server_env: dict[str, str] | None = None) -> None:
         data_dir = root / "server"
         env = dict(server_env or {})
         self.storage: StorageFaults | None = None
-        if storage and compiler() is not None:
+        if compiler() is not None:
             self.storage = StorageFaults(root, data_dir)
             self.storage.build()
             env.update(self.storage.env())
