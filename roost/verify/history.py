@@ -19,14 +19,15 @@ Promises checked:
   never learnt it was delivered;
 * ``read_before_delivered``: a receipt said read past delivered;
 * ``not_durable``: a message that got ✓ is not in the store at its seq
-  (checked when the history has the store's messages: ``roost verify
-  --embedded`` reads the server's database after the run).
+  (checked when the history has a view of the store: ``roost verify``
+  reads the server's database after the run).
 
 Each violation also names the invariant of docs/reliability.md it breaks
 (``Violation.invariant``). The checker sees symptoms, so where one symptom
 has several possible causes it names the one the evidence points to: a lost
 message that the store does not hold was acked before it was committed; one
-the store holds lost its inbox entry before the recipient's ack.
+the store holds either left the recipient's inbox without reaching it, or
+stayed in the inbox and was never offered to the connected recipient.
 """
 
 from __future__ import annotations
@@ -76,15 +77,23 @@ class History:
     receipts: list[ReceiptSeen] = field(default_factory=list)
     # conv -> user -> (joined_seq, left_seq or None): sees joined < seq <= left
     members: dict[str, dict[str, tuple[int, int | None]]] = field(default_factory=dict)
-    # What the server's store holds after the run, when the checker can read
-    # it: (conv, seq) -> (sender, client id). None: unknown.
-    stored: dict[tuple[str, int], tuple[str, str]] | None = None
+    # What the server's store holds after the run, when the checker can read it.
+    stored: StoreView | None = None
+
+
+@dataclass(slots=True)
+class StoreView:
+    messages: dict[tuple[str, int], tuple[str, str]]  # (conv, seq) -> (sender, client id)
+    # (conv, user) -> the user's delivered mark: its inbox holds the seqs above it.
+    delivered: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 # The invariants of docs/reliability.md, as each violation kind breaks them
 # (unless flagged with a more precise one).
 ACK_AFTER_COMMIT = "ack after commit"
 INBOX_UNTIL_ACK = "inbox entry until ack"
+# The entry stayed, but a connected recipient was never offered it.
+OFFERED_WHILE_CONNECTED = "register before drain / persist before look-up"
 SENDER_ORDER = "sender order"
 CONTIGUOUS_SEQS = "contiguous seqs"
 DEDUPE_BY_ID = "dedupe by id"
@@ -248,14 +257,14 @@ def check(history: History) -> Report:
             flag("gap", conv, missing[0], f"{recipient} never saw seq {missing[:5]} below {top}")
 
     # Every acked message reached every member who should see it, exactly once.
-    first_gap = _store_gaps(history.stored) if history.stored is not None else {}
+    first_gap = _store_gaps(history.stored.messages) if history.stored is not None else {}
     for (conv, seq), s in by_slot.items():
         for user, span in _members_of(history, conv).items():
             if user == s.sender or not _sees(span, seq):
                 continue
             if counts.get((user, conv, seq), 0) == 0:
                 flag("lost", conv, seq, f"{s.client_id!r} from {s.sender} never reached {user}",
-                     _why_lost(history.stored, first_gap, s))  # fmt: skip
+                     _why_lost(history.stored, first_gap, s, user))  # fmt: skip
 
     # Receipts: read never past delivered; what was shown is eventually
     # reported delivered to its sender.
@@ -286,7 +295,7 @@ def check(history: History) -> Report:
             )
 
     if history.stored is not None:
-        _check_store(history.stored, by_slot, flag)
+        _check_store(history.stored.messages, by_slot, flag)
 
     return Report(
         sent=len(history.sent),
@@ -297,16 +306,19 @@ def check(history: History) -> Report:
     )
 
 
-def _why_lost(
-    stored: dict[tuple[str, int], tuple[str, str]] | None, first_gap: dict[str, int], s: Sent
-) -> str:
+def _why_lost(stored: StoreView | None, first_gap: dict[str, int], s: Sent, recipient: str) -> str:
     """Not in the store: acked too early. Behind a hole in the store's seqs:
-    the SDK waits for the missing seq. Otherwise its inbox entry went early."""
+    the SDK waits for the missing seq. Past the recipient's delivered mark:
+    still in its inbox, never offered although it is connected at the end.
+    Otherwise its inbox entry went before it arrived."""
     if stored is None:
         return INVARIANT_OF["lost"]
-    if stored.get((s.conv, s.seq)) != (s.sender, s.client_id):
+    if stored.messages.get((s.conv, s.seq)) != (s.sender, s.client_id):
         return ACK_AFTER_COMMIT
-    return CONTIGUOUS_SEQS if first_gap.get(s.conv, s.seq) < s.seq else INBOX_UNTIL_ACK
+    if first_gap.get(s.conv, s.seq) < s.seq:
+        return CONTIGUOUS_SEQS
+    delivered = stored.delivered.get((s.conv, recipient))
+    return OFFERED_WHILE_CONNECTED if delivered is not None and delivered < s.seq else INBOX_UNTIL_ACK
 
 
 def _store_gaps(stored: dict[tuple[str, int], tuple[str, str]]) -> dict[str, int]:

@@ -458,7 +458,7 @@ class Run:
     async def finish(self) -> tuple[History, int]:
         await asyncio.gather(*(asyncio.to_thread(a.stop) for a in self.agents))
         history, redisplayed = collect(self.users, self.groups, with_state=True)
-        history.stored = await self.target.stored_messages()
+        history.stored = await self.target.stored()
         return history, redisplayed
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ from roost.devcluster.embedded import EmbeddedServer
 from roost.devcluster.run import DevCluster
 from roost.store.accounts import add_users
 from roost.store.sqlite import database_path
+from roost.verify.history import StoreView
 from roost.verify.storage_faults import KINDS as STORAGE_NEMESES
 from roost.verify.storage_faults import StorageFaults, compiler
 
@@ -44,7 +45,7 @@ class Target(Protocol):
     async def add_users(self, names: list[str]) -> dict[str, str]: ...
     async def inject(self, kind: str, rng: random.Random) -> None: ...
     async def heal(self) -> None: ...
-    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None: ...
+    async def stored(self) -> StoreView | None: ...
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -124,18 +125,22 @@ class EmbeddedTarget:
             return {}
         return {**self.storage.failed_calls(), "server_restarts": self.restarts_after_storage_fault}
 
-    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
-        """Every message in the server's database: (conv, seq) -> (sender, client id)."""
+    async def stored(self) -> StoreView | None:
+        """Every message in the server's database, and every member's delivered mark."""
 
-        def read() -> list[tuple[str, int, str, str]]:
+        def read() -> StoreView:
             db = sqlite3.connect(f"file:{database_path(self.server.data_dir)}?mode=ro", uri=True)
             try:
-                return db.execute("SELECT conv, seq, sender, client_id FROM messages").fetchall()
+                messages = db.execute("SELECT conv, seq, sender, client_id FROM messages").fetchall()
+                marks = db.execute("SELECT conv, user, delivered FROM members").fetchall()
             finally:
                 db.close()
+            return StoreView(
+                {(conv, seq): (sender, cid) for conv, seq, sender, cid in messages},
+                {(conv, user): delivered for conv, user, delivered in marks},
+            )
 
-        rows = await asyncio.to_thread(read)
-        return {(conv, seq): (sender, client_id) for conv, seq, sender, client_id in rows}
+        return await asyncio.to_thread(read)
 
 
 class ClusterTarget:
@@ -188,14 +193,18 @@ class ClusterTarget:
             if self._gateway_down(i):
                 await asyncio.to_thread(self.cluster.start_gateway, i, port)
 
-    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
-        """Every message in the cluster's PostgreSQL: (conv, seq) -> (sender, client id)."""
+    async def stored(self) -> StoreView | None:
+        """Every message in the cluster's PostgreSQL, and every member's delivered mark."""
         conn = await asyncpg.connect(self.cluster.dsn)
         try:
-            rows = await conn.fetch("SELECT conv, seq, sender, client_id FROM messages")
+            messages = await conn.fetch("SELECT conv, seq, sender, client_id FROM messages")
+            marks = await conn.fetch("SELECT conv, user_name, delivered FROM members")
         finally:
             await conn.close()
-        return {(r["conv"], r["seq"]): (r["sender"], r["client_id"]) for r in rows}
+        return StoreView(
+            {(r["conv"], r["seq"]): (r["sender"], r["client_id"]) for r in messages},
+            {(r["conv"], r["user_name"]): r["delivered"] for r in marks},
+        )
 
 
 class UrlTarget:
@@ -226,5 +235,5 @@ class UrlTarget:
     async def heal(self) -> None:
         pass
 
-    async def stored_messages(self) -> dict[tuple[str, int], tuple[str, str]] | None:
+    async def stored(self) -> StoreView | None:
         return None
