@@ -9,10 +9,12 @@ kind of violation planted.
 Promises checked:
 
 * ``lost``: a message that got ✓ never reached one of its recipients;
-* ``duplicate``: a recipient was shown the same message more than once;
+* ``duplicate``: a recipient was shown the same message more than once (or
+  one client id at two seqs), or two messages got ✓ with one seq;
 * ``reordered``: a sender's messages got seqs out of send order, or a
   recipient was shown a conversation out of seq order;
-* ``gap``: a recipient's view of a conversation skips a seq after it joined;
+* ``gap``: a recipient's view of a conversation skips a seq after it joined,
+  or the store's seqs of a conversation skip one;
 * ``phantom``: something was shown that nobody sent (or with other content);
 * ``non_member``: a message was shown to someone who was not a member for it;
 * ``missing_receipt``: a message was shown to a recipient but its sender
