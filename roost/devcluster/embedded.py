@@ -28,10 +28,17 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) ->
 class EmbeddedServer:
     """``roost serve --data-dir DIR`` on a free port (kept across restarts), logging to ``log``."""
 
-    def __init__(self, data_dir: Path, log: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log = log
         self.extra_args = extra_args or []
+        self.env = env or {}  # added to the server's environment (verify's storage-fault shim)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -52,7 +59,7 @@ class EmbeddedServer:
                     sys.executable, "-m", "roost.cli.main", "serve", "--data-dir", str(self.data_dir),
                     "--port", str(self.port), *self.extra_args,
                 ],
-                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )  # fmt: skip
         wait_healthy(self.url, self.proc)
 

@@ -7,14 +7,17 @@ through fault proxies (:mod:`roost.verify.proxy`). A nemesis drawn from
 some conversations:
 
 * server side (:mod:`roost.verify.targets`): kill -9 of the server or of a
-  gateway, Redis restarted empty, PostgreSQL crash-restarted;
+  gateway, Redis restarted empty, PostgreSQL crash-restarted; the embedded
+  server's disk failing under SQLite (a failed COMMIT, a full disk, failed
+  reads: :mod:`roost.verify.storage_faults`);
 * network: connections torn mid-frame, links or a whole gateway blackholed;
 * clients: a client process killed with SIGKILL (messages still in its
   outbox) and started again from its state files.
 
 Then every fault is healed, sending stops, the run waits until the system
 has converged, and :func:`roost.verify.history.check` judges the history
-that the clients recorded, completed by what their state files hold.
+that the clients recorded, completed by what their state files hold, and
+against what the server's store holds (embedded and cluster).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from roost.verify.agent import AgentConfig, RecordingClient, RecordLog, UserConf
 from roost.verify.history import History, ReceiptSeen, Report, Shown, check, percentile
 from roost.verify.history import Sent as SentRecord
 from roost.verify.proxy import FaultProxy
+from roost.verify.storage_faults import KINDS as STORAGE_NEMESES
 from roost.verify.targets import (
     CLIENT_NEMESES,
     ClusterTarget,
@@ -50,7 +54,9 @@ from roost.verify.targets import (
     host_port,
 )
 
-NEMESES = ("kill-server", "kill-gateway", "restart-redis", "restart-postgres", *CLIENT_NEMESES)
+NEMESES = (
+    "kill-server", *STORAGE_NEMESES, "kill-gateway", "restart-redis", "restart-postgres", *CLIENT_NEMESES,
+)  # fmt: skip
 # A fault's effects outlast it: a client reconnects with backoff (cap 1 s) and
 # reads its inbox; a Redis restart is noticed by the next registry heartbeat
 # (5 s), and until then pushes wait in the inbox. Messages sent from a fault's
@@ -71,6 +77,7 @@ class VerifyConfig:
     converge_timeout: float = 90.0
     urls: list[str] = field(default_factory=list)
     store: str = ""
+    server_env: dict[str, str] = field(default_factory=dict)  # embedded server's extra environment
 
 
 @dataclass
@@ -85,6 +92,7 @@ class VerifyResult:
     redisplayed_after_crash: int = 0
     converged: bool = True
     stuck: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, int] = field(default_factory=dict)  # calls the storage shim failed, restarts
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -97,7 +105,7 @@ class VerifyResult:
             "converged": self.converged,
             "faults": self.faults,
             "violations": [
-                {"kind": v.kind, "conv": v.conv, "seq": v.seq, "detail": v.detail}
+                {"kind": v.kind, "invariant": v.invariant, "conv": v.conv, "seq": v.seq, "detail": v.detail}
                 for v in self.report.violations
             ],
             "latency_ms": {
@@ -105,9 +113,18 @@ class VerifyResult:
                 "outside_faults": _marks(self.latency_quiet_ms),
                 "during_faults": _marks(self.latency_faulty_ms),
             },
+            "invariants_broken": _by_invariant(self.report),
+            "storage_faults": self.storage,
             "redisplayed_after_crash": self.redisplayed_after_crash,
             "not_converged": self.stuck,
         }
+
+
+def _by_invariant(report: Report) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for v in report.violations:
+        counts[v.invariant] += 1
+    return dict(counts)
 
 
 def _marks(values: list[float]) -> dict[str, float | None]:
@@ -289,7 +306,7 @@ def split_latencies(history: History, windows: list[tuple[float, float]]) -> tup
 
 def make_target(config: VerifyConfig, root: Path) -> Target:
     if config.mode == "embedded":
-        return EmbeddedTarget(root)
+        return EmbeddedTarget(root, config.server_env)
     if config.mode == "cluster":
         return ClusterTarget(root)
     if config.mode == "url":
@@ -388,6 +405,13 @@ class Run:
             task.add_done_callback(self.background.discard)
             self.windows.append((start, start + seconds + DEFAULT_SHADOW))
             return
+        elif kind in STORAGE_NEMESES and isinstance(self.target, EmbeddedTarget):
+            seconds = self.target.arm_storage(kind, self.rng)
+            if kind == "fail-reads":  # the server reads mostly when a client connects
+                for proxy in self.proxies:
+                    proxy.cut(self.rng, 0.3)
+            await asyncio.sleep(seconds)
+            await self.target.end_storage_fault()
         elif kind == "crash-client":
             agent = self.rng.choice(self.agents)
             agent.kill()
@@ -435,7 +459,9 @@ class Run:
 
     async def finish(self) -> tuple[History, int]:
         await asyncio.gather(*(asyncio.to_thread(a.stop) for a in self.agents))
-        return collect(self.users, self.groups, with_state=True)
+        history, redisplayed = collect(self.users, self.groups, with_state=True)
+        history.stored = await self.target.stored()
+        return history, redisplayed
 
     async def close(self) -> None:
         for agent in self.agents:
@@ -465,9 +491,10 @@ async def verify(config: VerifyConfig, keep: bool = False, progress: Progress | 
             shutil.rmtree(run.root, ignore_errors=True)
     report = check(history)
     quiet, faulty = split_latencies(history, run.windows)
+    storage = run.target.storage_report() if isinstance(run.target, EmbeddedTarget) else {}
     return VerifyResult(
         config.mode, report, run.faults, time.monotonic() - started, config.seed,
-        quiet, faulty, redisplayed, converged, run.stuck,
+        quiet, faulty, redisplayed, converged, run.stuck, storage,
     )  # fmt: skip
 
 
@@ -486,9 +513,7 @@ def format_report(result: VerifyResult) -> str:
         shown = ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in marks.items())
         return f"latency ms {name} ({len(values)}): {shown}"
 
-    kinds: dict[str, int] = defaultdict(int)
-    for v in r.violations:
-        kinds[v.kind] += 1
+    kinds = _by_invariant(r)
     lines = [
         f"roost verify ({result.mode}) seed={result.seed} duration={result.duration:.1f}s",
         f"sent {r.sent}, acked {r.acked}, delivered (message x recipient) {r.delivered}",
@@ -497,10 +522,15 @@ def format_report(result: VerifyResult) -> str:
         line("outside faults", result.latency_quiet_ms),
         line("during faults", result.latency_faulty_ms),
         f"shown again after a client crash (not kept before it): {result.redisplayed_after_crash}",
+        *(
+            ["storage calls failed: " + ", ".join(f"{k} {v}" for k, v in result.storage.items())]
+            if result.storage
+            else []
+        ),
         f"converged: {'yes' if result.converged else 'NO (timed out): ' + json.dumps(result.stuck)}",
-        f"violations: {len(r.violations)}" + (f" {dict(kinds)}" if kinds else ""),
+        f"violations: {len(r.violations)}" + (f" by invariant broken: {kinds}" if kinds else ""),
     ]
-    lines += [f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" for v in r.violations[:50]]
+    lines += [f"  [{v.invariant}] {v.kind} {v.conv}#{v.seq}: {v.detail}" for v in r.violations[:50]]
     return "\n".join(lines)
 
 

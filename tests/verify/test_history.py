@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from roost.verify.history import History, ReceiptSeen, Sent, Shown, check
+from roost.verify.history import History, ReceiptSeen, Sent, Shown, StoreView, check
 
 CONV = "d:alice:bob"
 
@@ -125,3 +125,64 @@ def test_unacked_but_delivered_is_fine() -> None:
     h.shown.append(Shown("bob", CONV, 4, "alice", "m3", 3.1))
     h.receipts.append(ReceiptSeen("alice", CONV, {"bob": (4, 0)}, 7.0))
     assert check(h).ok
+
+
+def invariants(h: History) -> dict[str, str]:
+    return {v.kind: v.invariant for v in check(h).violations}
+
+
+def stored_of(h: History) -> StoreView:
+    """The store after a good run: every acked message, bob's mark past them."""
+    messages = {(s.conv, s.seq): (s.sender, s.client_id) for s in h.sent if s.acked}
+    return StoreView(messages, {(CONV, "bob"): max(seq for _, seq in messages)})
+
+
+def test_a_clean_store_passes() -> None:
+    h = clean()
+    h.stored = stored_of(h)
+    assert check(h).ok
+
+
+def test_an_acked_message_missing_from_the_store_breaks_ack_after_commit() -> None:
+    h = clean()
+    h.stored = stored_of(h)
+    del h.stored.messages[(CONV, 3)]
+    assert invariants(h) == {"not_durable": "ack after commit"}
+
+
+def test_a_hole_in_the_stores_seqs_breaks_contiguous_seqs() -> None:
+    h = clean()
+    h.stored = stored_of(h)
+    h.stored.messages[(CONV, 5)] = ("alice", "late")  # seq 4 never committed
+    violations = check(h).violations
+    assert [(v.kind, v.seq, v.invariant) for v in violations] == [("gap", 4, "contiguous seqs")]
+
+
+def test_a_lost_message_is_blamed_on_what_the_store_holds() -> None:
+    h = clean()
+    del h.shown[1]
+    assert invariants(h)["lost"] == "no loss"  # the checker cannot see the store
+    h.stored = stored_of(h)
+    assert invariants(h)["lost"] == "inbox entry until ack"  # bob's mark passed it
+    h.stored.delivered[(CONV, "bob")] = 1
+    assert invariants(h)["lost"] == "register before drain / persist before look-up"  # still in his inbox
+    del h.stored.messages[(CONV, 2)]
+    assert invariants(h)["lost"] == "ack after commit"
+
+
+def test_a_seq_handed_out_twice_breaks_ack_after_commit() -> None:
+    h = clean()
+    h.sent.append(Sent("alice", "extra", 9, t=9.0, acked=True, conv=CONV, seq=2))
+    assert invariants(h)["duplicate"] == "ack after commit"
+
+
+def test_one_message_shown_at_two_seqs_breaks_dedupe_by_id() -> None:
+    h = clean()
+    h.shown.append(Shown("bob", CONV, 4, "alice", "m0", t=5.0))
+    assert any(v.invariant == "dedupe by id" for v in check(h).violations)
+
+
+def test_a_message_shown_twice_breaks_shown_once() -> None:
+    h = clean()
+    h.shown.append(h.shown[0])
+    assert invariants(h)["duplicate"] == "shown once"
