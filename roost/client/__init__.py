@@ -3,6 +3,7 @@
 from roost.client.client import Client, ConnectionLost, GroupInfo, RoostError, SendResult
 from roost.client.events import (
     Connected,
+    Consumed,
     Disconnected,
     ErrorEvent,
     Event,
@@ -20,6 +21,7 @@ __all__ = [
     "Client",
     "Connected",
     "ConnectionLost",
+    "Consumed",
     "Disconnected",
     "ErrorEvent",
     "Event",

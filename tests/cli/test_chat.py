@@ -267,10 +267,11 @@ def test_membership_lines_and_group_state() -> None:
     assert not view.conversation_exists(GROUP)
 
 
-def test_membership_in_another_group_counts_as_unread() -> None:
+def test_membership_in_another_group_rings_the_bell_but_unread_counts_messages() -> None:
     view = view_with_chat("bob")
-    view.apply(member(1, "created", "carol", ("alice",), "Fun"))
-    assert "unread: #Fun 1" in view.status_text(T0)
+    assert view.apply(member(1, "created", "carol", ("alice",), "Fun")).bell
+    assert view.unread == {}  # unread = received messages not shown (the client state's notion)
+    assert GROUP in view.chat_list()
     assert view.lines(GROUP)[0].text == 'carol created group "Fun" with you'
 
 
@@ -322,7 +323,7 @@ def test_chat_list_shows_every_chat_newest_first_with_unread_and_last_message() 
         "  me: sure",
         "  carol 2",
         "      now?",
-        "  #Team 1",
+        "  #Team",  # a membership change is news (the bell), not an unread message
         '  dave created group "Team"',  # cut to the pane's width
     ]
     assert view.adjacent_chat(+1) == "carol"
@@ -396,6 +397,12 @@ class FakeClient:
 
     async def mark_read(self, conv: str, seq: int) -> None:
         self.calls.append(("read", conv, seq))
+
+    def mark_consumed(self, conv: str, seq: int) -> None:
+        self.state.mark_consumed(conv, seq)
+
+    def unread_counts(self) -> dict[str, int]:
+        return self.state.unconsumed_counts()
 
     async def typing(self, conv: str, active: bool = True) -> None:
         self.calls.append(("typing", conv))
@@ -925,7 +932,8 @@ async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path
             await wait_pane(tmux, lambda p: "▸ bob" in p and "│ bob" in p, "Alt-Down back to bob", err)
 
             info = await bob.create_group("Weekend Plans", ["alice", "carol"])
-            await wait_pane(tmux, lambda p: "#Weekend Plans 1" in p, "the new group in the list", err)
+            pane = await wait_pane(tmux, lambda p: "  #Weekend Plans" in p, "the new group in the list", err)
+            assert "#Weekend Plans 1" not in pane  # being added is news (the bell), not an unread message
             keys("/group wee", "Tab")
             await wait_pane(tmux, lambda p: "> /group Weekend Plans" in p, "Tab to complete the name", err)
             keys("Enter")

@@ -272,3 +272,50 @@ async def test_roost_send_while_roost_chat_runs_leaves_the_chat_connected(
         assert tmux.alive()
     finally:
         tmux.kill()
+
+
+@pytest.mark.embedded_only
+async def test_roost_chat_counts_as_unread_what_no_command_of_the_account_showed(
+    server: ServerProcess, flags, tmp_path: Path
+) -> None:
+    """One notion of unread: a message ``roost listen`` printed is not unread
+    in ``roost chat``; one ``roost send`` received without showing it is; and
+    what the chat shows, a later ``roost listen`` does not print again."""
+    from tests.cli.test_chat import RealChat
+
+    async def run(*args: str) -> list[str]:
+        out = await asyncio.to_thread(roost, tmp_path, *args)
+        assert out.returncode == 0, out.stderr
+        return [m["text"] for m in json_lines(out.stdout) if "text" in m]
+
+    alice = flags["alice"]
+    await run("send", *flags["bob"], "--to", "alice", "printed by listen")
+    assert await run("listen", *alice, "--count", "1", "--timeout", "10") == ["printed by listen"]
+    await run("send", *flags["carol"], "--to", "alice", "received by send")
+    await run("send", *alice, "--to", "bob", "alice's send")  # receives carol's, shows nothing
+
+    token = alice[alice.index("--token") + 1]
+    chat = RealChat(server.url, token, tmp_path / "alice.state")
+    await chat.ctrl.start()
+    try:
+        assert chat.view.unread == {"carol": 1}  # from the state, before any event
+        await chat.until(lambda: chat.view.connection == "connected", "the connection")
+        chat.ctrl.handle_line("/to carol")  # shown now
+        assert [ln.text for ln in chat.view.lines() if ln.kind == "in"] == ["received by send"]
+        assert chat.view.unread == {}
+
+        # bob writes while carol's chat is open: unread, until a listen handed
+        # to the chat (its local socket) prints it.
+        await run("send", *flags["bob"], "--to", "alice", "while the chat runs")
+        await chat.until(lambda: chat.view.unread == {"bob": 1}, "bob's message as unread")
+        assert await run("listen", *alice, "--count", "1", "--timeout", "10") == ["while the chat runs"]
+        await chat.until(lambda: chat.view.unread == {}, "the unread count to drop after the listen")
+
+        await run("send", *flags["carol"], "--to", "alice", "in the open chat")
+        await chat.until(
+            lambda: any(ln.text == "in the open chat" for ln in chat.view.lines()), "carol's message"
+        )
+    finally:
+        await chat.ctrl.stop()
+    # What the chat showed is consumed: a listen after it prints nothing.
+    assert await run("listen", *alice, "--timeout", "1") == []
