@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -259,14 +260,28 @@ async def test_roost_send_while_roost_chat_runs_leaves_the_chat_connected(
         tmux.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
         await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
         _wait_for_socket(tmp_path / "alice.state")
+        tmux.run("send-keys", "-t", "chat", "/to bob", "Enter")
+        await wait_pane(tmux, lambda p: "│ bob" in p, "bob's chat to open", err)
         out = await asyncio.to_thread(roost, tmp_path, "send", *alice, "--to", "bob", "from a script")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["status"] == "sent"
         assert _connections(server) == 1
+        # The chat shows it as alice's own message in bob's chat, with its tick.
+        sent = re.compile(r"me: from a script ✓$", re.M)
+        await wait_pane(tmux, sent.search, "the handed-over message with ✓ in the chat pane", err)
         got = await asyncio.to_thread(
             roost, tmp_path, "listen", *flags["bob"], "--count", "1", "--timeout", "10"
         )
         assert [m["text"] for m in json_lines(got.stdout)] == ["from a script"], got.stderr
+        delivered = re.compile(r"me: from a script ✓✓$", re.M)
+        pane = await wait_pane(tmux, delivered.search, "✓✓ once bob's listen received it", err)
+        assert pane.count("from a script") == 2  # the chat pane's line and the chat list's preview
+
+        # A handed-over send the server refuses shows as not sent in its chat.
+        refused = await asyncio.to_thread(roost, tmp_path, "send", *alice, "--to", "nobody", "lost")
+        assert refused.returncode == 1 and "unknown_user" in refused.stderr
+        tmux.run("send-keys", "-t", "chat", "/to nobody", "Enter")
+        await wait_pane(tmux, lambda p: "not sent: unknown_user" in p, "the refusal in nobody's chat", err)
         pane = tmux.capture()
         assert "disconnected" not in pane and "replaced" not in pane, pane
         assert tmux.alive()
