@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -969,3 +970,35 @@ async def test_groups_known_from_an_earlier_run_are_listed_and_open_by_name() ->
         assert view.current == GROUP
     finally:
         await ctrl.stop()
+
+
+async def test_a_state_from_when_the_chat_kept_its_own_seen_marks_still_opens(tmp_path: Path) -> None:
+    """``chat_seen`` (the chat's own unread marks, before unread became the
+    unconsumed count) is dropped; the chat list and open chat come back."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE messages (conv TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL,"
+        " sender TEXT NOT NULL, ct TEXT NOT NULL, body BLOB NOT NULL, ts INTEGER NOT NULL,"
+        " PRIMARY KEY (conv, seq));"
+        "CREATE TABLE chat_seen (conv TEXT PRIMARY KEY, seen INTEGER NOT NULL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO messages VALUES ('d:alice:bob', 1, 'b1', 'bob', 'text/plain', x'6869', 1);"
+        "INSERT INTO messages VALUES ('d:alice:carol', 1, 'c1', 'carol', 'text/plain', x'796f', 2);"
+        "INSERT INTO chat_seen VALUES ('d:alice:bob', 1);"
+        "INSERT INTO meta VALUES ('user', 'alice'), ('chat_current', 'bob');"
+    )
+    db.close()
+    client = FakeClient()
+    client.state = ClientState(path)
+    view = ChatView(tz=UTC)
+    ctrl = ChatController(client, view)  # type: ignore[arg-type]
+    await ctrl.start()
+    try:
+        assert view.current == "bob" and view.chat_list() == ["carol", "bob"]
+        assert view.unread == {}  # an old state's history counts as shown
+        tables = {r[0] for r in client.state.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "chat_seen" not in tables
+    finally:
+        await ctrl.stop()
+        client.state.close()
