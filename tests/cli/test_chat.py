@@ -35,15 +35,18 @@ from roost.cli.chat import (
 from roost.client import (
     Client,
     Connected,
+    Consumed,
     Disconnected,
     ErrorEvent,
     GroupInfo,
+    LocalSend,
     Membership,
     Message,
     PresenceEvent,
     ReceiptEvent,
     RoostError,
     SendResult,
+    Sent,
     TypingEvent,
 )
 from roost.client.state import ClientState
@@ -135,6 +138,22 @@ def test_send_refused_by_server_shows_failed_tick_and_error_line() -> None:
     view.add_pending("bob", "m1", "x")
     view.apply(ErrorEvent("not_member", "not a member", "m1"))
     assert view.render_text().splitlines() == ["me: x ✗", "! not sent: not_member: not a member"]
+
+
+def test_a_send_handed_over_by_another_command_is_an_own_line_in_its_chat() -> None:
+    view = view_with_chat("bob")
+    changes = view.apply(LocalSend("m1", "carol", None, "text/plain", b"from a script", T0 * 1000))
+    assert [ln.text for ln in changes.lines] == ["from a script"]
+    assert view.lines() == []  # carol's chat, not the open one
+    (line,) = view.lines("carol")
+    assert line.kind == "own" and view.tick(line) is Tick.PENDING
+    view.apply(Sent("m1", "d:alice:carol", 1, T0 * 1000))
+    assert view.tick(line) is Tick.SENT and line.seq == 1
+    view.apply(ReceiptEvent("d:alice:carol", {"carol": (1, 0)}, 1, 0))
+    assert view.tick(line) is Tick.DELIVERED
+    view.apply(LocalSend("m2", None, GROUP, "text/plain", b"to the group", T0 * 1000))
+    assert [ln.text for ln in view.lines(GROUP)] == ["to the group"]
+    assert view.unread == {}  # the user's own messages are never unread
 
 
 # -- reading, unread, history ------------------------------------------------------------
@@ -1002,3 +1021,20 @@ async def test_a_state_from_when_the_chat_kept_its_own_seen_marks_still_opens(tm
     finally:
         await ctrl.stop()
         client.state.close()
+
+
+async def test_the_unread_counts_follow_a_listen_handed_to_the_running_chat(chat: Any) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line("/to bob")
+    carol = "d:alice:carol"
+    for seq in (1, 2):  # as the SDK does: stored unconsumed, then the event
+        client.state.store_message(carol, seq, f"c{seq}", "carol", "text/plain", b"hi", T0 * 1000)
+        client.state.commit()
+        client.queue.put_nowait(msg(seq, sender="carol", conv=carol))
+    await settle()
+    assert view.unread == {"carol": 2}
+    client.state.consume_one(carol, 1)  # a `roost listen` handed to the chat printed one
+    client.queue.put_nowait(Consumed((carol,)))
+    await settle()
+    assert view.unread == {"carol": 1}
+    assert "unread: carol 1" in view.status_text(T0)
