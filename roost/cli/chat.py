@@ -348,7 +348,7 @@ class ChatView:
     def set_unread(self, counts: dict[str, int]) -> Changes:
         """The unread counts from the client state (conv -> unconsumed
         received messages); the open chat has none, it shows them."""
-        unread = {}
+        unread: dict[str, int] = {}
         for conv, n in counts.items():
             key = self.key_of(conv)
             if n and key != self.current:
