@@ -95,11 +95,15 @@ def mark_saturation(results: dict[str, Any]) -> bool:
 
 def run_cli(args: argparse.Namespace) -> int:
     from roost.bench.stats import machine
+    from roost.cli.progress import Progress, on_terminal
 
     module = importlib.import_module(args.bench_module)
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    results = module.run(args)
+    progress = Progress(f"roost bench {args.scenario}", on_terminal(args.json))
+    with progress, progress.stdout_through_bars():
+        progress.phase("running")
+        results = module.run(args)
     mark_saturation(results)
     report = {
         "scenario": args.scenario,

@@ -28,6 +28,7 @@ from roost.bench.cli import SATURATED_PCT
 from roost.bench.conn_worker import WorkerProcess, split_evenly, start_workers, stop_workers
 from roost.bench.stats import ProcSampler, rss_kib
 from roost.bench.target import Target, make_target
+from roost.cli.errors import UsageError
 
 MAX_SOCKETS_PER_PROCESS = 19_000  # ~20,000 open files per process, minus files every process needs
 
@@ -56,8 +57,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gateways = len(target.urls) or max(1, getattr(args, "cluster", 0) or len(getattr(args, "url", []) or []))
     needed = math.ceil(args.connections / args.per_gateway)
     if needed > gateways:
-        raise SystemExit(
-            f"roost bench idle-connections: {args.connections} connections need at least {needed} "
+        raise UsageError(
+            f"idle-connections: {args.connections} connections need at least {needed} "
             f"gateway processes (at most {args.per_gateway} each): use --cluster {needed}"
         )
     target.start()

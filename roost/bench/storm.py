@@ -32,6 +32,7 @@ from roost.bench.conn_worker import WorkerProcess, split_evenly, start_workers, 
 from roost.bench.idle import MAX_SOCKETS_PER_PROCESS, healthz_connections, merge_counts
 from roost.bench.stats import cpu_seconds, percentile
 from roost.bench.target import ClusterTarget, Target, make_target
+from roost.cli.errors import UsageError
 
 POLL_SECONDS = 0.1
 
@@ -62,11 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "url", None) or getattr(args, "cluster", 0) < 2:
-        raise SystemExit("roost bench reconnect-storm: needs a cluster it owns: --cluster 2 (or more)")
+        raise UsageError("reconnect-storm needs a cluster it owns: --cluster 2 (or more)")
     if args.connections > MAX_SOCKETS_PER_PROCESS:
-        raise SystemExit(
-            f"roost bench reconnect-storm: one gateway holds at most {MAX_SOCKETS_PER_PROCESS} connections"
-        )
+        raise UsageError(f"reconnect-storm: one gateway holds at most {MAX_SOCKETS_PER_PROCESS} connections")
     target = make_target(args)
     target.start()
     try:

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from roost.cli.errors import UsageError
 from roost.devcluster.embedded import EmbeddedServer, stop_process
 from roost.devcluster.run import DevCluster, wait_healthy
 from roost.store import accounts
@@ -208,7 +209,7 @@ class UrlTarget(Target):
 
     async def add_users(self, names: list[str]) -> dict[str, str]:
         if not self.store:
-            raise SystemExit("roost bench: --url needs --store (a DSN or the data dir) to create users")
+            raise UsageError("--url needs --store (a DSN or the data dir) to create users")
         return await add_users_to_store(self.store, names)
 
 

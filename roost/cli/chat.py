@@ -36,7 +36,7 @@ from datetime import datetime, tzinfo
 from enum import Enum
 from typing import Any
 
-from roost.client.client import Client, ConnectionLost, GroupInfo, RoostError
+from roost.client.client import Client, ConnectionLost, GroupInfo, InvalidMessage, RoostError, message_payload
 from roost.client.events import (
     Connected,
     Consumed,
@@ -1014,6 +1014,11 @@ class ChatController:
         key = self.view.current
         if not key:
             self.view.error("no chat open: /to USER or /group NAME first")
+            return
+        try:  # refused at once, before a line for it is drawn
+            message_payload(text, None)
+        except InvalidMessage as exc:
+            self.view.error(f"not sent: {exc}", key)
             return
         mid = uuid.uuid4().hex
         self.view.add_pending(key, mid, text, int(self.clock() * 1000))

@@ -1,23 +1,49 @@
-"""Client sub-commands: send, listen, group, chat. Thin wrappers over the SDK."""
+"""Client sub-commands: send, listen, group, chat, login, logout. Thin wrappers over the SDK.
+
+Exit codes (README.md has the table): 0 ok, 1 the server refused or could not
+be reached, 2 bad usage (flags, URL, token, an empty or too large message),
+3 ``send --wait`` timed out, 4 ``send`` queued in the outbox, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from roost.client import Client, ConnectionLost, Message, RoostError, StateInUse, local
+from roost.cli.errors import EXIT_FAILED, EXIT_QUEUED, EXIT_USAGE, EXIT_WAIT_TIMED_OUT, UsageError
+from roost.cli.profiles import (
+    Profile,
+    checked_token,
+    checked_urls,
+    profile_path,
+    remove_profile,
+    resolve,
+    save_profile,
+    split_urls,
+)
+from roost.cli.progress import RetryLine
+from roost.client import (
+    CannotConnect,
+    Client,
+    ConnectionLost,
+    InvalidArgument,
+    Message,
+    RoostError,
+    StateInUse,
+    local,
+)
+from roost.client.client import authenticate, message_payload
 from roost.client.local import OwnerUnavailable, socket_path
 from roost.client.state import ClientState, default_state_path
 
-# roost send: the server did not store the message in time; it is in the
-# durable outbox and the next client of the account sends it, same id.
-EXIT_QUEUED = 4
 # A running client of the account that is starting or stopping gets this
 # long (s) to answer on its socket before the command gives up.
 HANDOFF_WAIT = 5.0
@@ -26,8 +52,12 @@ LISTEN_POLL = 5.0  # s: one handed-over listen request waits this long for a mes
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, action="append", help="server base URL (repeatable)")
-    p.add_argument("--token", required=True)
+    p.add_argument(
+        "--url",
+        action="append",
+        help="server base URL (repeatable); default: $ROOST_URL or the login profile",
+    )
+    p.add_argument("--token", help="bearer token; default: $ROOST_TOKEN or the login profile")
     p.add_argument(
         "--state",
         default=None,
@@ -76,29 +106,118 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_chat)
 
+    p = sub.add_parser("login", help="check a token and save it as the profile later commands use")
+    p.add_argument("--url", action="append", help="server base URL (repeatable); default: $ROOST_URL")
+    p.add_argument(
+        "--token", help="'-' or left out: read it from stdin, or prompt on a terminal (not in shell history)"
+    )
+    p.add_argument("--no-check", action="store_true", help="save without logging in to the server first")
+    p.set_defaults(func=_login)
+
+    p = sub.add_parser("logout", help="remove the saved profile")
+    p.set_defaults(func=_logout)
+
 
 def _chat(args: argparse.Namespace) -> int:
     from roost.cli.chat import run_chat
 
+    try:
+        args.url, args.token = resolve(args.url, args.token)
+    except UsageError as exc:
+        print(f"roost chat: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return run_chat(args.url, args.token, args.state)
 
 
-def _run(fn: Callable[..., Awaitable[int]], args: argparse.Namespace, *extra: Any) -> int:
+def _read_token(given: str | None) -> str:
+    if given is not None and given != "-":
+        return given
+    if given is None and os.environ.get("ROOST_TOKEN"):
+        return os.environ["ROOST_TOKEN"]
+    if sys.stdin.isatty():
+        return getpass.getpass("token: ")
+    return sys.stdin.readline().strip()
+
+
+def _login(args: argparse.Namespace) -> int:
+    path = profile_path()
     try:
+        urls = checked_urls(args.url or split_urls(os.environ.get("ROOST_URL", "")))
+        if not urls:
+            raise UsageError("no server URL: give --url or set ROOST_URL")
+        token = checked_token(_read_token(args.token))
+    except UsageError as exc:
+        print(f"roost login: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    user = None
+    if not args.no_check:
+        try:
+            user = asyncio.run(authenticate(urls, token))
+        except CannotConnect as exc:
+            print(f"roost login: cannot reach the server: {exc.message}; nothing saved", file=sys.stderr)
+            return EXIT_FAILED
+        except RoostError as exc:
+            print(f"roost login: {exc.code}: {exc.message}; nothing saved", file=sys.stderr)
+            return EXIT_FAILED
+    save_profile(Profile(urls, token), path)
+    who = f"logged in as {user}" if user else "saved without checking"
+    print(f"{who} at {', '.join(urls)}; profile {path}")
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    path = profile_path()
+    if remove_profile(path):
+        print(f"logged out: removed {path}")
+    else:
+        print(f"not logged in: no profile at {path}")
+    return 0
+
+
+def _prog(args: argparse.Namespace) -> str:
+    sub = getattr(args, "group_cmd", None)
+    return f"roost {args.command}" + (f" {sub}" if sub else "")
+
+
+def _run(fn: Callable[..., Awaitable[int]], args: argparse.Namespace, *extra: Any) -> int:
+    prog = _prog(args)
+    try:
+        args.url, args.token = resolve(args.url, args.token)
         return asyncio.run(fn(args, *extra))
+    except (UsageError, InvalidArgument) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CannotConnect as exc:
+        print(f"{prog}: cannot reach the server: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except RoostError as exc:
-        print(f"roost: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        print(f"{prog}: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except StateInUse as exc:
-        print(f"roost: {exc}", file=sys.stderr)
-        return 1
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (OSError, TimeoutError) as exc:
-        print(f"roost: cannot reach the server: {exc or 'timed out'}", file=sys.stderr)
-        return 1
+        print(f"{prog}: cannot reach the server: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _client(args: argparse.Namespace, keep_events: bool = False) -> Client:
-    return Client(args.url, args.token, state_path=_state_path(args), keep_events=keep_events)
+    return Client(
+        args.url,
+        args.token,
+        state_path=_state_path(args),
+        keep_events=keep_events,
+        on_retry=RetryLine(_prog(args)),
+    )
+
+
+async def _connect(client: Client, timeout: float | None) -> None:
+    """Connect, with the retry line (on a terminal) removed whatever the outcome."""
+    try:
+        await client.connect(timeout=timeout)
+    finally:
+        if isinstance(client.on_retry, RetryLine):
+            client.on_retry.clear()
 
 
 def _state_path(args: argparse.Namespace) -> str:
@@ -174,6 +293,7 @@ def _queued(message_id: str, why: str) -> int:
 
 
 async def _send(args: argparse.Namespace) -> int:
+    message_payload(args.text, None)  # an empty or too large text is refused before anything else
     # Chosen here, so a send handed to a running client can be retried safely.
     message_id = uuid.uuid4().hex
     return await _owned_or_handed(
@@ -191,7 +311,12 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
         await client.send(args.text, to=args.to, group=args.group, message_id=message_id, wait=False)
         acked = client.wait_sent(message_id)  # before connecting: the ✓ may come during connect()
         try:
-            await client.connect(timeout=args.timeout)
+            await _connect(client, args.timeout)
+        except CannotConnect as exc:
+            if exc.final:  # TLS, unknown host, not a Roost server: resending would fail the same way
+                _discard(client.state.path, message_id)
+                raise
+            return _queued(message_id, f"cannot reach the server: {exc.message}")
         except ConnectionLost:
             return _queued(message_id, "the server could not be reached")
         except RoostError:  # refused (e.g. auth_failed): not sent, so not queued either
@@ -219,7 +344,7 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
             except TimeoutError:
                 out["error"] = f"timed out waiting for {args.wait}"
                 _emit(out)
-                return 3
+                return EXIT_WAIT_TIMED_OUT
             out["status"] = args.wait
         _emit(out)
         return 0
@@ -256,7 +381,7 @@ async def _send_handed(args: argparse.Namespace, path: str, message_id: str) -> 
     if "error" in response:
         out["error"] = response["error"]
     _emit(out)
-    return 3 if "error" in out else 0
+    return EXIT_WAIT_TIMED_OUT if "error" in out else 0
 
 
 def message_json(m: Message) -> dict[str, Any]:
@@ -292,7 +417,7 @@ async def _listen(args: argparse.Namespace) -> int:
     )
     if args.count is not None and progress.received < args.count:
         print(f"roost listen: got {progress.received} of {args.count} messages", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return code
 
 
@@ -307,7 +432,7 @@ async def _listen_own(args: argparse.Namespace, client: Client, progress: _Liste
             await client.mark_read(m.conv, m.seq)
 
     try:
-        await client.connect(timeout=progress.remaining() or 30.0)
+        await _connect(client, progress.remaining() or 30.0)
         # First what reached this device earlier but was never shown (a
         # ``roost send`` received it, or an earlier listen stopped at --count).
         left = progress.left()
@@ -344,7 +469,7 @@ async def _group(args: argparse.Namespace, action: str, **fields: Any) -> dict[s
 
     async def own(client: Client) -> dict[str, Any]:
         try:
-            await client.connect()
+            await _connect(client, 10.0)
             if action == "create":
                 info = await client.create_group(fields["name"], fields["members"])
             elif action == "add":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import __version__
+from roost.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -213,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"roost {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from roost.cli.errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
@@ -55,7 +57,7 @@ def _fault_kinds(spec: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in spec.split(",") if k.strip())
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown:
-        raise SystemExit(f"roost simulate: unknown fault kind(s) {', '.join(unknown)}")
+        raise UsageError(f"unknown fault kind(s) {', '.join(unknown)}")
     return kinds
 
 
@@ -104,8 +106,11 @@ def _one(seed: int, faults: tuple[str, ...], full: bool, strict: bool) -> int:
 
 
 def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None, strict: bool) -> int:
+    from roost.cli.progress import Progress, on_terminal
     from roost.sim.world import run_seed
 
+    progress = Progress("roost simulate", on_terminal(json_path))
+    progress.phase("seeds", total=count, unit="run")
     failing: list[int] = []
     known: list[int] = []  # only violations of documented gaps
     first: Any = None
@@ -124,6 +129,8 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
                 first = result
         elif result.violations:
             known.append(seed)
+        progress.advance(failing=len(failing))
+    progress.close()
     wall = time.perf_counter() - began
     cpu = time.process_time() - cpu
     print(

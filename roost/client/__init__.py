@@ -1,6 +1,17 @@
 """The Python SDK: ``from roost.client import Client``."""
 
-from roost.client.client import Client, ConnectionLost, GroupInfo, RoostError, SendResult
+from roost.client.client import (
+    CannotConnect,
+    Client,
+    ConnectionLost,
+    EmptyMessage,
+    GroupInfo,
+    InvalidArgument,
+    InvalidMessage,
+    MessageTooLarge,
+    RoostError,
+    SendResult,
+)
 from roost.client.events import (
     Connected,
     Consumed,
@@ -18,17 +29,22 @@ from roost.client.events import (
 from roost.client.state import StateInUse
 
 __all__ = [
+    "CannotConnect",
     "Client",
     "Connected",
     "ConnectionLost",
     "Consumed",
     "Disconnected",
+    "EmptyMessage",
     "ErrorEvent",
     "Event",
     "GroupInfo",
+    "InvalidArgument",
+    "InvalidMessage",
     "LocalSend",
     "Membership",
     "Message",
+    "MessageTooLarge",
     "PresenceEvent",
     "ReceiptEvent",
     "RoostError",

@@ -30,9 +30,10 @@ import logging
 import random
 import socket
 import time
+import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,40 @@ class ConnectionLost(RoostError):
         super().__init__("connection_lost", message)
 
 
+class CannotConnect(RoostError, TimeoutError):
+    """``connect`` gave up: the message says what failed for each URL.
+
+    A ``TimeoutError`` too, as ``connect`` raised before it said why.
+    ``final``: every URL failed in a way retrying cannot fix (TLS, unknown
+    host, an HTTP 4xx from something that is not a Roost server), rather
+    than running out of time.
+    """
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__("unreachable", message)
+        self.final = final
+
+
+class InvalidArgument(ValueError):
+    """Refused by the SDK before anything was sent or queued: nothing changed."""
+
+
+class InvalidMessage(InvalidArgument):
+    """A message ``send`` refuses before it reaches the outbox."""
+
+
+class MessageTooLarge(InvalidMessage):
+    def __init__(self, size: int, limit: int = f.MAX_BODY_BYTES) -> None:
+        super().__init__(f"message is {size:,} bytes; the limit is {limit:,} bytes ({limit // 1024} KiB)")
+        self.size = size
+        self.limit = limit
+
+
+class EmptyMessage(InvalidMessage):
+    def __init__(self) -> None:
+        super().__init__("message is empty")
+
+
 @dataclass(slots=True, frozen=True)
 class SendResult:
     message_id: str
@@ -130,6 +165,99 @@ def ws_url(url: str) -> str:
     return url
 
 
+def message_payload(text: str | None, body: bytes | None) -> bytes:
+    """The bytes ``send`` queues for ``text`` or ``body``.
+
+    Raises ``EmptyMessage`` for an empty or whitespace-only text (or an empty
+    body) and ``MessageTooLarge`` over the protocol's body limit, so a caller
+    can check a message before it connects."""
+    payload = body if body is not None else (text or "").encode()
+    if not payload or (text is not None and not text.strip()):
+        raise EmptyMessage()
+    if len(payload) > f.MAX_BODY_BYTES:
+        raise MessageTooLarge(len(payload))
+    return payload
+
+
+URL_SCHEMES = ("http", "https", "ws", "wss")
+
+
+def check_url(url: str) -> str:
+    """``url`` if it can name a Roost server, else ``InvalidArgument`` saying why."""
+    example = "e.g. http://127.0.0.1:8765"
+    try:
+        parsed = urllib.parse.urlsplit(url.strip())
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidArgument(f"bad server URL {url!r}: {exc}") from None
+    if parsed.scheme not in URL_SCHEMES or not parsed.netloc:
+        raise InvalidArgument(
+            f"bad server URL {url!r}: it must start with http://, https://, ws:// or wss:// ({example})"
+        )
+    if not parsed.hostname:
+        raise InvalidArgument(f"bad server URL {url!r}: no host name ({example})")
+    return url.strip()
+
+
+def describe_failure(exc: BaseException) -> tuple[str, bool]:
+    """Why a connection attempt failed, in words, and whether that is final
+    (trying again cannot help: a TLS mismatch, an unknown host, an HTTP 4xx)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate not accepted: {exc.certificate_error}", True
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        reason = getattr(exc.os_error, "reason", None) or exc.os_error
+        return f"TLS handshake failed ({reason}); does the server speak https?", True
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        temporary = getattr(exc.os_error, "errno", None) == socket.EAI_AGAIN
+        return f"host name not found: {exc.host}", not temporary
+    if isinstance(exc, aiohttp.NonHttpUrlClientError):
+        return f"not an http(s) or ws(s) URL: {exc}", True
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        if exc.status in (401, 403):
+            return f"HTTP {exc.status}: the server refused the token", True
+        if exc.status < 400:
+            return f"HTTP {exc.status}: no WebSocket there (is this a Roost server?)", True
+        final = exc.status < 500 and exc.status not in (408, 429)
+        return f"HTTP {exc.status} from the server" + (" (is this a Roost server?)" if final else ""), final
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return f"connection refused by {exc.host}:{exc.port}", False
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}", False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection", False
+    if isinstance(exc, TimeoutError):
+        return "timed out", False
+    return str(exc) or type(exc).__name__, False
+
+
+async def authenticate(urls: Sequence[str], token: str, timeout: float = 10.0) -> str:
+    """Log in once and return the user name the token belongs to.
+
+    Tries each URL once, with no client state: the socket is closed right after
+    the welcome, so nothing waiting in the inbox is taken or acknowledged.
+    Raises ``RoostError`` when the server refuses the token, ``CannotConnect``
+    when no URL answered."""
+    failures: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        for url in urls:
+            try:
+                async with asyncio.timeout(timeout), http.ws_connect(ws_url(url), autoclose=True) as ws:
+                    auth = encode(f.Auth(token=token, client=uuid.uuid4().hex))
+                    await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
+                    first = await ws.receive()
+                    if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                        raise ConnectionError("the server closed the connection during authentication")
+                    frame = decode_server(first.data)
+                    if isinstance(frame, f.Error):
+                        raise RoostError(frame.code, frame.message)
+                    if not isinstance(frame, f.Welcome):
+                        raise ConnectionError("no welcome from the server (is this a Roost server?)")
+                    return frame.user
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                failures.append(f"{url}: {describe_failure(exc)[0]}")
+    raise CannotConnect("; ".join(failures))
+
+
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
     return rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
@@ -149,11 +277,19 @@ class Client:
         heartbeat: float = 20.0,
         keep_events: bool = True,
         serve_local: bool = True,
+        on_retry: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``on_retry(url, reason, delay)`` is called after each failed
+        connection attempt that will be retried in ``delay`` seconds."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
-            raise ValueError("at least one URL is needed")
+            raise InvalidArgument("at least one URL is needed")
+        if not token.strip():
+            raise InvalidArgument("the token is empty")
         self.token = token
+        self.on_retry = on_retry
+        # url -> (why its last attempt failed, whether that is final); emptied on connecting.
+        self.failures: dict[str, tuple[str, bool]] = {}
         self.state = ClientState(state_path if state_path is not None else default_state_path(token))
         self.reconnect = reconnect
         self.backoff_base = backoff_base
@@ -229,9 +365,20 @@ class Client:
         self._run_task = asyncio.create_task(self._run())
         try:
             await asyncio.wait_for(asyncio.shield(self._first_result), timeout)
+        except CannotConnect:
+            await self.close()
+            raise
+        except TimeoutError:
+            await self.close()
+            raise CannotConnect(f"gave up after {timeout:g} s: {self._failure_summary()}") from None
         except BaseException:
             await self.close()
             raise
+
+    def _failure_summary(self) -> str:
+        if not self.failures:
+            return "no answer"
+        return "; ".join(f"{url}: {reason}" for url, (reason, _) in self.failures.items())
 
     async def close(self) -> None:
         self._closing = True
@@ -297,6 +444,7 @@ class Client:
                 attempt = 0 if code is not None else attempt
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("connect to %s failed: %s", url, exc)
+                self.failures[url] = describe_failure(exc)
             except RoostError as exc:
                 self._fatal = exc
             finally:
@@ -305,6 +453,8 @@ class Client:
                 self._fail_requests(ConnectionLost())
             if self._closing:
                 break
+            if self._fatal is None and self.connections == 0 and self._all_failed_for_good():
+                self._fatal = CannotConnect(self._failure_summary(), final=True)
             if self._fatal is None and code in FATAL_CLOSE_CODES:
                 self._fatal = RoostError(
                     "replaced" if code == CloseCode.REPLACED else "closed",
@@ -316,7 +466,7 @@ class Client:
                 return
             self._emit(Disconnected(code or 0, "connection lost", final=not self.reconnect))
             if not self.reconnect:
-                self._resolve_first(ConnectionLost("could not connect"))
+                self._resolve_first(CannotConnect(self._failure_summary()))
                 return
             delay = (
                 backoff_delay(attempt, self.backoff_base, self.backoff_cap, self._rng)
@@ -324,7 +474,13 @@ class Client:
                 else min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 30))
             )
             attempt += 1
+            if self.on_retry is not None and url in self.failures:
+                self.on_retry(url, self.failures[url][0], delay)
             await asyncio.sleep(delay)
+
+    def _all_failed_for_good(self) -> bool:
+        """Every URL failed in a way that retrying cannot mend (before any connection)."""
+        return all(self.failures.get(url, ("", False))[1] for url in self.urls)
 
     def _resolve_first(self, exc: BaseException | None) -> None:
         fut = self._first_result
@@ -359,6 +515,7 @@ class Client:
                 raise ConnectionError(frame.message)
             if not isinstance(frame, f.Welcome):
                 raise ConnectionError("expected welcome")
+            self.failures.clear()
             if self.user != frame.user:
                 self.user = frame.user
                 self.state.set_meta("user", frame.user)
@@ -435,7 +592,9 @@ class Client:
     ) -> SendResult | str:
         """Send a message to a user (``to``) or a conversation (``group``/``conv``).
 
-        The message is in the durable outbox when this returns or raises.
+        The message is in the durable outbox when this returns or raises,
+        except for ``InvalidMessage`` (empty, or over 64 KiB), raised at once
+        with nothing queued.
         With ``wait`` it returns the ``SendResult`` at ✓ (stored by the server);
         without, it returns the message id at once. ``announce`` emits a
         ``LocalSend`` event for it (a message another local command handed over).
@@ -445,9 +604,7 @@ class Client:
             raise ValueError("give exactly one of to= and group=/conv=")
         if (text is None) == (body is None):
             raise ValueError("give exactly one of text and body=")
-        payload = body if body is not None else text.encode()  # type: ignore[union-attr]
-        if len(payload) > f.MAX_BODY_BYTES:
-            raise ValueError(f"body is over {f.MAX_BODY_BYTES} bytes")
+        payload = message_payload(text, body)
         item = OutboxItem(
             message_id or uuid.uuid4().hex, to, target_conv, ct, payload, int(time.time() * 1000)
         )

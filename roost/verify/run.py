@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from roost.cli.progress import Progress, on_terminal
 from roost.verify.agent import AgentConfig, RecordingClient, RecordLog, UserConfig, read_log
 from roost.verify.history import History, ReceiptSeen, Report, Shown, check, percentile
 from roost.verify.history import Sent as SentRecord
@@ -443,15 +444,21 @@ class Run:
         await asyncio.to_thread(self.target.stop)
 
 
-async def verify(config: VerifyConfig, keep: bool = False) -> VerifyResult:
+async def verify(config: VerifyConfig, keep: bool = False, progress: Progress | None = None) -> VerifyResult:
     run = Run(config)
     started = time.monotonic()
+    progress = progress or Progress("roost verify", enabled=False)
     try:
+        progress.phase("starting servers and clients")
         await run.setup()
+        progress.phase("workload under faults", seconds=config.duration)
         await run.workload()
+        progress.phase("healing; waiting until nothing is missing")
         converged = await run.heal_and_converge()
+        progress.phase("collecting the history")
         history, redisplayed = await run.finish()
     finally:
+        progress.close()
         await run.close()
         if not keep:
             shutil.rmtree(run.root, ignore_errors=True)
@@ -504,7 +511,9 @@ def run_cli(args: Any) -> int:
         nemeses=nemeses, per_process=args.per_process, urls=args.url or [], store=args.store or "",
     )  # fmt: skip
     try:
-        result = asyncio.run(verify(config, keep=args.keep))
+        result = asyncio.run(
+            verify(config, keep=args.keep, progress=Progress("roost verify", on_terminal(args.json)))
+        )
     except ValueError as exc:
         print(f"roost verify: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,37 @@
+"""Usage errors of the long commands exit 2 with one line, like argparse's own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("simulate", "--seeds", "1", "--faults", "cut,bogus"),
+            "roost simulate: unknown fault kind(s) bogus",
+        ),
+        (("bench", "reconnect-storm", "--cluster", "1"), "roost bench: reconnect-storm needs a cluster"),
+        (("bench", "reconnect-storm"), "roost bench: reconnect-storm needs a cluster"),
+        (("send", "--to", "bob"), "the following arguments are required: text"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "roost.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2, out.stderr
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
