@@ -7,13 +7,15 @@ Three layers, so the logic can be tested without a terminal:
   unread counts and the connection state. Text other users chose goes through
   ``safe_text`` before it is shown. ``apply(event)`` folds an SDK event in and
   returns the ``Changes`` (lines added or updated, whether the status line
-  changed, a read marker to send, the seen mark to keep, whether to ring the
-  bell). No I/O, no clock of its own: times are passed in.
+  changed, a read marker to send, whether to ring the bell). No I/O, no clock
+  of its own: times are passed in.
 * ``ChatController`` - the glue between the SDK ``Client`` and the view:
   commands, sends (pending -> ack), the event loop, typing throttling. It
   keeps in the client state what the view must show again after a restart
-  (the open chat, how far each chat was seen, group names) and restores it. It
-  never lets an exception out: failures become error lines.
+  (the open chat, group names) and restores it. Unread counts are the
+  client state's: received messages no one has shown the user (``roost
+  listen`` may have printed some); what the open chat shows it marks
+  consumed. It never lets an exception out: failures become error lines.
 * ``build_application`` / ``run_chat`` - prompt_toolkit, which only renders
   the view and feeds keystrokes to the controller.
 """
@@ -37,12 +39,15 @@ from typing import Any
 from roost.client.client import Client, ConnectionLost, GroupInfo, InvalidMessage, RoostError, message_payload
 from roost.client.events import (
     Connected,
+    Consumed,
     Disconnected,
     ErrorEvent,
+    LocalSend,
     Membership,
     Message,
     PresenceEvent,
     ReceiptEvent,
+    Sent,
     TypingEvent,
 )
 from roost.client.state import CHAT_CURRENT_KEY, ChatSummary, StateInUse
@@ -204,16 +209,16 @@ class Line:
 @dataclass(slots=True)
 class Changes:
     """What an update changed: lines added or updated (ticks included), the
-    status line, and a read marker the controller should send."""
+    status line, and a read marker the controller should send (the messages
+    it covers were shown: consumed)."""
 
     lines: list[Line] = field(default_factory=list)
     status: bool = False
     mark_read: tuple[str, int] | None = None
-    seen: tuple[str, int] | None = None  # (conv, seq): shown up to here, to keep in the state
     bell: bool = False  # news in a chat other than the open one
 
     def __bool__(self) -> bool:
-        return bool(self.lines) or self.status or self.mark_read is not None or self.seen is not None
+        return bool(self.lines) or self.status or self.mark_read is not None
 
     def merge(self, other: Changes) -> Changes:
         self.lines.extend(other.lines)
@@ -221,8 +226,6 @@ class Changes:
         self.bell = self.bell or other.bell
         if other.mark_read is not None and (self.mark_read is None or other.mark_read[1] > self.mark_read[1]):
             self.mark_read = other.mark_read
-        if other.seen is not None and (self.seen is None or other.seen[1] > self.seen[1]):
-            self.seen = other.seen
         return self
 
 
@@ -256,9 +259,8 @@ class ChatView:
         self.receipts: dict[str, tuple[int, int]] = {}  # chat -> (all_delivered, all_read)
         self.presence: dict[str, tuple[bool, int | None]] = {}
         self.typing: dict[str, dict[str, float]] = {}  # chat -> user -> expires at
-        self.unread: dict[str, int] = {}
+        self.unread: dict[str, int] = {}  # chat -> received messages not shown yet
         self.read_upto: dict[str, int] = {}
-        self.seen_upto: dict[str, int] = {}  # chat -> highest seq shown while it was open
         self.last: dict[str, Line] = {}  # chat -> its newest line (the chat list's preview)
         self.group_names: dict[str, str] = {}
         self.group_members: dict[str, set[str]] = {}
@@ -330,8 +332,8 @@ class ChatView:
         return self._shown(key).merge(Changes(status=True))
 
     def _shown(self, key: str) -> Changes:
-        """The open chat ``key`` was shown: a read marker for what came in, and
-        the seen mark the state keeps (so unread counts survive a restart)."""
+        """The open chat ``key`` was shown: a read marker for what came in
+        (the controller also marks it consumed, so it is no longer unread)."""
         changes = Changes()
         conv = self.conv_of(key)
         if conv is None:
@@ -341,11 +343,19 @@ class ChatView:
         if top > self.read_upto.get(key, 0):
             self.read_upto[key] = top
             changes.mark_read = conv, top
-        seen = max((ln.seq for ln in lines if ln.seq), default=0)
-        if seen > self.seen_upto.get(key, 0):
-            self.seen_upto[key] = seen
-            changes.seen = conv, seen
         return changes
+
+    def set_unread(self, counts: dict[str, int]) -> Changes:
+        """The unread counts from the client state (conv -> unconsumed
+        received messages); the open chat has none, it shows them."""
+        unread: dict[str, int] = {}
+        for conv, n in counts.items():
+            key = self.key_of(conv)
+            if n and key != self.current:
+                unread[key] = unread.get(key, 0) + n
+        changed = unread != self.unread
+        self.unread = unread
+        return Changes(status=changed)
 
     def restore(self, summary: ChatSummary) -> None:
         """A chat known from the client state (a previous run): listed with its
@@ -438,6 +448,12 @@ class ChatView:
             return self.add_membership(event)
         if isinstance(event, ReceiptEvent):
             return self.update_receipts(event.conv, event.all_delivered, event.all_read)
+        if isinstance(event, LocalSend):  # `roost send` of this account, handed to this client
+            key = self.key_of(event.conv) if event.conv else (event.to or HOME)
+            text = event.text if event.ct.startswith("text/") else f"[{event.ct}, {len(event.body)} bytes]"
+            return self.add_pending(key, event.message_id, text, event.created)
+        if isinstance(event, Sent):
+            return self.acked(event.message_id, event.conv, event.seq, event.ts)
         if isinstance(event, PresenceEvent):
             self.presence[event.user] = (event.online, event.last_seen)
             return Changes(status=event.user == self.current)
@@ -521,8 +537,7 @@ class ChatView:
         if key == self.current:
             changes.merge(self._shown(key))
         elif live:
-            self.unread[key] = self.unread.get(key, 0) + 1
-            changes.bell = True
+            changes.bell = True  # news, but not a message: the unread count is of messages
         return changes
 
     def add_history(self, key: str, items: Iterable[Message | Membership]) -> Changes:
@@ -875,9 +890,7 @@ class ChatController:
         state = self.client.state
         for group, name in state.chat_groups().items():
             self.view.restore_group(group, name)
-        for conv, seen in state.chat_seen().items():
-            self.view.seen_upto[self.view.key_of(conv)] = seen
-        for summary in state.chat_summaries(me):
+        for summary in state.chat_summaries():
             self.view.restore(summary)
         current = state.get_meta(CHAT_CURRENT_KEY)
         if current:
@@ -915,6 +928,8 @@ class ChatController:
                     self._after_connect()
                 if isinstance(event, Membership) and event.name:
                     self._save_group_name(event.conv)
+                if isinstance(event, Consumed):  # a `roost listen` handed to us printed them
+                    changes.merge(self.view.set_unread(self.client.unread_counts()))
                 self._keep(changes)
                 await self._effects(changes)
             except Exception as exc:  # a bug must not kill the loop
@@ -938,8 +953,11 @@ class ChatController:
 
     def _keep(self, changes: Changes) -> None:
         """Into the client state what must outlive this run; and the bell."""
-        if changes.seen is not None:
-            self.client.state.save_chat_seen(*changes.seen)
+        if changes.mark_read is not None:
+            # Shown in the open chat: consumed at once (committed), so neither
+            # a restarted chat nor `roost listen` takes it for unread; the read
+            # marker to the server may follow later.
+            self.client.mark_consumed(*changes.mark_read)
         if changes.bell and self.clock() - self._last_bell >= BELL_INTERVAL:
             self._last_bell = self.clock()
             self.on_bell()

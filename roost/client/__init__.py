@@ -14,6 +14,7 @@ from roost.client.client import (
 )
 from roost.client.events import (
     Connected,
+    Consumed,
     Disconnected,
     ErrorEvent,
     Event,
@@ -32,6 +33,7 @@ __all__ = [
     "Client",
     "Connected",
     "ConnectionLost",
+    "Consumed",
     "Disconnected",
     "EmptyMessage",
     "ErrorEvent",

@@ -43,6 +43,7 @@ import msgspec
 
 from roost.client.events import (
     Connected,
+    Consumed,
     Disconnected,
     ErrorEvent,
     Event,
@@ -322,6 +323,9 @@ class Client:
         self._out: deque[bytes] = deque()
         self._out_ready = asyncio.Event()
         self._ack_waiters: dict[str, asyncio.Future[SendResult]] = {}
+        # Ids of messages another local command handed over (``LocalSend``):
+        # the application shows them, so it hears of a refusal too.
+        self._announced: set[str] = set()
         self._orders: dict[str, ConversationOrder[Message | Membership]] = {}
         for conv, have in self.state.haves().items():
             self._orders[conv] = ConversationOrder(have)
@@ -658,6 +662,7 @@ class Client:
             self.state.outbox_add(item)
             self._outbox[item.id] = item
             if announce:
+                self._announced.add(item.id)
                 self._emit(LocalSend(item.id, item.to, item.conv, item.ct, item.body, item.created))
             self._send_item(item)
         if future is None:
@@ -689,6 +694,7 @@ class Client:
             )
         self._accept(frame.conv, frame.seq, None)
         self.state.commit()
+        self._announced.discard(frame.id)
         if item is not None:
             self._emit(Sent(frame.id, frame.conv, frame.seq, frame.ts))
         waiter = self._ack_waiters.pop(frame.id, None)
@@ -705,10 +711,13 @@ class Client:
         self.state.outbox_remove(frame.ref)
         self.state.commit()
         waiter = self._ack_waiters.pop(frame.ref, None)
+        awaited = False
         if waiter is not None and not waiter.done():
             waiter.set_exception(RoostError(frame.code, frame.message))
-        else:
+            awaited = True
+        if not awaited or frame.ref in self._announced:
             self._emit(ErrorEvent(frame.code, frame.message, frame.ref))
+        self._announced.discard(frame.ref)
         return True
 
     # -- receiving -----------------------------------------------------------
@@ -1027,10 +1036,16 @@ class Client:
         return taken
 
     def consume(self, messages: Sequence[Message]) -> None:
-        """Claimed messages were shown: mark them consumed and drop the claims."""
+        """Claimed messages were shown: mark them consumed and drop the claims.
+
+        A ``Consumed`` event follows, so an application counting unread
+        messages learns of it (``roost chat``, when a ``roost listen`` handed
+        to it printed them)."""
         for m in messages:
             self.state.consume_one(m.conv, m.seq)
         self.release(messages)
+        if messages:
+            self._emit(Consumed(tuple(dict.fromkeys(m.conv for m in messages))))
 
     def release(self, messages: Sequence[Message]) -> None:
         for m in messages:

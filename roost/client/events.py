@@ -82,6 +82,15 @@ class LocalSend:
 
 
 @dataclass(slots=True, frozen=True)
+class Consumed:
+    """Another reader of this client (a ``roost listen`` handed to it through
+    the local socket) showed the user received messages of ``convs``: they
+    are no longer unread (``Client.unread_counts``)."""
+
+    convs: tuple[str, ...]
+
+
+@dataclass(slots=True, frozen=True)
 class ReceiptEvent:
     """Receipt marks for messages this user sent in ``conv``.
 
@@ -134,6 +143,7 @@ Event = (
     | Membership
     | LocalSend
     | Sent
+    | Consumed
     | ReceiptEvent
     | PresenceEvent
     | TypingEvent

@@ -63,12 +63,6 @@ CREATE TABLE IF NOT EXISTS messages (
     consumed INTEGER NOT NULL DEFAULT 1,   -- 0: received, not yet shown to the user
     PRIMARY KEY (conv, seq)
 );
--- `roost chat`: per conversation, the highest seq the user saw with the chat
--- open; incoming messages above it are the chat's unread ones.
-CREATE TABLE IF NOT EXISTS chat_seen (
-    conv TEXT PRIMARY KEY,
-    seen INTEGER NOT NULL
-);
 -- `roost chat`: group names it learnt (membership events are not in messages).
 CREATE TABLE IF NOT EXISTS chat_groups (
     conv TEXT PRIMARY KEY,
@@ -94,7 +88,7 @@ class OutboxItem:
 @dataclass(slots=True, frozen=True)
 class ChatSummary:
     """One conversation as the chat list shows it: its newest stored message
-    and how many incoming messages came after what the chat showed."""
+    and how many received messages in it are unconsumed (unread)."""
 
     conv: str
     seq: int
@@ -161,6 +155,10 @@ class ClientState:
             # Messages of an older state were all shown already (or lost to
             # the old behaviour); they count as consumed.
             self.db.execute("ALTER TABLE messages ADD COLUMN consumed INTEGER NOT NULL DEFAULT 1")
+        # `roost chat` once kept its own unread marks here (the highest seq
+        # shown per chat); unread is now what is unconsumed, which the chat
+        # marks as it shows a message, so the table says nothing more.
+        self.db.execute("DROP TABLE IF EXISTS chat_seen")
 
     def close(self) -> None:
         self.commit()
@@ -316,19 +314,7 @@ class ClientState:
         self.db.execute("UPDATE messages SET consumed = 1 WHERE conv = ? AND seq = ?", (conv, seq))
         self.commit()
 
-    # roost chat: what it showed, so unread counts and the open chat survive a restart
-
-    def chat_seen(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT conv, seen FROM chat_seen").fetchall())
-
-    def save_chat_seen(self, conv: str, seq: int) -> None:
-        self._begin()
-        self.db.execute(
-            "INSERT INTO chat_seen (conv, seen) VALUES (?,?)"
-            " ON CONFLICT (conv) DO UPDATE SET seen=max(seen, excluded.seen)",
-            (conv, seq),
-        )
-        self.commit()
+    # roost chat: the groups it learnt, so the chat list and names survive a restart
 
     def chat_groups(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT conv, name FROM chat_groups").fetchall())
@@ -342,14 +328,12 @@ class ClientState:
         )
         self.commit()
 
-    def chat_summaries(self, me: str) -> list[ChatSummary]:
-        """Every conversation with stored messages: the newest one, and the
-        count of messages from others above the chat's ``seen`` mark."""
+    def chat_summaries(self) -> list[ChatSummary]:
+        """Every conversation with stored messages: the newest one, and how
+        many received messages in it were not shown yet (its unread count)."""
         rows = self.db.execute(
             "SELECT m.conv, m.seq, m.sender, m.ct, m.body, m.ts,"
-            " (SELECT count(*) FROM messages u WHERE u.conv = m.conv AND u.sender != ?"
-            "  AND u.seq > coalesce((SELECT seen FROM chat_seen s WHERE s.conv = m.conv), 0))"
-            " FROM messages m WHERE m.seq = (SELECT max(seq) FROM messages x WHERE x.conv = m.conv)",
-            (me,),
+            " (SELECT count(*) FROM messages u WHERE u.conv = m.conv AND u.consumed = 0)"
+            " FROM messages m WHERE m.seq = (SELECT max(seq) FROM messages x WHERE x.conv = m.conv)"
         ).fetchall()
         return [ChatSummary(c, q, snd, ct, bytes(b), ts, n) for c, q, snd, ct, b, ts, n in rows]

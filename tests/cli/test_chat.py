@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -34,15 +35,18 @@ from roost.cli.chat import (
 from roost.client import (
     Client,
     Connected,
+    Consumed,
     Disconnected,
     ErrorEvent,
     GroupInfo,
+    LocalSend,
     Membership,
     Message,
     PresenceEvent,
     ReceiptEvent,
     RoostError,
     SendResult,
+    Sent,
     TypingEvent,
 )
 from roost.client.state import ClientState
@@ -134,6 +138,22 @@ def test_send_refused_by_server_shows_failed_tick_and_error_line() -> None:
     view.add_pending("bob", "m1", "x")
     view.apply(ErrorEvent("not_member", "not a member", "m1"))
     assert view.render_text().splitlines() == ["me: x ✗", "! not sent: not_member: not a member"]
+
+
+def test_a_send_handed_over_by_another_command_is_an_own_line_in_its_chat() -> None:
+    view = view_with_chat("bob")
+    changes = view.apply(LocalSend("m1", "carol", None, "text/plain", b"from a script", T0 * 1000))
+    assert [ln.text for ln in changes.lines] == ["from a script"]
+    assert view.lines() == []  # carol's chat, not the open one
+    (line,) = view.lines("carol")
+    assert line.kind == "own" and view.tick(line) is Tick.PENDING
+    view.apply(Sent("m1", "d:alice:carol", 1, T0 * 1000))
+    assert view.tick(line) is Tick.SENT and line.seq == 1
+    view.apply(ReceiptEvent("d:alice:carol", {"carol": (1, 0)}, 1, 0))
+    assert view.tick(line) is Tick.DELIVERED
+    view.apply(LocalSend("m2", None, GROUP, "text/plain", b"to the group", T0 * 1000))
+    assert [ln.text for ln in view.lines(GROUP)] == ["to the group"]
+    assert view.unread == {}  # the user's own messages are never unread
 
 
 # -- reading, unread, history ------------------------------------------------------------
@@ -267,10 +287,11 @@ def test_membership_lines_and_group_state() -> None:
     assert not view.conversation_exists(GROUP)
 
 
-def test_membership_in_another_group_counts_as_unread() -> None:
+def test_membership_in_another_group_rings_the_bell_but_unread_counts_messages() -> None:
     view = view_with_chat("bob")
-    view.apply(member(1, "created", "carol", ("alice",), "Fun"))
-    assert "unread: #Fun 1" in view.status_text(T0)
+    assert view.apply(member(1, "created", "carol", ("alice",), "Fun")).bell
+    assert view.unread == {}  # unread = received messages not shown (the client state's notion)
+    assert GROUP in view.chat_list()
     assert view.lines(GROUP)[0].text == 'carol created group "Fun" with you'
 
 
@@ -322,7 +343,7 @@ def test_chat_list_shows_every_chat_newest_first_with_unread_and_last_message() 
         "  me: sure",
         "  carol 2",
         "      now?",
-        "  #Team 1",
+        "  #Team",  # a membership change is news (the bell), not an unread message
         '  dave created group "Team"',  # cut to the pane's width
     ]
     assert view.adjacent_chat(+1) == "carol"
@@ -396,6 +417,12 @@ class FakeClient:
 
     async def mark_read(self, conv: str, seq: int) -> None:
         self.calls.append(("read", conv, seq))
+
+    def mark_consumed(self, conv: str, seq: int) -> None:
+        self.state.mark_consumed(conv, seq)
+
+    def unread_counts(self) -> dict[str, int]:
+        return self.state.unconsumed_counts()
 
     async def typing(self, conv: str, active: bool = True) -> None:
         self.calls.append(("typing", conv))
@@ -925,7 +952,8 @@ async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path
             await wait_pane(tmux, lambda p: "▸ bob" in p and "│ bob" in p, "Alt-Down back to bob", err)
 
             info = await bob.create_group("Weekend Plans", ["alice", "carol"])
-            await wait_pane(tmux, lambda p: "#Weekend Plans 1" in p, "the new group in the list", err)
+            pane = await wait_pane(tmux, lambda p: "  #Weekend Plans" in p, "the new group in the list", err)
+            assert "#Weekend Plans 1" not in pane  # being added is news (the bell), not an unread message
             keys("/group wee", "Tab")
             await wait_pane(tmux, lambda p: "> /group Weekend Plans" in p, "Tab to complete the name", err)
             keys("Enter")
@@ -961,3 +989,52 @@ async def test_groups_known_from_an_earlier_run_are_listed_and_open_by_name() ->
         assert view.current == GROUP
     finally:
         await ctrl.stop()
+
+
+async def test_a_state_from_when_the_chat_kept_its_own_seen_marks_still_opens(tmp_path: Path) -> None:
+    """``chat_seen`` (the chat's own unread marks, before unread became the
+    unconsumed count) is dropped; the chat list and open chat come back."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE messages (conv TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL,"
+        " sender TEXT NOT NULL, ct TEXT NOT NULL, body BLOB NOT NULL, ts INTEGER NOT NULL,"
+        " PRIMARY KEY (conv, seq));"
+        "CREATE TABLE chat_seen (conv TEXT PRIMARY KEY, seen INTEGER NOT NULL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO messages VALUES ('d:alice:bob', 1, 'b1', 'bob', 'text/plain', x'6869', 1);"
+        "INSERT INTO messages VALUES ('d:alice:carol', 1, 'c1', 'carol', 'text/plain', x'796f', 2);"
+        "INSERT INTO chat_seen VALUES ('d:alice:bob', 1);"
+        "INSERT INTO meta VALUES ('user', 'alice'), ('chat_current', 'bob');"
+    )
+    db.close()
+    client = FakeClient()
+    client.state = ClientState(path)
+    view = ChatView(tz=UTC)
+    ctrl = ChatController(client, view)  # type: ignore[arg-type]
+    await ctrl.start()
+    try:
+        assert view.current == "bob" and view.chat_list() == ["carol", "bob"]
+        assert view.unread == {}  # an old state's history counts as shown
+        tables = {r[0] for r in client.state.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "chat_seen" not in tables
+    finally:
+        await ctrl.stop()
+        client.state.close()
+
+
+async def test_the_unread_counts_follow_a_listen_handed_to_the_running_chat(chat: Any) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line("/to bob")
+    carol = "d:alice:carol"
+    for seq in (1, 2):  # as the SDK does: stored unconsumed, then the event
+        client.state.store_message(carol, seq, f"c{seq}", "carol", "text/plain", b"hi", T0 * 1000)
+        client.state.commit()
+        client.queue.put_nowait(msg(seq, sender="carol", conv=carol))
+    await settle()
+    assert view.unread == {"carol": 2}
+    client.state.consume_one(carol, 1)  # a `roost listen` handed to the chat printed one
+    client.queue.put_nowait(Consumed((carol,)))
+    await settle()
+    assert view.unread == {"carol": 1}
+    assert "unread: carol 1" in view.status_text(T0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -259,16 +260,77 @@ async def test_roost_send_while_roost_chat_runs_leaves_the_chat_connected(
         tmux.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
         await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
         _wait_for_socket(tmp_path / "alice.state")
+        tmux.run("send-keys", "-t", "chat", "/to bob", "Enter")
+        await wait_pane(tmux, lambda p: "│ bob" in p, "bob's chat to open", err)
         out = await asyncio.to_thread(roost, tmp_path, "send", *alice, "--to", "bob", "from a script")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["status"] == "sent"
         assert _connections(server) == 1
+        # The chat shows it as alice's own message in bob's chat, with its tick.
+        sent = re.compile(r"me: from a script ✓$", re.M)
+        await wait_pane(tmux, sent.search, "the handed-over message with ✓ in the chat pane", err)
         got = await asyncio.to_thread(
             roost, tmp_path, "listen", *flags["bob"], "--count", "1", "--timeout", "10"
         )
         assert [m["text"] for m in json_lines(got.stdout)] == ["from a script"], got.stderr
+        delivered = re.compile(r"me: from a script ✓✓$", re.M)
+        pane = await wait_pane(tmux, delivered.search, "✓✓ once bob's listen received it", err)
+        assert pane.count("from a script") == 2  # the chat pane's line and the chat list's preview
+
+        # A handed-over send the server refuses shows as not sent in its chat.
+        refused = await asyncio.to_thread(roost, tmp_path, "send", *alice, "--to", "nobody", "lost")
+        assert refused.returncode == 1 and "unknown_user" in refused.stderr
+        tmux.run("send-keys", "-t", "chat", "/to nobody", "Enter")
+        await wait_pane(tmux, lambda p: "not sent: unknown_user" in p, "the refusal in nobody's chat", err)
         pane = tmux.capture()
         assert "disconnected" not in pane and "replaced" not in pane, pane
         assert tmux.alive()
     finally:
         tmux.kill()
+
+
+@pytest.mark.embedded_only
+async def test_roost_chat_counts_as_unread_what_no_command_of_the_account_showed(
+    server: ServerProcess, flags, tmp_path: Path
+) -> None:
+    """One notion of unread: a message ``roost listen`` printed is not unread
+    in ``roost chat``; one ``roost send`` received without showing it is; and
+    what the chat shows, a later ``roost listen`` does not print again."""
+    from tests.cli.test_chat import RealChat
+
+    async def run(*args: str) -> list[str]:
+        out = await asyncio.to_thread(roost, tmp_path, *args)
+        assert out.returncode == 0, out.stderr
+        return [m["text"] for m in json_lines(out.stdout) if "text" in m]
+
+    alice = flags["alice"]
+    await run("send", *flags["bob"], "--to", "alice", "printed by listen")
+    assert await run("listen", *alice, "--count", "1", "--timeout", "10") == ["printed by listen"]
+    await run("send", *flags["carol"], "--to", "alice", "received by send")
+    await run("send", *alice, "--to", "bob", "alice's send")  # receives carol's, shows nothing
+
+    token = alice[alice.index("--token") + 1]
+    chat = RealChat(server.url, token, tmp_path / "alice.state")
+    await chat.ctrl.start()
+    try:
+        assert chat.view.unread == {"carol": 1}  # from the state, before any event
+        await chat.until(lambda: chat.view.connection == "connected", "the connection")
+        chat.ctrl.handle_line("/to carol")  # shown now
+        assert [ln.text for ln in chat.view.lines() if ln.kind == "in"] == ["received by send"]
+        assert chat.view.unread == {}
+
+        # bob writes while carol's chat is open: unread, until a listen handed
+        # to the chat (its local socket) prints it.
+        await run("send", *flags["bob"], "--to", "alice", "while the chat runs")
+        await chat.until(lambda: chat.view.unread == {"bob": 1}, "bob's message as unread")
+        assert await run("listen", *alice, "--count", "1", "--timeout", "10") == ["while the chat runs"]
+        await chat.until(lambda: chat.view.unread == {}, "the unread count to drop after the listen")
+
+        await run("send", *flags["carol"], "--to", "alice", "in the open chat")
+        await chat.until(
+            lambda: any(ln.text == "in the open chat" for ln in chat.view.lines()), "carol's message"
+        )
+    finally:
+        await chat.ctrl.stop()
+    # What the chat showed is consumed: a listen after it prints nothing.
+    assert await run("listen", *alice, "--timeout", "1") == []
