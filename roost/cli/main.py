@@ -93,8 +93,9 @@ def _dev_cluster(args: argparse.Namespace) -> int:
 
 def _user_add(args: argparse.Namespace) -> int:
     from roost.core.ids import is_valid_user_name
+    from roost.core.tokens import hash_token
     from roost.protocol.errors import ProtocolError
-    from roost.service.chat import hash_token, now_ms
+    from roost.service.chat import now_ms
     from roost.store.sqlite import SqliteStore, database_path
 
     if not is_valid_user_name(args.name):
