@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     from roost.gateway.server import GatewayConfig, serve
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
+    from roost.store.datadir import DataDirError, ServerLock
 
     setup_logging(args.log_level)
     config = GatewayConfig(
@@ -58,9 +60,14 @@ def _serve(args: argparse.Namespace) -> int:
             presence_debounce=args.presence_debounce,
         ),
     )
+    # Embedded mode: one server per data directory (roost/store/datadir.py).
+    lock: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext() if args.store else ServerLock(config.data_dir)
+    )
     try:
-        serve(config)
-    except OSError as exc:
+        with lock:
+            serve(config)
+    except (OSError, DataDirError) as exc:
         print(f"roost serve: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -72,6 +79,9 @@ def _add_user(sub: argparse._SubParsersAction) -> None:
     add = users.add_parser("add", help="create a user; prints its bearer token as the last line")
     add.add_argument("name")
     add.add_argument("--data-dir", default="roost-data")
+    add.add_argument(
+        "--create", action="store_true", help="create the data directory's database if it has none yet"
+    )
     add.add_argument("--store", default=None, help="cluster mode: postgresql://... instead of --data-dir")
     add.set_defaults(func=_user_add)
 
@@ -96,11 +106,18 @@ def _user_add(args: argparse.Namespace) -> int:
     from roost.core.tokens import hash_token
     from roost.protocol.errors import ProtocolError
     from roost.service.chat import now_ms
+    from roost.store.datadir import DataDirError, require_database
     from roost.store.sqlite import SqliteStore, database_path
 
     if not is_valid_user_name(args.name):
         print("roost user add: a name is 1-32 of a-z 0-9 _ . -", file=sys.stderr)
         return 2
+    if not args.store:
+        try:
+            require_database(args.data_dir, create=args.create)
+        except DataDirError as exc:
+            print(f"roost user add: {exc}", file=sys.stderr)
+            return 1
     # A fixed prefix: a token never starts with '-', which a command line
     # would take for an option.
     token = "rt_" + secrets.token_urlsafe(32)
