@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         with lock:
-            serve(config)
+            stopped_by = serve(config)
     except (OSError, DataDirError) as exc:
         print(f"roost serve: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # Ctrl-C exits 130 as shells expect; SIGTERM (a service manager's stop) is a normal end.
+    return 130 if stopped_by == signal.SIGINT else 0
 
 
 def _add_user(sub: argparse._SubParsersAction) -> None:
@@ -196,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Building the parser imports most of roost (and aiohttp): a Ctrl-C that
+    # early is as clean as one later.
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
