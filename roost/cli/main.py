@@ -94,13 +94,16 @@ def _add_dev_cluster(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gateways", type=int, default=3)
     p.add_argument("--port", type=int, default=8765, help="first gateway's port (then +1, +2, ...)")
+    p.add_argument(
+        "--no-restart", action="store_true", help="leave a dead gateway down (to watch clients fail over)"
+    )
     p.set_defaults(func=lambda a: _dev_cluster(a))
 
 
 def _dev_cluster(args: argparse.Namespace) -> int:
     from roost.devcluster.run import run_dev_cluster
 
-    return run_dev_cluster(args.gateways, args.port)
+    return run_dev_cluster(args.gateways, args.port, restart=not args.no_restart)
 
 
 def _user_add(args: argparse.Namespace) -> int:
