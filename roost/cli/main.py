@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     from roost.gateway.server import GatewayConfig, serve
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
+    from roost.store.datadir import DataDirError, ServerLock
 
     setup_logging(args.log_level)
     max_pending = args.max_unauthenticated
@@ -88,12 +91,18 @@ def _serve(args: argparse.Namespace) -> int:
             presence_debounce=args.presence_debounce,
         ),
     )
+    # Embedded mode: one server per data directory (roost/store/datadir.py).
+    lock: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext() if args.store else ServerLock(config.data_dir)
+    )
     try:
-        serve(config)
-    except OSError as exc:
+        with lock:
+            stopped_by = serve(config)
+    except (OSError, DataDirError) as exc:
         print(f"roost serve: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # Ctrl-C exits 130 as shells expect; SIGTERM (a service manager's stop) is a normal end.
+    return 130 if stopped_by == signal.SIGINT else 0
 
 
 def _add_user(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,6 +111,9 @@ def _add_user(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add = users.add_parser("add", help="create a user; prints its bearer token as the last line")
     add.add_argument("name")
     add.add_argument("--data-dir", default="roost-data")
+    add.add_argument(
+        "--create", action="store_true", help="create the data directory's database if it has none yet"
+    )
     add.add_argument("--store", default=None, help="cluster mode: postgresql://... instead of --data-dir")
     add.set_defaults(func=_user_add)
     from roost.cli import users as administration
@@ -115,24 +127,35 @@ def _add_dev_cluster(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--gateways", type=int, default=3)
     p.add_argument("--port", type=int, default=8765, help="first gateway's port (then +1, +2, ...)")
+    p.add_argument(
+        "--no-restart", action="store_true", help="leave a dead gateway down (to watch clients fail over)"
+    )
     p.set_defaults(func=lambda a: _dev_cluster(a))
 
 
 def _dev_cluster(args: argparse.Namespace) -> int:
     from roost.devcluster.run import run_dev_cluster
 
-    return run_dev_cluster(args.gateways, args.port)
+    return run_dev_cluster(args.gateways, args.port, restart=not args.no_restart)
 
 
 def _user_add(args: argparse.Namespace) -> int:
     from roost.core.ids import is_valid_user_name
+    from roost.core.tokens import hash_token
     from roost.protocol.errors import ProtocolError
-    from roost.service.chat import hash_token, now_ms
+    from roost.service.chat import now_ms
+    from roost.store.datadir import DataDirError, require_database
     from roost.store.sqlite import SqliteStore, database_path
 
     if not is_valid_user_name(args.name):
         print("roost user add: a name is 1-32 of a-z 0-9 _ . -", file=sys.stderr)
         return 2
+    if not args.store:
+        try:
+            require_database(args.data_dir, create=args.create)
+        except DataDirError as exc:
+            print(f"roost user add: {exc}", file=sys.stderr)
+            return 1
     # A fixed prefix: a token never starts with '-', which a command line
     # would take for an option.
     token = "rt_" + secrets.token_urlsafe(32)
@@ -211,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Building the parser imports most of roost (and aiohttp): a Ctrl-C that
+    # early is as clean as one later.
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"roost {args.command}: {exc}", file=sys.stderr)

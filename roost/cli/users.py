@@ -186,7 +186,7 @@ def _when(seconds: float | None) -> str:
 
 
 def _token_reset(args: argparse.Namespace) -> int:
-    from roost.service.chat import hash_token
+    from roost.core.tokens import hash_token
 
     _needs_registry(args, "token reset")
     # The same form as `roost user add`: never starts with '-'.

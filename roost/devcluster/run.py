@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from roost.devcluster.postgres import PgServer, free_port
+from roost.devcluster.postgres import PgServer, PgUnavailable, free_port
 from roost.devcluster.redis import RedisServer
 
 
@@ -80,7 +81,14 @@ class DevCluster:
         )
         log.close()
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
+        try:
+            wait_healthy(url, proc)
+        except RuntimeError as exc:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            why = last_line(self.root / f"gw{i}.log") or str(exc)
+            raise GatewayFailed(f"gateway gw{i} on port {port} did not start: {why}") from None
         if i < len(self.gateways):
             self.gateways[i] = (url, proc)
         else:
@@ -111,30 +119,101 @@ class DevCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def run_dev_cluster(gateways: int, base_port: int) -> int:
+class GatewayFailed(RuntimeError):
+    """A gateway did not start; the message names it and says why."""
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway binds
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+class Supervisor:
+    """Keeps a ``roost dev-cluster`` running: a gateway that dies is reported and
+    restarted on its port (or, with ``restart=False``, left down), while the
+    others keep serving. Tests and ``roost verify --cluster`` use ``DevCluster``
+    alone: their kills must stay kills."""
+
+    def __init__(self, cluster: DevCluster, restart: bool) -> None:
+        self.cluster = cluster
+        self.restart = restart
+        self.down: set[int] = set()
+        self.stopping = False
+
+    def check(self) -> None:
+        for i, (url, proc) in enumerate(list(self.cluster.gateways)):
+            if self.stopping or i in self.down or proc.poll() is None:
+                continue
+            say(f"gateway gw{i} {url} (pid {proc.pid}) died: {exit_reason(proc.returncode)}")
+            if not self.restart:
+                self.down.add(i)
+                say(f"gateway gw{i} left down (--no-restart); the others keep serving")
+                continue
+            try:
+                self.cluster.start_gateway(i, port=int(url.rsplit(":", 1)[1]))
+            except GatewayFailed as exc:
+                self.down.add(i)
+                say(f"{exc}; left down, the others keep serving")
+                continue
+            say(f"gateway gw{i} restarted: {url} (pid {self.cluster.gateways[i][1].pid})")
+
+
+def exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+
+def run_dev_cluster(gateways: int, base_port: int, restart: bool = True) -> int:
+    # Refuse taken ports before the seconds PostgreSQL takes to start.
+    taken = [base_port + i for i in range(gateways) if port_in_use(base_port + i)]
+    if taken:
+        ports = ", ".join(str(p) for p in taken)
+        print(f"roost dev-cluster: port {ports} on 127.0.0.1 is in use (try another --port)", file=sys.stderr)
+        return 1
     cluster = DevCluster(gateways, base_port)
-    stop = False
+    supervisor = Supervisor(cluster, restart)
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+        # A terminal's Ctrl-C reaches the gateways too: their exits are the
+        # stop, not deaths to restart.
+        supervisor.stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except (GatewayFailed, PgUnavailable, FileNotFoundError) as exc:
+            print(f"roost dev-cluster: {exc}", file=sys.stderr)
+            return 1
         print(f"PostgreSQL: {cluster.dsn}")
         assert cluster.redis is not None
         print(f"Redis:      {cluster.redis.url}")
-        for url in cluster.urls:
-            print(f"gateway:    {url}")
+        for i, (url, proc) in enumerate(cluster.gateways):
+            print(f"gateway:    {url} (gw{i}, pid {proc.pid})")
         print(f"add a user: roost user add NAME --store {cluster.dsn}")
-        print("Ctrl-C stops everything and deletes its data.", flush=True)
-        while not stop:
-            for url, proc in cluster.gateways:
-                if proc.poll() is not None:
-                    print(f"gateway {url} exited with {proc.returncode}", file=sys.stderr)
-                    stop = True
+        dead = "restarted" if restart else "left down (--no-restart)"
+        print(f"A gateway that dies is {dead}. Ctrl-C stops everything and deletes its data.", flush=True)
+        while not supervisor.stopping:
+            supervisor.check()
             time.sleep(0.2)
     finally:
         cluster.stop()

@@ -292,23 +292,29 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def serve(config: GatewayConfig) -> None:
-    """Run one gateway until SIGINT/SIGTERM (``roost serve``)."""
+def serve(config: GatewayConfig) -> signal.Signals:
+    """Run one gateway until SIGINT/SIGTERM (``roost serve``); returns which one."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(run_gateway(config))
+        return runner.run(run_gateway(config))
 
 
-async def run_gateway(config: GatewayConfig) -> None:
-    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+async def run_gateway(config: GatewayConfig) -> signal.Signals:
+    """Run until SIGINT/SIGTERM, then shut down gracefully; returns the signal."""
     gateway = Gateway(config)
     await gateway.start()
-    stop = asyncio.Event()
+    stopped_by: asyncio.Future[signal.Signals] = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+            loop.add_signal_handler(sig, _resolve_once, stopped_by, sig)
+    sig = await stopped_by
     await gateway.stop()
+    return sig
+
+
+def _resolve_once(fut: asyncio.Future[signal.Signals], sig: signal.Signals) -> None:
+    if not fut.done():  # a second Ctrl-C during the graceful stop changes nothing
+        fut.set_result(sig)
 
 
 async def _gone(ws: web.WebSocketResponse, request: web.Request) -> bool:

@@ -44,7 +44,9 @@ with a Lua script that extends it if it is ours, sets it again if it is
 missing (Redis restarted empty, or an outage outlived the TTL) and reports it
 if another gateway owns it now (a lost notice): that session is replaced
 too. ``detach`` deletes the key only if it still holds this session's value
-(Lua compare-and-delete).
+(Lua compare-and-delete). An attach whose round failed (Redis down, or the
+first round after a Redis restart, which meets a dead pooled connection) is
+retried by the router from 50 ms on, backing off up to the heartbeat.
 
 Presence. The service's ``PresenceTracker`` still debounces; its changes go
 through ``announce``. A gateway adds its id to ``{p}w:{user}`` when a first
@@ -93,6 +95,7 @@ from roost.store.base import ReceiptState, StoredMessage
 log = logging.getLogger("roost.registry.redis")
 
 CHUNK = 1000  # keys per MGET / Lua call
+RETRY_FIRST = 0.05  # seconds before a failed attach is tried again; doubles up to the heartbeat
 
 # -- wire format -------------------------------------------------------------
 
@@ -354,6 +357,13 @@ class RedisRegistry:
         self._unwatch_sent: set[str] = set()
         # detaches that failed while Redis was unreachable, retried later
         self._retry_detach: dict[str, bytes] = {}
+        # attaches whose round failed, retried by the next round: soon (with
+        # backoff), not a heartbeat later. The first round after a Redis
+        # restart fails on the dead pooled connection, and until the mapping
+        # is written the other gateways' pushes to the user find no route.
+        self._retry_attach: dict[str, bytes] = {}
+        self._retry_backoff = RETRY_FIRST
+        self._retry_at = 0.0
 
         # queues for the router
         self._batch = _Batch()
@@ -692,7 +702,8 @@ class RedisRegistry:
         next_heartbeat = 0.0
         while self._running:
             if not self._has_work():
-                delay = next_heartbeat - time.monotonic()
+                wake_at = min(next_heartbeat, self._retry_at) if self._retry_attach else next_heartbeat
+                delay = wake_at - time.monotonic()
                 if delay > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(delay):
@@ -713,6 +724,7 @@ class RedisRegistry:
                 log.exception("gateway %s: router round failed", self.gateway_id)
                 self._failed(batch, None)
             else:
+                self._retry_backoff = RETRY_FIRST
                 self._recovered()
                 if self._resync_after_refresh and not self._refresh_backlog:
                     self._resync_after_refresh = False
@@ -756,7 +768,12 @@ class RedisRegistry:
         notices: dict[str, list[_Replaced]] = {}
         now = time.monotonic()
 
-        # 1. writes, in call order (runs of the same kind share one Lua call)
+        # 1. writes, in call order (runs of the same kind share one Lua call);
+        # attaches of a failed round first, if still current: they are older
+        if self._retry_attach:
+            retried = [(_ATTACH, u, v) for u, v in self._retry_attach.items() if self._values.get(u) == v]
+            self._retry_attach.clear()  # a failure of this round puts them back
+            batch.ops[:0] = retried
         attaching = self._write_ops(batch.ops, pipe, handlers, notices, now)
         for users, found in batch.fetches:
             pipe.mget(list(map(self._ukey, users)))
@@ -1224,9 +1241,15 @@ class RedisRegistry:
                 and len(self._retry_detach) < self.max_pending
             ):
                 self._retry_detach[user] = value
+            elif kind == _ATTACH and value is not None and self._values.get(user) == value:
+                self._retry_attach[user] = value  # bounded: one per local session
+        if self._retry_attach:
+            self._retry_at = time.monotonic() + self._retry_backoff
+            self._retry_backoff = min(self._retry_backoff * 2, self.heartbeat)
         # Whatever watch writes were in flight may be lost: re-add them all
         # later. Heartbeat work is dropped until the next tick, so a Redis
-        # outage costs one failing round per push batch or tick, no busy loop.
+        # outage costs one failing round per push batch or tick (plus the
+        # attach retries, backing off to one per tick), no busy loop.
         self._resync_watch = True
         self._refresh_backlog.clear()
         self._revalidate_backlog.clear()

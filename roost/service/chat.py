@@ -19,7 +19,6 @@ Ordering of effects matters and is deliberate:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -29,6 +28,7 @@ from typing import Any
 
 from roost.core.ids import is_group_id, new_group_id
 from roost.core.presence import PresenceTracker
+from roost.core.tokens import hash_token
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
@@ -37,10 +37,6 @@ from roost.service.session import Session, Sink, receipt_frame
 from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
 
 log = logging.getLogger("roost.chat")
-
-
-def hash_token(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 def now_ms() -> int:
@@ -527,4 +523,4 @@ class ChatService:
         session.push_frame(encode(f.Pong(t=frame.t)))
 
 
-__all__ = ["ChatService", "CloseCode", "ServiceConfig", "hash_token"]
+__all__ = ["ChatService", "CloseCode", "ServiceConfig"]

@@ -34,7 +34,8 @@ import aiohttp
 
 from roost.client import Client, Membership, Message, ReceiptEvent, Sent
 from roost.client.events import ErrorEvent
-from roost.service.chat import ServiceConfig, hash_token
+from roost.core.tokens import hash_token
+from roost.service.chat import ServiceConfig
 from roost.sim.cluster import Gateway, Router
 from roost.sim.faults import DEFAULT_FAULTS
 from roost.sim.loop import VirtualClockLoop

@@ -7,9 +7,11 @@ straight through the store: one group commit for all of them.
 
 from __future__ import annotations
 
-import secrets
+import time
 from pathlib import Path
 from typing import Any
+
+from roost.core.tokens import hash_token, new_token
 
 
 def open_store(location: str | Path) -> Any:
@@ -24,24 +26,19 @@ def open_store(location: str | Path) -> Any:
     return SqliteStore(database_path(Path(spec)))
 
 
-def new_token() -> str:
-    # A fixed prefix: a token never starts with '-', which a command line
-    # would take for an option.
-    return "rt_" + secrets.token_urlsafe(24)
-
-
 async def add_users(location: str | Path, names: list[str]) -> dict[str, str]:
     """Create ``names`` and return name -> bearer token."""
-    from roost.service.chat import hash_token, now_ms
-
     store = open_store(location)
     tokens = {name: new_token() for name in names}
     await store.open()
     try:
-        now = now_ms()
+        now = int(time.time() * 1000)  # creation time, milliseconds (as the service stamps it)
         futures = [store.add_user(name, hash_token(token), now) for name, token in tokens.items()]
         for future in futures:
             await future
     finally:
         await store.close()
     return tokens
+
+
+__all__ = ["add_users", "new_token", "open_store"]

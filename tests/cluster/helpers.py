@@ -15,8 +15,9 @@ import asyncpg
 import redis
 
 from roost.client import Client, Message
+from roost.core.tokens import hash_token
 from roost.devcluster.run import DevCluster
-from roost.service.chat import hash_token, now_ms
+from roost.service.chat import now_ms
 from roost.store.postgres import PostgresStore
 from tests.e2e.helpers import RawWS
 from tests.e2e.helpers import collect as collect_events

@@ -262,8 +262,11 @@ async def test_stale_route_to_a_missing_gateway_keeps_the_user_connected(
     stale, not a newer connection: bob's live session must not be closed as
     "replaced" (4003 makes the SDK stop for good), and he must get new messages.
 
-    Fails today: ``RedisRegistry``'s heartbeat refresh (``_REFRESH``) reports any
-    foreign value as "lost" and ``_evict`` closes the session with 4003."""
+    What decides it: mapping values end in ``|<connect ms>`` and the heartbeat
+    refresh (``_REFRESH``) lets only a later connection keep the key; the forged
+    value has no time, so gw2 sets bob's mapping again and has him re-read his
+    inbox, and the checks below see no final ``Disconnected`` within two
+    heartbeats and every message delivered."""
     a, b = names("alice", "bob")
     tokens = await add_users(cluster, [a, b])
     alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)
@@ -364,10 +367,14 @@ async def test_connection_made_while_redis_was_down_does_not_evict_a_newer_one(
     phone then moves networks and he connects again on gw2 once Redis is back. The
     newer connection must win; the old one is the one to close.
 
-    Fails today: at gw1's next heartbeat ``RedisRegistry._background_slices``
-    re-attaches the unconfirmed mapping with ``SET ... GET`` over gw2's newer value
-    and notifies gw2, which closes bob's live connection with 4003 (the SDK then
-    stops for good) while the stale socket on gw1 stays open."""
+    Checked: gw2's mapping is in Redis within a second of the welcome (the
+    welcome precedes the attach, and the first round after the Redis restart
+    fails on a dead pooled connection: the router retries the attach at once
+    instead of leaving the route missing until gw2's next heartbeat); over two
+    heartbeats gw1 (whose attach or refresh carries the older connect time)
+    never takes the mapping back, the newer connection sees no final
+    ``Disconnected``, the old socket is closed with 4003, and a message to bob
+    reaches the newer connection."""
     a, b = names("alice", "bob")
     tokens = await add_users(cluster, [a, b])
     assert cluster.redis is not None
@@ -379,7 +386,8 @@ async def test_connection_made_while_redis_was_down_does_not_evict_a_newer_one(
         cluster.redis.start()
     try:
         new = await connect(cluster, 2, tokens[b], tmp_path / "b.state", only=True)
-        assert route_of(cluster, b) == "gw2"
+        # Far less than a heartbeat: a lost attach must not wait for the refresh.
+        await wait_until(lambda: route_of(cluster, b) == "gw2", 1.0, "bob mapped to gw2 after the welcome")
         alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)
         others: list[object] = []
         await collect(new, 1, 2 * HEARTBEAT + 1, others)
@@ -460,12 +468,12 @@ async def test_online_recipient_keeps_receiving_after_postgres_restart(
     so his (cumulative) ``dack`` fails with ``unavailable``. Once PostgreSQL is back
     the rest must reach him without a reconnect.
 
-    Fails today: the SDK never repeats a dack it sent (``Client._dacked``), and the
-    gateway drops the failed one (``ChatService._marked`` only pushes an error frame,
-    ``Session.acked`` is never called), so the session's ``DeliveryCursor`` keeps a
-    full window in flight forever: no push and no drain (not even after ``sync``)
-    until bob reconnects. In a PostgreSQL restart under load this strands a
-    recipient in about half the runs; here it is forced."""
+    What makes it pass: when a mark fails with ``unavailable``,
+    ``ChatService._marked`` frees the session's window anyway (the device holds
+    those messages) and retries the cumulative mark until the store takes it, so
+    the ``DeliveryCursor`` does not keep a full window in flight forever. The
+    test forces the failure (bob's socket paused until PostgreSQL is down) and
+    checks all 201 messages arrive once, in order, on the one connection."""
     a, b = names("alice", "bob")
     tokens = await add_users(cluster, [a, b])
     alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from roost.client import Client, Message
+from roost.core.tokens import hash_token
 from roost.devcluster.postgres import PgUnavailable, free_port
 from roost.devcluster.run import DevCluster
-from roost.service.chat import hash_token, now_ms
+from roost.service.chat import now_ms
 from roost.store.postgres import PostgresStore
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "roost.conf"

@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 
 from roost.client import Client, Event, Message
-from roost.service.chat import hash_token, now_ms
+from roost.core.tokens import hash_token
+from roost.service.chat import now_ms
 from tests.e2e.cluster import ClusterServer, run_sync
 from tests.e2e.server import ServerProcess
 
@@ -34,7 +35,8 @@ AnyServer = ServerProcess | ClusterServer
 _ADD_USERS = textwrap.dedent(
     """
     import asyncio, json, sys
-    from roost.service.chat import hash_token, now_ms
+    from roost.core.tokens import hash_token
+    from roost.service.chat import now_ms
     from roost.store.sqlite import SqliteStore, database_path
 
     async def main():

@@ -60,8 +60,9 @@ class ServerProcess:
         return self.store_args
 
     def add_user(self, name: str) -> str:
+        # --create: tests may add users before the server first created its database.
         out = subprocess.run(
-            [sys.executable, "-m", "roost.cli.main", "user", "add", name, *self.store_args],
+            [sys.executable, "-m", "roost.cli.main", "user", "add", name, *self.store_args, "--create"],
             check=True,
             capture_output=True,
             text=True,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from roost.service.chat import hash_token, now_ms
+from roost.core.tokens import hash_token
+from roost.service.chat import now_ms
 from roost.store.sqlite import SqliteStore, database_path
 from tests.e2e.cluster import ClusterServer
 from tests.e2e.helpers import AnyServer, add_users_pg

@@ -526,3 +526,27 @@ async def test_the_admin_notifier_reaches_every_gateway(gateways: Any, redis_ser
         assert resynced == {"a": [["ann"]], "b": [["bob"]]}
     finally:
         await notifier.close()
+
+
+async def test_an_attach_in_the_round_a_redis_restart_fails_is_retried_at_once(
+    gateways: Any, redis_server: RedisServer, redis_client: Any
+) -> None:
+    """Redis restarts: the gateway's pooled connection is dead, so its next round
+    fails. An attach in that round must reach Redis as soon as Redis answers,
+    not a heartbeat later (pushes from other gateways find no route until then).
+    The heartbeat here is far longer than the wait, so only the retry can do it."""
+    b = await gateways("b", heartbeat=30.0, ttl=90.0)
+    attach(b, "ann")
+    await b.flush()
+    redis_server.restart()
+    bob = attach(b, "bob")
+    await b.flush()  # this round fails on the dead connection
+
+    async def route() -> bytes | None:
+        return await redis_client.get("roost:u:bob")
+
+    deadline = time.monotonic() + 3.0
+    while (value := await route()) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert value is not None and value.startswith(b"b|"), "the attach waited for the heartbeat"
+    assert bob.replaced_count == 0

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from roost.core.tokens import hash_token
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_server, encode
 from roost.registry.memory import MemoryRegistry
 from roost.service import session as session_module
-from roost.service.chat import ChatService, ServiceConfig, hash_token, now_ms
+from roost.service.chat import ChatService, ServiceConfig, now_ms
 from roost.service.session import Session
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore

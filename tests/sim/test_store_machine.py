@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from roost.core.ids import direct_conv_id
+from roost.core.tokens import hash_token
 from roost.protocol.errors import ErrorCode, ProtocolError
-from roost.service.chat import hash_token
 from roost.sim.loop import VirtualClockLoop
 from roost.sim.store import SimStore
 from roost.store.base import StoreUnavailable
