@@ -303,7 +303,35 @@ class SqliteStore:
                 except queue.Empty:
                     break
             if batch:
-                self._run_batch(conn, batch)
+                self._run_batch_or_fail(conn, batch)
+
+    def _run_batch_or_fail(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """Run a batch; if anything escapes ``_run_batch`` (an error before its
+        ``BEGIN``, or after ``COMMIT`` while the answers are handed over), fail
+        the batch's callers instead of letting the writer thread die with it:
+        a dead writer leaves these callers and every later one waiting forever."""
+        try:
+            self._run_batch(conn, batch)
+        except Exception as exc:
+            self._batch_crashed(conn, batch, exc)
+
+    def _batch_crashed(self, conn: sqlite3.Connection, batch: list[_Op], exc: Exception) -> None:
+        # The outcome is unknown to the callers (the batch may have committed):
+        # they are told the storage failed and retry, which the idempotent
+        # append makes safe. Their streams break, as on any storage failure.
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        self._convs.clear()
+        self._batch_receipts.clear()
+        self._batch_seqs.clear()
+        for op in batch:
+            if op.stream is not None:
+                op.stream.broken = True
+        failure = StoreUnavailable(f"storage error: the writer failed: {exc!r}")
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(_resolve, batch, [(False, failure)] * len(batch))
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         _merge_cumulative(batch)
