@@ -10,17 +10,32 @@ and reads run on the same connection after a seeded delay. An in-memory
 model of the store would be faster but would have to re-implement, and could
 drift from, the semantics it is meant to check.
 
-Faults, each decided from the run's seed:
+Faults, each decided from the run's seed, at every step where real storage
+fails:
 
-* ``fail_batches(n)``: the next ``n`` batches fail before commit (an I/O
-  error): the real failure path rolls back, drops the writer cache and
-  breaks the send streams; nothing of them is committed.
+* ``fail_batches(n, steps)``: each of the next ``n`` batches hits an I/O
+  error at one step: at ``BEGIN`` (before the batch), at a statement
+  ``inside`` it, or ``at`` ``COMMIT`` (the commit itself raises; nothing is
+  durable). The real failure path rolls back, drops the writer cache and
+  breaks the send streams.
+* ``writer_crash(step)``: the writer meets an unexpected error (not an I/O
+  error): ``before`` the batch (outside its transaction), or ``after`` its
+  ``COMMIT`` while the answers are handed over (durable, but every caller is
+  told it failed). Both go through ``SqliteStore._run_batch_or_fail``, the
+  production guard that keeps the writer thread alive.
 * ``crash(after_commit)``: the database process dies. The batch on disk is
   committed or not; every caller still waiting gets ``StoreUnavailable``
   (the connection broke), including the one whose batch did commit. The
   store stays down (every batch fails, reads fail) until ``restart``, which
   comes back with exactly what was committed (the writer cache is rebuilt
   from the tables).
+* ``fail_reads(seconds)``: every read fails (an I/O error on the reader).
+* ``slow_reads(seconds)``: reads answer 5-80 ms after their snapshot.
+
+Reads, like SQLite's in WAL mode, see the database as of their snapshot,
+taken when the read starts; the answer comes back later (a reader thread,
+then the event loop), so commits, and the pushes they make, race it: a read
+can return a state older than pushes the session already got.
 """
 
 from __future__ import annotations
@@ -53,13 +68,60 @@ class _SameThread:
         self.create_future = loop.create_future
         self._committed = committed
 
+        self.lose_answer = False  # the next hand-over of a batch's answers fails
+
     def call_soon_threadsafe(self, resolve: Callable[..., None], batch: Any, results: list[Any]) -> None:
+        if self.lose_answer:
+            # After COMMIT: the batch is durable, its answers never reach the loop.
+            self.lose_answer = False
+            self._committed(results)
+            # Not a RuntimeError: _run_batch takes that for a closed loop and ignores it.
+            raise ValueError("simulated writer crash after COMMIT")
         self._committed(results)
         self.loop.call_soon(resolve, batch, results)
 
 
-def _io_error(conn: sqlite3.Connection) -> None:
-    raise sqlite3.OperationalError("simulated I/O error")
+STORE_FAIL_STEPS = ("begin", "inside", "commit")
+READ_WAIT = (0.00002, 0.0003)  # until a reader thread takes the read: then its snapshot
+SLOW_READ = (0.005, 0.08)  # a slow answer: the reader thread or the loop is behind
+
+
+class _FaultyConnection:
+    """The writer's connection with one error armed for the next batch: at
+    ``BEGIN``, at the ``countdown``-th statement inside it, or at ``COMMIT``
+    (an ``inside`` error of a batch with fewer statements lands on ``COMMIT``)."""
+
+    def __init__(self, conn: sqlite3.Connection, step: str, countdown: int, error: Exception) -> None:
+        self._conn = conn
+        self.step: str | None = step
+        self.countdown = countdown
+        self.error = error
+
+    def _check(self, sql: str) -> None:
+        step = self.step
+        if step is None or sql == "ROLLBACK":
+            return
+        if sql.startswith("BEGIN"):
+            hit = step == "begin"
+        elif sql == "COMMIT":
+            hit = True
+        else:
+            self.countdown -= 1
+            hit = step == "inside" and self.countdown <= 0
+        if hit:
+            self.step = None
+            raise self.error
+
+    def execute(self, sql: str, *params: Any) -> sqlite3.Cursor:
+        self._check(sql)
+        return self._conn.execute(sql, *params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        self._check(sql)
+        return self._conn.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
@@ -74,13 +136,18 @@ class SimStore(SqliteStore):
         commit_time: tuple[float, float] = (0.0002, 0.004),
         read_time: tuple[float, float] = (0.0001, 0.002),
     ) -> None:
+        # read_time: from a read's snapshot to its answer (SLOW_READ while slow).
         super().__init__(":memory:")
         self.rng = rng
         self.on_event = on_event
         self.commit_time = commit_time
         self.read_time = read_time
         self.down = False
-        self._failing = 0
+        self._failing: deque[str] = deque()  # the step at which each coming batch fails
+        self._writer_crash: str | None = None  # before | after: the next batch's writer error
+        self._reads_fail_until = -1.0
+        self._slow_until = -1.0
+        self._tag: str | None = None  # the user of the inbox read being started
         self._queued: deque[_Op] = deque()
         self._in_flight: list[_Op] | None = None
         self._commit_handle: asyncio.TimerHandle | None = None
@@ -140,18 +207,25 @@ class SimStore(SqliteStore):
     def _commit(self, batch: list[_Op]) -> None:
         self._commit_handle = None
         self._in_flight = None
-        failing = self.down or self._failing > 0
-        if failing and not self.down:
-            self._failing -= 1
-        if failing:
-            # The real failure path: the operations ran, then the commit hits
-            # a storage error and everything rolls back.
-            poison = _Op(_io_error, self.connection_future())
-            self._run_batch(self.connection, [*batch, poison])
-        else:
-            self._run_batch(self.connection, batch)
-        if failing:
-            self._emit("commit-failed", f"{len(batch)} ops rolled back")
+        conn: Any = self.connection
+        step = "begin" if self.down else self._failing.popleft() if self._failing else None
+        crash, self._writer_crash = self._writer_crash, None
+        if step is not None:
+            error = sqlite3.OperationalError("simulated I/O error" if not self.down else "database is down")
+            conn = _FaultyConnection(conn, step, self.rng.randint(1, 6), error)
+        elif crash == "before":
+            conn = _FaultyConnection(conn, "begin", 0, RuntimeError("simulated writer crash before BEGIN"))
+        elif crash == "after":
+            assert isinstance(self._loop, _SameThread)
+            self._loop.lose_answer = True
+        # The production writer's own guard: whatever escapes the batch fails
+        # its callers, and the writer goes on.
+        self._run_batch_or_fail(conn, batch)
+        if step is not None:
+            self._emit("commit-failed", f"{len(batch)} ops rolled back (I/O error at {step})")
+        elif crash is not None:
+            what = "rolled back" if crash == "before" else "committed, answers lost"
+            self._emit("writer-crash", f"{len(batch)} ops {what}")
         if self._queued:
             self._start_batch()
 
@@ -182,23 +256,40 @@ class SimStore(SqliteStore):
     # -- reads ---------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        # The read sees the state at its end (so the trace shows when its
-        # snapshot was taken); commits made meanwhile are not in it.
-        await asyncio.sleep(self.rng.uniform(*self.read_time))
-        if self.down:
-            raise StoreUnavailable("storage error: database is down")
-        return fn(self.connection)
+        tag, self._tag = self._tag, None
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(self.rng.uniform(*READ_WAIT))
+        if self.down or loop.time() < self._reads_fail_until:
+            raise StoreUnavailable("storage error: simulated I/O error (read)")
+        # The snapshot: what was committed by now. The answer comes back
+        # later, and commits (and their pushes) made meanwhile are not in it.
+        result = fn(self.connection)
+        delay = self.rng.uniform(*(SLOW_READ if loop.time() < self._slow_until else self.read_time))
+        if tag is not None:
+            owed = ", ".join(f"{e.conv} after {e.delivered}" for e in result) or "nothing"
+            self._emit("inbox-read", f"{owed} (answer in {delay * 1000:.1f} ms)", who=tag)
+        await asyncio.sleep(delay)
+        return result
 
     async def inbox(self, user: str) -> list[InboxEntry]:
-        entries = await super().inbox(user)
-        owed = ", ".join(f"{e.conv} after {e.delivered}" for e in entries) or "nothing"
-        self._emit("inbox-read", owed, who=user)
-        return entries
+        self._tag = user  # picked up by _read before its first wait
+        return await super().inbox(user)
 
     # -- faults --------------------------------------------------------------
 
-    def fail_batches(self, count: int) -> None:
-        self._failing += count
+    def fail_batches(self, steps: list[str]) -> None:
+        """The next ``len(steps)`` batches fail, each at its step of STORE_FAIL_STEPS."""
+        self._failing.extend(steps)
+
+    def writer_crash(self, step: str) -> None:
+        """The next batch's writer hits an unexpected error ``before`` or ``after`` COMMIT."""
+        self._writer_crash = step
+
+    def fail_reads(self, seconds: float) -> None:
+        self._reads_fail_until = asyncio.get_running_loop().time() + seconds
+
+    def slow_reads(self, seconds: float) -> None:
+        self._slow_until = asyncio.get_running_loop().time() + seconds
 
     def crash(self, after_commit: bool) -> None:
         """The database dies; what was committed stays, callers see a broken connection."""
@@ -226,6 +317,7 @@ class SimStore(SqliteStore):
 
     def restart(self) -> None:
         self.down = False
+        self._failing.clear()  # the failures were of the dead process
         self._convs.clear()
         self._emit("store-up", "")
 

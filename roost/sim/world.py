@@ -39,7 +39,7 @@ from roost.sim.cluster import Gateway, Router
 from roost.sim.faults import DEFAULT_FAULTS
 from roost.sim.loop import VirtualClockLoop
 from roost.sim.net import Connection
-from roost.sim.store import SimStore
+from roost.sim.store import STORE_FAIL_STEPS, SimStore
 from roost.sim.trace import Trace, request_ref
 from roost.verify.history import SYSTEM, History, ReceiptSeen, Report, Shown, Violation, check
 from roost.verify.history import Sent as SentRecord
@@ -483,10 +483,25 @@ class World:
                 gateway = rng.choice(alive)
                 gateway.kill()
                 loop.call_later(rng.uniform(0.1, 1.5), gateway.start)
-        elif kind == "store-fail":
-            count = rng.randint(1, 3)
-            self.record("store-fail", "store", f"the next {count} batches fail before commit")
-            self.store.fail_batches(count)
+        elif kind.startswith("store-fail"):
+            at_commit = kind == "store-fail-at-commit"
+            steps = [
+                "commit" if at_commit else rng.choice(STORE_FAIL_STEPS) for _ in range(rng.randint(1, 3))
+            ]
+            self.record("store-fail", "store", f"the next {len(steps)} batches fail at {','.join(steps)}")
+            self.store.fail_batches(steps)
+        elif kind == "writer-crash":
+            step = rng.choice(("before", "after"))
+            self.record("writer-crash", "store", f"the next batch's writer fails {step} COMMIT")
+            self.store.writer_crash(step)
+        elif kind == "store-read-fail":
+            seconds = rng.uniform(0.05, 0.5)
+            self.record("read-fail", "store", f"reads fail for {seconds:.3f}s")
+            self.store.fail_reads(seconds)
+        elif kind == "store-slow-reads":
+            seconds = rng.uniform(0.1, 1.5)
+            self.record("slow-reads", "store", f"reads answer late for {seconds:.3f}s")
+            self.store.slow_reads(seconds)
         elif kind.startswith("store-crash") and not self.store.down:
             self.store.crash(after_commit=kind == "store-crash-after-commit")
             loop.call_later(rng.uniform(0.05, 1.0), self.store.restart)
