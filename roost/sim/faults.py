@@ -15,7 +15,7 @@ FAULT_KINDS = (
     "registry-stale",  # one user's route is silently lost for a while
     "store-fail-at-commit",  # the next batches fail at COMMIT itself: nothing durable
     "writer-crash",  # the writer hits an unexpected error before BEGIN or after COMMIT (answer lost)
-    "store-read-fail",  # every store read fails for a while
+    "store-read-fail",  # half of the store reads fail for a while
     "store-slow-reads",  # store reads answer 5-80 ms after their snapshot for a while
 )
 # Every kind is on by default. store-crash-after-commit and registry-stale

@@ -29,7 +29,7 @@ fails:
   store stays down (every batch fails, reads fail) until ``restart``, which
   comes back with exactly what was committed (the writer cache is rebuilt
   from the tables).
-* ``fail_reads(seconds)``: every read fails (an I/O error on the reader).
+* ``fail_reads(seconds)``: half of the reads fail (an I/O error on the reader).
 * ``slow_reads(seconds)``: reads answer 5-80 ms after their snapshot.
 
 Reads, like SQLite's in WAL mode, see the database as of their snapshot,
@@ -84,6 +84,21 @@ class _SameThread:
 STORE_FAIL_STEPS = ("begin", "inside", "commit")
 READ_WAIT = (0.00002, 0.0003)  # until a reader thread takes the read: then its snapshot
 SLOW_READ = (0.005, 0.08)  # a slow answer: the reader thread or the loop is behind
+
+
+# What the store must never commit, recorded by the database itself: a
+# trigger's row is rolled back with its transaction, so only committed
+# regressions are seen (marks are the inbox and the receipts: they only move
+# forward).
+WATCHES = """
+CREATE TABLE sim_marks_backwards (conv TEXT, user TEXT, old_d INT, old_r INT, new_d INT, new_r INT);
+CREATE TRIGGER sim_marks_forward AFTER UPDATE OF delivered, read ON members
+WHEN NEW.delivered < OLD.delivered OR NEW.read < OLD.read
+BEGIN
+    INSERT INTO sim_marks_backwards
+    VALUES (NEW.conv, NEW.user, OLD.delivered, OLD.read, NEW.delivered, NEW.read);
+END;
+"""
 
 
 class _FaultyConnection:
@@ -157,6 +172,7 @@ class SimStore(SqliteStore):
         self._loop = _SameThread(loop, self._committed)  # type: ignore[assignment]
         self._wconn = sqlite3.connect(":memory:", isolation_level=None)
         self._migrate(self._wconn)
+        self._wconn.executescript(WATCHES)
 
     async def close(self) -> None:
         if self._commit_handle is not None:
@@ -259,7 +275,7 @@ class SimStore(SqliteStore):
         tag, self._tag = self._tag, None
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.rng.uniform(*READ_WAIT))
-        if self.down or loop.time() < self._reads_fail_until:
+        if self.down or (loop.time() < self._reads_fail_until and self.rng.random() < 0.5):
             raise StoreUnavailable("storage error: simulated I/O error (read)")
         # The snapshot: what was committed by now. The answer comes back
         # later, and commits (and their pushes) made meanwhile are not in it.
@@ -324,6 +340,22 @@ class SimStore(SqliteStore):
     def _emit(self, kind: str, detail: str, who: str = "store") -> None:
         if self.on_event is not None:
             self.on_event(kind, who, detail)
+
+    def broken_rules(self) -> list[tuple[str, str, int, str]]:
+        """(kind, conv, seq, detail) for what the committed tables must never hold:
+        marks that went backwards, one client id stored twice in a conversation."""
+        found: list[tuple[str, str, int, str]] = []
+        conn = self.connection
+        for conv, user, old_d, old_r, new_d, new_r in conn.execute("SELECT * FROM sim_marks_backwards"):
+            detail = f"{user}'s marks went back from {old_d}/{old_r} to {new_d}/{new_r}"
+            found.append(("mark_backwards", conv, new_d, detail))
+        for conv, sender, client_id, seqs in conn.execute(
+            "SELECT conv, sender, client_id, group_concat(seq) FROM messages"
+            " GROUP BY conv, sender, client_id HAVING COUNT(*) > 1 ORDER BY conv, client_id"
+        ):
+            first = int(seqs.split(",")[0])
+            found.append(("duplicate", conv, first, f"{client_id!r} from {sender} stored at seqs {seqs}"))
+        return found
 
     def membership(self) -> dict[str, dict[str, tuple[int, int | None]]]:
         """conv -> user -> (joined, left) for groups, as committed (for the checker)."""
