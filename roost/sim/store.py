@@ -21,8 +21,9 @@ fails:
 * ``writer_crash(step)``: the writer meets an unexpected error (not an I/O
   error): ``before`` the batch (outside its transaction), or ``after`` its
   ``COMMIT`` while the answers are handed over (durable, but every caller is
-  told it failed). Both go through ``SqliteStore._run_batch_or_fail``, the
-  production guard that keeps the writer thread alive.
+  told it failed). Both end in ``SqliteStore._batch_crashed``, the handler
+  of the production guard (``_run_batch_or_fail``) that keeps the writer
+  thread alive.
 * ``crash(after_commit)``: the database process dies. The batch on disk is
   committed or not; every caller still waiting gets ``StoreUnavailable``
   (the connection broke), including the one whose batch did commit. The
@@ -229,14 +230,17 @@ class SimStore(SqliteStore):
         if step is not None:
             error = sqlite3.OperationalError("simulated I/O error" if not self.down else "database is down")
             conn = _FaultyConnection(conn, step, self.rng.randint(1, 6), error)
-        elif crash == "before":
-            conn = _FaultyConnection(conn, "begin", 0, RuntimeError("simulated writer crash before BEGIN"))
         elif crash == "after":
             assert isinstance(self._loop, _SameThread)
             self._loop.lose_answer = True
-        # The production writer's own guard: whatever escapes the batch fails
-        # its callers, and the writer goes on.
-        self._run_batch_or_fail(conn, batch)
+        if crash == "before" and step is None:
+            # What the production guard does when _run_batch raises before its
+            # BEGIN (in _merge_cumulative): nothing ran, the callers are failed.
+            self._batch_crashed(conn, batch, RuntimeError("simulated writer crash before BEGIN"))
+        else:
+            # The production writer's own guard: whatever escapes the batch
+            # fails its callers, and the writer goes on.
+            self._run_batch_or_fail(conn, batch)
         if step is not None:
             self._emit("commit-failed", f"{len(batch)} ops rolled back (I/O error at {step})")
         elif crash is not None:
