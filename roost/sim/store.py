@@ -5,17 +5,18 @@ closures, ``_run_batch`` with its ack folding, receipts and failure path) on
 one in-memory SQLite connection, so the store semantics under test are
 exactly the embedded store's. What is replaced is only the threading: the
 writer thread becomes a task-free scheduler on the virtual clock (a batch
-takes everything queued, "fsyncs" for a seeded time, then runs and commits),
-and reads run on the same connection after a seeded delay. An in-memory
+takes everything queued, "fsyncs" for a seeded time, then runs and commits
+through the writer's own guard), and reads run on the same connection (see
+below for when they take their snapshot). An in-memory
 model of the store would be faster but would have to re-implement, and could
 drift from, the semantics it is meant to check.
 
 Faults, each decided from the run's seed, at every step where real storage
 fails:
 
-* ``fail_batches(n, steps)``: each of the next ``n`` batches hits an I/O
-  error at one step: at ``BEGIN`` (before the batch), at a statement
-  ``inside`` it, or ``at`` ``COMMIT`` (the commit itself raises; nothing is
+* ``fail_batches(steps)``: each of the next ``len(steps)`` batches hits an
+  I/O error at its step: at ``BEGIN`` (before the batch), at a statement
+  ``inside`` it, or at ``COMMIT`` (the commit itself raises; nothing is
   durable). The real failure path rolls back, drops the writer cache and
   breaks the send streams.
 * ``writer_crash(step)``: the writer meets an unexpected error (not an I/O
@@ -68,7 +69,6 @@ class _SameThread:
         self.loop = loop
         self.create_future = loop.create_future
         self._committed = committed
-
         self.lose_answer = False  # the next hand-over of a batch's answers fails
 
     def call_soon_threadsafe(self, resolve: Callable[..., None], batch: Any, results: list[Any]) -> None:
