@@ -71,6 +71,7 @@ UNAVAILABLE = ErrorCode.UNAVAILABLE
 UNCHARGED = (f.DeliveryAck, f.ReadMarker, f.ReceiptAck, f.Ping)
 MARK_RETRY_SECONDS = 1.0
 PENDING_RECEIPT_TRIES = 5  # then the senders learn on their next reconnect
+RECEIPT_SENDERS_WINDOW = 64  # messages looked at to find who a lost mark commit owed a receipt
 RESYNC_RETRY_SECONDS = 1.0
 
 
@@ -313,18 +314,22 @@ class ChatService:
             # The failed attempt may have committed and lost only its answer:
             # then this retry changed nothing, and the receipts that commit
             # left pending were never pushed (their senders would learn only
-            # on their next reconnect). Push what is pending in this conversation.
-            self._spawn(self._push_pending_receipts(session.user, conv))
+            # on their next reconnect). Push those of this conversation.
+            self._spawn(self._push_pending_receipts(session.user, conv, max(delivered or 0, read or 0)))
 
-    async def _push_pending_receipts(self, user: str, conv: str) -> None:
+    async def _push_pending_receipts(self, user: str, conv: str, upto: int) -> None:
+        """Push the pending receipts in ``conv`` of whoever sent one of the
+        last RECEIPT_SENDERS_WINDOW messages up to ``upto`` (the senders a lost
+        mark commit can have owed a receipt: acks are cumulative and frequent),
+        at a bounded cost: one history read, then one read per such sender."""
         for _ in range(PENDING_RECEIPT_TRIES):
             try:
-                members = await self.store.active_members(user, conv)
-                for member in members:
-                    if member != user:
-                        for receipt in await self.store.pending_receipts(member):
-                            if receipt.conv == conv:
-                                self.registry.push_receipt(receipt)
+                messages, _, _ = await self.store.history(user, conv, upto + 1, None, RECEIPT_SENDERS_WINDOW)
+                senders = dict.fromkeys(m.sender for m in messages if m.sender not in (user, f.SYSTEM_SENDER))
+                for sender in senders:
+                    for receipt in await self.store.pending_receipts(sender):
+                        if receipt.conv == conv:
+                            self.registry.push_receipt(receipt)
                 return
             except ProtocolError:
                 return  # no longer a member: nothing of this conversation to tell
