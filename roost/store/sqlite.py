@@ -533,36 +533,53 @@ class SqliteStore:
                         ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv_id}", client_id
                     )
                 state = self._create_direct(c, sender, to, now)
-            rules.require_active(state.members.get(sender), conv_id)
+            member = state.members.get(sender)
+            if member is None or member.left is not None:
+                # A retry of a message committed while the sender was a member
+                # (its answer was lost) still gets its original answer.
+                retried = self._retried(c, state, sender, client_id)
+                if retried is not None:
+                    return retried
+            rules.require_active(member, conv_id)
             stored = self._insert_message(c, state, sender, client_id, ct, body, now)
             if stored is not None:
                 return stored
             # This client id was stored before: a retry gets the stored message.
-            row = c.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND sender=? AND client_id=?",
-                (conv_id, sender, client_id),
-            ).fetchone()
-            stored = _row_message(row)
-            # With its recipients: the service fans a duplicate out again, in
-            # case the first commit's answer (and so its push) was lost. The
-            # members when it was sent: never someone who joined later.
-            recipients = tuple(
-                u for u, m in state.members.items()
-                if u != sender and m.joined < stored.seq and (m.left is None or m.left >= stored.seq)
-            )  # fmt: skip
-            return StoredMessage(
-                stored.conv,
-                stored.seq,
-                stored.client_id,
-                stored.sender,
-                stored.ct,
-                stored.body,
-                stored.ts,
-                True,
-                recipients,
-            )
+            retried = self._retried(c, state, sender, client_id)
+            assert retried is not None
+            return retried
 
         return self._submit(op, stream)
+
+    def _retried(
+        self, c: sqlite3.Connection, state: _Conv, sender: str, client_id: str
+    ) -> StoredMessage | None:
+        """The message ``sender`` stored with ``client_id``, as a duplicate; None if none."""
+        row = c.execute(
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND sender=? AND client_id=?",
+            (state.id, sender, client_id),
+        ).fetchone()
+        if row is None:
+            return None
+        stored = _row_message(row)
+        # With its recipients: the service fans a duplicate out again, in
+        # case the first commit's answer (and so its push) was lost. The
+        # members when it was sent: never someone who joined later.
+        recipients = tuple(
+            u for u, m in state.members.items()
+            if u != sender and m.joined < stored.seq and (m.left is None or m.left >= stored.seq)
+        )  # fmt: skip
+        return StoredMessage(
+            stored.conv,
+            stored.seq,
+            stored.client_id,
+            stored.sender,
+            stored.ct,
+            stored.body,
+            stored.ts,
+            True,
+            recipients,
+        )
 
     def advance_marks(
         self, user: str, conv: str, delivered: int | None, read: int | None
