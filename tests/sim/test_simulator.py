@@ -116,12 +116,3 @@ def test_a_receipt_ack_does_not_clear_marks_it_did_not_carry() -> None:
     # marks only), which deletes the pending row, and bob's mark is never told.
     result = run_seed(143, DEFAULT_FAULTS)
     assert result.violations == []
-
-
-@pytest.mark.xfail(strict=True, reason="open gap receipt-died-with-gateway (docs/simulation.md)")
-def test_a_receipt_reaches_an_online_sender_when_the_acking_gateway_dies() -> None:
-    # Seed 1978: bob acks erin's message and his gateway is killed before the
-    # store's answer; the mark is durable and erin is owed the receipt, but
-    # nothing pushes it until erin's next connection (she stays online).
-    result = run_seed(1978, DEFAULT_FAULTS)
-    assert result.violations == []
