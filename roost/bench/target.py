@@ -4,7 +4,9 @@ Common flags (``add_target_arguments``):
 
 * default: embedded, one ``roost serve`` subprocess on a free port with a
   temporary data dir and ``--rate-limit 0`` (the load generator is not a
-  phone: its many frames per connection must not be throttled);
+  phone: its many frames per connection must not be throttled), nor the caps
+  on unauthenticated connections (all its thousands come from one address,
+  and a storm's reconnects must measure the gateway, not the cap);
 * ``--cluster N``: PostgreSQL + Redis + N gateways via ``DevCluster``;
 * ``--url URL`` (repeatable) with ``--store DSN-or-data-dir``: an existing
   deployment; users are created directly in its store.
@@ -26,7 +28,10 @@ from roost.devcluster.embedded import EmbeddedServer, stop_process
 from roost.devcluster.run import DevCluster, wait_healthy
 from roost.store import accounts
 
-SERVER_FLAGS = ["--rate-limit", "0", "--log-level", "warning"]
+SERVER_FLAGS = [
+    *("--rate-limit", "0", "--log-level", "warning"),
+    *("--max-unauthenticated", "0", "--max-unauthenticated-per-address", "0"),
+]
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:

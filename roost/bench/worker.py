@@ -101,7 +101,7 @@ class Conn:
 
     async def open(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> None:
         ws = await http.ws_connect(ws_url(self.url), max_msg_size=4 * 1024 * 1024, autoclose=True)
-        await ws.send_bytes(encode(f.Auth(token=self.token)))
+        await ws.send_frame(encode(f.Auth(token=self.token)), aiohttp.WSMsgType.TEXT)
         first = await ws.receive(timeout=timeout)
         if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
             await ws.close()

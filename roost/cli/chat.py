@@ -3,12 +3,16 @@
 Three layers, so the logic can be tested without a terminal:
 
 * ``ChatView`` - the state model: the lines of every chat (with the ticks of
-  own messages computed from receipts), presence, typing, unread counts and
-  the connection state. ``apply(event)`` folds an SDK event in and returns the
-  ``Changes`` (lines added or updated, whether the status line changed, and a
-  read marker to send). No I/O, no clock of its own: times are passed in.
+  own messages computed from receipts), the chat list, presence, typing,
+  unread counts and the connection state. Text other users chose goes through
+  ``safe_text`` before it is shown. ``apply(event)`` folds an SDK event in and
+  returns the ``Changes`` (lines added or updated, whether the status line
+  changed, a read marker to send, the seen mark to keep, whether to ring the
+  bell). No I/O, no clock of its own: times are passed in.
 * ``ChatController`` - the glue between the SDK ``Client`` and the view:
   commands, sends (pending -> ack), the event loop, typing throttling. It
+  keeps in the client state what the view must show again after a restart
+  (the open chat, how far each chat was seen, group names) and restores it. It
   never lets an exception out: failures become error lines.
 * ``build_application`` / ``run_chat`` - prompt_toolkit, which only renders
   the view and feeds keystrokes to the controller.
@@ -41,21 +45,23 @@ from roost.client.events import (
     ReceiptEvent,
     TypingEvent,
 )
-from roost.client.state import StateInUse
+from roost.client.state import CHAT_CURRENT_KEY, ChatSummary, StateInUse
 from roost.core.ids import direct_conv_id, direct_members, is_group_id, is_valid_user_name
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 
 TYPING_TTL = 5.0  # an incoming "typing" shows for this long unless refreshed
 TYPING_INTERVAL = 2.0  # send at most one typing frame per conversation this often
 HISTORY_LIMIT = 50
+BELL_INTERVAL = 1.0  # at most one bell a second: a reconnect can bring many messages at once
 HOME = ""  # the chat key of the pane shown while no chat is open
 
 Fragments = list[tuple[str, str]]
 
 HELP = [
     "/to USER               open a 1:1 chat with USER",
-    "/group GROUP_ID        open a group chat (g:...)",
+    "/group NAME            open a group chat by its name (Tab completes; or by its id, g:...)",
     "/newgroup NAME a,b,c   create a group with members a, b, c and open it",
+    "/members               the members of the open group",
     "/add USER...           add members to the open group",
     "/remove USER...        remove members from the open group",
     "/leave                 leave the open group",
@@ -63,8 +69,34 @@ HELP = [
     "/help                  this list",
     "/quit                  exit (also Ctrl-C)",
     "anything else is sent to the open chat (start with // to send a line beginning with /)",
-    "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; PageUp/PageDown scroll",
+    "keys: Alt-↑/Alt-↓ (or Ctrl-P/Ctrl-N) previous/next chat in the list, PageUp/PageDown scroll,",
+    "      Tab completes commands, user and group names",
+    "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; the bell rings for news in other chats",
 ]
+COMMANDS = ("to", "group", "newgroup", "members", "add", "remove", "leave", "history", "help", "quit")
+CHAT_LIST_KEYS = "Alt-↑/↓ switch"
+
+
+# -- text from other users -----------------------------------------------------
+
+TAB_WIDTH = 4
+# C0 controls (but tab and newline, handled apart), DEL, C1 controls, and the bidirectional overrides
+# and isolates that can make a line read differently from what it holds.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: str) -> str:
+    """Text another user chose, made safe to put on a terminal: tabs become
+    spaces, control characters (ESC sequences, BEL, CR, ...) are shown escaped
+    (``\\x1b``), and a continuation line is indented so it cannot pass for a
+    line of its own (``[14:05] bob: ...``)."""
+    lines = [_UNSAFE.sub(_escape, line).expandtabs(TAB_WIDTH) for line in text.split("\n")]
+    return "\n  ".join(lines)
 
 
 # -- ticks and presence ------------------------------------------------------
@@ -119,14 +151,21 @@ def membership_text(m: Membership, me: str | None) -> str:
         return "you" if me is not None and user == me else user
 
     users = ", ".join(who(u) for u in m.users)
-    actor = who(m.actor) if m.actor else "someone"
+    # No actor: the server's administrator (`roost user remove`).
+    actor = who(m.actor) if m.actor else "the administrator"
     if m.action == "created":
-        text = f'{actor} created group "{m.name}"' if m.name else f"{actor} created the group"
+        text = f'{actor} created group "{safe_text(m.name)}"' if m.name else f"{actor} created the group"
         others = [who(u) for u in m.users if u != m.actor]
         if others:
             text += " with " + ", ".join(others)
     elif m.action == "added":
         text = f"{actor} added {users}"
+        # Former members brought back (one removed while offline never saw it).
+        back = [
+            f"{who(u)} had {'left' if how == 'left' else 'been removed'} earlier" for u, how in m.returning
+        ]
+        if back:
+            text += " (" + ", ".join(back) + ")"
     elif m.action == "removed":
         text = f"{actor} removed {users}"
     elif m.action == "left":
@@ -170,15 +209,20 @@ class Changes:
     lines: list[Line] = field(default_factory=list)
     status: bool = False
     mark_read: tuple[str, int] | None = None
+    seen: tuple[str, int] | None = None  # (conv, seq): shown up to here, to keep in the state
+    bell: bool = False  # news in a chat other than the open one
 
     def __bool__(self) -> bool:
-        return bool(self.lines) or self.status or self.mark_read is not None
+        return bool(self.lines) or self.status or self.mark_read is not None or self.seen is not None
 
     def merge(self, other: Changes) -> Changes:
         self.lines.extend(other.lines)
         self.status = self.status or other.status
+        self.bell = self.bell or other.bell
         if other.mark_read is not None and (self.mark_read is None or other.mark_read[1] > self.mark_read[1]):
             self.mark_read = other.mark_read
+        if other.seen is not None and (self.seen is None or other.seen[1] > self.seen[1]):
+            self.seen = other.seen
         return self
 
 
@@ -214,6 +258,8 @@ class ChatView:
         self.typing: dict[str, dict[str, float]] = {}  # chat -> user -> expires at
         self.unread: dict[str, int] = {}
         self.read_upto: dict[str, int] = {}
+        self.seen_upto: dict[str, int] = {}  # chat -> highest seq shown while it was open
+        self.last: dict[str, Line] = {}  # chat -> its newest line (the chat list's preview)
         self.group_names: dict[str, str] = {}
         self.group_members: dict[str, set[str]] = {}
         self.left_groups: set[str] = set()
@@ -264,6 +310,9 @@ class ChatView:
                 break
         lines.insert(pos, line)
         self._seqs.setdefault(key, set()).add(line.seq)
+        last = self.last.get(key)
+        if last is None or (not last.pending and (last.seq or 0) <= line.seq):
+            self.last[key] = line
 
     def _find_seq(self, key: str, seq: int) -> Line | None:
         for line in self.chats.get(key, ()):
@@ -278,17 +327,56 @@ class ChatView:
         self.current = key
         self._chat(key)
         self.unread.pop(key, None)
-        return Changes(status=True, mark_read=self._read_mark(key))
+        return self._shown(key).merge(Changes(status=True))
 
-    def _read_mark(self, key: str) -> tuple[str, int] | None:
+    def _shown(self, key: str) -> Changes:
+        """The open chat ``key`` was shown: a read marker for what came in, and
+        the seen mark the state keeps (so unread counts survive a restart)."""
+        changes = Changes()
         conv = self.conv_of(key)
         if conv is None:
-            return None
-        top = max((ln.seq for ln in self.chats.get(key, ()) if ln.kind == "in" and ln.seq), default=0)
+            return changes
+        lines = self.chats.get(key, ())
+        top = max((ln.seq for ln in lines if ln.kind == "in" and ln.seq), default=0)
         if top > self.read_upto.get(key, 0):
             self.read_upto[key] = top
-            return conv, top
-        return None
+            changes.mark_read = conv, top
+        seen = max((ln.seq for ln in lines if ln.seq), default=0)
+        if seen > self.seen_upto.get(key, 0):
+            self.seen_upto[key] = seen
+            changes.seen = conv, seen
+        return changes
+
+    def restore(self, summary: ChatSummary) -> None:
+        """A chat known from the client state (a previous run): listed with its
+        newest message and its unread count; its lines load when it is opened."""
+        key = self.key_of(summary.conv)
+        self._chat(key)
+        if key not in self.last:
+            own = summary.sender == self.me
+            self.last[key] = Line(
+                key,
+                "own" if own else "in",
+                self._preview_text(summary),
+                summary.sender,
+                summary.seq,
+                summary.ts,
+            )
+        if summary.unread and key != self.current:
+            self.unread[key] = summary.unread
+
+    def restore_group(self, group: str, name: str) -> None:
+        """A group known from the client state: listed, and openable by its name."""
+        self.group_names.setdefault(group, safe_text(name))
+        self._chat(group)
+
+    @staticmethod
+    def _preview_text(summary: ChatSummary) -> str:
+        if summary.sender == SYSTEM_SENDER and summary.ct == MEMBERSHIP_CT:
+            return "(membership change)"
+        if summary.ct.startswith("text/"):
+            return safe_text(summary.body.decode("utf-8", errors="replace"))
+        return f"[{summary.ct}, {len(summary.body)} bytes]"
 
     def system(self, text: str, chat: str | None = None, kind: str = "system") -> Line:
         """A notice line in ``chat`` (default: the open chat)."""
@@ -307,6 +395,7 @@ class ChatView:
         line = Line(key, "own", text, sender=self.me or "", ts=ts, message_id=message_id)
         self._chat(key).append(line)
         self._own[message_id] = line
+        self.last[key] = line
         return Changes([line])
 
     def acked(self, message_id: str, conv: str, seq: int, ts: int) -> Changes:
@@ -332,7 +421,7 @@ class ChatView:
         return Changes([line, self.error(f"not sent: {reason}", line.chat)])
 
     def set_group(self, info: GroupInfo) -> Changes:
-        self.group_names[info.group] = info.name
+        self.group_names[info.group] = safe_text(info.name)
         self.group_members[info.group] = set(info.members)
         if self.me is not None and self.me in info.members:
             self.left_groups.discard(info.group)
@@ -391,7 +480,7 @@ class ChatView:
             return self.acked(msg.id, msg.conv, msg.seq, msg.ts)
         if msg.seq in self._seqs.get(key, ()):
             return Changes()
-        text = msg.text if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]"
+        text = safe_text(msg.text) if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]"
         line = Line(key, "own" if own else "in", text, msg.sender, msg.seq, msg.ts, msg.id if own else None)
         if own:
             self._own[msg.id] = line
@@ -402,10 +491,10 @@ class ChatView:
         if self.typing.get(key, {}).pop(msg.sender, None) is not None:
             changes.status = True
         if key == self.current:
-            changes.mark_read = self._read_mark(key)
+            changes.merge(self._shown(key))
         elif live:
             self.unread[key] = self.unread.get(key, 0) + 1
-            changes.status = True
+            changes.status = changes.bell = True
         return changes
 
     def add_membership(self, m: Membership, live: bool = True) -> Changes:
@@ -413,7 +502,7 @@ class ChatView:
         if m.seq in self._seqs.get(key, ()):
             return Changes()
         if m.name and (live or key not in self.group_names):
-            self.group_names[key] = m.name
+            self.group_names[key] = safe_text(m.name)
         if live:  # history is older than what we know: it must not undo it
             members = self.group_members.setdefault(key, set())
             if m.action in ("created", "added"):
@@ -429,8 +518,11 @@ class ChatView:
         line = Line(key, "system", membership_text(m, self.me), seq=m.seq, ts=m.ts)
         self._insert(key, line)
         changes = Changes([line], status=True)
-        if live and key != self.current:
+        if key == self.current:
+            changes.merge(self._shown(key))
+        elif live:
             self.unread[key] = self.unread.get(key, 0) + 1
+            changes.bell = True
         return changes
 
     def add_history(self, key: str, items: Iterable[Message | Membership]) -> Changes:
@@ -442,7 +534,7 @@ class ChatView:
             else:
                 changes.merge(self.add_message(item, live=False))
         if key == self.current:
-            changes.merge(Changes(mark_read=self._read_mark(key)))
+            changes.merge(self._shown(key))
         return changes
 
     def update_receipts(self, conv: str, all_delivered: int, all_read: int) -> Changes:
@@ -478,6 +570,99 @@ class ChatView:
         for user in [u for u, until in users.items() if until <= now]:
             del users[user]
         return sorted(users)
+
+    def groups_named(self, name: str) -> list[str]:
+        """The ids of the known groups called ``name`` (case does not matter)."""
+        wanted = name.casefold()
+        return sorted(g for g, n in self.group_names.items() if n.casefold() == wanted)
+
+    def known_users(self) -> list[str]:
+        """Users to complete: the peers of 1:1 chats and the members of known groups."""
+        users = {key for key in self.chats if key and not is_group_id(key)}
+        for members in self.group_members.values():
+            users.update(members)
+        users.discard(self.me or "")
+        return sorted(users)
+
+    def completions(self, text: str) -> tuple[int, list[tuple[str, str]]]:
+        """What Tab offers for the input ``text``: (how many characters at its
+        end are replaced, [(replacement, what the menu shows)])."""
+        if not text.startswith("/") or text.startswith("//"):
+            return 0, []
+        command, space, arg = text[1:].partition(" ")
+        if not space:
+            return len(text), [(f"/{c}", f"/{c}") for c in COMMANDS if c.startswith(command.lower())]
+        command = command.lower()
+        if command == "group":
+            return len(arg), self._group_completions(arg)
+        if command in ("to", "add", "remove"):
+            word = re.split(r"[,\s]", arg)[-1]
+            return len(word), [(u, u) for u in self.known_users() if u.startswith(word.lower())]
+        return 0, []
+
+    def _group_completions(self, typed: str) -> list[tuple[str, str]]:
+        prefix = typed.casefold()
+        by_name: dict[str, list[str]] = {}  # as /group compares names: ignoring case
+        for group, name in self.group_names.items():
+            if group not in self.left_groups and name.casefold().startswith(prefix):
+                by_name.setdefault(name.casefold(), []).append(group)
+        out: list[tuple[str, str]] = []
+        for folded in sorted(by_name):
+            groups = sorted(by_name[folded])
+            if len(groups) == 1:
+                out.append((self.group_names[groups[0]], self.group_names[groups[0]]))
+            else:  # two groups share the name: only the id tells them apart
+                out.extend((g, f"{self.group_names[g]} ({g})") for g in groups)
+        return out
+
+    # the chat list -------------------------------------------------------------------
+
+    def chat_list(self) -> list[str]:
+        """Every chat, the one with the newest message first."""
+        keys = [key for key in self.chats if key]
+
+        def newest(key: str) -> tuple[int, str]:
+            last = self.last.get(key)
+            return -(last.ts or 0) if last else 0, self.chat_label(key)
+
+        return sorted(keys, key=newest)
+
+    def adjacent_chat(self, step: int) -> str | None:
+        """The chat ``step`` places below (+) or above (-) the open one in the list."""
+        keys = self.chat_list()
+        if not keys:
+            return None
+        if self.current not in keys:
+            return keys[0 if step > 0 else -1]
+        return keys[(keys.index(self.current) + step) % len(keys)]
+
+    def preview(self, key: str) -> str:
+        last = self.last.get(key)
+        if last is None:
+            return ""
+        text = last.text.replace("\n  ", " ")
+        if last.kind == "own":
+            return f"me: {text}"
+        if is_group_id(key) and last.kind == "in":
+            return f"{last.sender}: {text}"
+        return text
+
+    def chat_list_fragments(self, width: int = 28) -> Fragments:
+        """The chat list pane: per chat its name and unread count, then the last message."""
+        frags: Fragments = [("class:chatlist.title", f" Chats · {CHAT_LIST_KEYS}"[:width] + "\n")]
+        for key in self.chat_list():
+            current = key == self.current
+            count = self.unread.get(key, 0) if not current else 0
+            badge = f" {count}" if count else ""
+            label = self.chat_label(key)[: max(1, width - 3 - len(badge))]
+            style = "class:chatlist.current" if current else "class:chatlist"
+            frags.append((style, ("▸ " if current else "  ") + label))
+            frags.append(("class:chatlist.unread" if count else style, badge + "\n"))
+            frags.append(("class:chatlist.preview", "  " + self.preview(key)[: width - 3] + "\n"))
+        return frags
+
+    def chat_list_text(self) -> str:
+        return "".join(text for _, text in self.chat_list_fragments())
 
     def chat_label(self, key: str) -> str:
         if is_group_id(key):
@@ -540,7 +725,7 @@ class ChatView:
         frags.append(("class:status", "│ "))
         key = self.current
         if not key:
-            frags.append(("class:status", "no chat open (/to USER, /group ID, /help)"))
+            frags.append(("class:status", "no chat open (/to USER, /group NAME, /help)"))
         else:
             frags.append(("class:status.target", self.chat_label(key)))
             if is_group_id(key):
@@ -593,6 +778,8 @@ def parse_command(line: str) -> tuple[str, list[str]] | None:
         return name, [" ".join(tokens[:-1]), tokens[-1]]
     if name in ("add", "remove"):
         return name, [u for u in re.split(r"[,\s]+", rest) if u]
+    if name == "group":  # /group NAME WITH SPACES
+        return name, [" ".join(tokens)] if tokens else []
     return name, tokens
 
 
@@ -623,6 +810,8 @@ class ChatController:
         self.view = view
         self.invalidate: Callable[[], None] = invalidate or (lambda: None)
         self.on_quit: Callable[[], None] = on_quit or (lambda: None)
+        self.on_bell: Callable[[], None] = lambda: None  # the terminal's bell, set by the UI
+        self._last_bell = float("-inf")
         self.clock = clock
         self.history_limit = history_limit
         self.throttle = TypingThrottle()
@@ -637,6 +826,9 @@ class ChatController:
         task = asyncio.ensure_future(self._guard(coro, what))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before it ran (a quick quit) never awaited ``coro``:
+        # close it, or Python warns "coroutine ... was never awaited" on exit.
+        task.add_done_callback(lambda _task: coro.close())
         return task
 
     async def _guard(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
@@ -657,7 +849,8 @@ class ChatController:
 
     async def start(self) -> None:
         """Show the outbox left from an earlier run, start connecting and reading events."""
-        self.view.system("Roost chat. /to USER opens a 1:1 chat, /group ID a group, /help lists commands.")
+        self.view.system("Roost chat. /to USER opens a 1:1 chat, /group NAME a group, /help lists commands.")
+        self._restore()
         restored = self.client.pending_outbox()
         for item in restored:
             key = item.to or item.conv or HOME
@@ -671,6 +864,24 @@ class ChatController:
             self.view.system(f"{len(restored)} unsent message(s) from the last session will be sent.")
         self.spawn(self._connect(), "connect")
         self._events_task = asyncio.ensure_future(self._event_loop())
+
+    def _restore(self) -> None:
+        """The chats, unread counts and open chat of the previous run, from the
+        client state (own messages and receipt marks are there too: ticks)."""
+        me = self.client.user
+        if me is None:
+            return  # this state never connected: nothing to restore
+        self.view.me = me
+        state = self.client.state
+        for group, name in state.chat_groups().items():
+            self.view.restore_group(group, name)
+        for conv, seen in state.chat_seen().items():
+            self.view.seen_upto[self.view.key_of(conv)] = seen
+        for summary in state.chat_summaries(me):
+            self.view.restore(summary)
+        current = state.get_meta(CHAT_CURRENT_KEY)
+        if current:
+            self.handle_line(f"/group {current}" if is_group_id(current) else f"/to {current}")
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *([self._events_task] if self._events_task else [])]
@@ -702,6 +913,9 @@ class ChatController:
                 changes = self.view.apply(event, now=self.clock())
                 if isinstance(event, Connected):
                     self._after_connect()
+                if isinstance(event, Membership) and event.name:
+                    self._save_group_name(event.conv)
+                self._keep(changes)
                 await self._effects(changes)
             except Exception as exc:  # a bug must not kill the loop
                 self.view.error(f"internal error on {type(event).__name__}: {exc!r}")
@@ -718,8 +932,26 @@ class ChatController:
             await self.client.mark_read(conv, seq)
 
     def _apply_effects(self, changes: Changes) -> None:
+        self._keep(changes)
         if changes.mark_read is not None:
             self.spawn(self._effects(changes), "read marker")
+
+    def _keep(self, changes: Changes) -> None:
+        """Into the client state what must outlive this run; and the bell."""
+        if changes.seen is not None:
+            self.client.state.save_chat_seen(*changes.seen)
+        if changes.bell and self.clock() - self._last_bell >= BELL_INTERVAL:
+            self._last_bell = self.clock()
+            self.on_bell()
+
+    def _save_group_name(self, group: str) -> None:
+        name = self.view.group_names.get(group)
+        if name:
+            self.client.state.save_chat_group(group, name)
+
+    def _set_group(self, info: GroupInfo) -> None:
+        self.view.set_group(info)
+        self.client.state.save_chat_group(info.group, info.name)
 
     # input ---------------------------------------------------------------------------
 
@@ -763,7 +995,7 @@ class ChatController:
     def say(self, text: str) -> None:
         key = self.view.current
         if not key:
-            self.view.error("no chat open: /to USER or /group GROUP_ID first")
+            self.view.error("no chat open: /to USER or /group NAME first")
             return
         mid = uuid.uuid4().hex
         self.view.add_pending(key, mid, text, int(self.clock() * 1000))
@@ -806,6 +1038,7 @@ class ChatController:
             self.spawn(self.client.unsubscribe_presence([prev]), "presence")
         self._apply_effects(self.view.open(key))
         self._load_local(key)
+        self.client.state.set_meta(CHAT_CURRENT_KEY, key)
 
     def _load_local(self, key: str) -> None:
         conv = self.view.conv_of(key)
@@ -818,12 +1051,13 @@ class ChatController:
             self.view.error(f"local history: {exc!r}")
             return
         self._apply_effects(self.view.add_history(key, messages))
+        self.view.update_receipts(conv, *self.client.receipt_state(conv))  # ticks of a previous run
 
     def _current_group(self) -> str | None:
         key = self.view.current
         if key and is_group_id(key):
             return key
-        self.view.error("no group open: /group GROUP_ID first")
+        self.view.error("no group open: /group NAME first")
         return None
 
     def cmd_to(self, user: str) -> None:
@@ -837,16 +1071,52 @@ class ChatController:
         self._open(user)
         self.spawn(self.client.subscribe_presence([user]), "presence")
 
-    def cmd_group(self, group: str) -> None:
-        if not is_group_id(group):
-            self.view.error(f"not a group id (g: and 16 hex digits): {group!r}")
-            return
+    def cmd_group(self, name: str) -> None:
+        """``/group NAME``: a known group by its name; by its id (``g:...``) when
+        two share the name, or for a group this client has not seen yet."""
+        if is_group_id(name):
+            group = name
+        else:
+            groups = self.view.groups_named(name)
+            if not groups:
+                known = ", ".join(sorted({n for n in self.view.group_names.values()}, key=str.casefold))
+                self.view.error(f"no group named {name!r}" + (f" (known: {known})" if known else ""))
+                return
+            if len(groups) > 1:
+                self.view.error(
+                    f"{len(groups)} groups are named {name!r}: {', '.join(groups)}; /group ID opens one"
+                )
+                return
+            group = groups[0]
         self._open(group)
         self.spawn(self._group_info(group), "group")
 
+    def cmd_members(self) -> None:
+        group = self._current_group()
+        if group is not None:
+            self.spawn(self._show_members(group), "members")
+
+    async def _show_members(self, group: str) -> None:
+        info = await self.client.group_info(group)
+        self._set_group(info)
+        admins = set(info.admins)
+        names = [f"{m} (admin)" if m in admins else m for m in sorted(info.members)]
+        self.view.system(f"{len(names)} member{'s' if len(names) != 1 else ''}: {', '.join(names)}", group)
+
+    def switch_chat(self, step: int) -> None:
+        """Open the next (+1) or previous (-1) chat of the chat list."""
+        key = self.view.adjacent_chat(step)
+        if key is None or key == self.view.current:
+            return
+        if is_group_id(key):
+            self.cmd_group(key)
+        else:
+            self.cmd_to(key)
+        self.invalidate()
+
     async def _group_info(self, group: str) -> None:
         with contextlib.suppress(ConnectionLost, TimeoutError):
-            self.view.set_group(await self.client.group_info(group))
+            self._set_group(await self.client.group_info(group))
 
     def cmd_newgroup(self, name: str = "", members: str = "") -> None:
         if not name:
@@ -856,7 +1126,7 @@ class ChatController:
 
     async def _newgroup(self, name: str, members: list[str]) -> None:
         info = await self.client.create_group(name, members)
-        self.view.set_group(info)
+        self._set_group(info)
         self._open(info.group)
         self.view.system(f"group id {info.group} (others open it with /group {info.group})")
 
@@ -892,7 +1162,7 @@ class ChatController:
             await self.client.leave_group(group)
             self.view.left_groups.add(group)
             return
-        self.view.set_group(info)
+        self._set_group(info)
 
     def cmd_history(self) -> None:
         key = self.view.current
@@ -942,17 +1212,49 @@ STYLE = {
     "status.target": "bg:#303030 #ffffff bold",
     "status.typing": "bg:#303030 ansigreen italic",
     "status.unread": "bg:#303030 ansiyellow bold",
+    "chatlist.title": "bold #aaaaaa",
+    "chatlist": "",
+    "chatlist.current": "reverse bold",
+    "chatlist.unread": "bold ansiyellow",
+    "chatlist.preview": "#888888",
+    "chatlist.border": "#555555",
 }
+CHAT_LIST_WIDTH = 28
+CHAT_LIST_MIN_COLUMNS = 64  # narrower terminals hide the chat list
+
+
+def _completer(view: ChatView) -> Any:
+    """prompt_toolkit's side of ``ChatView.completions`` (Tab in the input line)."""
+    from prompt_toolkit.completion import Completer, Completion
+
+    class ViewCompleter(Completer):
+        def get_completions(self, document: Any, complete_event: Any) -> Any:
+            replaced, options = view.completions(document.text_before_cursor)
+            for text, display in options:
+                yield Completion(text, start_position=-replaced, display=display)
+
+    return ViewCompleter()
 
 
 def build_application(controller: ChatController) -> Any:
-    """The prompt_toolkit application: message pane, status line, input line."""
+    """The prompt_toolkit application: chat list and message pane side by side,
+    status line, input line (with Tab completion)."""
     from prompt_toolkit.application import Application
+    from prompt_toolkit.application.current import get_app
     from prompt_toolkit.data_structures import Point
-    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.filters import Condition, has_completions
     from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.layout import HSplit, Layout, Window
+    from prompt_toolkit.layout import (
+        ConditionalContainer,
+        Float,
+        FloatContainer,
+        HSplit,
+        Layout,
+        VSplit,
+        Window,
+    )
     from prompt_toolkit.layout.controls import FormattedTextControl
+    from prompt_toolkit.layout.menus import CompletionsMenu
     from prompt_toolkit.styles import Style
     from prompt_toolkit.widgets import TextArea
 
@@ -982,19 +1284,52 @@ def build_application(controller: ChatController) -> Any:
         controller.handle_line(buffer.text)
         return False  # clear the input line
 
-    entry = TextArea(height=1, prompt="> ", multiline=False, wrap_lines=False, accept_handler=accept)
+    entry = TextArea(
+        height=1,
+        prompt="> ",
+        multiline=False,
+        wrap_lines=False,
+        accept_handler=accept,
+        completer=_completer(view),
+        complete_while_typing=False,  # Tab asks
+    )
+    chat_list = ConditionalContainer(
+        VSplit(
+            [
+                Window(
+                    FormattedTextControl(lambda: view.chat_list_fragments(CHAT_LIST_WIDTH), focusable=False),
+                    width=CHAT_LIST_WIDTH,
+                    wrap_lines=False,
+                ),
+                Window(width=1, char="│", style="class:chatlist.border"),
+            ]
+        ),
+        # On a narrow terminal the messages need the room; the keys still switch chats.
+        filter=Condition(lambda: get_app().output.get_size().columns >= CHAT_LIST_MIN_COLUMNS),
+    )
     entry.buffer.on_text_changed += lambda buffer: controller.on_input_changed(buffer.text)
 
     kb = KeyBindings()
 
     @kb.add("c-c")
     @kb.add("c-q")
+    @kb.add("<sigint>")  # SIGINT from outside (kill -INT): prompt_toolkit turns it into this key
     def _quit(event: Any) -> None:
         controller.on_quit()
 
     @kb.add("c-d", filter=Condition(lambda: not entry.text))
     def _eof(event: Any) -> None:
         controller.on_quit()
+
+    @kb.add("escape", "up")  # Alt-↑ (also the xterm form, ESC [1;3A)
+    @kb.add("c-p", filter=~has_completions)
+    def _previous_chat(event: Any) -> None:
+        controller.switch_chat(-1)
+
+    @kb.add("escape", "down")
+    @kb.add("c-n", filter=~has_completions)
+    def _next_chat(event: Any) -> None:
+        controller.switch_chat(+1)
 
     @kb.add("pageup")
     def _up(event: Any) -> None:
@@ -1007,7 +1342,13 @@ def build_application(controller: ChatController) -> Any:
         scroll["back"] = max(0, scroll["back"] - max(1, height - 1))
 
     app: Application[int] = Application(
-        layout=Layout(HSplit([messages, status, entry]), focused_element=entry),
+        layout=Layout(
+            FloatContainer(
+                HSplit([VSplit([chat_list, messages]), status, entry]),
+                floats=[Float(xcursor=True, ycursor=True, content=CompletionsMenu(max_height=8))],
+            ),
+            focused_element=entry,
+        ),
         key_bindings=kb,
         style=Style.from_dict(STYLE),
         full_screen=True,
@@ -1021,6 +1362,7 @@ def build_application(controller: ChatController) -> Any:
 
     controller.invalidate = app.invalidate
     controller.on_quit = quit_app
+    controller.on_bell = app.output.bell
     return app
 
 
@@ -1070,6 +1412,13 @@ async def chat_main(urls: list[str], token: str, state: str | None) -> int:
 
 def run_chat(urls: list[str], token: str, state: str | None) -> int:
     """``roost chat``: the interactive chat until /quit or Ctrl-C."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(
+            "roost: roost chat needs a terminal (stdin and stdout);"
+            " in scripts use roost send and roost listen",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return asyncio.run(chat_main(list(urls), token, state))
     except KeyboardInterrupt:

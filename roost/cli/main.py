@@ -26,7 +26,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", default=None, help="cluster mode: redis://... (default: in-process)")
     p.add_argument("--gateway-id", default="", help="cluster mode: this gateway's unique name")
     p.add_argument("--heartbeat", type=float, default=30.0, help="WebSocket ping interval (s)")
-    p.add_argument("--auth-timeout", type=float, default=10.0)
+    p.add_argument("--auth-timeout", type=float, default=10.0, help="upgrade -> auth frame (s)")
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=15.0,
+        help="accept -> authenticated session, covering request, upgrade and auth (s)",
+    )
+    p.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=None,
+        help="connections not yet authenticated, per gateway (default: a quarter of the open-file "
+        "limit, at most 1024); at the cap the oldest (>= 1 s) is closed for a new one, else it "
+        "gets 503 (0: no cap)",
+    )
+    p.add_argument(
+        "--max-unauthenticated-per-address",
+        type=int,
+        default=64,
+        help="... from one source address (an IPv6 /64); more get 429 (0: no cap)",
+    )
     p.add_argument("--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)")
     p.add_argument("--max-group-members", type=int, default=1024)
     p.add_argument("--window", type=int, default=128, help="unacked messages per device")
@@ -36,11 +56,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from roost.gateway.admission import AdmissionLimits, default_max_pending
     from roost.gateway.server import GatewayConfig, serve
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
 
     setup_logging(args.log_level)
+    max_pending = args.max_unauthenticated
+    if max_pending is None:
+        max_pending = default_max_pending()
     config = GatewayConfig(
         data_dir=Path(args.data_dir),
         store_url=args.store,
@@ -50,6 +74,11 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         heartbeat=args.heartbeat,
         auth_timeout=args.auth_timeout,
+        admission=AdmissionLimits(
+            handshake_timeout=args.handshake_timeout,
+            max_pending=max_pending,
+            max_pending_per_address=args.max_unauthenticated_per_address,
+        ),
         service=ServiceConfig(
             window=args.window,
             max_group_members=args.max_group_members,
@@ -74,6 +103,9 @@ def _add_user(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--data-dir", default="roost-data")
     add.add_argument("--store", default=None, help="cluster mode: postgresql://... instead of --data-dir")
     add.set_defaults(func=_user_add)
+    from roost.cli import users as administration
+
+    administration.register(users)
 
 
 def _add_dev_cluster(sub: argparse._SubParsersAction) -> None:

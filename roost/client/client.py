@@ -14,7 +14,12 @@ What it does for the application:
   full jitter;
 * per-conversation order and dedupe (``ConversationOrder``): each message is
   shown once, in seq order, with gaps filled from history; it is committed
-  locally before it is shown and before the server is told it arrived.
+  locally before it is shown and before the server is told it arrived;
+* what reached the device stays *unconsumed* in the state until someone shows
+  it to the user (``unconsumed`` / ``mark_consumed``);
+* while it runs, other commands of the account hand it their work through a
+  Unix socket beside the state file (``roost.client.local``), instead of
+  opening a second connection that would replace this one.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,7 @@ from roost.client.events import (
     Disconnected,
     ErrorEvent,
     Event,
+    LocalSend,
     Membership,
     Message,
     PresenceEvent,
@@ -46,6 +53,7 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
+from roost.client.local import LocalEndpoint
 from roost.client.ordering import ConversationOrder
 from roost.client.state import ClientState, OutboxItem, default_state_path
 from roost.protocol import frames as f
@@ -55,7 +63,12 @@ from roost.protocol.errors import RETRYABLE, CloseCode, ErrorCode
 log = logging.getLogger("roost.client")
 
 # Close codes after which reconnecting would be wrong.
-FATAL_CLOSE_CODES = {CloseCode.AUTH_FAILED, CloseCode.REPLACED, CloseCode.UNSUPPORTED_VERSION}
+FATAL_CLOSE_CODES = {
+    CloseCode.AUTH_FAILED,
+    CloseCode.REPLACED,
+    CloseCode.UNSUPPORTED_VERSION,
+    CloseCode.REVOKED,
+}
 HISTORY_PAGE = 200
 
 
@@ -98,6 +111,12 @@ class _ReceiptView:
     marks: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def ws_url(url: str) -> str:
     """``http://host:port`` -> ``ws://host:port/v1/ws`` (ws/wss URLs pass through)."""
     url = url.rstrip("/")
@@ -128,6 +147,7 @@ class Client:
         jitter: bool = True,
         heartbeat: float = 20.0,
         keep_events: bool = True,
+        serve_local: bool = True,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
@@ -140,6 +160,12 @@ class Client:
         self.jitter = jitter
         self.heartbeat = heartbeat
         self.keep_events = keep_events
+        # The local socket other commands of this account hand their work to.
+        self._local = (
+            LocalEndpoint(self, self.state.path)
+            if serve_local and self.state.path != ":memory:" and hasattr(socket, "AF_UNIX")
+            else None
+        )
         # Known before connecting once the state has seen a welcome.
         self.user: str | None = self.state.get_meta("user")
         self.connections = 0  # successful connections so far
@@ -174,6 +200,10 @@ class Client:
         self._receipt_waiters: list[tuple[str, int, str, asyncio.Future[None]]] = []
         self._requests: dict[str, asyncio.Future[Any]] = {}
         self._presence: set[str] = set()
+        # Unconsumed messages handed to a reader that has not confirmed
+        # showing them yet (see ``take_unconsumed``).
+        self._claimed: set[tuple[str, int]] = set()
+        self._unconsumed_waiters: list[asyncio.Future[None]] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -188,6 +218,8 @@ class Client:
         """Start the connection loop; return once authenticated (or raise)."""
         if self._run_task is not None:
             return
+        if self._local is not None:
+            await self._local.start()
         self._http = aiohttp.ClientSession()
         self._first_result = asyncio.get_running_loop().create_future()
         self._run_task = asyncio.create_task(self._run())
@@ -199,6 +231,8 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        if self._local is not None:
+            await self._local.close()
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
@@ -235,6 +269,15 @@ class Client:
 
     def pending_outbox(self) -> list[OutboxItem]:
         return list(self._outbox.values())
+
+    async def drain_outbox(self, timeout: float = 5.0) -> bool:
+        """Wait (up to ``timeout``) for the ✓ of everything in the outbox,
+        including what earlier runs queued; True if it is empty."""
+        waits = [self.wait_sent(mid) for mid in list(self._outbox)]
+        if waits:
+            with contextlib.suppress(TimeoutError, RoostError):
+                await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
+        return not self._outbox
 
     # -- the connection loop -------------------------------------------------
 
@@ -296,7 +339,8 @@ class Client:
             autoclose=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:
-            await ws.send_bytes(encode(f.Auth(token=self.token, client=self.instance)))
+            auth = encode(f.Auth(token=self.token, client=self.instance))
+            await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
             first = await ws.receive(timeout=15.0)
             if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 raise ConnectionError("closed during authentication")
@@ -383,12 +427,14 @@ class Client:
         ct: str = "text/plain",
         message_id: str | None = None,
         wait: bool = True,
+        announce: bool = False,
     ) -> SendResult | str:
         """Send a message to a user (``to``) or a conversation (``group``/``conv``).
 
         The message is in the durable outbox when this returns or raises.
         With ``wait`` it returns the ``SendResult`` at ✓ (stored by the server);
-        without, it returns the message id at once.
+        without, it returns the message id at once. ``announce`` emits a
+        ``LocalSend`` event for it (a message another local command handed over).
         """
         target_conv = group or conv
         if (to is None) == (target_conv is None):
@@ -407,17 +453,35 @@ class Client:
         if item.id not in self._outbox:
             self.state.outbox_add(item)
             self._outbox[item.id] = item
+            if announce:
+                self._emit(LocalSend(item.id, item.to, item.conv, item.ct, item.body, item.created))
             self._send_item(item)
         if future is None:
             return item.id
         return await future
+
+    def wait_sent(self, message_id: str) -> Awaitable[SendResult]:
+        """The ✓ of a message in the outbox (queued by ``send(wait=False)`` or
+        by an earlier run), to await; raises ``RoostError`` if the server
+        refuses it. Registered at the call, so an answer that arrives before
+        the caller awaits it is not missed."""
+        if message_id not in self._outbox:
+            raise KeyError(f"{message_id} is not in the outbox")
+        fut = self._ack_waiters.get(message_id)
+        if fut is None or fut.done():
+            fut = self._ack_waiters[message_id] = asyncio.get_running_loop().create_future()
+            # Shielded: a waiter that timed out leaves it to the next one (or to close()).
+            fut.add_done_callback(_retrieved)
+        waiter = asyncio.shield(fut)
+        waiter.add_done_callback(_retrieved)  # a caller that gave up (queued) does not await it
+        return waiter
 
     def _on_ack(self, frame: f.SendAck) -> None:
         item = self._outbox.pop(frame.id, None)
         if item is not None:
             self.state.outbox_remove(frame.id)
             self.state.store_message(
-                frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts
+                frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts, consumed=True
             )
         self._accept(frame.conv, frame.seq, None)
         self.state.commit()
@@ -487,6 +551,9 @@ class Client:
         self, conv: str, seq: int, message_id: str, sender: str, ct: str, body: bytes, ts: int
     ) -> None:
         if sender == self.user:
+            # Sent by this account from another state (a gap fill brings it):
+            # it belongs in the local history, and the user has seen it.
+            self.state.store_message(conv, seq, message_id, sender, ct, body, ts, consumed=True)
             self._accept(conv, seq, None)
             return
         item: Message | Membership
@@ -512,6 +579,7 @@ class Client:
         for _seq, item in released:
             if isinstance(item, Message):
                 self.state.store_message(conv, item.seq, item.id, item.sender, item.ct, item.body, item.ts)
+                self._wake_unconsumed_waiters()
             if item is not None:
                 self._emit(item)
         self.state.save_have(conv, self._orders[conv].have)
@@ -679,7 +747,11 @@ class Client:
         return await self._request(f.HistoryRequest(conv=conv, before=before, after=after, limit=limit))
 
     async def mark_read(self, conv: str, seq: int) -> None:
-        """Tell the senders ``conv`` was read up to ``seq`` (blue ticks)."""
+        """Tell the senders ``conv`` was read up to ``seq`` (blue ticks).
+
+        Read implies shown: those messages are also marked consumed, so the
+        chat that displays them needs no second call."""
+        self.state.mark_consumed(conv, seq)
         if seq > self._read_marks.get(conv, 0):
             self._read_marks[conv] = seq
             self._write(encode(f.ReadMarker(conv=conv, seq=seq)))
@@ -697,6 +769,74 @@ class Client:
 
     async def ping(self) -> None:
         self._write(encode(f.Ping(t=int(time.time() * 1000))))
+
+    def unconsumed(self, conv: str | None = None, limit: int | None = None) -> list[Message]:
+        """Received messages no one has shown to the user yet, oldest first.
+
+        Every received message is stored unconsumed before it is emitted; a
+        client that shows it (``roost listen`` prints it, ``roost chat``
+        displays its chat) calls ``mark_consumed`` (``mark_read`` does it too). What a short-lived command
+        such as ``roost send`` received meanwhile stays here for the next
+        ``roost listen``, and ``len(unconsumed(conv))`` is the chat's unread count.
+        """
+        return [Message(*row) for row in self.state.unconsumed(conv, limit)]
+
+    def unread_counts(self) -> dict[str, int]:
+        """conv -> number of unconsumed (unread) received messages in it."""
+        return self.state.unconsumed_counts()
+
+    def is_consumed(self, conv: str, seq: int) -> bool:
+        """False while ``(conv, seq)`` is a received message not yet shown to the user."""
+        return self.state.is_consumed(conv, seq)
+
+    def mark_consumed(self, conv: str, seq: int) -> None:
+        """The user has been shown ``conv`` up to ``seq``: committed at once, so
+        no later client (``roost listen`` after a restart) shows them again.
+        ``mark_read`` does this too; this alone tells the sender nothing."""
+        self.state.mark_consumed(conv, seq)
+
+    # Two readers of one client (a running ``roost listen`` and one handed
+    # over through the local socket) must not both show a message: a reader
+    # claims it, shows it, then ``consume``s it (or ``release``s it unshown).
+
+    def claim(self, message: Message) -> bool:
+        """True if ``message`` is unconsumed and no other reader holds it; it is now claimed."""
+        key = (message.conv, message.seq)
+        if key in self._claimed or self.state.is_consumed(*key):
+            return False
+        self._claimed.add(key)
+        return True
+
+    def take_unconsumed(self, limit: int) -> list[Message]:
+        """Claim up to ``limit`` of the oldest unconsumed messages."""
+        taken: list[Message] = []
+        for m in self.unconsumed(limit=limit + len(self._claimed)):
+            if len(taken) < limit and self.claim(m):
+                taken.append(m)
+        return taken
+
+    def consume(self, messages: Sequence[Message]) -> None:
+        """Claimed messages were shown: mark them consumed and drop the claims."""
+        for m in messages:
+            self.state.consume_one(m.conv, m.seq)
+        self.release(messages)
+
+    def release(self, messages: Sequence[Message]) -> None:
+        for m in messages:
+            self._claimed.discard((m.conv, m.seq))
+
+    async def wait_unconsumed(self, timeout: float) -> None:
+        """Return once a new message is stored, or after ``timeout`` seconds."""
+        fut = asyncio.get_running_loop().create_future()
+        self._unconsumed_waiters.append(fut)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, timeout)
+
+    def _wake_unconsumed_waiters(self) -> None:
+        waiters, self._unconsumed_waiters = self._unconsumed_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def local_history(self, conv: str, limit: int = 50) -> list[Message]:
         return [

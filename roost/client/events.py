@@ -32,6 +32,8 @@ class Membership:
     users: tuple[str, ...]
     name: str
     ts: int
+    # "added" only: former members brought back -> how they had gone ("removed" | "left").
+    returning: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, conv: str, seq: int, body: bytes, ts: int) -> Membership:
@@ -45,6 +47,7 @@ class Membership:
                 tuple(str(u) for u in data.get("users", [])),
                 str(data.get("name", "")),
                 ts,
+                tuple((str(u), str(how)) for u, how in dict(data.get("returning") or {}).items()),
             )
         except (ValueError, AttributeError, TypeError):
             return cls(conv, seq, "unknown", "", (), "", ts)
@@ -58,6 +61,24 @@ class Sent:
     conv: str
     seq: int
     ts: int
+
+
+@dataclass(slots=True, frozen=True)
+class LocalSend:
+    """A message another local command of this account (``roost send`` while
+    this client runs) handed to this client to send: the user's own message,
+    to show as such. Its ✓ follows as a ``Sent`` event with the same id."""
+
+    message_id: str
+    to: str | None  # the user, for a 1:1 chat
+    conv: str | None  # the group, otherwise
+    ct: str
+    body: bytes
+    created: int  # client time (ms)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,5 +130,14 @@ class ErrorEvent:
 
 
 Event = (
-    Message | Membership | ReceiptEvent | PresenceEvent | TypingEvent | Connected | Disconnected | ErrorEvent
+    Message
+    | Membership
+    | LocalSend
+    | Sent
+    | ReceiptEvent
+    | PresenceEvent
+    | TypingEvent
+    | Connected
+    | Disconnected
+    | ErrorEvent
 )

@@ -1,11 +1,18 @@
 """The SDK's local, durable state (SQLite): outbox, per-conversation cursor,
-local message history.
+local message history, and which received messages the user has seen.
 
 A message handed to ``Client.send`` is committed to the outbox before the
 call returns, so it survives a crash of the client process and is resent,
 with the same id, the next time a client opens this state. Received messages
 are committed (with the conversation's ``have`` cursor) before the
 application sees them and before the server is told they were delivered.
+
+A received message is stored *unconsumed*: it reached the device but no one
+has shown it to the user yet (``roost send`` receives and acks whatever is
+pending, but prints only its own result). Whoever shows it to the user marks
+it consumed (``mark_consumed``): ``roost listen`` prints the unconsumed ones
+first, ``roost chat`` counts them as unread. The user's own sent messages are
+stored consumed.
 """
 
 from __future__ import annotations
@@ -53,9 +60,25 @@ CREATE TABLE IF NOT EXISTS messages (
     ct TEXT NOT NULL,
     body BLOB NOT NULL,
     ts INTEGER NOT NULL,
+    consumed INTEGER NOT NULL DEFAULT 1,   -- 0: received, not yet shown to the user
     PRIMARY KEY (conv, seq)
 );
+-- `roost chat`: per conversation, the highest seq the user saw with the chat
+-- open; incoming messages above it are the chat's unread ones.
+CREATE TABLE IF NOT EXISTS chat_seen (
+    conv TEXT PRIMARY KEY,
+    seen INTEGER NOT NULL
+);
+-- `roost chat`: group names it learnt (membership events are not in messages).
+CREATE TABLE IF NOT EXISTS chat_groups (
+    conv TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+);
 """
+# After the migration below, so an old state file has the column first.
+INDEXES = "CREATE INDEX IF NOT EXISTS messages_unconsumed ON messages (conv, seq) WHERE consumed = 0;"
+
+CHAT_CURRENT_KEY = "chat_current"  # meta: the chat `roost chat` had open
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,6 +89,20 @@ class OutboxItem:
     ct: str
     body: bytes
     created: int
+
+
+@dataclass(slots=True, frozen=True)
+class ChatSummary:
+    """One conversation as the chat list shows it: its newest stored message
+    and how many incoming messages came after what the chat showed."""
+
+    conv: str
+    seq: int
+    sender: str
+    ct: str
+    body: bytes
+    ts: int
+    unread: int
 
 
 def default_state_path(token: str) -> Path:
@@ -94,8 +131,7 @@ def _lock(path: str) -> int | None:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise StateInUse(
-            f"the client state {path} is in use by another running client (pid {holder});"
-            " give each running client its own state file"
+            f"the client state {path} is in use by another running client (pid {holder})"
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
@@ -115,7 +151,16 @@ class ClientState:
         # could drop the last commits, which a phone-side client accepts.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+        self.db.executescript(INDEXES)
         self._in_tx = False
+
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "consumed" not in columns:
+            # Messages of an older state were all shown already (or lost to
+            # the old behaviour); they count as consumed.
+            self.db.execute("ALTER TABLE messages ADD COLUMN consumed INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         self.commit()
@@ -173,12 +218,23 @@ class ClientState:
         )
 
     def store_message(
-        self, conv: str, seq: int, message_id: str, sender: str, ct: str, body: bytes, ts: int
+        self,
+        conv: str,
+        seq: int,
+        message_id: str,
+        sender: str,
+        ct: str,
+        body: bytes,
+        ts: int,
+        *,
+        consumed: bool = False,
     ) -> None:
+        """Store a message once; a received one (``consumed=False``) waits to be shown."""
         self._begin()
         self.db.execute(
-            "INSERT OR IGNORE INTO messages (conv, seq, id, sender, ct, body, ts) VALUES (?,?,?,?,?,?,?)",
-            (conv, seq, message_id, sender, ct, body, ts),
+            "INSERT OR IGNORE INTO messages (conv, seq, id, sender, ct, body, ts, consumed)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (conv, seq, message_id, sender, ct, body, ts, int(consumed)),
         )
 
     def receipts(self) -> dict[str, tuple[int, int]]:
@@ -213,3 +269,87 @@ class ClientState:
         ).fetchall()
         rows.reverse()
         return [(s, i, snd, ct, bytes(b), ts) for s, i, snd, ct, b, ts in rows]
+
+    # shown to the user ----------------------------------------------------------
+
+    def unconsumed(
+        self, conv: str | None = None, limit: int | None = None
+    ) -> list[tuple[str, int, str, str, str, bytes, int]]:
+        """Received messages not yet shown to the user, oldest first (in
+        arrival order; within a conversation that is seq order).
+
+        Rows are ``(conv, seq, id, sender, ct, body, ts)``; ``conv`` limits it
+        to one conversation. ``len(unconsumed(conv))`` is that chat's unread count.
+        """
+        where, params = ("consumed = 0", ()) if conv is None else ("consumed = 0 AND conv = ?", (conv,))
+        sql = f"SELECT conv, seq, id, sender, ct, body, ts FROM messages WHERE {where} ORDER BY rowid"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = self.db.execute(sql, params).fetchall()
+        return [(c, s, i, snd, ct, bytes(b), ts) for c, s, i, snd, ct, b, ts in rows]
+
+    def unconsumed_counts(self) -> dict[str, int]:
+        """conv -> how many received messages in it were not shown yet (unread)."""
+        rows = self.db.execute(
+            "SELECT conv, count(*) FROM messages WHERE consumed = 0 GROUP BY conv"
+        ).fetchall()
+        return dict(rows)
+
+    def is_consumed(self, conv: str, seq: int) -> bool:
+        """True unless ``(conv, seq)`` is a stored message still waiting to be shown."""
+        row = self.db.execute("SELECT consumed FROM messages WHERE conv=? AND seq=?", (conv, seq)).fetchone()
+        return row is None or bool(row[0])
+
+    def mark_consumed(self, conv: str, upto_seq: int) -> None:
+        """The user has been shown ``conv`` up to ``upto_seq``: committed at once,
+        so a later ``roost listen`` does not print those messages again."""
+        self._begin()
+        self.db.execute(
+            "UPDATE messages SET consumed = 1 WHERE conv = ? AND seq <= ? AND consumed = 0",
+            (conv, upto_seq),
+        )
+        self.commit()
+
+    def consume_one(self, conv: str, seq: int) -> None:
+        """Just ``(conv, seq)`` was shown (committed at once)."""
+        self._begin()
+        self.db.execute("UPDATE messages SET consumed = 1 WHERE conv = ? AND seq = ?", (conv, seq))
+        self.commit()
+
+    # roost chat: what it showed, so unread counts and the open chat survive a restart
+
+    def chat_seen(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT conv, seen FROM chat_seen").fetchall())
+
+    def save_chat_seen(self, conv: str, seq: int) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO chat_seen (conv, seen) VALUES (?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET seen=max(seen, excluded.seen)",
+            (conv, seq),
+        )
+        self.commit()
+
+    def chat_groups(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT conv, name FROM chat_groups").fetchall())
+
+    def save_chat_group(self, conv: str, name: str) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO chat_groups (conv, name) VALUES (?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET name=excluded.name",
+            (conv, name),
+        )
+        self.commit()
+
+    def chat_summaries(self, me: str) -> list[ChatSummary]:
+        """Every conversation with stored messages: the newest one, and the
+        count of messages from others above the chat's ``seen`` mark."""
+        rows = self.db.execute(
+            "SELECT m.conv, m.seq, m.sender, m.ct, m.body, m.ts,"
+            " (SELECT count(*) FROM messages u WHERE u.conv = m.conv AND u.sender != ?"
+            "  AND u.seq > coalesce((SELECT seen FROM chat_seen s WHERE s.conv = m.conv), 0))"
+            " FROM messages m WHERE m.seq = (SELECT max(seq) FROM messages x WHERE x.conv = m.conv)",
+            (me,),
+        ).fetchall()
+        return [ChatSummary(c, q, snd, ct, bytes(b), ts, n) for c, q, snd, ct, b, ts, n in rows]

@@ -8,6 +8,9 @@ from roost.protocol.errors import ErrorCode, ProtocolError
 
 ADMIN = "admin"
 MEMBER = "member"
+# The actor of a change made by the server's administrator (``roost user
+# remove``), not by a member: no user name is empty.
+ADMINISTRATOR = ""
 
 
 @dataclass(slots=True)

@@ -23,12 +23,14 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from roost.gateway.admission import Admission, AdmissionLimits
 from roost.gateway.connection import Connection
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.memory import MemoryRegistry
-from roost.service.chat import ChatService, ServiceConfig, error_frame
+from roost.service.admin import AdminServer
+from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore, database_path
 
@@ -37,6 +39,10 @@ log = logging.getLogger("roost.gateway")
 # aiohttp refuses (and closes with 1009) anything above this; frames between
 # MAX_FRAME_BYTES and this get a typed ``too_large`` error and the socket stays.
 WS_HARD_LIMIT = 1024 * 1024
+
+# The protocol is JSON text frames only; a binary frame is refused like any
+# other malformed frame (before auth: then the socket closes with 4001).
+BINARY_REFUSED = "binary frames are not accepted: send JSON text frames"
 
 
 @dataclass(slots=True)
@@ -50,7 +56,8 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     heartbeat: float = 30.0  # ping interval; a peer silent for ~1.5x this is dropped
-    auth_timeout: float = 10.0
+    auth_timeout: float = 10.0  # upgrade -> auth frame; within admission's deadline
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     max_queued_bytes: int = 8 * 1024 * 1024
     shutdown_timeout: float = 5.0
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -92,19 +99,32 @@ class Gateway:
         self.app.router.add_get("/v1/ws", self.websocket)
         self.app.router.add_get("/healthz", self.healthz)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self.admission: Admission | None = None
         self.port: int | None = None
+        # Embedded: `roost user token reset / disable / remove` reach this
+        # server through a socket in its data directory (cluster: via Redis).
+        self.admin: AdminServer | None = None
+        if config.store_url is None:
+            self.admin = AdminServer(config.data_dir, self.store, self.service, now_ms)
 
     async def start(self) -> None:
         await self.store.open()
         await self.registry.start()
         self.service.start()
+        if self.admin is not None:
+            await self.admin.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096, reuse_address=True)
-        await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        assert self._runner.server is not None
+        # Our own listener instead of web.TCPSite: every accepted connection
+        # passes admission (deadline, caps) before aiohttp sees it.
+        self.admission = Admission(self.config.admission, self._runner.server)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.admission.protocol, self.config.host, self.config.port, backlog=4096, reuse_address=True
+        )
+        if self._listener.sockets:
+            self.port = self._listener.sockets[0].getsockname()[1]
         self.ready = True
         log.info(
             "listening",
@@ -126,8 +146,14 @@ class Gateway:
                 [asyncio.ensure_future(c.finish()) for c in list(self.connections)],
                 timeout=self.config.shutdown_timeout,
             )
+        if self._listener is not None:
+            self._listener.close()
+        if self.admission is not None:
+            self.admission.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.admin is not None:
+            await self.admin.stop()
         await self.service.stop()
         await self.registry.stop()
         await self.store.close()
@@ -136,7 +162,10 @@ class Gateway:
     async def healthz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503)
-        return web.json_response({"status": "ok", "connections": len(self.connections)})
+        pending = 0 if self.admission is None else len(self.admission.pending)
+        # "unauthenticated" counts this request's own connection too.
+        body = {"status": "ok", "connections": len(self.connections), "unauthenticated": pending}
+        return web.json_response(body)
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if self.stopping:
@@ -147,14 +176,18 @@ class Gateway:
             compress=False,
         )
         await ws.prepare(request)
+        if self.admission is not None:
+            self.admission.upgraded(request.transport)
         conn = Connection(ws, self.config.max_queued_bytes, request.transport)
         self.connections.add(conn)
         try:
-            identity = await self._authenticate(ws, conn)
+            identity = await self._authenticate(ws, conn, request)
             # A socket that died while its token was being checked is not
             # registered: it would replace the live connection its client has
             # meanwhile opened, and that client would be told it was replaced.
             if identity is not None and not await _gone(ws, request):
+                if self.admission is not None:
+                    self.admission.authenticated(request.transport)
                 await self._serve(ws, conn, *identity)
         finally:
             self.connections.discard(conn)
@@ -162,10 +195,17 @@ class Gateway:
             await conn.finish()
         return ws
 
-    async def _authenticate(self, ws: web.WebSocketResponse, conn: Connection) -> tuple[str, str] | None:
-        """(user, client run id) once the auth frame checks out; None after closing."""
+    async def _authenticate(
+        self, ws: web.WebSocketResponse, conn: Connection, request: web.Request
+    ) -> tuple[str, str, float] | None:
+        """(user, client run id, when its token check began) once the auth
+        frame checks out; None after closing."""
+        wait = self.config.auth_timeout
+        if self.admission is not None:
+            # The deadline from accept covers the request and the upgrade too.
+            wait = max(0.0, min(wait, self.admission.remaining(request.transport)))
         try:
-            msg = await asyncio.wait_for(ws.receive(), self.config.auth_timeout)
+            msg = await asyncio.wait_for(ws.receive(), wait)
         except TimeoutError:
             conn.push(error_frame(ProtocolError(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")))
             conn.close(CloseCode.AUTH_TIMEOUT, "auth timeout")
@@ -173,6 +213,8 @@ class Gateway:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             return None
         try:
+            if msg.type == WSMsgType.BINARY:
+                raise ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)
             frame = decode_client(msg.data)
             if not isinstance(frame, f.Auth):
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "the first frame must be auth")
@@ -187,6 +229,7 @@ class Gateway:
                 )
                 conn.close(CloseCode.UNSUPPORTED_VERSION, "unsupported version")
                 return None
+            started = time.monotonic()
             user = await self.service.authenticate(frame.token)
             if user is None:
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown or revoked token")
@@ -208,14 +251,18 @@ class Gateway:
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return None
         conn.push(encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat))))
-        return user, frame.client
+        return user, frame.client, started
 
-    async def _serve(self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str) -> None:
-        session = await self.service.connect(user, conn, client)
+    async def _serve(
+        self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str, started: float
+    ) -> None:
+        session = await self.service.connect(user, conn, client, started)
         log.info("connected", extra={"user": user})
         try:
             async for msg in ws:
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if msg.type == WSMsgType.BINARY:
+                    conn.push(error_frame(ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)))
+                elif msg.type == WSMsgType.TEXT:
                     if conn.closed:
                         break
                     pause = self.service.handle(session, msg.data)

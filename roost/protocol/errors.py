@@ -53,3 +53,4 @@ class CloseCode:
     UNSUPPORTED_VERSION = 4005
     STORE_FAILED = 4006  # a send could not be committed; reconnect and resend in order
     SUPERSEDED = 4007  # a newer connection of this same client run took over; reconnect
+    REVOKED = 4008  # the token was reset, or the account disabled or removed; stop

@@ -134,6 +134,11 @@ class _Replaced(msgspec.Struct, array_like=True):
     client: str = ""  # the new session's client run id (auth frame's ``client``)
 
 
+class _Revoked(msgspec.Struct, array_like=True):
+    user: str
+    reason: str
+
+
 class _Envelope(msgspec.Struct, array_like=True):
     src: str
     msgs: list[_Msg] = []
@@ -141,6 +146,10 @@ class _Envelope(msgspec.Struct, array_like=True):
     frames: list[_Frame] = []
     presence: list[_Presence] = []
     replaced: list[_Replaced] = []
+    # From the admin CLI (``RedisNotifier``), sent to every gateway: close
+    # these users' sessions (4008); re-read these users' inboxes and receipts.
+    revoked: list[_Revoked] = []
+    resync: list[str] = []
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -303,6 +312,8 @@ class RedisRegistry:
         # Called after Redis or the subscription comes back: pushes may have
         # been lost meanwhile (the chat service then re-reads every local inbox).
         self.on_recovered: Callable[[Collection[str] | None], None] | None = None
+        # Called with (user, reason) when the admin CLI revoked a user's token.
+        self.on_revoked: Callable[[str, str], None] | None = None
         self._moved_in: set[str] = set()  # attached here while online on another gateway
         self._leaving: set[str] = set()  # detached here, this gateway's "offline" not decided yet
         self._subscribed_before = False
@@ -1338,6 +1349,12 @@ class RedisRegistry:
             self._on_presence(p, now)
         for rp in env.replaced:
             self._evict(rp.user, rp.value, rp.client)
+        for rv in env.revoked:
+            if self.on_revoked is not None:
+                self._call(self.on_revoked, rv.user, rv.reason)
+        local = [u for u in env.resync if u in sessions]
+        if local:
+            self._notify_recovered(local)
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         try:
@@ -1377,4 +1394,55 @@ class RedisRegistry:
         self._call(session.replaced, bool(client) and session.client == client)
 
 
-__all__ = ["RedisRegistry"]
+class RedisNotifier:
+    """The admin CLI's side of cluster mode (``roost.service.admin.Notifier``):
+    no sessions, only one-off publishes to every live gateway.
+
+    Every gateway, not only the one the user's route names: a connection
+    whose token check began before the revocation may register on any of
+    them, and each gateway also remembers the revocation for such late
+    registrations (``ChatService.connect``)."""
+
+    def __init__(self, url: str, prefix: str = "roost:", socket_timeout: float = 5.0) -> None:
+        self.prefix = prefix
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, protocol=2
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def gateways(self) -> list[str]:
+        """The ids of the gateways whose liveness key exists."""
+        start = len(self.prefix) + 2
+        return sorted(
+            [key.decode()[start:] async for key in self._client.scan_iter(match=f"{self.prefix}g:*")]
+        )
+
+    async def _broadcast(self, envelope: _Envelope) -> int:
+        data = _encode(envelope)
+        reached = 0
+        for gw in await self.gateways():
+            reached += int(await self._client.publish(f"{self.prefix}c:{gw}", data) > 0)
+        return reached
+
+    async def revoke(self, user: str, reason: str) -> None:
+        await self._broadcast(_Envelope("admin", revoked=[_Revoked(user, reason)]))
+
+    async def changed(self, snapshots: list[Any]) -> None:
+        users: set[str] = set()
+        for snap in snapshots:
+            if snap.event is not None:
+                users.update(snap.event.recipients)
+            users.update(r.user for r in snap.receipts)
+        if users:
+            await self._broadcast(_Envelope("admin", resync=sorted(users)))
+
+    async def online(self, users: list[str]) -> set[str] | None:
+        if not users:
+            return set()
+        values = await self._client.mget([f"{self.prefix}u:{u}" for u in users])
+        return {u for u, v in zip(users, values, strict=True) if v is not None}
+
+
+__all__ = ["RedisNotifier", "RedisRegistry"]

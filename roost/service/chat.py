@@ -73,6 +73,9 @@ MARK_RETRY_SECONDS = 1.0
 PENDING_RECEIPT_TRIES = 5  # then the senders learn on their next reconnect
 RECEIPT_SENDERS_WINDOW = 64  # messages looked at to find who a lost mark commit owed a receipt
 RESYNC_RETRY_SECONDS = 1.0
+# How long a revocation is remembered for connections whose token check was
+# already under way (a check takes milliseconds; a stalled store, seconds).
+REVOKED_MEMORY_SECONDS = 60.0
 
 
 class ChatService:
@@ -83,6 +86,9 @@ class ChatService:
         self.presence = PresenceTracker(config.presence_debounce)
         self._presence_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        # user -> when (monotonic) its token was last revoked: a connection
+        # whose token was checked before that is closed once it registers.
+        self._revoked: dict[str, float] = {}
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
             f.Send: self._on_send,
             f.DeliveryAck: self._on_dack,
@@ -106,6 +112,8 @@ class ChatService:
     def start(self) -> None:
         self._presence_task = asyncio.get_running_loop().create_task(self._presence_loop())
         self.registry.on_recovered = self.resync_all
+        if hasattr(self.registry, "on_revoked"):  # cluster: revocations from the admin CLI
+            self.registry.on_revoked = self.revoke_local
 
     def resync_all(self, users: Collection[str] | None = None) -> None:
         """Pushes may have been lost (the router was down, or these users'
@@ -144,7 +152,10 @@ class ChatService:
     async def authenticate(self, token: str) -> str | None:
         return await self.store.user_by_token(hash_token(token))
 
-    async def connect(self, user: str, sink: Sink, client: str = "") -> Session:
+    async def connect(
+        self, user: str, sink: Sink, client: str = "", authenticated_at: float | None = None
+    ) -> Session:
+        """``authenticated_at``: ``time.monotonic()`` when its token check began."""
         session = Session(
             user, sink, self.store, self.config.window, self.config.rate, self.config.burst, client
         )
@@ -152,6 +163,11 @@ class ChatService:
         previous = self.registry.attach(session)
         if previous is not None:
             previous.replaced(bool(client) and previous.client == client)
+        revoked = self._revoked.get(user)
+        if revoked is not None and authenticated_at is not None and revoked >= authenticated_at:
+            # The token was revoked while it was being checked: the revocation
+            # found no session to close then, so this one closes now.
+            session.revoked("token revoked")
         change = self.presence.connected(user)
         if change is not None:
             self.registry.announce(change)
@@ -170,6 +186,27 @@ class ChatService:
             self.presence.disconnected(session.user, time.time())
             fut = self.store.set_last_seen(session.user, int(time.time()))
             fut.add_done_callback(_log_last_seen_failure)
+
+    # -- account administration (the Notifier of roost.service.admin) -------
+
+    def revoke_local(self, user: str, reason: str) -> None:
+        """Close ``user``'s connection to this gateway, if any (4008)."""
+        now = time.monotonic()
+        self._revoked = {u: t for u, t in self._revoked.items() if now - t < REVOKED_MEMORY_SECONDS}
+        self._revoked[user] = now
+        for session in self.registry.sessions():
+            if session.user == user:
+                session.revoked(reason)
+
+    async def revoke(self, user: str, reason: str) -> None:
+        self.revoke_local(user, reason)
+
+    async def changed(self, snapshots: list[GroupSnapshot]) -> None:
+        for snap in snapshots:
+            self._deliver_change(snap)
+
+    async def online(self, users: list[str]) -> set[str] | None:
+        return await self.registry.fetch_online(users)
 
     # -- frames ------------------------------------------------------------
 
@@ -408,8 +445,14 @@ class ChatService:
                 )
             )
         )
+        self._deliver_change(snap)
+
+    def _deliver_change(self, snap: GroupSnapshot) -> None:
+        """A membership change's event to the members, and the receipts it completed to their senders."""
         if snap.event is not None:
             self._fan_out(snap.event, snap.event.recipients)
+        for receipt in snap.receipts:
+            self.registry.push_receipt(receipt)
 
     def _check_group(self, group: str, ref: str) -> None:
         if not is_group_id(group):

@@ -125,6 +125,11 @@ class Session:
         else:
             self.sink.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
 
+    def revoked(self, reason: str) -> None:
+        """The account's token was reset, or the account disabled or removed."""
+        self.stop()
+        self.sink.close(CloseCode.REVOKED, reason)
+
     # -- called by the chat service ----------------------------------------
 
     def acked(self, conv: str, seq: int) -> None:

@@ -22,6 +22,25 @@ from typing import Protocol
 from roost.core.delivery import DrainRequest
 from roost.protocol.errors import ProtocolError
 
+# Account states (``users.state``).
+ACTIVE = "active"
+DISABLED = "disabled"  # cannot authenticate; messages to it still queue
+REMOVED = "removed"  # gone for good; the name is never given out again
+
+
+def removed_token(name: str) -> bytes:
+    """The token hash a removed account keeps: no token hashes to it (a
+    SHA-256 is 32 bytes), and it stays unique per name."""
+    return b"removed:" + name.encode()
+
+
+@dataclass(slots=True, frozen=True)
+class Account:
+    name: str
+    created: int  # ms
+    state: str  # ACTIVE | DISABLED | REMOVED
+    last_seen: int | None  # unix seconds
+
 
 class StoreUnavailable(Exception):
     """Storage failed; nothing of the request was committed. Retry later."""
@@ -86,6 +105,9 @@ class GroupSnapshot:
     # The membership system message this change appended (None for reads).
     event: StoredMessage | None = None
     removed: tuple[str, ...] = ()
+    # Receipts a removal completed: senders whose messages the remaining
+    # members now all have (or have all read). Filled when the change commits.
+    receipts: list[ReceiptState] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,6 +139,13 @@ class Store(Protocol):
     async def user_by_token(self, token_hash: bytes) -> str | None: ...
     def set_last_seen(self, user: str, ts: int) -> asyncio.Future[None]: ...
     async def last_seen(self, users: list[str]) -> dict[str, int | None]: ...
+
+    # account administration (``roost.service.admin``)
+    def set_token(self, name: str, token_hash: bytes) -> asyncio.Future[None]: ...
+    def set_user_state(self, name: str, state: str) -> asyncio.Future[None]: ...
+    def purge_member(self, name: str) -> asyncio.Future[None]: ...
+    async def list_users(self) -> list[Account]: ...
+    async def active_groups(self, name: str) -> list[str]: ...
 
     # messages and marks
     def append(

@@ -55,6 +55,8 @@ from roost.core.membership import require_active as _require_active
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store.base import (
+    REMOVED,
+    Account,
     DrainPage,
     GroupSnapshot,
     InboxEntry,
@@ -63,13 +65,14 @@ from roost.store.base import (
     SendStream,
     StoredMessage,
     StoreUnavailable,
+    removed_token,
 )
 from roost.store.pass_batch import PassBatcher
 from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -163,7 +166,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION roost_missing_users(p text[]) RETURNS text[] LANGUAGE sql AS $$
     SELECT roost_sorted_set(array_agg(x)) FROM unnest(p) AS x
-    WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.name = x)
+    WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.name = x AND u.state <> 'removed')
 $$;
 
 -- The next seq of a conversation and the message row, in the caller's transaction.
@@ -195,7 +198,7 @@ BEGIN
         IF p_to = p_sender THEN
             res.code := 'invalid'; res.msg := 'cannot send a 1:1 message to yourself'; RETURN res;
         END IF;
-        PERFORM 1 FROM users WHERE name = p_to;
+        PERFORM 1 FROM users WHERE name = p_to AND state <> 'removed';
         IF NOT FOUND THEN
             res.code := 'unknown_user'; res.msg := 'no such user: ' || p_to; RETURN res;
         END IF;
@@ -224,6 +227,10 @@ BEGIN
     PERFORM 1 FROM members WHERE conv = p_conv AND user_name = p_sender AND left_seq IS NULL;
     IF NOT FOUND THEN
         res.code := 'not_member'; res.msg := 'not a member of ' || p_conv; RETURN res;
+    END IF;
+    -- A 1:1 chat whose peer was removed (its member row is gone).
+    IF starts_with(p_conv, 'd:') AND (SELECT count(*) FROM members WHERE conv = p_conv) < 2 THEN
+        res.code := 'unknown_user'; res.msg := 'no such user (removed) in ' || p_conv; RETURN res;
     END IF;
     res.seq := roost_insert(p_conv, p_sender, p_cid, p_ct, p_body, p_ts);
     res.dup := false;
@@ -315,9 +322,10 @@ BEGIN
 END $$;
 
 -- The membership system message (sender "", content type p_ct).
+-- p_returning: for "added", the re-added users and how they had gone (or NULL).
 CREATE OR REPLACE FUNCTION roost_event(
     res roost_result, p_group text, p_actor text, p_action text, p_users text[], p_name text,
-    p_ts bigint, p_ct text
+    p_ts bigint, p_ct text, p_returning jsonb
 ) RETURNS roost_result LANGUAGE plpgsql AS $$
 DECLARE
     v_last bigint;
@@ -325,7 +333,9 @@ BEGIN
     SELECT last_seq INTO v_last FROM conversations WHERE id = p_group;
     res.cid := 'sys-' || (v_last + 1);
     res.body := convert_to('{"action":' || to_json(p_action)::text || ',"actor":' || to_json(p_actor)::text
-        || ',"users":' || array_to_json(p_users)::text || ',"name":' || to_json(p_name)::text || '}', 'UTF8');
+        || ',"users":' || array_to_json(p_users)::text || ',"name":' || to_json(p_name)::text
+        || CASE WHEN p_returning IS NULL THEN '' ELSE ',"returning":' || p_returning::text END
+        || '}', 'UTF8');
     res.ts := p_ts;
     res.ct := p_ct;
     res.seq := roost_insert(p_group, :system_sender, res.cid, p_ct, res.body, p_ts);
@@ -369,7 +379,7 @@ BEGIN
     INSERT INTO members (conv, user_name, role, joined_seq, left_seq, delivered, read)
         SELECT p_group, w, CASE WHEN w = p_creator THEN 'admin' ELSE 'member' END, 0, NULL, 0, 0
         FROM unnest(p_wanted) AS w;
-    res := roost_event(res, p_group, p_creator, 'created', p_wanted, p_name, p_ts, p_ct);
+    res := roost_event(res, p_group, p_creator, 'created', p_wanted, p_name, p_ts, p_ct, NULL);
     RETURN roost_snapshot(res, p_group);
 END $$;
 
@@ -379,7 +389,7 @@ CREATE OR REPLACE FUNCTION roost_add_members(
 DECLARE
     res roost_result;
     v_kind text; v_name text; v_last bigint; v_role text; v_left bigint;
-    v_current text[]; v_new text[]; v_missing text[];
+    v_current text[]; v_new text[]; v_missing text[]; v_returning jsonb;
 BEGIN
     SELECT kind, name, last_seq INTO v_kind, v_name, v_last FROM conversations WHERE id = p_group FOR UPDATE;
     IF NOT FOUND OR v_kind <> 'group' THEN
@@ -408,13 +418,20 @@ BEGIN
         res.code := 'unknown_user'; res.msg := 'no such user: ' || array_to_string(v_missing[1:5], ', ');
         RETURN res;
     END IF;
+    -- Members re-added: a re-added member never sees the event that took it
+    -- out (it sees the group from its new "added" on), so that event says it.
+    SELECT jsonb_object_agg(m.user_name, CASE
+            WHEN convert_from(e.body, 'UTF8')::jsonb->>'action' = 'left' THEN 'left' ELSE 'removed' END)
+        INTO v_returning
+        FROM members m LEFT JOIN messages e ON e.conv = m.conv AND e.seq = m.left_seq
+        WHERE m.conv = p_group AND m.user_name = ANY (v_new) AND m.left_seq IS NOT NULL;
     -- A member sees everything after this point, starting with the event below.
     INSERT INTO members (conv, user_name, role, joined_seq, left_seq, delivered, read)
         SELECT p_group, x, 'member', v_last, NULL, v_last, v_last FROM unnest(v_new) AS x
         ON CONFLICT (conv, user_name) DO UPDATE SET role = excluded.role, joined_seq = excluded.joined_seq,
             left_seq = NULL, delivered = excluded.delivered, read = excluded.read;
     UPDATE conversations SET epoch = epoch + 1 WHERE id = p_group;
-    res := roost_event(res, p_group, p_actor, 'added', v_new, v_name, p_ts, p_ct);
+    res := roost_event(res, p_group, p_actor, 'added', v_new, v_name, p_ts, p_ct, v_returning);
     RETURN roost_snapshot(res, p_group);
 END $$;
 
@@ -423,17 +440,18 @@ CREATE OR REPLACE FUNCTION roost_remove_members(
 ) RETURNS roost_result LANGUAGE plpgsql AS $$
 DECLARE
     res roost_result;
-    v_kind text; v_name text; v_role text; v_left bigint; v_gone text[];
+    v_kind text; v_name text; v_role text; v_left bigint; v_gone text[]; v_low bigint;
 BEGIN
     SELECT kind, name INTO v_kind, v_name FROM conversations WHERE id = p_group FOR UPDATE;
     IF NOT FOUND OR v_kind <> 'group' THEN
         res.code := 'unknown_conversation'; res.msg := 'no group ' || p_group; RETURN res;
     END IF;
+    -- The administrator (actor '', roost user remove) needs no membership.
     SELECT role, left_seq INTO v_role, v_left FROM members WHERE conv = p_group AND user_name = p_actor;
-    IF NOT FOUND OR v_left IS NOT NULL THEN
+    IF (NOT FOUND OR v_left IS NOT NULL) AND p_actor <> '' THEN
         res.code := 'not_member'; res.msg := 'not a member of ' || p_group; RETURN res;
     END IF;
-    IF NOT p_leaving AND v_role <> 'admin' THEN
+    IF NOT p_leaving AND p_actor <> '' AND v_role <> 'admin' THEN
         res.code := 'forbidden'; res.msg := 'only an admin of ' || p_group || ' can do that'; RETURN res;
     END IF;
     v_gone := roost_sorted_set(ARRAY(
@@ -443,8 +461,22 @@ BEGIN
     END IF;
     -- The removed see their own removal event, then nothing more.
     res := roost_event(res, p_group, p_actor, CASE WHEN p_leaving THEN 'left' ELSE 'removed' END,
-                       v_gone, v_name, p_ts, p_ct);
+                       v_gone, v_name, p_ts, p_ct, NULL);
     UPDATE members SET left_seq = res.seq WHERE conv = p_group AND user_name = ANY (v_gone);
+    -- The aggregates are over the members that remain: a removed member may
+    -- have been the last one a message waited for. Every remaining sender of
+    -- a message past the lowest read mark of the removed gets a receipt (from
+    -- roost_receipts() at the end of this transaction), as if the last ack had come.
+    SELECT min(read) INTO v_low FROM members WHERE conv = p_group AND user_name = ANY (v_gone);
+    res.senders := ARRAY(
+        SELECT DISTINCT m.sender FROM messages m
+        JOIN members x ON x.conv = m.conv AND x.user_name = m.sender AND x.left_seq IS NULL
+        WHERE m.conv = p_group AND m.seq > v_low AND m.sender <> :system_sender);
+    IF cardinality(res.senders) > 0 THEN
+        PERFORM set_config('roost.receipts', coalesce(current_setting('roost.receipts', true), '')
+            || (SELECT string_agg(p_group || chr(31) || s, chr(30)) FROM unnest(res.senders) AS s)
+            || chr(30), true);
+    END IF;
     UPDATE conversations SET epoch = epoch + 1 WHERE id = p_group;
     IF NOT EXISTS (SELECT 1 FROM members WHERE conv = p_group AND left_seq IS NULL AND role = 'admin') THEN
         UPDATE members SET role = 'admin'
@@ -464,12 +496,51 @@ BEGIN
     INSERT INTO users (name, token_hash, created) VALUES (p_name, p_token, p_ts) ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
         res.code := 'invalid';
-        IF EXISTS (SELECT 1 FROM users WHERE name = p_name) THEN
+        IF EXISTS (SELECT 1 FROM users WHERE name = p_name AND state = 'removed') THEN
+            res.msg := format('user %L was removed; names are not reused', p_name);
+        ELSIF EXISTS (SELECT 1 FROM users WHERE name = p_name) THEN
             res.msg := format('user %L already exists', p_name);
         ELSE
             res.msg := 'that token is already in use';
         END IF;
     END IF;
+    RETURN res;
+END $$;
+
+-- Account administration. p_state NULL: set the token only.
+CREATE OR REPLACE FUNCTION roost_set_account(p_name text, p_token bytea, p_state text)
+RETURNS roost_result LANGUAGE plpgsql AS $$
+DECLARE
+    res roost_result;
+    v_state text;
+BEGIN
+    SELECT state INTO v_state FROM users WHERE name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        res.code := 'unknown_user'; res.msg := 'no such user: ' || p_name; RETURN res;
+    END IF;
+    IF v_state = 'removed' AND p_state IS DISTINCT FROM 'removed' THEN
+        res.code := 'unknown_user'; res.msg := 'no such user: ' || p_name || ' (removed)'; RETURN res;
+    END IF;
+    IF p_state = 'removed' THEN
+        UPDATE users SET state = p_state, token_hash = p_token WHERE name = p_name;
+    ELSIF p_state IS NOT NULL THEN
+        UPDATE users SET state = p_state WHERE name = p_name;
+    ELSE
+        UPDATE users SET token_hash = p_token WHERE name = p_name;
+    END IF;
+    RETURN res;
+END $$;
+
+-- A removed user's member rows (inbox, marks) and pending receipts go; the
+-- conversations' epochs move so no gateway pushes to it from a cached list.
+CREATE OR REPLACE FUNCTION roost_purge_member(p_name text) RETURNS roost_result LANGUAGE plpgsql AS $$
+DECLARE
+    res roost_result;
+BEGIN
+    UPDATE conversations SET epoch = epoch + 1
+        WHERE id IN (SELECT conv FROM members WHERE user_name = p_name);
+    DELETE FROM members WHERE user_name = p_name;
+    DELETE FROM receipt_pending WHERE user_name = p_name;
     RETURN res;
 END $$;
 
@@ -487,6 +558,15 @@ BEGIN
     WHEN 'mark' THEN
         RETURN roost_mark(p_a, p_b, p_n1, p_n2, p_n3);
     WHEN 'rack' THEN
+        -- Refused like a dack there (one who left still acks their receipts).
+        PERFORM 1 FROM members WHERE conv = p_b AND user_name = p_a;
+        IF NOT FOUND THEN
+            PERFORM 1 FROM conversations WHERE id = p_b;
+            IF NOT FOUND THEN
+                res.code := 'unknown_conversation'; res.msg := 'no conversation ' || p_b; RETURN res;
+            END IF;
+            res.code := 'not_member'; res.msg := 'not a member of ' || p_b; RETURN res;
+        END IF;
         DELETE FROM receipt_pending WHERE user_name = p_a AND conv = p_b AND rv <= p_n1;
     WHEN 'lock' THEN
         -- Lock the batch's conversations in id order before touching any of them.
@@ -497,6 +577,10 @@ BEGIN
         RETURN roost_add_user(p_a, p_body, p_n1);
     WHEN 'seen' THEN
         UPDATE users SET last_seen = p_n1 WHERE name = p_a;
+    WHEN 'account' THEN
+        RETURN roost_set_account(p_a, p_body, p_b);
+    WHEN 'purge' THEN
+        RETURN roost_purge_member(p_a);
     WHEN 'create' THEN
         RETURN roost_create_group(p_a, p_b, p_c, p_names, p_n1, p_n2, p_e);
     WHEN 'add' THEN
@@ -889,6 +973,8 @@ class PostgresStore:
                 d, r = folded.get(id(op), op.cumulative)
                 a = (*a[:7], d, r, index if id(op) in folded else -1, a[10])
                 marks = True
+            elif op.kind == "remove":
+                marks = True  # a removal may complete receipts
             elif op.kind == "rack":
                 (rv,) = folded.get(id(op), op.cumulative)
                 a = (*a[:7], rv, *a[8:])
@@ -947,7 +1033,13 @@ class PostgresStore:
                     receipts[(a[2], target)] = (marks, result)
                 outcomes[id(op)] = (True, result)
             elif kind in ("create", "add", "remove"):
-                outcomes[id(op)] = (True, _snapshot(a[2], row))
+                snapshot = _snapshot(a[2], row)
+                # Receipts a removal completed go out with the group answer.
+                carrier = MarkResult(a[2], "", 0, 0, snapshot.receipts)
+                for target in row["senders"] or ():  # set by removals only
+                    marks, _ = receipts.get((a[2], target), ({}, carrier))
+                    receipts[(a[2], target)] = (marks, carrier)
+                outcomes[id(op)] = (True, snapshot)
             else:
                 outcomes[id(op)] = (True, None)
         if receipt_row is not None:
@@ -999,6 +1091,16 @@ class PostgresStore:
 
     def set_last_seen(self, user: str, ts: int) -> asyncio.Future[None]:
         return self._submit("seen", _args("seen", user, n1=ts))
+
+    def set_token(self, name: str, token_hash: bytes) -> asyncio.Future[None]:
+        return self._submit("account", _args("account", name, body=token_hash))
+
+    def set_user_state(self, name: str, state: str) -> asyncio.Future[None]:
+        token = removed_token(name) if state == REMOVED else None
+        return self._submit("account", _args("account", name, state, body=token))
+
+    def purge_member(self, name: str) -> asyncio.Future[None]:
+        return self._submit("purge", _args("purge", name))
 
     # -- messages ----------------------------------------------------------
 
@@ -1085,12 +1187,34 @@ class PostgresStore:
     async def _users_by_token(self, token_hashes: list[bytes]) -> dict[bytes, str | None]:
         async def fn(c: asyncpg.Connection) -> dict[bytes, str | None]:
             rows = await c.fetch(
-                "SELECT token_hash, name FROM users WHERE token_hash = ANY ($1::bytea[])", token_hashes
+                "SELECT token_hash, name FROM users"
+                " WHERE token_hash = ANY ($1::bytea[]) AND state = 'active'",
+                token_hashes,
             )
             return {bytes(r["token_hash"]): r["name"] for r in rows}
 
         result: dict[bytes, str | None] = await self._read(fn)
         return result
+
+    async def list_users(self) -> list[Account]:
+        async def fn(c: asyncpg.Connection) -> list[Account]:
+            rows = await c.fetch("SELECT name, created, state, last_seen FROM users ORDER BY name")
+            return [Account(r["name"], r["created"], r["state"], r["last_seen"]) for r in rows]
+
+        accounts: list[Account] = await self._read(fn)
+        return accounts
+
+    async def active_groups(self, name: str) -> list[str]:
+        async def fn(c: asyncpg.Connection) -> list[str]:
+            rows = await c.fetch(
+                "SELECT m.conv FROM members m JOIN conversations c ON c.id = m.conv"
+                " WHERE m.user_name = $1 AND m.left_seq IS NULL AND c.kind = 'group' ORDER BY m.conv",
+                name,
+            )
+            return [r["conv"] for r in rows]
+
+        groups: list[str] = await self._read(fn)
+        return groups
 
     async def last_seen(self, users: list[str]) -> dict[str, int | None]:
         async def fn(c: asyncpg.Connection) -> dict[str, int | None]:
@@ -1322,10 +1446,23 @@ _POOL_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # Schema steps: (version, idempotent SQL). A database at version v gets every
 # step above v, in order, in one transaction. Bump SCHEMA_VERSION and add a
 # step for every change of a table or a function.
+# The functions read users.state (schema 3): every step that (re)creates
+# them adds the column first, so a database at any version upgrades.
+_ACCOUNT_STATE = "ALTER TABLE users ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'active';\n"
+
 MIGRATIONS: list[tuple[int, str]] = [
-    (1, _TABLES + FUNCTIONS),
-    (2, FUNCTIONS),  # roost_append names a duplicate's recipients
-    (3, FUNCTIONS),  # roost_append answers a retry before checking membership
+    (1, _TABLES + _ACCOUNT_STATE + FUNCTIONS),
+    (2, _ACCOUNT_STATE + FUNCTIONS),  # roost_append names a duplicate's recipients
+    # roost_op refuses a rack outside the user's conversations; removals
+    # complete receipts, "added" names returning members; accounts can be
+    # disabled and removed.
+    (
+        3,
+        "DROP FUNCTION IF EXISTS roost_event(roost_result, text, text, text, text[], text, bigint, text);\n"
+        + _ACCOUNT_STATE
+        + FUNCTIONS,
+    ),
+    (4, _ACCOUNT_STATE + FUNCTIONS),  # roost_append answers a retry before checking membership
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

@@ -36,6 +36,8 @@ from roost.core.membership import ADMIN, MEMBER, Member
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store.base import (
+    REMOVED,
+    Account,
     DrainPage,
     GroupSnapshot,
     InboxEntry,
@@ -44,16 +46,18 @@ from roost.store.base import (
     SendStream,
     StoredMessage,
     StoreUnavailable,
+    removed_token,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     token_hash BLOB NOT NULL UNIQUE,
     created INTEGER NOT NULL,
-    last_seen INTEGER
+    last_seen INTEGER,
+    state TEXT NOT NULL DEFAULT 'active'  -- 'active' | 'disabled' | 'removed'
 );
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
@@ -229,6 +233,9 @@ class SqliteStore:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} has schema {version}; this Roost knows up to {SCHEMA_VERSION}")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+        if "state" not in columns:  # schema 1: accounts could not be disabled or removed
+            conn.execute("ALTER TABLE users ADD COLUMN state TEXT NOT NULL DEFAULT 'active'")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
@@ -423,7 +430,12 @@ class SqliteStore:
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in conn.execute(f"SELECT name FROM users WHERE name IN ({marks})", chunk))
+            found.update(
+                r[0]
+                for r in conn.execute(
+                    f"SELECT name FROM users WHERE name IN ({marks}) AND state <> 'removed'", chunk
+                )
+            )
         return found
 
     def _require_users(self, conn: sqlite3.Connection, names: list[str]) -> None:
@@ -495,7 +507,10 @@ class SqliteStore:
 
     def add_user(self, name: str, token_hash: bytes, now: int) -> asyncio.Future[None]:
         def op(conn: sqlite3.Connection) -> None:
-            if conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+            state = _account_state(conn, name)
+            if state == REMOVED:
+                raise ProtocolError(ErrorCode.INVALID, f"user {name!r} was removed; names are not reused")
+            if state is not None:
                 raise ProtocolError(ErrorCode.INVALID, f"user {name!r} already exists")
             conn.execute(
                 "INSERT INTO users (name, token_hash, created) VALUES (?,?,?)",
@@ -507,6 +522,44 @@ class SqliteStore:
     def set_last_seen(self, user: str, ts: int) -> asyncio.Future[None]:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE users SET last_seen=? WHERE name=?", (ts, user))
+
+        return self._submit(op)
+
+    def set_token(self, name: str, token_hash: bytes) -> asyncio.Future[None]:
+        def op(conn: sqlite3.Connection) -> None:
+            _require_account(conn, name)
+            conn.execute("UPDATE users SET token_hash=? WHERE name=?", (token_hash, name))
+
+        return self._submit(op)
+
+    def set_user_state(self, name: str, state: str) -> asyncio.Future[None]:
+        """'active' or 'disabled'; 'removed' also voids the token for good."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            if state == REMOVED:
+                if _account_state(conn, name) is None:
+                    raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no such user: {name}")
+                conn.execute(
+                    "UPDATE users SET state=?, token_hash=? WHERE name=?",
+                    (REMOVED, removed_token(name), name),
+                )
+                return
+            _require_account(conn, name)
+            conn.execute("UPDATE users SET state=? WHERE name=?", (state, name))
+
+        return self._submit(op)
+
+    def purge_member(self, name: str) -> asyncio.Future[None]:
+        """Forget a removed user's member rows (its inbox and marks, in every
+        conversation) and its pending receipts. The messages it sent stay."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            for (conv,) in conn.execute("SELECT conv FROM members WHERE user=?", (name,)).fetchall():
+                cached = self._convs.get(conv)
+                if cached is not None:
+                    cached.members.pop(name, None)
+            conn.execute("DELETE FROM members WHERE user=?", (name,))
+            conn.execute("DELETE FROM receipt_pending WHERE user=?", (name,))
 
         return self._submit(op)
 
@@ -541,6 +594,9 @@ class SqliteStore:
                 if retried is not None:
                     return retried
             rules.require_active(member, conv_id)
+            if state.kind == "direct" and len(state.members) < 2:
+                peer = to or next(u for u in direct_members(conv_id) or () if u != sender)
+                raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no such user: {peer} (removed)", client_id)
             stored = self._insert_message(c, state, sender, client_id, ct, body, now)
             if stored is not None:
                 return stored
@@ -644,6 +700,12 @@ class SqliteStore:
         args: list[int | None] = [rv]
 
         def op(c: sqlite3.Connection) -> None:
+            # Refused like a dack there: unknown conversation, or never a member
+            # (one who left still acks receipts for what they sent before).
+            state = self._conv(c, conv)
+            if state is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
+            rules.require_visible(state.members.get(user), conv)
             c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
 
         return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
@@ -658,15 +720,34 @@ class SqliteStore:
         action: str,
         users: list[str],
         now: int,
+        extra: dict[str, Any] | None = None,
     ) -> StoredMessage:
         body = json.dumps(
-            {"action": action, "actor": actor, "users": users, "name": state.name},
+            {"action": action, "actor": actor, "users": users, "name": state.name, **(extra or {})},
             separators=(",", ":"),
         ).encode()
         client_id = f"sys-{state.last_seq + 1}"
         stored = self._insert_message(c, state, SYSTEM_SENDER, client_id, MEMBERSHIP_CT, body, now)
         assert stored is not None, "system message ids are unique per seq"
         return stored
+
+    @staticmethod
+    def _returning(c: sqlite3.Connection, state: _Conv, users: list[str]) -> dict[str, str]:
+        """Of ``users``, those who were members before: user -> how they went
+        ("removed" or "left"). A member re-added while offline never sees the
+        event that took it out (it sees the group from its new ``added`` on),
+        so the ``added`` event says it."""
+        out: dict[str, str] = {}
+        for user in users:
+            member = state.members.get(user)
+            if member is None or member.left is None:
+                continue
+            row = c.execute(
+                "SELECT body FROM messages WHERE conv=? AND seq=?", (state.id, member.left)
+            ).fetchone()
+            action = json.loads(row[0]).get("action") if row is not None else None
+            out[user] = action if action in ("removed", "left") else "removed"
+        return out
 
     def _join(self, c: sqlite3.Connection, state: _Conv, user: str, role: str) -> None:
         # The member sees everything after this point, starting with the
@@ -734,9 +815,11 @@ class SqliteStore:
                 return self._snapshot(state)
             rules.check_group_size(len(current), len(new), limit)
             self._require_users(c, new)
+            returning = self._returning(c, state, new)
             for user in new:
                 self._join(c, state, user, MEMBER)
-            event = self._membership_event(c, state, actor, "added", new, now)
+            extra = {"returning": returning} if returning else None
+            event = self._membership_event(c, state, actor, "added", new, now, extra)
             return self._snapshot(state, event)
 
         return self._submit(op)
@@ -749,7 +832,7 @@ class SqliteStore:
             leaving = members == [actor]
             if leaving:
                 rules.require_active(state.members.get(actor), group)
-            else:
+            elif actor != rules.ADMINISTRATOR:
                 rules.require_admin(state.members.get(actor), group)
             gone = sorted(set(members) & set(state.active()))
             if not gone:
@@ -776,9 +859,37 @@ class SqliteStore:
                 tuple(sorted(set(event.recipients) | set(gone))),
             )
             self._promote_if_no_admin(c, state)
-            return self._snapshot(state, event, tuple(gone))
+            snapshot = self._snapshot(state, event, tuple(gone))
+            self._receipts_after_removal(c, state, gone, snapshot)
+            return snapshot
 
         return self._submit(op)
+
+    def _receipts_after_removal(
+        self, c: sqlite3.Connection, state: _Conv, gone: list[str], snapshot: GroupSnapshot
+    ) -> None:
+        """The aggregates are over the members that remain: a removed member
+        may have been the last one a message waited for. Every remaining
+        sender of a message past the lowest read mark of the removed gets a
+        receipt (committed with the removal), as if the last ack had come."""
+        low = min(state.members[user].read for user in gone)
+        high = state.last_seq
+        senders = state.senders_between(low, high)
+        if senders is None:
+            senders = {
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT sender FROM messages WHERE conv=? AND seq>? AND seq<=?",
+                    (state.id, low, high),
+                )
+            }
+        carrier = MarkResult(state.id, "", 0, 0, snapshot.receipts)
+        for target in senders:
+            member = state.members.get(target)
+            if target == SYSTEM_SENDER or member is None or member.left is not None:
+                continue
+            marks, _ = self._batch_receipts.get((state.id, target), ({}, carrier))
+            self._batch_receipts[(state.id, target)] = (marks, carrier)
 
     def _promote_if_no_admin(self, c: sqlite3.Connection, state: _Conv) -> None:
         active = [m for m in state.members.values() if m.left is None]
@@ -818,8 +929,30 @@ class SqliteStore:
 
     async def user_by_token(self, token_hash: bytes) -> str | None:
         def fn(c: sqlite3.Connection) -> str | None:
-            row = c.execute("SELECT name FROM users WHERE token_hash=?", (token_hash,)).fetchone()
+            row = c.execute(
+                "SELECT name FROM users WHERE token_hash=? AND state='active'", (token_hash,)
+            ).fetchone()
             return None if row is None else row[0]
+
+        return await self._read(fn)
+
+    async def list_users(self) -> list[Account]:
+        def fn(c: sqlite3.Connection) -> list[Account]:
+            rows = c.execute("SELECT name, created, state, last_seen FROM users ORDER BY name").fetchall()
+            return [Account(*row) for row in rows]
+
+        return await self._read(fn)
+
+    async def active_groups(self, name: str) -> list[str]:
+        """The groups ``name`` is an active member of."""
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "SELECT m.conv FROM members m JOIN conversations c ON c.id = m.conv"
+                " WHERE m.user=? AND m.left_seq IS NULL AND c.kind='group' ORDER BY m.conv",
+                (name,),
+            ).fetchall()
+            return [row[0] for row in rows]
 
         return await self._read(fn)
 
@@ -1028,6 +1161,20 @@ def _resolve(batch: list[_Op], results: list[tuple[bool, Any]]) -> None:
             op.future.set_result(value)
         else:
             op.future.set_exception(value)
+
+
+def _account_state(conn: sqlite3.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT state FROM users WHERE name=?", (name,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _require_account(conn: sqlite3.Connection, name: str) -> None:
+    """Refuse an account that does not exist, or no longer does."""
+    state = _account_state(conn, name)
+    if state is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no such user: {name}")
+    if state == REMOVED:
+        raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no such user: {name} (removed)")
 
 
 def database_path(data_dir: Path | str) -> Path:

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from roost.client import (
     SendResult,
     TypingEvent,
 )
+from roost.client.state import ClientState
 
 ROOT = Path(__file__).resolve().parents[2]
 DM = "d:alice:bob"
@@ -286,6 +288,69 @@ def test_parse_command() -> None:
     assert parse_command("/HELP") == ("help", [])
 
 
+# -- text from other users, the chat list, the bell, completion -------------------------------------
+
+CONTROLS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def test_text_from_others_is_made_terminal_safe() -> None:
+    view = view_with_chat()
+    view.apply(msg(1, text="a\tb\x1b[2J\x07\rX\u202eY\n[14:05] alice: fake"))
+    assert view.render_text() == "[14:05] bob: a   b\\x1b[2J\\x07\\x0dX\\u202eY\n  [14:05] alice: fake"
+    view.apply(member(1, "created", "bob", ("alice", "bob"), "Evil\x1b]0;pwned\x07\tgroup"))
+    assert view.chat_label(GROUP) == "#Evil\\x1b]0;pwned\\x07    group"  # the tab stop after what shows
+    view.open(GROUP)
+    for text in (view.render_text(), view.status_text(T0), view.chat_list_text()):
+        assert not CONTROLS.search(text.replace("\n", "")), text
+
+
+def at(seq: int, conv: str, minute: int, sender: str = "bob", text: str = "hi") -> Message:
+    return Message(conv, seq, f"{conv}{seq}", sender, "text/plain", text.encode(), (T0 + 60 * minute) * 1000)
+
+
+def test_chat_list_shows_every_chat_newest_first_with_unread_and_last_message() -> None:
+    view = view_with_chat("bob")
+    view.apply(at(1, DM, 0, text="morning"))
+    view.apply(at(1, "d:alice:carol", 2, sender="carol", text="lunch?"))
+    view.apply(at(2, "d:alice:carol", 3, sender="carol", text="\tnow?"))
+    view.apply(member(1, "created", "dave", ("alice",), "Team"))  # T0: the oldest
+    view.add_pending("bob", "m1", "sure", (T0 + 240) * 1000)
+    assert view.chat_list() == ["bob", "carol", GROUP]
+    assert view.chat_list_text().splitlines() == [
+        " Chats · Alt-↑/↓ switch",
+        "▸ bob",
+        "  me: sure",
+        "  carol 2",
+        "      now?",
+        "  #Team 1",
+        '  dave created group "Team"',  # cut to the pane's width
+    ]
+    assert view.adjacent_chat(+1) == "carol"
+    assert view.adjacent_chat(-1) == GROUP  # wraps around
+
+
+def test_bell_rings_for_news_in_other_chats_only() -> None:
+    view = view_with_chat("bob")
+    assert not view.apply(msg(1)).bell  # the open chat
+    assert view.apply(msg(1, sender="carol", conv="d:alice:carol")).bell
+    assert not view.apply(msg(2, sender="alice", conv="d:alice:carol")).bell  # our own, from elsewhere
+    assert view.apply(member(1, "added", "dave", ("alice",))).bell
+    assert not view.add_history("carol", [msg(0, sender="carol", conv="d:alice:carol")]).bell
+
+
+def test_completion_of_commands_users_and_group_names() -> None:
+    view = view_with_chat("bob")
+    view.apply(member(1, "created", "alice", ("alice", "carol"), "Team"))
+    fun1, fun2 = "g:00000000000000a1", "g:00000000000000a2"
+    view.group_names.update({fun1: "Fun", fun2: "fun"})
+    assert view.completions("/gr") == (3, [("/group", "/group")])
+    assert view.completions("/group t") == (1, [("Team", "Team")])
+    assert view.completions("/group F") == (1, [(fun1, f"Fun ({fun1})"), (fun2, f"fun ({fun2})")])
+    assert view.completions("/to c") == (1, [("carol", "carol")])
+    assert view.completions("/add bob,c") == (1, [("carol", "carol")])
+    assert view.completions("hello /gr") == (0, [])
+
+
 # -- the controller against a fake SDK client ---------------------------------------------------
 
 
@@ -301,6 +366,12 @@ class FakeClient:
         self.local: dict[str, list[Message]] = {}
         self.server_history: list[Message] = []
         self.closed = False
+        self.state = ClientState(":memory:")  # the chat keeps its own marks there
+        self.receipts: dict[str, tuple[int, int]] = {}
+        self.groups: dict[str, GroupInfo] = {}
+
+    def receipt_state(self, conv: str) -> tuple[int, int]:
+        return self.receipts.get(conv, (0, 0))
 
     def pending_outbox(self) -> list[Any]:
         return []
@@ -337,7 +408,9 @@ class FakeClient:
         return self.server_history, 10
 
     async def group_info(self, group: str) -> GroupInfo:
-        raise RoostError("not_member", "you are not a member")
+        if group not in self.groups:
+            raise RoostError("not_member", "you are not a member")
+        return self.groups[group]
 
     async def create_group(self, name: str, members: list[str]) -> GroupInfo:
         self.calls.append(("create_group", name, list(members)))
@@ -418,7 +491,7 @@ async def test_controller_send_refused_and_errors_do_not_crash(chat: Any) -> Non
     errors = [ln.text for ln in view.chats["bob"] if ln.kind == "error"][-4:]
     assert errors[0].startswith("unknown command /nope")
     assert errors[1].startswith("wrong arguments for /to")
-    assert errors[3] == "no group open: /group GROUP_ID first"
+    assert errors[3] == "no group open: /group NAME first"
     assert view.lines(GROUP)[-1].text == "group: not_member: you are not a member"
     client.queue.put_nowait(ErrorEvent("invalid", "bad read marker", ""))
     await settle()
@@ -497,12 +570,49 @@ class Tmux:
             ln.rstrip() for ln in self.run("capture-pane", "-p", "-t", "chat").stdout.splitlines()
         )
 
+    def start(self, command: str) -> None:
+        self.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
+
     def alive(self) -> bool:
         return self.run("has-session", "-t", "chat", check=False).returncode == 0
+
+    def command_pid(self) -> int:
+        """The pid of the command the pane's shell runs (``chat_command``)."""
+        shell = self.run("display-message", "-p", "-t", "chat", "#{pane_pid}").stdout.strip()
+        children = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+        assert len(children) == 1, children
+        return int(children[0])
 
     def kill(self) -> None:
         self.run("kill-server", check=False)
         self.socket.unlink(missing_ok=True)
+
+
+def chat_command(url: str, token: str, state: Path, err: Path) -> str:
+    """``roost chat`` as a shell command; its exit status goes to ``err`` + ``.rc``."""
+    rc = shlex.quote(f"{err}.rc")
+    return " ".join(
+        [
+            f"cd {shlex.quote(str(ROOT))} &&",
+            shlex.quote(sys.executable),
+            "-m roost.cli.main chat",
+            f"--url {url} --token {shlex.quote(token)}",
+            f"--state {shlex.quote(str(state))}",
+            f"2> {shlex.quote(str(err))};",
+            f"echo $? > {rc}.tmp && mv {rc}.tmp {rc}",
+        ]
+    )
+
+
+async def exit_status(err: Path, timeout: float = 8.0) -> int:
+    """The exit status of the ``chat_command`` that writes to ``err``."""
+    rc = Path(f"{err}.rc")
+    deadline = time.monotonic() + timeout
+    while not rc.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError("roost chat did not exit")
+        await asyncio.sleep(0.1)
+    return int(rc.read_text())
 
 
 async def wait_pane(
@@ -533,17 +643,7 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
     tmux = Tmux(tmp_path)
     err = tmp_path / "chat.stderr"
     try:
-        command = " ".join(
-            [
-                f"cd {shlex.quote(str(ROOT))} && exec",
-                shlex.quote(sys.executable),
-                "-m roost.cli.main chat",
-                f"--url {srv.url} --token {shlex.quote(alice_token)}",
-                f"--state {shlex.quote(str(tmp_path / 'alice.sqlite'))}",
-                f"2> {shlex.quote(str(err))}",
-            ]
-        )
-        tmux.run("new-session", "-d", "-s", "chat", "-x", "120", "-y", "30", command)
+        tmux.start(chat_command(srv.url, alice_token, tmp_path / "alice.sqlite", err))
         await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
 
         tmux.run("send-keys", "-t", "chat", "/to bob", "Enter")
@@ -566,14 +666,298 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
                 tmux, lambda p: re.search(r"me: hello ✓✓ read$", p, re.M), "the read tick", err
             )
             await wait_pane(tmux, lambda p: "bob · online" in p, "bob's presence", err)
-        assert pane.count("hello") == 1  # the tick changed in place
+        assert pane.count("hello ✓") == 1  # the tick changed in place
+        assert "▸ bob" in pane and "me: hello " in pane  # the chat list: bob, open, and the last message
 
         tmux.run("send-keys", "-t", "chat", "/quit", "Enter")
-        deadline = time.monotonic() + 8
-        while tmux.alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert not tmux.alive(), "roost chat did not exit on /quit"
+        assert await exit_status(err) == 0
         assert "Traceback" not in err.read_text()
+
+        # Restarted (the server down, so all comes from the state file): bob open, the tick still read.
+        srv.stop()
+        tmux.kill()
+        tmux = Tmux(tmp_path)
+        err.unlink()
+        tmux.start(chat_command(srv.url, alice_token, tmp_path / "alice.sqlite", err))
+        restored = re.compile(r"me: hello ✓✓ read$", re.M)
+        await wait_pane(tmux, lambda p: "│ bob" in p and restored.search(p), "the restored chat", err)
     finally:
         tmux.kill()
         srv.stop()
+
+
+# -- restart: ticks, unread counts and the open chat come back from the client state ------------
+
+
+class RealChat:
+    """A ``ChatController`` on a real ``Client``, headless: ``until`` waits for a
+    redraw request (every event and send ends with one) that makes ``cond`` true."""
+
+    def __init__(self, url: str, token: str, state: Path) -> None:
+        self.view = ChatView(tz=UTC)
+        self.changed = asyncio.Event()
+        self.ctrl = ChatController(
+            Client(url, token, state_path=state), self.view, invalidate=self.changed.set
+        )
+
+    async def until(self, cond: Callable[[], Any], what: str, timeout: float = 8.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AssertionError(
+                    f"timed out waiting for {what}; pane:\n{self.view.render_text()}"
+                ) from None
+
+    def own_tick(self, text: str) -> Tick | None:
+        return next(
+            (self.view.tick(ln) for ln in self.view.lines() if ln.kind == "own" and ln.text == text), None
+        )
+
+
+async def receive_text(client: Client, text: str) -> Message:
+    deadline = time.monotonic() + 8
+    while True:
+        event = await client.next_event(max(0.1, deadline - time.monotonic()))
+        if isinstance(event, Message) and event.text == text:
+            return event
+
+
+@pytest.mark.timeout(40)
+async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> None:
+    from tests.e2e.server import ServerProcess
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    tokens = {name: srv.add_user(name) for name in ("alice", "bob", "carol")}
+    srv.start()
+    state = tmp_path / "alice.sqlite"
+    try:
+        chat = RealChat(srv.url, tokens["alice"], state)
+        await chat.ctrl.start()
+        try:
+            await chat.until(lambda: chat.view.connection == "connected", "the connection")
+            chat.ctrl.handle_line("/to bob")
+            chat.ctrl.handle_line("hello")
+            await chat.until(lambda: chat.own_tick("hello") is Tick.SENT, "the sent tick")
+            async with Client(srv.url, tokens["bob"], state_path=tmp_path / "bob.sqlite") as bob:
+                event = await receive_text(bob, "hello")
+                await bob.mark_read(event.conv, event.seq)
+                await bob.flush()
+                await chat.until(lambda: chat.own_tick("hello") is Tick.READ, "the read tick")
+            async with Client(srv.url, tokens["carol"], state_path=tmp_path / "carol.sqlite") as carol:
+                await carol.send("yo", to="alice")
+                await carol.send("still there?", to="alice")
+            await chat.until(lambda: chat.view.unread == {"carol": 2}, "carol's messages as unread")
+        finally:
+            await chat.ctrl.stop()
+    finally:
+        srv.stop()  # from here on nothing can come from the server: all is from the state file
+
+    again = RealChat(srv.url, tokens["alice"], state)
+    await again.ctrl.start()
+    try:
+        assert again.view.current == "bob"
+        assert again.view.render_text().endswith("me: hello ✓✓ read")
+        assert again.view.unread == {"carol": 2}
+        assert "unread: carol 2" in again.view.status_text(time.time())
+        listed = again.view.chat_list_text().splitlines()[1:]  # the chat list, from the state alone
+        assert listed == ["  carol 2", "  still there?", "▸ bob", "  me: hello"]
+        again.ctrl.handle_line("/to carol")  # read now: no longer unread after the next restart
+        assert [ln.text for ln in again.view.lines() if ln.kind == "in"] == ["yo", "still there?"]
+        again.ctrl.handle_line("/to bob")
+    finally:
+        await again.ctrl.stop()
+    third = RealChat(srv.url, tokens["alice"], state)
+    await third.ctrl.start()
+    try:
+        assert third.view.current == "bob"
+        assert third.view.unread == {}
+    finally:
+        await third.ctrl.stop()
+
+
+# -- no terminal, Ctrl-C, SIGINT -----------------------------------------------------------------
+
+
+def test_chat_without_a_terminal_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    state = str(tmp_path / "s.sqlite")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roost.cli.main",
+            "chat",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--state",
+            state,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "needs a terminal" in out.stderr
+
+
+@pytest.mark.timeout(40)
+async def test_chat_exits_cleanly_on_ctrl_c_and_on_sigint(tmp_path: Path) -> None:
+    if TMUX is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux); the terminal UI test needs it")
+    from tests.e2e.server import ServerProcess, free_port
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    token = srv.add_user("alice")
+    srv.start()
+    cases = [("ctrl-c", srv.url), ("sigint", srv.url), ("sigint", f"http://127.0.0.1:{free_port()}")]
+    try:
+        for n, (how, url) in enumerate(cases):
+            tmux = Tmux(tmp_path)
+            try:
+                err = tmp_path / f"chat{n}.stderr"
+                tmux.start(chat_command(url, token, tmp_path / "alice.sqlite", err))
+                await wait_pane(tmux, lambda p: "as alice" in p, "the chat to start", err)
+                if how == "ctrl-c":
+                    tmux.run("send-keys", "-t", "chat", "C-c")
+                else:  # kill -INT from outside; the terminal is in raw mode, so not from the keyboard
+                    os.kill(tmux.command_pid(), signal.SIGINT)
+                assert await exit_status(err) == 0, f"{how} against {url}"
+                assert err.read_text() == "", f"{how} against {url}: stderr not empty"
+            finally:
+                tmux.kill()
+    finally:
+        srv.stop()
+
+
+async def test_controller_group_by_name_members_and_switching(chat: Any) -> None:
+    ctrl, client, view = chat
+    bells: list[bool] = []
+    ctrl.on_bell = lambda: bells.append(True)
+    fun1, fun2 = "g:00000000000000a1", "g:00000000000000a2"
+    client.groups[GROUP] = GroupInfo(GROUP, "My Team", ["alice", "bob", "carol"], ["alice"], 3)
+    for group, name in ((GROUP, "My Team"), (fun1, "Fun"), (fun2, "Fun")):
+        client.queue.put_nowait(Membership(group, 1, "created", "bob", ("alice", "bob"), name, T0 * 1000))
+    await settle()
+    assert len(bells) == 1  # news in chats other than the open one (none), at most one bell a second
+    ctrl.clock_value[0] += 1.0
+    client.queue.put_nowait(msg(1, sender="carol", conv="d:alice:carol"))
+    await settle()
+    assert len(bells) == 2
+
+    ctrl.handle_line("/group my team")
+    await settle()
+    assert view.current == GROUP
+    ctrl.handle_line("/members")
+    await settle()
+    assert view.lines()[-1].text == "3 members: alice (admin), bob, carol"
+
+    ctrl.handle_line("/group Fun")
+    assert view.current == GROUP
+    assert view.lines()[-1].text == f"2 groups are named 'Fun': {fun1}, {fun2}; /group ID opens one"
+    ctrl.handle_line(f"/group {fun2}")
+    assert view.current == fun2
+    ctrl.handle_line("/group Nope")
+    assert view.lines()[-1].text.startswith("no group named 'Nope' (known: Fun, My Team)")
+
+    order = view.chat_list()
+    ctrl.switch_chat(+1)
+    assert view.current == order[(order.index(fun2) + 1) % len(order)]
+    ctrl.switch_chat(-1)
+    assert view.current == fun2
+
+    # The group names outlive the run: a restarted chat opens them by name.
+    assert client.state.chat_groups() == {GROUP: "My Team", fun1: "Fun", fun2: "Fun"}
+
+
+@pytest.mark.timeout(40)
+async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path: Path) -> None:
+    if TMUX is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux); the terminal UI test needs it")
+    from tests.e2e.server import ServerProcess
+
+    srv = ServerProcess(tmp_path / "data")
+    srv.data_dir.mkdir()
+    tokens = {name: srv.add_user(name) for name in ("alice", "bob", "carol")}
+    srv.start()
+    tmux = Tmux(tmp_path)
+    err = tmp_path / "chat.stderr"
+
+    def keys(*typed: str) -> None:
+        tmux.run("send-keys", "-t", "chat", *typed)
+
+    def flag(fmt: str) -> str:
+        return tmux.run("display-message", "-p", "-t", "chat", fmt).stdout.strip()
+
+    try:
+        tmux.start(chat_command(srv.url, tokens["alice"], tmp_path / "alice.sqlite", err))
+        tmux.run("set-option", "-t", "chat", "monitor-bell", "on")
+        await wait_pane(tmux, lambda p: "connected as alice" in p, "the chat to connect", err)
+        keys("/to bob", "Enter")
+        await wait_pane(tmux, lambda p: "│ bob" in p, "bob's chat to open", err)
+
+        async with (
+            Client(srv.url, tokens["bob"], state_path=tmp_path / "bob.sqlite") as bob,
+            Client(srv.url, tokens["carol"], state_path=tmp_path / "carol.sqlite") as carol,
+        ):
+            await bob.send("a\tb \x1b[2J\x1b]2;pwned\x07 end", to="alice")
+            await wait_pane(
+                tmux, lambda p: r"bob: a   b \x1b[2J\x1b]2;pwned\x07 end" in p, "the escaped text", err
+            )
+            assert flag("#{pane_title}") != "pwned"
+            assert flag("#{window_bell_flag}") == "0"  # news in the open chat: no bell
+
+            await carol.send("psst", to="alice")
+            await wait_pane(tmux, lambda p: "  carol 1" in p and "  psst" in p, "carol in the chat list", err)
+            assert flag("#{window_bell_flag}") == "1"
+
+            keys("M-Up")  # carol is above bob: the newest first
+            await wait_pane(tmux, lambda p: "▸ carol" in p and "│ carol" in p, "Alt-Up to open carol", err)
+            keys("M-Down")
+            await wait_pane(tmux, lambda p: "▸ bob" in p and "│ bob" in p, "Alt-Down back to bob", err)
+
+            info = await bob.create_group("Weekend Plans", ["alice", "carol"])
+            await wait_pane(tmux, lambda p: "#Weekend Plans 1" in p, "the new group in the list", err)
+            keys("/group wee", "Tab")
+            await wait_pane(tmux, lambda p: "> /group Weekend Plans" in p, "Tab to complete the name", err)
+            keys("Enter")
+            await wait_pane(tmux, lambda p: "│ #Weekend Plans" in p, "the group opened by name", err)
+            keys("/members", "Enter")
+            await wait_pane(tmux, lambda p: "3 members: alice, bob (admin), carol" in p, "/members", err)
+            assert info.group not in tmux.capture()  # opened by name, the id never typed
+
+        keys("/quit", "Enter")
+        assert await exit_status(err) == 0
+        assert err.read_text() == ""
+    finally:
+        tmux.kill()
+        srv.stop()
+
+
+async def test_groups_known_from_an_earlier_run_are_listed_and_open_by_name() -> None:
+    first = FakeClient()
+    ctrl = ChatController(first, ChatView(tz=UTC))  # type: ignore[arg-type]
+    await ctrl.start()
+    first.queue.put_nowait(member(1, "created", "bob", ("alice", "bob"), "Team"))
+    await settle()
+    await ctrl.stop()
+
+    again = FakeClient()
+    again.state = first.state  # the same state file, a new run: no event about the group this time
+    view = ChatView(tz=UTC)
+    ctrl = ChatController(again, view)  # type: ignore[arg-type]
+    await ctrl.start()
+    try:
+        assert GROUP in view.chat_list()
+        ctrl.handle_line("/group team")
+        assert view.current == GROUP
+    finally:
+        await ctrl.stop()

@@ -64,4 +64,8 @@ def test_the_cli_says_why_instead_of_a_traceback(tmp_path: Path, capsys: pytest.
         assert main([*argv, "--to", "bob", "hello"]) == 1
     finally:
         held.close()
-    assert "in use by another running client" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "in use by another running client" in err
+    # Never the advice that would break the running client: a second state
+    # means a second connection of the account, which replaces the first (4003).
+    assert "state file" not in err and "--state" not in err

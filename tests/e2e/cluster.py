@@ -173,6 +173,11 @@ class ClusterServer:
     def store_args(self) -> list[str]:
         return ["--store", self.dsn]
 
+    @property
+    def admin_args(self) -> list[str]:
+        """What ``roost user token reset / disable / remove`` need to reach every gateway."""
+        return [*self.store_args, "--registry", self.services.redis.url]
+
     def log_path(self, i: int) -> Path:
         return self.data_dir / f"gw{i}-{self.ports[i]}.log"
 

@@ -54,6 +54,11 @@ class ServerProcess:
         """What ``roost user add`` needs to reach this server's store."""
         return ["--data-dir", str(self.data_dir)]
 
+    @property
+    def admin_args(self) -> list[str]:
+        """What ``roost user token reset / disable / remove`` need to reach this server."""
+        return self.store_args
+
     def add_user(self, name: str) -> str:
         out = subprocess.run(
             [sys.executable, "-m", "roost.cli.main", "user", "add", name, *self.store_args],

@@ -334,12 +334,15 @@ async def test_refused_requests(world) -> None:
         # Acks and markers in someone else's conversation.
         ({"type": "dack", "conv": OTHER, "seq": 1}, "not_member", None),
         ({"type": "read", "conv": OTHER, "seq": 1}, "not_member", None),
+        ({"type": "rack", "conv": OTHER, "rv": 1}, "not_member", None),
         # Past the end.
         ({"type": "dack", "conv": CONV, "seq": 10_000}, "invalid", None),
         ({"type": "read", "conv": CONV, "seq": 10_000}, "invalid", None),
         # Unknown conversations.
         ({"type": "read", "conv": "d:alice:zed", "seq": 1}, "unknown_conversation", None),
         ({"type": "dack", "conv": ghost_group, "seq": 1}, "unknown_conversation", None),
+        ({"type": "rack", "conv": ghost_group, "rv": 1}, "unknown_conversation", None),
+        ({"type": "rack", "conv": "d:alice:zed", "rv": 1}, "unknown_conversation", None),
         ({"type": "history", "conv": OTHER, "ref": "ho"}, "not_member", "ho"),
         ({"type": "history", "conv": ghost_group, "ref": "hg"}, "unknown_conversation", "hg"),
         ({"type": "typing", "conv": OTHER}, "not_member", None),
@@ -383,14 +386,36 @@ async def test_refusals_do_not_move_marks(world, server: ServerProcess) -> None:
         await carol.close()
 
 
-async def test_binary_frames_are_decoded_like_text(world) -> None:
+async def test_binary_frames_are_refused(world) -> None:
+    """Text frames only: even valid JSON in a binary frame gets ``bad_frame``
+    and does nothing (a send in one stores nothing); the socket stays."""
     alice, _ = world
     await alice.raw.ws.send_bytes(json.dumps({"type": "ping", "t": 77}).encode())
-    assert await alice.raw.recv(5) == {"type": "pong", "t": 77}
+    err = await alice.raw.recv(5)
+    assert (err["type"], err["code"]) == ("error", "bad_frame"), err
+    assert "binary" in err["message"]
+    assert await alice.raw.roundtrip() == []
+    send = {"type": "send", "id": "bin", "to": "bob", "body": b64("in binary")}
+    await alice.raw.ws.send_bytes(json.dumps(send).encode())
+    err = await alice.raw.recv(5)
+    assert (err["type"], err["code"]) == ("error", "bad_frame"), err
+    assert await alice.raw.roundtrip() == []
     await alice.raw.ws.send_bytes(b"\xff\xfe not json")
     err = await alice.raw.recv(5)
     assert (err["type"], err["code"]) == ("error", "bad_frame")
     await alice.check_unchanged()
+
+
+async def test_binary_auth_frame_closes(server: ServerProcess) -> None:
+    tokens = add_users(server, ["alice"])
+    raw = await _open_unauthenticated(server)
+    try:
+        await raw.ws.send_bytes(json.dumps({"type": "auth", "token": tokens["alice"]}).encode())
+        err = await raw.recv(5)
+        assert (err["type"], err["code"]) == ("error", "bad_frame"), err
+        assert await raw.wait_closed(5) == 4001
+    finally:
+        await raw.close()
 
 
 async def test_many_bad_frames_then_clean_close(world, server: ServerProcess) -> None:

@@ -411,3 +411,38 @@ async def test_configurable_group_cap(make_server, tmp_path: Path) -> None:
         assert info.members == ["a0", "a1", "a2", "a3", "a5"]
     finally:
         await admin.close()
+
+
+async def test_removing_the_member_a_message_waited_for_shows_it_read(server: Any) -> None:
+    """bob's group message waits only for carol (offline); alice has read it.
+    When carol is removed, bob is told at once: everyone who remains has read
+    it. carol, added back while still offline, learns she had been removed."""
+    tokens = add_users(server, ["alice", "bob", "carol"])
+    alice = await RawWS.open(server, tokens["alice"])
+    bob = await RawWS.open(server, tokens["bob"])
+    carol: RawWS | None = None
+    try:
+        await alice.send({"type": "group_create", "name": "g", "members": ["bob", "carol"], "ref": "c"})
+        group = (await alice.recv_type("group"))["group"]
+        await bob.send({"type": "send", "id": "b1", "conv": group, "body": b64("hi")})
+        seq = (await bob.recv_type("ack"))["seq"]
+        await alice.recv_until(lambda fr: fr["type"] == "msg" and fr["seq"] == seq)
+        await alice.send({"type": "read", "conv": group, "seq": seq})
+        read_by_alice = await bob.recv_until(
+            lambda fr: fr["type"] == "receipt" and fr["marks"].get("alice", [0, 0])[1] >= seq
+        )
+        assert read_by_alice[0]["all_read"] < seq  # carol has not even got it
+
+        await alice.send({"type": "group_remove", "group": group, "members": ["carol"], "ref": "r"})
+        receipt, _ = await bob.recv_until(lambda fr: fr["type"] == "receipt" and fr["all_read"] >= seq)
+        assert receipt["all_delivered"] >= seq
+
+        await alice.send({"type": "group_add", "group": group, "members": ["carol"], "ref": "a"})
+        await alice.recv_until(lambda fr: fr.get("ref") == "a")
+        carol = await RawWS.open(server, tokens["carol"])
+        first, _ = await carol.recv_until(lambda fr: fr["type"] == "msg" and fr["conv"] == group)
+        body = json.loads(unb64(first["body"]))
+        assert (body["action"], body["users"]) == ("added", ["carol"])
+        assert body["returning"] == {"carol": "removed"}
+    finally:
+        await close_all(alice, bob, carol)

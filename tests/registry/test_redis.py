@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -485,3 +486,43 @@ async def test_a_route_that_silently_vanished_is_set_again_and_its_gateway_resyn
     await eventually(lambda: resyncs, timeout=5)
     assert resyncs[0] == ["bob"]
     assert (await redis_client.get("roost:u:bob")).startswith(b"b|")
+
+
+async def test_the_admin_notifier_reaches_every_gateway(gateways: Any, redis_server: RedisServer) -> None:
+    """``roost user token reset / disable / remove`` in cluster mode: the CLI
+    has no sessions; it broadcasts to every live gateway, and each closes its
+    own session of the user (on_revoked) or re-reads the inboxes of the
+    members a removal concerns (on_recovered)."""
+    from roost.registry.redis import RedisNotifier
+    from roost.store.base import GroupSnapshot
+
+    a, b = await gateways("a", "b")
+    revoked: dict[str, list[tuple[str, str]]] = {"a": [], "b": []}
+    resynced: dict[str, list[list[str]]] = {"a": [], "b": []}
+    for reg in (a, b):
+        reg.on_revoked = lambda user, reason, gw=reg.gateway_id: revoked[gw].append((user, reason))
+        reg.on_recovered = lambda users, gw=reg.gateway_id: resynced[gw].append(sorted(users or ()))
+    attach(a, "ann")
+    attach(b, "bob")
+    await a.flush()
+    await b.flush()
+    notifier = RedisNotifier(redis_server.url)
+    try:
+        assert await notifier.gateways() == ["a", "b"]
+        assert await notifier.online(["ann", "bob", "cat"]) == {"ann", "bob"}
+        await notifier.revoke("bob", "token reset")
+        await eventually(lambda: revoked["a"] and revoked["b"])
+        assert revoked == {"a": [("bob", "token reset")], "b": [("bob", "token reset")]}
+        event = dataclasses.replace(
+            message(conv="g:00000000000000aa", seq=3, sender=""), recipients=("ann", "bob", "cat")
+        )
+        receipt = ReceiptState("ann", "g:00000000000000aa", 2, {}, 2, 2)
+        snapshot = GroupSnapshot(
+            "g:00000000000000aa", "g", ["ann", "bob"], ["ann"], 3, event, ("cat",), [receipt]
+        )
+        await notifier.changed([snapshot])
+        # each gateway re-reads the inboxes of its own sessions among those concerned
+        await eventually(lambda: resynced["a"] and resynced["b"])
+        assert resynced == {"a": [["ann"]], "b": [["bob"]]}
+    finally:
+        await notifier.close()

@@ -345,3 +345,29 @@ async def test_a_mark_whose_answer_was_lost_still_tells_the_sender(
     service.handle(bob, encode(f.DeliveryAck(conv="d:alice:bob", seq=1)))
     await settle(lambda: alice_sink.of(f.Receipt))
     assert lost and alice_sink.of(f.Receipt)[-1].marks["bob"].delivered == 1
+
+
+async def test_a_connection_whose_token_was_revoked_while_it_was_checked_is_closed(
+    service: ChatService,
+) -> None:
+    """Token reset / disable / remove commit, then close the open connection.
+    A connection whose token check began before that (and so succeeded)
+    registers after the close went out: it is closed when it registers, and
+    one checked after the revocation is not affected."""
+    import time
+
+    from roost.protocol.errors import CloseCode
+
+    began = time.monotonic()
+    assert await service.authenticate("alice") == "alice"  # checked before the revocation
+    service.revoke_local("alice", "token reset")  # nothing registered yet: nothing closed
+    late = MemorySink()
+    await service.connect("alice", late, authenticated_at=began)
+    assert late.closed_with == CloseCode.REVOKED
+
+    checked_after = time.monotonic()
+    fresh = MemorySink()
+    session = await service.connect("alice", fresh, authenticated_at=checked_after)
+    assert fresh.closed_with is None
+    service.revoke_local("alice", "account disabled")
+    assert fresh.closed_with == CloseCode.REVOKED and not session.active

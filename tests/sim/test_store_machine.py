@@ -4,8 +4,9 @@ SQLite store operations on the virtual clock), against a plain model:
 * the inbox: an entry leaves only on the recipient's ack, a read does not
   consume it (redelivery after a reconnect), own messages are never in it;
 * receipts: marks only move forward, read implies delivered, each sender of a
-  message in a moved range has a pending receipt until it acks it, and the
-  replayed receipt carries the current members' marks;
+  message in a moved range (or past a removed member's read mark) has a
+  pending receipt until it acks it, and the replayed receipt carries the
+  current members' marks;
 * group membership: only admins add and remove, the member limit holds, the
   last admin leaving promotes the longest-standing member, a removed member
   sees nothing after its removal and can no longer send;
@@ -232,6 +233,13 @@ class StoreMachine(RuleBasedStateMachine):
             group.members[heir].admin = True
         assert snap.members == sorted(group.active())
         assert snap.admins == sorted(u for u in group.active() if group.members[u].admin)
+        # The aggregates no longer wait for the removed member: every
+        # remaining sender past its read mark gets a receipt.
+        low = group.members[member].read
+        senders = {s for q, s in group.messages.items() if q > low} & set(group.active())
+        assert {r.user for r in snap.receipts} == senders
+        for receipt in snap.receipts:
+            self.pending[(receipt.user, GROUP)] = receipt.rv
 
     # -- what every read must show ---------------------------------------------
 

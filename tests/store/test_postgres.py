@@ -441,6 +441,30 @@ async def test_a_newer_schema_is_refused(pg_empty_database: str) -> None:
         await store.open()
 
 
+async def test_a_schema_2_database_gets_account_states(pg_empty_database: str) -> None:
+    """Schema 3 adds users.state (and functions that read it): a database at
+    schema 2, with accounts in it, upgrades when a gateway opens it."""
+    await migrate(pg_empty_database)
+    conn = await asyncpg.connect(pg_empty_database)
+    try:
+        await conn.execute(
+            "INSERT INTO users (name, token_hash, created) VALUES ('alice', $1, $2)", token_hash("alice"), NOW
+        )
+        await conn.execute("ALTER TABLE users DROP COLUMN state")  # as schema 2 had it
+        await conn.execute("UPDATE roost_schema SET version = 2")
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_empty_database)
+    await store.open()
+    try:
+        assert await store.user_by_token(token_hash("alice")) == "alice"
+        await store.set_user_state("alice", "disabled")
+        assert [a.state for a in await store.list_users()] == ["disabled"]
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 4
+    finally:
+        await store.close()
+
+
 async def test_refusals_are_not_storage_errors(store: PostgresStore) -> None:
     """A refused op is an answer, never an SQL error that would abort its batch."""
     s = SendStream()

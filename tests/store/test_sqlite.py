@@ -357,6 +357,54 @@ async def test_pending_receipts_leave_out_removed_members(store: AnyStore) -> No
     assert (p.all_delivered, p.all_read) == (2, 0)
 
 
+async def test_removing_the_member_a_message_waited_for_completes_its_receipt(store: AnyStore) -> None:
+    """bob's message waits only for carol (offline); alice has read it. Once
+    carol is removed, the aggregate over the members that remain says ✓✓
+    read, and bob gets that receipt (pending too), as if carol had acked."""
+    await make_group(store, ["bob", "carol"])  # 1
+    assert (await send(store, "bob", "b", conv=G)).seq == 2
+    r = await store.advance_marks("alice", G, None, 2)
+    assert [(x.user, x.all_delivered, x.all_read) for x in r.receipts] == [("bob", 0, 0)]
+    snap = await store.remove_members("alice", G, ["carol"], NOW)  # 3
+    # Only bob sent past carol's read mark; the removal event is nobody's.
+    assert [(x.user, x.conv, x.rv, x.all_delivered, x.all_read) for x in snap.receipts] == [
+        ("bob", G, 2, 2, 2)
+    ]
+    [p] = await store.pending_receipts("bob")
+    assert (p.rv, p.all_delivered, p.all_read) == (2, 2, 2)
+    assert await store.pending_receipts("alice") == []
+    # Leaving does the same: dave's and bob's messages wait for erin only.
+    await store.add_members("alice", G, ["dave", "erin"], 50, NOW)  # 4
+    assert (await send(store, "dave", "d", conv=G)).seq == 5
+    assert (await send(store, "bob", "b2", conv=G)).seq == 6
+    for member in ("alice", "bob", "dave"):
+        await store.advance_marks(member, G, 6, None)
+    snap = await store.remove_members("erin", G, ["erin"], NOW)  # 7
+    assert sorted((x.user, x.all_delivered, x.all_read) for x in snap.receipts) == [
+        ("bob", 6, 2),  # the read marks of alice (2) and dave (joined at 3)
+        ("dave", 6, 0),  # bob has read nothing
+    ]
+
+
+async def test_a_member_added_again_is_told_how_it_had_gone(store: AnyStore) -> None:
+    """A member removed and added again while offline never sees its removal
+    event (it sees the group from the new "added" on): that event says it."""
+    await make_group(store, ["bob", "carol"])
+    await store.remove_members("alice", G, ["bob"], NOW)
+    await store.remove_members("carol", G, ["carol"], NOW)
+    snap = await store.add_members("alice", G, ["bob", "carol", "dave"], 50, NOW)
+    assert snap.event is not None
+    body = json.loads(snap.event.body)
+    assert (body["action"], body["users"]) == ("added", ["bob", "carol", "dave"])
+    assert body["returning"] == {"bob": "removed", "carol": "left"}
+    page = await read_inbox(store, "bob", G, None, 50)
+    assert [json.loads(m.body).get("returning") for m in page.messages] == [
+        {"bob": "removed", "carol": "left"}
+    ]
+    snap = await store.add_members("alice", G, ["erin"], 50, NOW)
+    assert snap.event is not None and "returning" not in json.loads(snap.event.body)
+
+
 async def test_receipts_in_a_direct_conversation(store: AnyStore) -> None:
     await send(store, "alice", "1", to="bob")
     await send(store, "alice", "2", to="bob")
@@ -655,6 +703,53 @@ async def test_removed_member_can_be_added_again_and_sees_only_the_new_part(stor
     await send(store, "alice", "welcome back", conv=G)  # 5
     assert await seqs_of(store, "bob", G) == [4, 5]
     assert (await send(store, "bob", "hi", conv=G)).seq == 6
+
+
+# -- account administration -----------------------------------------------------------
+
+
+async def test_token_reset_disable_and_enable(store: AnyStore) -> None:
+    new_hash = b"\x01" * 32
+    await store.set_token("alice", new_hash)
+    assert await store.user_by_token(token_hash("alice")) is None
+    assert await store.user_by_token(new_hash) == "alice"
+    await store.set_user_state("alice", "disabled")
+    assert await store.user_by_token(new_hash) is None
+    # A disabled account still gets messages: they wait in its inbox.
+    assert (await send(store, "bob", "b", to="alice")).seq == 1
+    await store.set_user_state("alice", "active")
+    assert await store.user_by_token(new_hash) == "alice"
+    assert await store.inbox("alice") == [InboxEntry(AB, 0, 1)]
+    accounts = {a.name: a for a in await store.list_users()}
+    assert sorted(accounts) == ["alice", "bob", "carol", "dave", "erin"]
+    assert (accounts["alice"].state, accounts["alice"].created) == ("active", NOW)
+    for refused in (store.set_token("zed", new_hash), store.set_user_state("zed", "disabled")):
+        assert await code_of(refused) is ErrorCode.UNKNOWN_USER
+
+
+async def test_a_removed_account_is_gone_but_its_messages_stay(store: AnyStore) -> None:
+    await make_group(store, ["bob", "carol"])  # 1
+    await send(store, "carol", "c", conv=G)  # 2
+    await send(store, "carol", "hi", to="alice")
+    await send(store, "alice", "for carol", to="carol")
+    assert await store.active_groups("carol") == [G]
+    await store.set_user_state("carol", "removed")
+    assert await store.user_by_token(token_hash("carol")) is None
+    snap = await store.remove_members("", G, ["carol"], NOW)  # the administrator: no membership needed
+    assert snap.members == ["alice", "bob"] and snap.event is not None
+    assert json.loads(snap.event.body)["actor"] == ""
+    await store.purge_member("carol")
+    assert await store.inbox("carol") == []
+    assert await store.active_groups("carol") == []
+    assert await seqs_of(store, "alice", G) == [1, 2, 3]  # carol's message stays
+    assert [m.sender for m in (await store.history("alice", AC, None, None, 50))[0]] == ["carol", "alice"]
+    assert await code_of(send(store, "alice", "again", to="carol")) is ErrorCode.UNKNOWN_USER
+    assert await code_of(send(store, "alice", "again2", conv=AC)) is ErrorCode.UNKNOWN_USER
+    assert await code_of(store.add_members("alice", G, ["carol"], 50, NOW)) is ErrorCode.UNKNOWN_USER
+    assert await code_of(store.add_user("carol", b"\x02" * 32, NOW)) is ErrorCode.INVALID
+    assert await code_of(store.set_user_state("carol", "active")) is ErrorCode.UNKNOWN_USER
+    await store.set_user_state("carol", "removed")  # repeating a removal is harmless
+    assert {a.name: a.state for a in await store.list_users()}["carol"] == "removed"
 
 
 # -- history ------------------------------------------------------------------------

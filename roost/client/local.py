@@ -1,0 +1,311 @@
+"""The local socket: other commands of an account hand their work to its running client.
+
+One device per account: a second connection of the same account replaces the
+first for good (4003). So while a client runs on a state file (``roost chat``,
+``roost listen``, an SDK application), it also listens on a Unix socket beside
+that file (``STATE.sock``), and ``roost send`` / ``listen`` / ``group`` of the
+same account, finding the state locked, send their request there instead of
+connecting themselves (as signal-cli's daemon does).
+
+The protocol is one request per connection, JSON objects one per line:
+
+* the requester writes one request line; the running client answers with one
+  response line and closes;
+* ``{"op": "send", "id", "to" | "group", "text", "wait": "sent"|"delivered"|"read", "timeout"}``
+  -> ``{"ok": true, "message_id", "conversation", "seq", "ts", "status"}``;
+  ``status`` is ``queued`` (``conversation``/``seq``/``ts`` null) when the
+  server did not store it within ``timeout``: it stays in the running client's
+  outbox. The requester picks the message id, so retrying a send is safe;
+* ``{"op": "listen", "max", "wait", "read"}`` -> ``{"ok": true, "messages": [...]}``
+  with up to ``max`` received messages not yet shown to the user, waiting up
+  to ``wait`` seconds for one. Once it has printed them the requester writes
+  ``{"op": "consumed"}`` and the running client marks them consumed (and read
+  with ``read``), then answers ``{"ok": true}``; if the requester goes away
+  first they stay unconsumed;
+* ``{"op": "group", "action": "create"|"add"|"remove"|"leave"|"info", "group", "name", "members"}``
+  -> ``{"ok": true, "group": {"group", "name", "members", "admins", "last_seq"}}``;
+* an error is ``{"ok": false, "code", "message"}``; ``owner_closed`` means the
+  running client stopped during the request (the requester may open the state
+  itself now).
+
+The socket file is created owner-only (0600) and a peer of another uid is
+refused, so only the account's own user reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from roost.client.events import Message
+
+if TYPE_CHECKING:
+    from roost.client.client import Client, GroupInfo
+
+MAX_LINE = 1 << 20  # a 64 KiB body, JSON-escaped, fits
+SUN_PATH_MAX = 103  # bytes: Linux allows 107, macOS 103
+OWNER_CLOSED = b'{"ok": false, "code": "owner_closed", "message": "the running client stopped"}\n'
+
+
+class OwnerUnavailable(ConnectionError):
+    """No running client answers on the state's socket (gone, starting or closing)."""
+
+
+def socket_path(state_path: str | Path) -> str:
+    """``STATE.sock``; when that is too long for a Unix socket address, a
+    per-user directory under the temp dir, named by the state's hash."""
+    path = os.path.abspath(str(state_path)) + ".sock"
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        return path
+    digest = hashlib.sha256(path.encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / f"roost-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return str(folder / f"{digest}.sock")
+
+
+def message_json(m: Message) -> dict[str, Any]:
+    """A received message as ``roost listen`` prints it (and the socket carries it)."""
+    out: dict[str, Any] = {
+        "conversation": m.conv,
+        "seq": m.seq,
+        "sender": m.sender,
+        "message_id": m.id,
+        "ct": m.ct,
+        "ts": m.ts,
+        "text": m.text,
+    }
+    if not m.ct.startswith("text/"):
+        out["body_b64"] = base64.b64encode(m.body).decode()
+    return out
+
+
+def group_json(info: GroupInfo) -> dict[str, Any]:
+    return {
+        "group": info.group,
+        "name": info.name,
+        "members": info.members,
+        "admins": info.admins,
+        "last_seq": info.last_seq,
+    }
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None  # not Linux: the 0600 file mode is the guard
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    writer.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+    await writer.drain()
+
+
+class LocalEndpoint:
+    """The running client's side of the socket."""
+
+    def __init__(self, client: Client, state_path: str) -> None:
+        self.client = client
+        self.path = socket_path(state_path)
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        # The caller holds the state's lock, so a file left here is stale
+        # (a client killed with -9).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        old = os.umask(0o177)  # created 0600: no window where others could connect
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, self.path, limit=MAX_LINE)
+        finally:
+            os.umask(old)
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            uid = _peer_uid(writer)
+            if uid is not None and uid != os.getuid():
+                await _write(writer, {"ok": False, "code": "forbidden", "message": "another user"})
+                return
+            request = json.loads(await reader.readline())
+            if not isinstance(request, dict):
+                raise ValueError("a request is a JSON object")
+            await self._dispatch(request, reader, writer)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                writer.write(OWNER_CLOSED)
+            raise
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                message = "the running client did not get an answer from the server in time"
+                await _write(writer, {"ok": False, "code": "timeout", "message": message})
+        except (ValueError, KeyError, TypeError) as exc:
+            with contextlib.suppress(Exception):
+                await _write(writer, {"ok": False, "code": "bad_request", "message": str(exc)})
+        except Exception as exc:  # RoostError and the like: the requester reports it
+            code = getattr(exc, "code", "error")
+            message = getattr(exc, "message", str(exc) or type(exc).__name__)
+            with contextlib.suppress(Exception):
+                await _write(writer, {"ok": False, "code": code, "message": message})
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _dispatch(
+        self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        op = request.get("op")
+        if op == "send":
+            await _write(writer, await self._send(request))
+        elif op == "listen":
+            await self._listen(request, reader, writer)
+        elif op == "group":
+            info = await self._group(request)
+            await _write(writer, {"ok": True, "group": group_json(info)})
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+    async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        client = self.client
+        loop = asyncio.get_running_loop()
+        timeout = float(request.get("timeout", 30.0))
+        deadline = loop.time() + timeout
+        wait = request.get("wait", "sent")
+        message_id = str(request["id"])
+        # Both before any await, so the ✓ cannot come before its waiter exists.
+        await client.send(
+            str(request["text"]),
+            to=request.get("to"),
+            group=request.get("group"),
+            message_id=message_id,
+            wait=False,
+            announce=True,
+        )
+        acked = client.wait_sent(message_id)
+        out: dict[str, Any] = {"ok": True, "message_id": message_id}
+        try:
+            result = await asyncio.wait_for(acked, timeout)
+        except TimeoutError:
+            out.update(conversation=None, seq=None, ts=None, status="queued")
+            return out
+        out.update(conversation=result.conv, seq=result.seq, ts=result.ts, status="sent")
+        if wait in ("delivered", "read"):
+            try:
+                await asyncio.wait_for(
+                    client.wait_receipt(result.conv, result.seq, wait), max(0.0, deadline - loop.time())
+                )
+                out["status"] = wait
+            except TimeoutError:
+                out["error"] = f"timed out waiting for {wait}"
+        return out
+
+    async def _listen(
+        self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        client = self.client
+        limit = max(1, int(request.get("max", 100)))
+        messages = client.take_unconsumed(limit)
+        if not messages:
+            await client.wait_unconsumed(float(request.get("wait", 0.0)))
+            messages = client.take_unconsumed(limit)
+        try:
+            await _write(writer, {"ok": True, "messages": [message_json(m) for m in messages]})
+            if not messages:
+                return
+            done = json.loads(await reader.readline() or b"null")
+            if not isinstance(done, dict) or done.get("op") != "consumed":
+                return
+            client.consume(messages)
+            if request.get("read"):
+                for m in messages:
+                    await client.mark_read(m.conv, m.seq)
+            await _write(writer, {"ok": True})
+        finally:
+            client.release(messages)
+
+    async def _group(self, request: dict[str, Any]) -> GroupInfo:
+        client = self.client
+        action = request.get("action")
+        members = [str(m) for m in request.get("members", [])]
+        group = str(request.get("group", ""))
+        if action == "create":
+            return await client.create_group(str(request["name"]), members)
+        if action == "add":
+            return await client.add_members(group, members)
+        if action == "remove":
+            return await client.remove_members(group, members)
+        if action == "leave":
+            return await client.leave_group(group)
+        if action == "info":
+            return await client.group_info(group)
+        raise ValueError(f"unknown group action {action!r}")
+
+
+async def request(
+    state_path: str | Path,
+    req: dict[str, Any],
+    on_messages: Callable[[list[dict[str, Any]]], Awaitable[None] | None] | None = None,
+) -> dict[str, Any]:
+    """Send one request to the client running on ``state_path``; its response.
+
+    For ``listen``, ``on_messages`` is called with the messages before they
+    are confirmed as consumed. Raises ``OwnerUnavailable`` when no running
+    client answers (or it stopped during the request).
+    """
+    try:
+        reader, writer = await asyncio.open_unix_connection(socket_path(state_path), limit=MAX_LINE)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise OwnerUnavailable(str(exc)) from None
+    try:
+        await _write(writer, req)
+        response = await _read_response(reader)
+        messages = response.get("messages")
+        if response.get("ok") and messages and on_messages is not None:
+            shown = on_messages(messages)
+            if shown is not None:
+                await shown
+            await _write(writer, {"op": "consumed"})
+            response = {**response, **await _read_response(reader)}
+        return response
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise OwnerUnavailable(str(exc)) from None
+    finally:
+        writer.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> dict[str, Any]:
+    line = await reader.readline()
+    if not line:
+        raise OwnerUnavailable("the running client closed the connection")
+    response = json.loads(line)
+    if not isinstance(response, dict):
+        raise OwnerUnavailable("not a response")
+    if response.get("code") == "owner_closed":
+        raise OwnerUnavailable(str(response.get("message", "")))
+    return response
