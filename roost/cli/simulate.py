@@ -183,11 +183,10 @@ def _verdict(result: Any) -> str:
 
 def _failure(result: Any, full_trace_printed: bool) -> str:
     from roost.sim.trace import relevant
-    from roost.sim.world import known_gap
 
     lines = [f"{'FAILED' if not result.ok else 'known gaps only,'} seed {result.seed}:"]
     for v in result.violations[:20]:
-        gap = known_gap(v, result.members)
+        gap = result.gaps.get(v)
         lines.append(f"  {v.kind} {v.conv}#{v.seq}: {v.detail}" + (f"  [known gap: {gap}]" if gap else ""))
     if not full_trace_printed:
         users = result.involved_users()

@@ -66,6 +66,8 @@ def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
 UNAVAILABLE = ErrorCode.UNAVAILABLE
 UNCHARGED = (f.DeliveryAck, f.ReadMarker, f.ReceiptAck, f.Ping)
 MARK_RETRY_SECONDS = 1.0
+PENDING_RECEIPT_TRIES = 5  # then the senders learn on their next reconnect
+RECEIPT_SENDERS_WINDOW = 64  # messages looked at to find who a lost mark commit owed a receipt
 RESYNC_RETRY_SECONDS = 1.0
 # How long a revocation is remembered for connections whose token check was
 # already under way (a check takes milliseconds; a stalled store, seconds).
@@ -312,9 +314,11 @@ class ChatService:
     def _on_read(self, session: Session, frame: f.ReadMarker) -> None:
         self._mark(session, frame.conv, None, frame.seq)
 
-    def _mark(self, session: Session, conv: str, delivered: int | None, read: int | None) -> None:
+    def _mark(
+        self, session: Session, conv: str, delivered: int | None, read: int | None, retry: bool = False
+    ) -> None:
         fut = self.store.advance_marks(session.user, conv, delivered, read)
-        fut.add_done_callback(partial(self._marked, session, conv, delivered, read))
+        fut.add_done_callback(partial(self._marked, session, conv, delivered, read, retry))
 
     def _marked(
         self,
@@ -322,6 +326,7 @@ class ChatService:
         conv: str,
         delivered: int | None,
         read: int | None,
+        retry: bool,
         fut: asyncio.Future[MarkResult],
     ) -> None:
         if not fut.cancelled() and isinstance(fut.exception(), StoreUnavailable):
@@ -331,7 +336,7 @@ class ChatService:
             session.acked(conv, max(delivered or 0, read or 0))
             if session.active:
                 asyncio.get_running_loop().call_later(
-                    MARK_RETRY_SECONDS, self._mark, session, conv, delivered, read
+                    MARK_RETRY_SECONDS, self._mark, session, conv, delivered, read, True
                 )
             return
         result = self._settle(session, "", fut)
@@ -343,6 +348,31 @@ class ChatService:
         # Acks folded into one store operation share this result: push its
         # receipts once, not once per folded ack.
         result.receipts.clear()
+        if retry:
+            # The failed attempt may have committed and lost only its answer:
+            # then this retry changed nothing, and the receipts that commit
+            # left pending were never pushed (their senders would learn only
+            # on their next reconnect). Push those of this conversation.
+            self._spawn(self._push_pending_receipts(session.user, conv, max(delivered or 0, read or 0)))
+
+    async def _push_pending_receipts(self, user: str, conv: str, upto: int) -> None:
+        """Push the pending receipts in ``conv`` of whoever sent one of the
+        last RECEIPT_SENDERS_WINDOW messages up to ``upto`` (the senders a lost
+        mark commit can have owed a receipt: acks are cumulative and frequent),
+        at a bounded cost: one history read, then one read per such sender."""
+        for _ in range(PENDING_RECEIPT_TRIES):
+            try:
+                messages, _, _ = await self.store.history(user, conv, upto + 1, None, RECEIPT_SENDERS_WINDOW)
+                senders = dict.fromkeys(m.sender for m in messages if m.sender not in (user, f.SYSTEM_SENDER))
+                for sender in senders:
+                    for receipt in await self.store.pending_receipts(sender):
+                        if receipt.conv == conv:
+                            self.registry.push_receipt(receipt)
+                return
+            except ProtocolError:
+                return  # no longer a member: nothing of this conversation to tell
+            except StoreUnavailable:
+                await asyncio.sleep(MARK_RETRY_SECONDS)
 
     def _on_rack(self, session: Session, frame: f.ReceiptAck) -> None:
         fut = self.store.ack_receipts(session.user, frame.conv, frame.rv)

@@ -5,22 +5,39 @@ closures, ``_run_batch`` with its ack folding, receipts and failure path) on
 one in-memory SQLite connection, so the store semantics under test are
 exactly the embedded store's. What is replaced is only the threading: the
 writer thread becomes a task-free scheduler on the virtual clock (a batch
-takes everything queued, "fsyncs" for a seeded time, then runs and commits),
-and reads run on the same connection after a seeded delay. An in-memory
+takes everything queued, "fsyncs" for a seeded time, then runs and commits
+through the writer's own guard), and reads run on the same connection (see
+below for when they take their snapshot). An in-memory
 model of the store would be faster but would have to re-implement, and could
 drift from, the semantics it is meant to check.
 
-Faults, each decided from the run's seed:
+Faults, each decided from the run's seed, at every step where real storage
+fails:
 
-* ``fail_batches(n)``: the next ``n`` batches fail before commit (an I/O
-  error): the real failure path rolls back, drops the writer cache and
-  breaks the send streams; nothing of them is committed.
+* ``fail_batches(steps)``: each of the next ``len(steps)`` batches hits an
+  I/O error at its step: at ``BEGIN`` (before the batch), at a statement
+  ``inside`` it, or at ``COMMIT`` (the commit itself raises; nothing is
+  durable). The real failure path rolls back, drops the writer cache and
+  breaks the send streams.
+* ``writer_crash(step)``: the writer meets an unexpected error (not an I/O
+  error): ``before`` the batch (outside its transaction), or ``after`` its
+  ``COMMIT`` while the answers are handed over (durable, but every caller is
+  told it failed). Both end in ``SqliteStore._batch_crashed``, the handler
+  of the production guard (``_run_batch_or_fail``) that keeps the writer
+  thread alive.
 * ``crash(after_commit)``: the database process dies. The batch on disk is
   committed or not; every caller still waiting gets ``StoreUnavailable``
   (the connection broke), including the one whose batch did commit. The
   store stays down (every batch fails, reads fail) until ``restart``, which
   comes back with exactly what was committed (the writer cache is rebuilt
   from the tables).
+* ``fail_reads(seconds)``: half of the reads fail (an I/O error on the reader).
+* ``slow_reads(seconds)``: reads answer 5-80 ms after their snapshot.
+
+Reads, like SQLite's in WAL mode, see the database as of their snapshot,
+taken when the read starts; the answer comes back later (a reader thread,
+then the event loop), so commits, and the pushes they make, race it: a read
+can return a state older than pushes the session already got.
 """
 
 from __future__ import annotations
@@ -52,14 +69,75 @@ class _SameThread:
         self.loop = loop
         self.create_future = loop.create_future
         self._committed = committed
+        self.lose_answer = False  # the next hand-over of a batch's answers fails
 
     def call_soon_threadsafe(self, resolve: Callable[..., None], batch: Any, results: list[Any]) -> None:
+        if self.lose_answer:
+            # After COMMIT: the batch is durable, its answers never reach the loop.
+            self.lose_answer = False
+            self._committed(results)
+            # Not a RuntimeError: _run_batch takes that for a closed loop and ignores it.
+            raise ValueError("simulated writer crash after COMMIT")
         self._committed(results)
         self.loop.call_soon(resolve, batch, results)
 
 
-def _io_error(conn: sqlite3.Connection) -> None:
-    raise sqlite3.OperationalError("simulated I/O error")
+STORE_FAIL_STEPS = ("begin", "inside", "commit")
+READ_WAIT = (0.00002, 0.0003)  # until a reader thread takes the read: then its snapshot
+SLOW_READ = (0.005, 0.08)  # a slow answer: the reader thread or the loop is behind
+
+
+# What the store must never commit, recorded by the database itself: a
+# trigger's row is rolled back with its transaction, so only committed
+# regressions are seen (marks are the inbox and the receipts: they only move
+# forward).
+WATCHES = """
+CREATE TABLE sim_marks_backwards (conv TEXT, user TEXT, old_d INT, old_r INT, new_d INT, new_r INT);
+CREATE TRIGGER sim_marks_forward AFTER UPDATE OF delivered, read ON members
+WHEN NEW.delivered < OLD.delivered OR NEW.read < OLD.read
+BEGIN
+    INSERT INTO sim_marks_backwards
+    VALUES (NEW.conv, NEW.user, OLD.delivered, OLD.read, NEW.delivered, NEW.read);
+END;
+"""
+
+
+class _FaultyConnection:
+    """The writer's connection with one error armed for the next batch: at
+    ``BEGIN``, at the ``countdown``-th statement inside it, or at ``COMMIT``
+    (an ``inside`` error of a batch with fewer statements lands on ``COMMIT``)."""
+
+    def __init__(self, conn: sqlite3.Connection, step: str, countdown: int, error: Exception) -> None:
+        self._conn = conn
+        self.step: str | None = step
+        self.countdown = countdown
+        self.error = error
+
+    def _check(self, sql: str) -> None:
+        step = self.step
+        if step is None or sql == "ROLLBACK":
+            return
+        if sql.startswith("BEGIN"):
+            hit = step == "begin"
+        elif sql == "COMMIT":
+            hit = True
+        else:
+            self.countdown -= 1
+            hit = step == "inside" and self.countdown <= 0
+        if hit:
+            self.step = None
+            raise self.error
+
+    def execute(self, sql: str, *params: Any) -> sqlite3.Cursor:
+        self._check(sql)
+        return self._conn.execute(sql, *params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        self._check(sql)
+        return self._conn.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
@@ -74,13 +152,18 @@ class SimStore(SqliteStore):
         commit_time: tuple[float, float] = (0.0002, 0.004),
         read_time: tuple[float, float] = (0.0001, 0.002),
     ) -> None:
+        # read_time: from a read's snapshot to its answer (SLOW_READ while slow).
         super().__init__(":memory:")
         self.rng = rng
         self.on_event = on_event
         self.commit_time = commit_time
         self.read_time = read_time
         self.down = False
-        self._failing = 0
+        self._failing: deque[str] = deque()  # the step at which each coming batch fails
+        self._writer_crash: str | None = None  # before | after: the next batch's writer error
+        self._reads_fail_until = -1.0
+        self._slow_until = -1.0
+        self._tag: str | None = None  # the user of the inbox read being started
         self._queued: deque[_Op] = deque()
         self._in_flight: list[_Op] | None = None
         self._commit_handle: asyncio.TimerHandle | None = None
@@ -90,6 +173,7 @@ class SimStore(SqliteStore):
         self._loop = _SameThread(loop, self._committed)  # type: ignore[assignment]
         self._wconn = sqlite3.connect(":memory:", isolation_level=None)
         self._migrate(self._wconn)
+        self._wconn.executescript(WATCHES)
 
     async def close(self) -> None:
         if self._commit_handle is not None:
@@ -140,18 +224,28 @@ class SimStore(SqliteStore):
     def _commit(self, batch: list[_Op]) -> None:
         self._commit_handle = None
         self._in_flight = None
-        failing = self.down or self._failing > 0
-        if failing and not self.down:
-            self._failing -= 1
-        if failing:
-            # The real failure path: the operations ran, then the commit hits
-            # a storage error and everything rolls back.
-            poison = _Op(_io_error, self.connection_future())
-            self._run_batch(self.connection, [*batch, poison])
+        conn: Any = self.connection
+        step = "begin" if self.down else self._failing.popleft() if self._failing else None
+        crash, self._writer_crash = self._writer_crash, None
+        if step is not None:
+            error = sqlite3.OperationalError("simulated I/O error" if not self.down else "database is down")
+            conn = _FaultyConnection(conn, step, self.rng.randint(1, 6), error)
+        elif crash == "after":
+            assert isinstance(self._loop, _SameThread)
+            self._loop.lose_answer = True
+        if crash == "before" and step is None:
+            # What the production guard does when _run_batch raises before its
+            # BEGIN (in _merge_cumulative): nothing ran, the callers are failed.
+            self._batch_crashed(conn, batch, RuntimeError("simulated writer crash before BEGIN"))
         else:
-            self._run_batch(self.connection, batch)
-        if failing:
-            self._emit("commit-failed", f"{len(batch)} ops rolled back")
+            # The production writer's own guard: whatever escapes the batch
+            # fails its callers, and the writer goes on.
+            self._run_batch_or_fail(conn, batch)
+        if step is not None:
+            self._emit("commit-failed", f"{len(batch)} ops rolled back (I/O error at {step})")
+        elif crash is not None:
+            what = "rolled back" if crash == "before" else "committed, answers lost"
+            self._emit("writer-crash", f"{len(batch)} ops {what}")
         if self._queued:
             self._start_batch()
 
@@ -182,23 +276,40 @@ class SimStore(SqliteStore):
     # -- reads ---------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        # The read sees the state at its end (so the trace shows when its
-        # snapshot was taken); commits made meanwhile are not in it.
-        await asyncio.sleep(self.rng.uniform(*self.read_time))
-        if self.down:
-            raise StoreUnavailable("storage error: database is down")
-        return fn(self.connection)
+        tag, self._tag = self._tag, None
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(self.rng.uniform(*READ_WAIT))
+        if self.down or (loop.time() < self._reads_fail_until and self.rng.random() < 0.5):
+            raise StoreUnavailable("storage error: simulated I/O error (read)")
+        # The snapshot: what was committed by now. The answer comes back
+        # later, and commits (and their pushes) made meanwhile are not in it.
+        result = fn(self.connection)
+        delay = self.rng.uniform(*(SLOW_READ if loop.time() < self._slow_until else self.read_time))
+        if tag is not None:
+            owed = ", ".join(f"{e.conv} after {e.delivered}" for e in result) or "nothing"
+            self._emit("inbox-read", f"{owed} (answer in {delay * 1000:.1f} ms)", who=tag)
+        await asyncio.sleep(delay)
+        return result
 
     async def inbox(self, user: str) -> list[InboxEntry]:
-        entries = await super().inbox(user)
-        owed = ", ".join(f"{e.conv} after {e.delivered}" for e in entries) or "nothing"
-        self._emit("inbox-read", owed, who=user)
-        return entries
+        self._tag = user  # picked up by _read before its first wait
+        return await super().inbox(user)
 
     # -- faults --------------------------------------------------------------
 
-    def fail_batches(self, count: int) -> None:
-        self._failing += count
+    def fail_batches(self, steps: list[str]) -> None:
+        """The next ``len(steps)`` batches fail, each at its step of STORE_FAIL_STEPS."""
+        self._failing.extend(steps)
+
+    def writer_crash(self, step: str) -> None:
+        """The next batch's writer hits an unexpected error ``before`` or ``after`` COMMIT."""
+        self._writer_crash = step
+
+    def fail_reads(self, seconds: float) -> None:
+        self._reads_fail_until = asyncio.get_running_loop().time() + seconds
+
+    def slow_reads(self, seconds: float) -> None:
+        self._slow_until = asyncio.get_running_loop().time() + seconds
 
     def crash(self, after_commit: bool) -> None:
         """The database dies; what was committed stays, callers see a broken connection."""
@@ -226,12 +337,29 @@ class SimStore(SqliteStore):
 
     def restart(self) -> None:
         self.down = False
+        self._failing.clear()  # the failures were of the dead process
         self._convs.clear()
         self._emit("store-up", "")
 
     def _emit(self, kind: str, detail: str, who: str = "store") -> None:
         if self.on_event is not None:
             self.on_event(kind, who, detail)
+
+    def broken_rules(self) -> list[tuple[str, str, int, str]]:
+        """(kind, conv, seq, detail) for what the committed tables must never hold:
+        marks that went backwards, one client id stored twice in a conversation."""
+        found: list[tuple[str, str, int, str]] = []
+        conn = self.connection
+        for conv, user, old_d, old_r, new_d, new_r in conn.execute("SELECT * FROM sim_marks_backwards"):
+            detail = f"{user}'s marks went back from {old_d}/{old_r} to {new_d}/{new_r}"
+            found.append(("mark_backwards", conv, new_d, detail))
+        for conv, sender, client_id, seqs in conn.execute(
+            "SELECT conv, sender, client_id, group_concat(seq) FROM messages"
+            " GROUP BY conv, sender, client_id HAVING COUNT(*) > 1 ORDER BY conv, client_id"
+        ):
+            first = int(seqs.split(",")[0])
+            found.append(("duplicate", conv, first, f"{client_id!r} from {sender} stored at seqs {seqs}"))
+        return found
 
     def membership(self) -> dict[str, dict[str, tuple[int, int | None]]]:
         """conv -> user -> (joined, left) for groups, as committed (for the checker)."""

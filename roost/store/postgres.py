@@ -72,7 +72,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -212,6 +212,18 @@ BEGIN
         END IF;
         SELECT epoch INTO v_epoch FROM conversations WHERE id = p_conv FOR UPDATE;
     END IF;
+    -- A retry (looked up first: the sender may have been removed since its
+    -- first commit, whose answer was lost; it still gets that answer). Its
+    -- first answer may have been lost before anyone was pushed, so name who
+    -- should have it (the members when it was sent).
+    SELECT m.seq, m.ct, m.body, m.ts INTO res.seq, res.ct, res.body, res.ts
+        FROM messages m WHERE m.conv = p_conv AND m.sender = p_sender AND m.client_id = p_cid;
+    IF FOUND THEN
+        res.dup := true;
+        res.members := ARRAY(SELECT user_name FROM members WHERE conv = p_conv AND joined_seq < res.seq
+            AND (left_seq IS NULL OR left_seq >= res.seq) ORDER BY user_name);
+        RETURN res;
+    END IF;
     PERFORM 1 FROM members WHERE conv = p_conv AND user_name = p_sender AND left_seq IS NULL;
     IF NOT FOUND THEN
         res.code := 'not_member'; res.msg := 'not a member of ' || p_conv; RETURN res;
@@ -219,16 +231,6 @@ BEGIN
     -- A 1:1 chat whose peer was removed (its member row is gone).
     IF starts_with(p_conv, 'd:') AND (SELECT count(*) FROM members WHERE conv = p_conv) < 2 THEN
         res.code := 'unknown_user'; res.msg := 'no such user (removed) in ' || p_conv; RETURN res;
-    END IF;
-    SELECT m.seq, m.ct, m.body, m.ts INTO res.seq, res.ct, res.body, res.ts
-        FROM messages m WHERE m.conv = p_conv AND m.sender = p_sender AND m.client_id = p_cid;
-    IF FOUND THEN
-        -- A retry: its first answer may have been lost before anyone was
-        -- pushed, so name who should have it (the members when it was sent).
-        res.dup := true;
-        res.members := ARRAY(SELECT user_name FROM members WHERE conv = p_conv AND joined_seq < res.seq
-            AND (left_seq IS NULL OR left_seq >= res.seq) ORDER BY user_name);
-        RETURN res;
     END IF;
     res.seq := roost_insert(p_conv, p_sender, p_cid, p_ct, p_body, p_ts);
     res.dup := false;
@@ -1464,6 +1466,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         + _ACCOUNT_STATE
         + FUNCTIONS,
     ),
+    (4, _ACCOUNT_STATE + FUNCTIONS),  # roost_append answers a retry before checking membership
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

@@ -313,7 +313,35 @@ class SqliteStore:
                 except queue.Empty:
                     break
             if batch:
-                self._run_batch(conn, batch)
+                self._run_batch_or_fail(conn, batch)
+
+    def _run_batch_or_fail(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """Run a batch; if anything escapes ``_run_batch`` (an error before its
+        ``BEGIN``, or after ``COMMIT`` while the answers are handed over), fail
+        the batch's callers instead of letting the writer thread die with it:
+        a dead writer leaves these callers and every later one waiting forever."""
+        try:
+            self._run_batch(conn, batch)
+        except Exception as exc:
+            self._batch_crashed(conn, batch, exc)
+
+    def _batch_crashed(self, conn: sqlite3.Connection, batch: list[_Op], exc: Exception) -> None:
+        # The outcome is unknown to the callers (the batch may have committed):
+        # they are told the storage failed and retry, which the idempotent
+        # append makes safe. Their streams break, as on any storage failure.
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        self._convs.clear()
+        self._batch_receipts.clear()
+        self._batch_seqs.clear()
+        for op in batch:
+            if op.stream is not None:
+                op.stream.broken = True
+        failure = StoreUnavailable(f"storage error: the writer failed: {exc!r}")
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(_resolve, batch, [(False, failure)] * len(batch))
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         _merge_cumulative(batch)
@@ -561,7 +589,14 @@ class SqliteStore:
                         ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv_id}", client_id
                     )
                 state = self._create_direct(c, sender, to, now)
-            rules.require_active(state.members.get(sender), conv_id)
+            member = state.members.get(sender)
+            if member is None or member.left is not None:
+                # A retry of a message committed while the sender was a member
+                # (its answer was lost) still gets its original answer.
+                retried = self._retried(c, state, sender, client_id)
+                if retried is not None:
+                    return retried
+            rules.require_active(member, conv_id)
             if state.kind == "direct" and len(state.members) < 2:
                 peer = to or next(u for u in direct_members(conv_id) or () if u != sender)
                 raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no such user: {peer} (removed)", client_id)
@@ -569,31 +604,41 @@ class SqliteStore:
             if stored is not None:
                 return stored
             # This client id was stored before: a retry gets the stored message.
-            row = c.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND sender=? AND client_id=?",
-                (conv_id, sender, client_id),
-            ).fetchone()
-            stored = _row_message(row)
-            # With its recipients: the service fans a duplicate out again, in
-            # case the first commit's answer (and so its push) was lost. The
-            # members when it was sent: never someone who joined later.
-            recipients = tuple(
-                u for u, m in state.members.items()
-                if u != sender and m.joined < stored.seq and (m.left is None or m.left >= stored.seq)
-            )  # fmt: skip
-            return StoredMessage(
-                stored.conv,
-                stored.seq,
-                stored.client_id,
-                stored.sender,
-                stored.ct,
-                stored.body,
-                stored.ts,
-                True,
-                recipients,
-            )
+            retried = self._retried(c, state, sender, client_id)
+            assert retried is not None
+            return retried
 
         return self._submit(op, stream)
+
+    def _retried(
+        self, c: sqlite3.Connection, state: _Conv, sender: str, client_id: str
+    ) -> StoredMessage | None:
+        """The message ``sender`` stored with ``client_id``, as a duplicate; None if none."""
+        row = c.execute(
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND sender=? AND client_id=?",
+            (state.id, sender, client_id),
+        ).fetchone()
+        if row is None:
+            return None
+        stored = _row_message(row)
+        # With its recipients: the service fans a duplicate out again, in
+        # case the first commit's answer (and so its push) was lost. The
+        # members when it was sent: never someone who joined later.
+        recipients = tuple(
+            u for u, m in state.members.items()
+            if u != sender and m.joined < stored.seq and (m.left is None or m.left >= stored.seq)
+        )  # fmt: skip
+        return StoredMessage(
+            stored.conv,
+            stored.seq,
+            stored.client_id,
+            stored.sender,
+            stored.ct,
+            stored.body,
+            stored.ts,
+            True,
+            recipients,
+        )
 
     def advance_marks(
         self, user: str, conv: str, delivered: int | None, read: int | None

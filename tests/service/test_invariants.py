@@ -315,6 +315,39 @@ async def test_a_long_backlog_does_not_hold_back_the_other_conversations(tmp_pat
         await store.close()
 
 
+async def test_a_mark_whose_answer_was_lost_still_tells_the_sender(
+    service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's ack commits but its answer is lost (the writer fails after COMMIT):
+    the service retries the mark, which now changes nothing. Alice, online the
+    whole time, must still get the receipt that the lost commit made pending
+    (found by the simulator's writer-crash fault, seeds 91 and 296)."""
+    from roost.service import chat
+    from roost.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(chat, "MARK_RETRY_SECONDS", 0.05)
+    alice_sink, bob_sink = MemorySink(), MemorySink()
+    alice = await service.connect("alice", alice_sink)
+    bob = await service.connect("bob", bob_sink)
+    send(service, alice, "hello")
+    await settle(lambda: bob_sink.of(f.Deliver))
+    store = service.store
+    loop = store._loop  # type: ignore[attr-defined]
+    real_call = loop.call_soon_threadsafe
+    lost: list[bool] = []
+
+    def lose_the_first_answer(fn, *args):  # type: ignore[no-untyped-def]
+        if fn is sqlite_store._resolve and not lost:
+            lost.append(True)
+            raise OSError("planted: the answer is lost after COMMIT")
+        return real_call(fn, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lose_the_first_answer)
+    service.handle(bob, encode(f.DeliveryAck(conv="d:alice:bob", seq=1)))
+    await settle(lambda: alice_sink.of(f.Receipt))
+    assert lost and alice_sink.of(f.Receipt)[-1].marks["bob"].delivered == 1
+
+
 async def test_a_connection_whose_token_was_revoked_while_it_was_checked_is_closed(
     service: ChatService,
 ) -> None:

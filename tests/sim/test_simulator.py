@@ -1,5 +1,5 @@
-"""The simulator: a fixed budget of seeds passes, runs replay exactly, and a
-planted bug is caught (so CI proves the simulator can fail)."""
+"""The simulator: a fixed budget of seeds passes and runs replay exactly.
+That it can fail is proved by test_planted_bugs.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import sys
 
 import pytest
 
-from roost.service.chat import ChatService
 from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
-from roost.sim.store import SimStore
 from roost.sim.world import draw_scenario, run_seed
-from roost.store.base import StoredMessage
 
 CI_SEEDS = 300
 
@@ -89,54 +86,6 @@ def test_faults_are_injected_and_default_runs_deliver() -> None:
     assert sum(r.report.delivered for r in results) > 200
 
 
-def _first_seed_reporting(kinds: set[str], seeds: range) -> int:
-    """The first seed whose run reports one of ``kinds`` (-1: none did)."""
-    for seed in seeds:
-        result = run_seed(seed, DEFAULT_FAULTS)
-        if kinds & {v.kind for v in result.violations}:
-            return seed
-    return -1
-
-
-def test_a_planted_bug_removing_the_inbox_entry_at_push_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    pushed = ChatService._fan_out
-
-    def mark_delivered_at_push(self: ChatService, stored: StoredMessage, users: tuple[str, ...]) -> None:
-        # Broken on purpose: the recipient's inbox entry leaves when the push
-        # is queued, not when its device acks it.
-        pushed(self, stored, users)
-        for user in users:
-            if user != stored.sender and self.registry.is_online(user):
-                self.store.advance_marks(user, stored.conv, stored.seq, None)
-
-    monkeypatch.setattr(ChatService, "_fan_out", mark_delivered_at_push)
-    assert _first_seed_reporting({"lost"}, range(100)) >= 0, "the simulator missed a broken inbox"
-
-
-def test_a_planted_bug_acking_before_the_commit_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    run_batch = SimStore._run_batch
-
-    def answer_before_commit(self: SimStore, conn, batch) -> None:  # type: ignore[no-untyped-def]
-        # Broken on purpose: every write is answered as soon as it ran, even
-        # if its transaction then fails to commit.
-        answers = {}
-        for op in batch:
-
-            def early(c, fn=op.fn, op=op):  # type: ignore[no-untyped-def]
-                answers[id(op)] = fn(c)
-                return answers[id(op)]
-
-            op.fn = early
-        run_batch(self, conn, batch)
-        for op in batch:
-            if id(op) in answers and not op.future.done():
-                op.future.set_result(answers[id(op)])
-
-    monkeypatch.setattr(SimStore, "_run_batch", answer_before_commit)
-    found = _first_seed_reporting({"lost", "duplicate"}, range(100))
-    assert found >= 0, "the simulator missed acks given before the commit"
-
-
 def test_a_sender_learns_what_members_who_left_got() -> None:
     # Seed 199 (with the fault mix of the time it was found): carol got bob's
     # message, then left the group; bob, offline then, was replayed receipts
@@ -158,3 +107,12 @@ def test_a_silently_lost_route_does_not_lose_pushes() -> None:
     # Seed 2: a push found no route while dave's was lost; once the refresh
     # sets it again the gateway re-reads its sessions' inboxes.
     assert run_seed(2, ("registry-stale",)).ok
+
+
+@pytest.mark.xfail(strict=True, reason="open gap rack-clears-unsent-marks (docs/simulation.md)")
+def test_a_receipt_ack_does_not_clear_marks_it_did_not_carry() -> None:
+    # Seed 143: bob's ack of erin's message commits but its answer is lost, so
+    # its receipt is not pushed; erin then acks a later live receipt (alice's
+    # marks only), which deletes the pending row, and bob's mark is never told.
+    result = run_seed(143, DEFAULT_FAULTS)
+    assert result.violations == []

@@ -460,7 +460,7 @@ async def test_a_schema_2_database_gets_account_states(pg_empty_database: str) -
         assert await store.user_by_token(token_hash("alice")) == "alice"
         await store.set_user_state("alice", "disabled")
         assert [a.state for a in await store.list_users()] == ["disabled"]
-        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 3
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 4
     finally:
         await store.close()
 

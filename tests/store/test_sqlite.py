@@ -123,6 +123,21 @@ async def test_idempotent_append(store: AnyStore, harness: Harness) -> None:
     assert (await send(store, "alice", "next", to="bob")).seq == 4
 
 
+async def test_a_retry_after_the_sender_was_removed_gets_its_duplicate(store: AnyStore) -> None:
+    """bob's message commits, its answer is lost, bob is removed from the group,
+    then his client resends it: the resend must get the original answer (a
+    duplicate), not ``not_member`` for a message everyone already has (found
+    by the simulator: the client showed it as failed, and its seq as a gap)."""
+    await make_group(store, ["bob", "carol"])
+    original = await send(store, "bob", "hello", conv=G)
+    await store.remove_members("alice", G, ["bob"], NOW)
+    retry = await send(store, "bob", "hello", conv=G)
+    assert (retry.seq, retry.duplicate, retry.client_id) == (original.seq, True, "hello")
+    assert set(retry.recipients) == {"alice", "carol"}
+    # a new message from bob is refused as before
+    assert await code_of(send(store, "bob", "later", conv=G)) == ErrorCode.NOT_MEMBER
+
+
 async def test_a_duplicate_names_who_should_have_it_when_it_was_sent(store: AnyStore) -> None:
     """The service fans a duplicate out again (its first answer, and so its
     push, may have been lost): to the members of the message's time, never to
