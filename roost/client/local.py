@@ -52,6 +52,26 @@ from roost.client.events import Message
 if TYPE_CHECKING:
     from roost.client.client import Client, GroupInfo
 
+
+def owner_only_socket(path: str | os.PathLike[str]) -> socket.socket:
+    """A Unix socket bound at ``path`` with mode 0600, not listening yet.
+
+    Made owner-only before ``listen()``, so no one else can ever connect
+    (a connect to a socket that is not listening is refused). Not by
+    ``umask``: that is process-wide, and two of these started at once in one
+    event loop, or a thread creating files meanwhile, would see or keep the
+    wrong mask.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 MAX_LINE = 1 << 20  # a 64 KiB body, JSON-escaped, fits
 SUN_PATH_MAX = 103  # bytes: Linux allows 107, macOS 103
 OWNER_CLOSED = b'{"ok": false, "code": "owner_closed", "message": "the running client stopped"}\n'
@@ -127,11 +147,9 @@ class LocalEndpoint:
         # (a client killed with -9).
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        old = os.umask(0o177)  # created 0600: no window where others could connect
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, self.path, limit=MAX_LINE)
-        finally:
-            os.umask(old)
+        self._server = await asyncio.start_unix_server(
+            self._accept, sock=owner_only_socket(self.path), limit=MAX_LINE
+        )
 
     async def close(self) -> None:
         if self._server is None:

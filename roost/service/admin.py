@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -148,11 +149,16 @@ class AdminServer:
             self.path = Path(tempfile.mkdtemp(prefix="roost-admin-")) / ADMIN_SOCKET  # mode 0700
             pointer.write_text(f"{self.path}\n")
         self.path.unlink(missing_ok=True)  # left by a server that was killed
-        old = os.umask(0o177)
+        # Bound 0600 before it listens, as roost/client/local.py does: not by umask,
+        # which is process-wide and would leak to what runs meanwhile.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=str(self.path))
-        finally:
-            os.umask(old)
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+        except BaseException:
+            sock.close()
+            raise
+        self._server = await asyncio.start_unix_server(self._client, sock=sock)
 
     async def stop(self) -> None:
         if self._server is not None:

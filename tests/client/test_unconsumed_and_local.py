@@ -122,6 +122,31 @@ def test_the_socket_is_owner_only_and_a_stale_one_is_replaced(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
+def test_clients_starting_at_once_leave_the_process_umask_alone(tmp_path: Path) -> None:
+    """The umask is process-wide: two sockets made owner-only through it, their
+    starts interleaved in one event loop, left it at 0o177 for good, and later
+    directories came out without their x bit (PostgreSQL's initdb could not
+    enter its own temporary directory)."""
+    os.umask(before := os.umask(0o022))
+
+    async def scenario() -> None:
+        clients = [Client(DEAD_URL, "t", state_path=tmp_path / f"u{i}.state") for i in range(4)]
+        try:
+            await asyncio.gather(*(c._local.start() for c in clients if c._local is not None))
+            for i in range(4):
+                mode = os.stat(local_socket.socket_path(tmp_path / f"u{i}.state")).st_mode
+                assert stat.S_IMODE(mode) == 0o600
+        finally:
+            for c in clients:
+                await c.close()
+
+    try:
+        asyncio.run(scenario())
+        assert os.umask(before) == before
+    finally:
+        os.umask(before)
+
+
 def test_a_send_handed_to_an_offline_client_is_queued_in_its_outbox(tmp_path: Path) -> None:
     async def scenario() -> None:
         client = await _served_client(tmp_path)
