@@ -183,11 +183,14 @@ def test_login_profile_env_and_flags(server: ServerProcess, alice: str, tmp_path
     # A bad token is checked and not saved.
     refused = roost(tmp_path, "login", "--url", server.url, "--token", "-", stdin="rt_wrong\n")
     assert refused.returncode == 1 and "auth_failed" in one_line(refused.stderr)
+    assert refused.stderr.startswith("roost login: auth_failed: ") and "; nothing saved" in refused.stderr
     assert not profile.exists()
 
     # So is one for a server that cannot be reached.
     unreachable = roost(tmp_path, "login", "--url", dead, "--token", "-", stdin=alice + "\n")
     assert unreachable.returncode == 1 and "connection refused" in one_line(unreachable.stderr)
+    assert unreachable.stderr.startswith("roost login: cannot reach the server: ")
+    assert unreachable.stderr.rstrip().endswith("; nothing saved")
     assert not profile.exists()
     empty = roost(tmp_path, "login", "--url", server.url, stdin="\n")  # no --token: read from stdin
     assert empty.returncode == 2 and "token is empty" in one_line(empty.stderr)
