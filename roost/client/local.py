@@ -166,7 +166,7 @@ class LocalEndpoint:
             with contextlib.suppress(Exception):
                 message = "the running client did not get an answer from the server in time"
                 await _write(writer, {"ok": False, "code": "timeout", "message": message})
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             with contextlib.suppress(Exception):
                 await _write(writer, {"ok": False, "code": "bad_request", "message": str(exc)})
         except Exception as exc:  # RoostError and the like: the requester reports it
@@ -198,12 +198,12 @@ class LocalEndpoint:
         timeout = float(request.get("timeout", 30.0))
         deadline = loop.time() + timeout
         wait = request.get("wait", "sent")
-        message_id = str(request["id"])
+        message_id = _text(request, "id")
         # Both before any await, so the ✓ cannot come before its waiter exists.
         await client.send(
-            str(request["text"]),
-            to=request.get("to"),
-            group=request.get("group"),
+            _text(request, "text"),
+            to=_optional_text(request, "to"),
+            group=_optional_text(request, "group"),
             message_id=message_id,
             wait=False,
             announce=True,
@@ -253,10 +253,12 @@ class LocalEndpoint:
     async def _group(self, request: dict[str, Any]) -> GroupInfo:
         client = self.client
         action = request.get("action")
-        members = [str(m) for m in request.get("members", [])]
-        group = str(request.get("group", ""))
+        members = request.get("members", [])
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise TypeError("members must be a list of strings")
+        group = _optional_text(request, "group") or ""
         if action == "create":
-            return await client.create_group(str(request["name"]), members)
+            return await client.create_group(_text(request, "name"), members)
         if action == "add":
             return await client.add_members(group, members)
         if action == "remove":
@@ -266,6 +268,23 @@ class LocalEndpoint:
         if action == "info":
             return await client.group_info(group)
         raise ValueError(f"unknown group action {action!r}")
+
+
+def _optional_text(request: dict[str, Any], key: str) -> str | None:
+    """A string field of a request, or None where it is absent; any other type
+    is refused before anything is queued (a number as ``to`` would sit in the
+    durable outbox and be sent again on every connect)."""
+    value = request.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{key} must be a string")
+    return value
+
+
+def _text(request: dict[str, Any], key: str) -> str:
+    value = _optional_text(request, key)
+    if value is None:
+        raise TypeError(f"{key} is required")
+    return value
 
 
 async def request(

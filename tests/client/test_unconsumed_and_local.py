@@ -150,6 +150,36 @@ def test_a_send_handed_to_an_offline_client_is_queued_in_its_outbox(tmp_path: Pa
     asyncio.run(scenario())
 
 
+def test_requests_of_the_wrong_shape_are_refused_and_queue_nothing(tmp_path: Path) -> None:
+    bad = [
+        {"op": "send", "id": "m-1", "to": 42, "text": "x"},  # would sit in the outbox for good
+        {"op": "send", "id": "m-2", "group": ["g:1"], "text": "x"},
+        {"op": "send", "id": "m-3", "to": "bob", "text": None},  # not the text "None"
+        {"op": "send", "id": "m-4", "to": "bob"},
+        {"op": "send", "id": {"m": 5}, "to": "bob", "text": "x"},
+        {"op": "send", "id": "m-6", "to": "bob", "text": "x", "timeout": "soon"},
+        {"op": "group", "action": "add", "group": "g:1", "members": "bob"},  # not b, o, b
+        {"op": "group", "action": "create", "name": 7, "members": []},
+        {"op": "listen", "max": float("inf")},
+        ["op", "send"],
+    ]
+
+    async def scenario() -> None:
+        client = await _served_client(tmp_path)
+        try:
+            for request in bad:
+                response = await asyncio.wait_for(local_socket.request(tmp_path / "alice.state", request), 5)  # type: ignore[arg-type]
+                assert (response["ok"], response["code"]) == (False, "bad_request"), (request, response)
+            assert client.pending_outbox() == []
+            good = {"op": "send", "id": "m-7", "to": "bob", "text": "fine", "timeout": 0.1}
+            assert (await local_socket.request(tmp_path / "alice.state", good))["status"] == "queued"
+            assert [item.id for item in client.pending_outbox()] == ["m-7"]
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_roost_send_through_an_offline_running_client_exits_4_queued(tmp_path: Path) -> None:
     async def scenario() -> None:
         client = await _served_client(tmp_path)
