@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli_subprocess import run_roost
 
 
 @pytest.mark.parametrize(
@@ -24,12 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    out = run_roost(
+        *args,
         env={"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path)},
     )
     assert out.returncode == 2, out.stderr

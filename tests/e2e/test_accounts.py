@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cli_subprocess import run_roost
 from tests.e2e.helpers import RawWS, add_users, b64, close_all, unb64
 
 REVOKED = 4008
@@ -21,13 +21,7 @@ REVOKED = 4008
 
 async def roost_user(srv: Any, *args: str, admin: bool = True) -> subprocess.CompletedProcess[str]:
     location = srv.admin_args if admin else srv.store_args
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "roost.cli.main", "user", *args, *location],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return await asyncio.to_thread(run_roost, "user", *args, *location)
 
 
 async def assert_refused(srv: Any, token: str) -> None:

@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from roost.store.sqlite import database_path
+from tests.cli_subprocess import run_roost
 from tests.e2e.helpers import RawWS
 from tests.e2e.server import ServerProcess, free_port
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def roost(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return run_roost(*args, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess[str], *mentions: str) -> None:
