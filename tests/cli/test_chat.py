@@ -50,6 +50,7 @@ from roost.client import (
     TypingEvent,
 )
 from roost.client.state import ClientState
+from tests.cli_subprocess import run_roost
 
 ROOT = Path(__file__).resolve().parents[2]
 DM = "d:alice:bob"
@@ -811,25 +812,10 @@ async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> N
 
 def test_chat_without_a_terminal_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
     state = str(tmp_path / "s.sqlite")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "roost.cli.main",
-            "chat",
-            "--url",
-            "http://127.0.0.1:9",
-            "--token",
-            "t",
-            "--state",
-            state,
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        cwd=ROOT,
-    )
+    url = "http://127.0.0.1:9"
+    out = run_roost(
+        "chat", "--url", url, "--token", "t", "--state", state, stdin="", timeout=20
+    )  # a pipe, no tty
     assert out.returncode == 2
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1 and "needs a terminal" in out.stderr

@@ -7,8 +7,6 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from roost.client import Client, LocalSend, RoostError
 from roost.client import local as local_socket
 from roost.client.state import ClientState
+from tests.cli_subprocess import run_roost
 
 DEAD_URL = "http://127.0.0.1:9"  # nothing listens: the client stays offline
 
@@ -186,13 +185,7 @@ def test_roost_send_through_an_offline_running_client_exits_4_queued(tmp_path: P
         try:
             argv = ["--url", DEAD_URL, "--token", "t", "--state", str(tmp_path / "alice.state")]
             command = ["send", *argv, "--to", "bob", "--timeout", "0.5", "hi"]
-            out = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "roost.cli.main", *command],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            out = await asyncio.to_thread(run_roost, *command, timeout=30)
             assert out.returncode == 4, out.stderr
             result = json.loads(out.stdout)
             assert result["status"] == "queued"
