@@ -17,8 +17,9 @@ The protocol is one request per connection, JSON objects one per line:
   server did not store it within ``timeout``: it stays in the running client's
   outbox. The requester picks the message id, so retrying a send is safe;
 * ``{"op": "listen", "max", "wait", "read"}`` -> ``{"ok": true, "messages": [...]}``
-  with up to ``max`` received messages not yet shown to the user, waiting up
-  to ``wait`` seconds for one. Once it has printed them the requester writes
+  with up to ``max`` received messages not yet shown to the user (fewer if
+  they would not fit one ``MAX_LINE``; the rest come with the next request),
+  waiting up to ``wait`` seconds for one. Once it has printed them the requester writes
   ``{"op": "consumed"}`` and the running client marks them consumed (and read
   with ``read``), then answers ``{"ok": true}``; if the requester goes away
   first they stay unconsumed;
@@ -111,6 +112,20 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
     writer.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
     await writer.drain()
+
+
+def _fitting(messages: list[Message]) -> list[dict[str, Any]]:
+    """The first of ``messages``, as JSON, that fit one response line of at
+    most MAX_LINE; always the first (a 64 KiB body fits on its own)."""
+    out: list[dict[str, Any]] = []
+    size = 64  # the response's own keys
+    for m in messages:
+        item = message_json(m)
+        size += len(json.dumps(item, ensure_ascii=False).encode()) + 2
+        if out and size > MAX_LINE:
+            break
+        out.append(item)
+    return out
 
 
 class LocalEndpoint:
@@ -235,8 +250,11 @@ class LocalEndpoint:
         if not messages:
             await client.wait_unconsumed(float(request.get("wait", 0.0)))
             messages = client.take_unconsumed(limit)
+        shown = _fitting(messages)
+        client.release(messages[len(shown) :])  # for the requester's next request
+        messages = messages[: len(shown)]
         try:
-            await _write(writer, {"ok": True, "messages": [message_json(m) for m in messages]})
+            await _write(writer, {"ok": True, "messages": shown})
             if not messages:
                 return
             done = json.loads(await reader.readline() or b"null")

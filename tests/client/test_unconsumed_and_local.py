@@ -227,6 +227,33 @@ def test_a_handed_over_listen_marks_consumed_only_after_the_requester_confirms(t
     asyncio.run(scenario())
 
 
+def test_a_handed_over_listen_of_many_large_messages_comes_in_lines_that_fit(tmp_path: Path) -> None:
+    # 40 messages of 60 KB: one response with all of them would be ~2.4 MB,
+    # over the socket's line limit (MAX_LINE): the requester could not read it.
+    texts = [f"{n:02}" + "é" * 30_000 for n in range(40)]
+
+    async def scenario() -> None:
+        client = await _served_client(tmp_path)
+        path = tmp_path / "alice.state"
+        try:
+            for seq, text in enumerate(texts, 1):
+                _received(client.state, "d:alice:bob", seq, text)
+            shown: list[dict[str, object]] = []
+            for _ in range(len(texts)):  # bounded: at least one message a response
+                response = await local_socket.request(
+                    path, {"op": "listen", "max": 100, "wait": 0}, shown.extend
+                )
+                assert response["ok"], response
+                if len(shown) == len(texts):
+                    break
+            assert [m["text"] for m in shown] == texts
+            assert client.unconsumed() == []
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_message_json_carries_binary_bodies_as_base64() -> None:
     from roost.client import Message
 
