@@ -210,7 +210,7 @@ class LocalEndpoint:
     async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         client = self.client
         loop = asyncio.get_running_loop()
-        timeout = float(request.get("timeout", 30.0))
+        timeout = _seconds(request, "timeout", 30.0)
         deadline = loop.time() + timeout
         wait = request.get("wait", "sent")
         message_id = _text(request, "id")
@@ -248,7 +248,7 @@ class LocalEndpoint:
         limit = max(1, int(request.get("max", 100)))
         messages = client.take_unconsumed(limit)
         if not messages:
-            await client.wait_unconsumed(float(request.get("wait", 0.0)))
+            await client.wait_unconsumed(_seconds(request, "wait", 0.0))
             messages = client.take_unconsumed(limit)
         shown = _fitting(messages)
         client.release(messages[len(shown) :])  # for the requester's next request
@@ -296,6 +296,18 @@ def _optional_text(request: dict[str, Any], key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"{key} must be a string")
     return value
+
+
+def _seconds(request: dict[str, Any], key: str, default: float) -> float:
+    """A duration field: a number, 0 or more (infinity allowed). A NaN would
+    reach the event loop's timer heap, where it compares false with every
+    other deadline and can stall the running client's timers."""
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number of seconds")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{key} must be 0 or more seconds")
+    return float(value)
 
 
 def _text(request: dict[str, Any], key: str) -> str:

@@ -160,6 +160,9 @@ def test_requests_of_the_wrong_shape_are_refused_and_queue_nothing(tmp_path: Pat
         {"op": "group", "action": "add", "group": "g:1", "members": "bob"},  # not b, o, b
         {"op": "group", "action": "create", "name": 7, "members": []},
         {"op": "listen", "max": float("inf")},
+        {"op": "listen", "wait": float("nan")},  # would sit in the event loop's timer heap
+        {"op": "listen", "wait": -1},
+        {"op": "send", "id": "m-8", "to": "bob", "text": "x", "timeout": float("nan")},
         ["op", "send"],
     ]
 
