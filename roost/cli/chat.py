@@ -386,7 +386,7 @@ class ChatView:
             return "(membership change)"
         if summary.ct.startswith("text/"):
             return safe_text(summary.body.decode("utf-8", errors="replace"))
-        return f"[{summary.ct}, {len(summary.body)} bytes]"
+        return safe_text(f"[{summary.ct}, {len(summary.body)} bytes]")  # the sender chose ct too
 
     def system(self, text: str, chat: str | None = None, kind: str = "system") -> Line:
         """A notice line in ``chat`` (default: the open chat)."""
@@ -496,7 +496,7 @@ class ChatView:
             return self.acked(msg.id, msg.conv, msg.seq, msg.ts)
         if msg.seq in self._seqs.get(key, ()):
             return Changes()
-        text = safe_text(msg.text) if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]"
+        text = safe_text(msg.text if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]")
         line = Line(key, "own" if own else "in", text, msg.sender, msg.seq, msg.ts, msg.id if own else None)
         if own:
             self._own[msg.id] = line

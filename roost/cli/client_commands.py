@@ -153,11 +153,8 @@ def _login(args: argparse.Namespace) -> int:
     if not args.no_check:
         try:
             user = asyncio.run(authenticate(urls, token))
-        except CannotConnect as exc:
-            print(f"roost login: cannot reach the server: {exc.message}; nothing saved", file=sys.stderr)
-            return EXIT_FAILED
         except RoostError as exc:
-            print(f"roost login: {exc.code}: {exc.message}; nothing saved", file=sys.stderr)
+            print(f"roost login: {_failure(exc)}; nothing saved", file=sys.stderr)
             return EXIT_FAILED
     save_profile(Profile(urls, token), path)
     who = f"logged in as {user}" if user else "saved without checking"
@@ -174,6 +171,13 @@ def _logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _failure(exc: RoostError) -> str:
+    """The server-side reason a command failed, as its one error line says it."""
+    if isinstance(exc, CannotConnect):
+        return f"cannot reach the server: {exc.message}"
+    return f"{exc.code}: {exc.message}"
+
+
 def _prog(args: argparse.Namespace) -> str:
     sub = getattr(args, "group_cmd", None)
     return f"roost {args.command}" + (f" {sub}" if sub else "")
@@ -187,11 +191,8 @@ def _run(fn: Callable[..., Coroutine[Any, Any, int]], args: argparse.Namespace, 
     except (UsageError, InvalidArgument) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except CannotConnect as exc:
-        print(f"{prog}: cannot reach the server: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
     except RoostError as exc:
-        print(f"{prog}: {exc.code}: {exc.message}", file=sys.stderr)
+        print(f"{prog}: {_failure(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except StateInUse as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -18,6 +18,26 @@ from roost import __version__
 from roost.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the server (embedded: SQLite + in-process registry)")
     p.add_argument("--data-dir", default="roost-data", help="where the database lives")
@@ -32,13 +52,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--auth-timeout", type=float, default=10.0, help="upgrade -> auth frame (s)")
     p.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=_seconds,
         default=15.0,
         help="accept -> authenticated session, covering request, upgrade and auth (s)",
     )
     p.add_argument(
         "--max-unauthenticated",
-        type=int,
+        type=_at_least_zero,
         default=None,
         help="connections not yet authenticated, per gateway (default: a quarter of the open-file "
         "limit, at most 1024); at the cap the oldest (>= 1 s) is closed for a new one, else it "
@@ -46,7 +66,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--max-unauthenticated-per-address",
-        type=int,
+        type=_at_least_zero,
         default=64,
         help="... from one source address (an IPv6 /64); more get 429 (0: no cap)",
     )

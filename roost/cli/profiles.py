@@ -96,12 +96,14 @@ def resolve(
     flag_urls: list[str] | None, flag_token: str | None, env: Mapping[str, str] = os.environ
 ) -> tuple[list[str], str]:
     """The URLs and token a client command uses (see the module's docstring)."""
-    profile = load_profile(profile_path(env))
-    urls = flag_urls or split_urls(env.get("ROOST_URL", "")) or (profile.urls if profile else [])
+    urls = flag_urls or split_urls(env.get("ROOST_URL", ""))
+    token = flag_token if flag_token is not None else env.get("ROOST_TOKEN")
+    # Read only when needed: a broken profile does not stop a command given both.
+    profile = load_profile(profile_path(env)) if not urls or token is None else None
+    urls = urls or (profile.urls if profile else [])
     if not urls:
         raise UsageError("no server URL: give --url, set ROOST_URL or run `roost login`")
     urls = checked_urls(urls)
-    token = flag_token if flag_token is not None else env.get("ROOST_TOKEN")
     if token is None and profile is not None and urls == profile.urls:
         token = profile.token
     if token is None:

@@ -475,7 +475,10 @@ class Client:
             )
             attempt += 1
             if self.on_retry is not None and url in self.failures:
-                self.on_retry(url, self.failures[url][0], delay)
+                try:
+                    self.on_retry(url, self.failures[url][0], delay)
+                except Exception:  # the application's bug must not end the reconnecting
+                    log.exception("on_retry callback failed")
             await asyncio.sleep(delay)
 
     def _all_failed_for_good(self) -> bool:

@@ -17,8 +17,9 @@ The protocol is one request per connection, JSON objects one per line:
   server did not store it within ``timeout``: it stays in the running client's
   outbox. The requester picks the message id, so retrying a send is safe;
 * ``{"op": "listen", "max", "wait", "read"}`` -> ``{"ok": true, "messages": [...]}``
-  with up to ``max`` received messages not yet shown to the user, waiting up
-  to ``wait`` seconds for one. Once it has printed them the requester writes
+  with up to ``max`` received messages not yet shown to the user (fewer if
+  they would not fit one ``MAX_LINE``; the rest come with the next request),
+  waiting up to ``wait`` seconds for one. Once it has printed them the requester writes
   ``{"op": "consumed"}`` and the running client marks them consumed (and read
   with ``read``), then answers ``{"ok": true}``; if the requester goes away
   first they stay unconsumed;
@@ -133,6 +134,20 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
     await writer.drain()
 
 
+def _fitting(messages: list[Message]) -> list[dict[str, Any]]:
+    """The first of ``messages``, as JSON, that fit one response line of at
+    most MAX_LINE; always the first (a 64 KiB body fits on its own)."""
+    out: list[dict[str, Any]] = []
+    size = 64  # the response's own keys
+    for m in messages:
+        item = message_json(m)
+        size += len(json.dumps(item, ensure_ascii=False).encode()) + 2
+        if out and size > MAX_LINE:
+            break
+        out.append(item)
+    return out
+
+
 class LocalEndpoint:
     """The running client's side of the socket."""
 
@@ -184,7 +199,7 @@ class LocalEndpoint:
             with contextlib.suppress(Exception):
                 message = "the running client did not get an answer from the server in time"
                 await _write(writer, {"ok": False, "code": "timeout", "message": message})
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             with contextlib.suppress(Exception):
                 await _write(writer, {"ok": False, "code": "bad_request", "message": str(exc)})
         except Exception as exc:  # RoostError and the like: the requester reports it
@@ -213,15 +228,15 @@ class LocalEndpoint:
     async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         client = self.client
         loop = asyncio.get_running_loop()
-        timeout = float(request.get("timeout", 30.0))
+        timeout = _seconds(request, "timeout", 30.0)
         deadline = loop.time() + timeout
         wait = request.get("wait", "sent")
-        message_id = str(request["id"])
+        message_id = _text(request, "id")
         # Both before any await, so the ✓ cannot come before its waiter exists.
         await client.send(
-            str(request["text"]),
-            to=request.get("to"),
-            group=request.get("group"),
+            _text(request, "text"),
+            to=_optional_text(request, "to"),
+            group=_optional_text(request, "group"),
             message_id=message_id,
             wait=False,
             announce=True,
@@ -251,10 +266,13 @@ class LocalEndpoint:
         limit = max(1, int(request.get("max", 100)))
         messages = client.take_unconsumed(limit)
         if not messages:
-            await client.wait_unconsumed(float(request.get("wait", 0.0)))
+            await client.wait_unconsumed(_seconds(request, "wait", 0.0))
             messages = client.take_unconsumed(limit)
+        shown = _fitting(messages)
+        client.release(messages[len(shown) :])  # for the requester's next request
+        messages = messages[: len(shown)]
         try:
-            await _write(writer, {"ok": True, "messages": [message_json(m) for m in messages]})
+            await _write(writer, {"ok": True, "messages": shown})
             if not messages:
                 return
             done = json.loads(await reader.readline() or b"null")
@@ -271,10 +289,12 @@ class LocalEndpoint:
     async def _group(self, request: dict[str, Any]) -> GroupInfo:
         client = self.client
         action = request.get("action")
-        members = [str(m) for m in request.get("members", [])]
-        group = str(request.get("group", ""))
+        members = request.get("members", [])
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise TypeError("members must be a list of strings")
+        group = _optional_text(request, "group") or ""
         if action == "create":
-            return await client.create_group(str(request["name"]), members)
+            return await client.create_group(_text(request, "name"), members)
         if action == "add":
             return await client.add_members(group, members)
         if action == "remove":
@@ -284,6 +304,35 @@ class LocalEndpoint:
         if action == "info":
             return await client.group_info(group)
         raise ValueError(f"unknown group action {action!r}")
+
+
+def _optional_text(request: dict[str, Any], key: str) -> str | None:
+    """A string field of a request, or None where it is absent; any other type
+    is refused before anything is queued (a number as ``to`` would sit in the
+    durable outbox and be sent again on every connect)."""
+    value = request.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{key} must be a string")
+    return value
+
+
+def _seconds(request: dict[str, Any], key: str, default: float) -> float:
+    """A duration field: a number, 0 or more (infinity allowed). A NaN would
+    reach the event loop's timer heap, where it compares false with every
+    other deadline and can stall the running client's timers."""
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number of seconds")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{key} must be 0 or more seconds")
+    return float(value)
+
+
+def _text(request: dict[str, Any], key: str) -> str:
+    value = _optional_text(request, key)
+    if value is None:
+        raise TypeError(f"{key} is required")
+    return value
 
 
 async def request(

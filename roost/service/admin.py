@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from roost.core.ids import is_valid_user_name
 from roost.core.membership import ADMINISTRATOR
 from roost.protocol.errors import ErrorCode, ProtocolError
-from roost.store.base import ACTIVE, DISABLED, REMOVED, Account, GroupSnapshot, Store
+from roost.store.base import ACTIVE, DISABLED, REMOVED, Account, GroupSnapshot, Store, StoreUnavailable
 
 log = logging.getLogger("roost.admin")
 
@@ -40,6 +40,7 @@ ADMIN_SOCKET = "admin.sock"  # in the data directory of an embedded server
 # in the data directory names it.
 ADMIN_SOCKET_POINTER = "admin.sock.path"
 MAX_SOCKET_PATH = 100
+TOKEN_HASH_BYTES = 32  # roost.core.tokens.hash_token: SHA-256
 
 
 def admin_socket_path(data_dir: Path) -> Path:
@@ -171,11 +172,14 @@ class AdminServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
             try:
+                # A line over the reader's limit is a ValueError too.
+                line = await asyncio.wait_for(reader.readline(), 10)
                 answer = {"ok": await self.handle(json.loads(line))}
             except ProtocolError as exc:
                 answer = {"error": exc.code.value, "message": exc.message}
+            except StoreUnavailable as exc:
+                answer = {"error": ErrorCode.UNAVAILABLE.value, "message": str(exc)}
             except (ValueError, KeyError, TypeError) as exc:
                 answer = {"error": ErrorCode.BAD_FRAME.value, "message": f"bad request: {exc}"}
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -190,7 +194,10 @@ class AdminServer:
         if op == "list":
             return await list_users(self.store, self.notifier)
         if op == "token_reset":
-            return await reset_token(self.store, self.notifier, name, bytes.fromhex(request["token_hash"]))
+            token_hash = bytes.fromhex(request["token_hash"])
+            if len(token_hash) != TOKEN_HASH_BYTES:  # any other would lock the account out
+                raise ValueError(f"token_hash is not a SHA-256 ({TOKEN_HASH_BYTES} bytes)")
+            return await reset_token(self.store, self.notifier, name, token_hash)
         if op in ("disable", "enable"):
             return await set_enabled(self.store, self.notifier, name, op == "enable")
         if op == "remove":

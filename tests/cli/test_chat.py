@@ -49,7 +49,8 @@ from roost.client import (
     Sent,
     TypingEvent,
 )
-from roost.client.state import ClientState
+from roost.client.state import ChatSummary, ClientState
+from tests.cli_subprocess import run_roost
 
 ROOT = Path(__file__).resolve().parents[2]
 DM = "d:alice:bob"
@@ -318,6 +319,13 @@ def test_text_from_others_is_made_terminal_safe() -> None:
     view = view_with_chat()
     view.apply(msg(1, text="a\tb\x1b[2J\x07\rX\u202eY\n[14:05] alice: fake"))
     assert view.render_text() == "[14:05] bob: a   b\\x1b[2J\\x07\\x0dX\\u202eY\n  [14:05] alice: fake"
+    # The content type is the sender's choice too.
+    view.apply(Message(DM, 2, "id2", "bob", "x/\x1b]0;pwned\x07", b"123", T0 * 1000))
+    assert view.render_text().endswith("[14:05] bob: [x/\\x1b]0;pwned\\x07, 3 bytes]")
+    assert "[x/\\x1b]0;pwned\\x07" in view.chat_list_text()  # cut to the list's width
+    restored = ChatView(tz=UTC)  # the same chat from the client state of an earlier run
+    restored.restore(ChatSummary(DM, 2, "bob", "x/\x1b]0;pwned\x07", b"123", T0 * 1000, 1))
+    assert "[x/\\x1b]0;pwned\\x07" in restored.chat_list_text()
     view.apply(member(1, "created", "bob", ("alice", "bob"), "Evil\x1b]0;pwned\x07\tgroup"))
     assert view.chat_label(GROUP) == "#Evil\\x1b]0;pwned\\x07    group"  # the tab stop after what shows
     view.open(GROUP)
@@ -811,25 +819,10 @@ async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> N
 
 def test_chat_without_a_terminal_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
     state = str(tmp_path / "s.sqlite")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "roost.cli.main",
-            "chat",
-            "--url",
-            "http://127.0.0.1:9",
-            "--token",
-            "t",
-            "--state",
-            state,
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        cwd=ROOT,
-    )
+    url = "http://127.0.0.1:9"
+    out = run_roost(
+        "chat", "--url", url, "--token", "t", "--state", state, stdin="", timeout=20
+    )  # a pipe, no tty
     assert out.returncode == 2
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1 and "needs a terminal" in out.stderr

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli_subprocess import run_roost
 
 
 @pytest.mark.parametrize(
@@ -21,15 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
         (("bench", "reconnect-storm", "--cluster", "1"), "roost bench: reconnect-storm needs a cluster"),
         (("bench", "reconnect-storm"), "roost bench: reconnect-storm needs a cluster"),
         (("send", "--to", "bob"), "the following arguments are required: text"),
+        # A negative cap would refuse every connection; a deadline of 0 would close each at once.
+        (("serve", "--max-unauthenticated", "-1"), "argument --max-unauthenticated: must be 0 or more"),
+        (("serve", "--max-unauthenticated-per-address", "-3"), "must be 0 or more"),
+        (("serve", "--handshake-timeout", "0"), "argument --handshake-timeout: must be more than 0"),
+        (("serve", "--handshake-timeout", "nan"), "argument --handshake-timeout: must be more than 0"),
+        (("serve", "--max-unauthenticated", "many"), "not a whole number: 'many'"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    out = run_roost(
+        *args,
         env={"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path)},
     )
     assert out.returncode == 2, out.stderr

@@ -2,56 +2,24 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli_subprocess import REPO, ROOST, run_on_terminal, run_roost
 
 
 def on_terminal(tmp_path: Path, *args: str, timeout: float = 120, module: bool = True) -> tuple[int, str]:
     """Run ``roost ARGS`` (``python ARGS`` without ``module``) on a 100-column pseudo-terminal."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, *(["-m", "roost.cli.main"] if module else []), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    os.close(follower)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(leader)
-    return proc.wait(timeout=10), out.decode(errors="replace")
+    argv = [*ROOST, *args] if module else [sys.executable, *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return run_on_terminal(argv, env=env, cwd=tmp_path, timeout=timeout, columns=100)
 
 
 def piped(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    return run_roost(*args, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, timeout=120)
 
 
 def test_simulate_shows_a_bar_on_a_terminal_only(tmp_path: Path) -> None:

@@ -121,6 +121,23 @@ async def test_a_down_server_is_retried_with_the_reason_until_the_timeout(tmp_pa
     }
 
 
+async def test_an_on_retry_callback_that_raises_does_not_stop_the_retries(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    calls: list[float] = []
+
+    def broken(_url: str, _reason: str, delay: float) -> None:
+        calls.append(delay)
+        raise RuntimeError("a bug in the application's callback")
+
+    client = Client(url, "t", state_path=tmp_path / "a.state", backoff_base=0.05, on_retry=broken)
+    try:
+        with pytest.raises(CannotConnect, match="connection refused"):
+            await client.connect(timeout=1.0)
+        assert len(calls) >= 2  # the connection loop lived on after the first raise
+    finally:
+        await client.close()
+
+
 async def test_one_final_failure_does_not_stop_failover_to_a_working_url(
     plain_http: str, tmp_path: Path
 ) -> None:

@@ -7,8 +7,6 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from roost.client import Client, LocalSend, RoostError
 from roost.client import local as local_socket
 from roost.client.state import ClientState
+from tests.cli_subprocess import run_roost
 
 DEAD_URL = "http://127.0.0.1:9"  # nothing listens: the client stays offline
 
@@ -175,19 +174,46 @@ def test_a_send_handed_to_an_offline_client_is_queued_in_its_outbox(tmp_path: Pa
     asyncio.run(scenario())
 
 
+def test_requests_of_the_wrong_shape_are_refused_and_queue_nothing(tmp_path: Path) -> None:
+    bad = [
+        {"op": "send", "id": "m-1", "to": 42, "text": "x"},  # would sit in the outbox for good
+        {"op": "send", "id": "m-2", "group": ["g:1"], "text": "x"},
+        {"op": "send", "id": "m-3", "to": "bob", "text": None},  # not the text "None"
+        {"op": "send", "id": "m-4", "to": "bob"},
+        {"op": "send", "id": {"m": 5}, "to": "bob", "text": "x"},
+        {"op": "send", "id": "m-6", "to": "bob", "text": "x", "timeout": "soon"},
+        {"op": "group", "action": "add", "group": "g:1", "members": "bob"},  # not b, o, b
+        {"op": "group", "action": "create", "name": 7, "members": []},
+        {"op": "listen", "max": float("inf")},
+        {"op": "listen", "wait": float("nan")},  # would sit in the event loop's timer heap
+        {"op": "listen", "wait": -1},
+        {"op": "send", "id": "m-8", "to": "bob", "text": "x", "timeout": float("nan")},
+        ["op", "send"],
+    ]
+
+    async def scenario() -> None:
+        client = await _served_client(tmp_path)
+        try:
+            for request in bad:
+                response = await asyncio.wait_for(local_socket.request(tmp_path / "alice.state", request), 5)  # type: ignore[arg-type]
+                assert (response["ok"], response["code"]) == (False, "bad_request"), (request, response)
+            assert client.pending_outbox() == []
+            good = {"op": "send", "id": "m-7", "to": "bob", "text": "fine", "timeout": 0.1}
+            assert (await local_socket.request(tmp_path / "alice.state", good))["status"] == "queued"
+            assert [item.id for item in client.pending_outbox()] == ["m-7"]
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_roost_send_through_an_offline_running_client_exits_4_queued(tmp_path: Path) -> None:
     async def scenario() -> None:
         client = await _served_client(tmp_path)
         try:
             argv = ["--url", DEAD_URL, "--token", "t", "--state", str(tmp_path / "alice.state")]
             command = ["send", *argv, "--to", "bob", "--timeout", "0.5", "hi"]
-            out = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "roost.cli.main", *command],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            out = await asyncio.to_thread(run_roost, *command, timeout=30)
             assert out.returncode == 4, out.stderr
             result = json.loads(out.stdout)
             assert result["status"] == "queued"
@@ -223,6 +249,33 @@ def test_a_handed_over_listen_marks_consumed_only_after_the_requester_confirms(t
             assert client.unconsumed() == []
             empty = await local_socket.request(path, {"op": "listen", "max": 5, "wait": 0.05}, shown.extend)
             assert empty == {"ok": True, "messages": []}
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_handed_over_listen_of_many_large_messages_comes_in_lines_that_fit(tmp_path: Path) -> None:
+    # 40 messages of 60 KB: one response with all of them would be ~2.4 MB,
+    # over the socket's line limit (MAX_LINE): the requester could not read it.
+    texts = [f"{n:02}" + "é" * 30_000 for n in range(40)]
+
+    async def scenario() -> None:
+        client = await _served_client(tmp_path)
+        path = tmp_path / "alice.state"
+        try:
+            for seq, text in enumerate(texts, 1):
+                _received(client.state, "d:alice:bob", seq, text)
+            shown: list[dict[str, object]] = []
+            for _ in range(len(texts)):  # bounded: at least one message a response
+                response = await local_socket.request(
+                    path, {"op": "listen", "max": 100, "wait": 0}, shown.extend
+                )
+                assert response["ok"], response
+                if len(shown) == len(texts):
+                    break
+            assert [m["text"] for m in shown] == texts
+            assert client.unconsumed() == []
         finally:
             await client.close()
 

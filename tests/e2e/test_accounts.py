@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cli_subprocess import run_roost
 from tests.e2e.helpers import RawWS, add_users, b64, close_all, unb64
 
 REVOKED = 4008
@@ -21,13 +21,7 @@ REVOKED = 4008
 
 async def roost_user(srv: Any, *args: str, admin: bool = True) -> subprocess.CompletedProcess[str]:
     location = srv.admin_args if admin else srv.store_args
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "roost.cli.main", "user", *args, *location],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return await asyncio.to_thread(run_roost, "user", *args, *location)
 
 
 async def assert_refused(srv: Any, token: str) -> None:
@@ -193,3 +187,33 @@ async def test_a_data_directory_too_deep_for_a_socket_path_still_works(mode: str
         assert not pointer.exists() and not socket_dir.exists()
     finally:
         srv.stop()
+
+
+@pytest.mark.embedded_only
+async def test_bad_admin_requests_get_a_typed_error_and_change_nothing(server: Any) -> None:
+    from roost.service.admin import admin_socket_path
+
+    tokens = add_users(server, ["alice"])
+    path = str(admin_socket_path(server.data_dir))
+    bad = [
+        b"not json",
+        b"[1]",
+        b'"op"',
+        b'{"op": 5}',
+        b'{"op": "token_reset", "name": "alice", "token_hash": "zz"}',
+        b'{"op": "token_reset", "name": "alice", "token_hash": "ab"}',  # not a SHA-256: alice locked out
+        b'{"op": "token_reset", "name": "alice", "token_hash": 7}',
+        b'{"op": "disable", "name": "' + b"a" * 70_000 + b'"}',  # over the socket's line limit
+    ]
+    for line in bad:
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(line + b"\n")
+            await writer.drain()
+            answer = json.loads(await asyncio.wait_for(reader.readline(), 10) or b"null")
+        finally:
+            writer.close()
+        assert isinstance(answer, dict) and answer.get("error") == "bad_frame", (line[:80], answer)
+    alice = await RawWS.open(server, tokens["alice"])  # her token still works
+    await alice.close()
+    assert "Traceback" not in server.log()

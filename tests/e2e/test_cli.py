@@ -8,17 +8,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cli_subprocess import REPO, ROOST, run_roost
 from tests.e2e.helpers import add_users, connect
 from tests.e2e.server import ServerProcess, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 GROUP_ID = re.compile(r"^g:[0-9a-f]{16}$")
 
 
@@ -28,19 +27,12 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def roost(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=_env(tmp_path),
-    )
+    return run_roost(*args, env=_env(tmp_path), timeout=timeout)
 
 
 def roost_bg(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "roost.cli.main", *args],
+        [*ROOST, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

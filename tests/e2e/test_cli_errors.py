@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from roost.protocol.frames import MAX_BODY_BYTES
+from tests.cli_subprocess import ROOST, run_on_terminal, run_roost
 from tests.e2e.helpers import add_users
 from tests.e2e.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.embedded_only
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -38,41 +35,12 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def roost(
     tmp_path: Path, *args: str, stdin: str = "", timeout: float = 60, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=_env(tmp_path, **env),
-    )
+    return run_roost(*args, env=_env(tmp_path, **env), stdin=stdin, timeout=timeout)
 
 
 def roost_on_terminal(tmp_path: Path, *args: str, timeout: float = 60) -> tuple[int, str]:
     """Run with stdout and stderr on a pseudo-terminal; returns (exit code, all output)."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-        cwd=REPO,
-        env=_env(tmp_path),
-    )
-    os.close(follower)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(leader)
-    return proc.wait(timeout=10), out.decode(errors="replace")
+    return run_on_terminal([*ROOST, *args], env=_env(tmp_path), timeout=timeout)
 
 
 def one_line(text: str) -> str:
@@ -183,11 +151,14 @@ def test_login_profile_env_and_flags(server: ServerProcess, alice: str, tmp_path
     # A bad token is checked and not saved.
     refused = roost(tmp_path, "login", "--url", server.url, "--token", "-", stdin="rt_wrong\n")
     assert refused.returncode == 1 and "auth_failed" in one_line(refused.stderr)
+    assert refused.stderr.startswith("roost login: auth_failed: ") and "; nothing saved" in refused.stderr
     assert not profile.exists()
 
     # So is one for a server that cannot be reached.
     unreachable = roost(tmp_path, "login", "--url", dead, "--token", "-", stdin=alice + "\n")
     assert unreachable.returncode == 1 and "connection refused" in one_line(unreachable.stderr)
+    assert unreachable.stderr.startswith("roost login: cannot reach the server: ")
+    assert unreachable.stderr.rstrip().endswith("; nothing saved")
     assert not profile.exists()
     empty = roost(tmp_path, "login", "--url", server.url, stdin="\n")  # no --token: read from stdin
     assert empty.returncode == 2 and "token is empty" in one_line(empty.stderr)

@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from roost.store.sqlite import database_path
+from tests.cli_subprocess import run_roost
 from tests.e2e.helpers import RawWS
 from tests.e2e.server import ServerProcess, free_port
 
-REPO = Path(__file__).resolve().parents[2]
+# The server fixture (tests/e2e/conftest.py) in its embedded mode: these are about the data directory.
+pytestmark = pytest.mark.embedded_only
 
 
 def roost(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return run_roost(*args, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess[str], *mentions: str) -> None:
@@ -37,39 +30,29 @@ def assert_one_line_error(out: subprocess.CompletedProcess[str], *mentions: str)
         assert text in lines[0], (text, lines[0])
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path / "data")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def test_a_second_server_on_the_same_data_dir_exits_at_once_naming_the_holder(
-    running: ServerProcess,
+    server: ServerProcess,
 ) -> None:
-    assert running.proc is not None
-    second = roost("serve", "--data-dir", str(running.data_dir), "--port", str(free_port()), timeout=15)
-    assert_one_line_error(second, str(running.data_dir), f"pid {running.proc.pid}")
-    assert running.proc.poll() is None, "the first server must keep running"
+    assert server.proc is not None
+    second = roost("serve", "--data-dir", str(server.data_dir), "--port", str(free_port()), timeout=15)
+    assert_one_line_error(second, str(server.data_dir), f"pid {server.proc.pid}")
+    assert server.proc.poll() is None, "the first server must keep running"
 
 
-async def test_the_lock_dies_with_its_server(running: ServerProcess) -> None:
+async def test_the_lock_dies_with_its_server(server: ServerProcess) -> None:
     # kill -9 leaves serve.lock behind; the kernel has dropped the flock, so a
     # new server starts on the same data and still knows its accounts.
-    token = running.add_user("alice")
-    running.kill9()
-    running.start()
-    ws = await RawWS.open(running, token)
+    token = server.add_user("alice")
+    server.kill9()
+    server.start()
+    ws = await RawWS.open(server, token)
     await ws.close()
 
 
-async def test_user_add_beside_a_running_server_is_seen_by_it(running: ServerProcess) -> None:
-    out = roost("user", "add", "alice", "--data-dir", str(running.data_dir))
+async def test_user_add_beside_a_running_server_is_seen_by_it(server: ServerProcess) -> None:
+    out = roost("user", "add", "alice", "--data-dir", str(server.data_dir))
     assert out.returncode == 0, out.stderr
-    ws = await RawWS.open(running, out.stdout.strip().splitlines()[-1])  # asserts the welcome
+    ws = await RawWS.open(server, out.stdout.strip().splitlines()[-1])  # asserts the welcome
     await ws.close()
 
 

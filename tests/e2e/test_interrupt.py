@@ -9,13 +9,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.helpers import RawWS, add_users, b64
 from tests.e2e.server import ServerProcess
+
+pytestmark = pytest.mark.embedded_only  # signals to one `roost serve`
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,16 +36,6 @@ NOISE = (
 def assert_clean(stderr: str) -> None:
     for text in NOISE:
         assert text not in stderr, f"{text!r} on stderr:\n{stderr[-3000:]}"
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    srv = ServerProcess(tmp_path / "data")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 async def test_ctrl_c_stops_serve_with_130_and_a_clean_log(server: ServerProcess) -> None:

@@ -11,19 +11,14 @@ import pytest
 
 from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
 from roost.sim.world import draw_scenario, run_seed
+from tests.cli_subprocess import run_roost
 
 CI_SEEDS = 300
 
 
 def _simulate(*args: str, hash_seed: str = "random") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-    return subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", "simulate", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return run_roost("simulate", *args, env=env, timeout=600)
 
 
 def test_a_fixed_budget_of_seeds_passes() -> None:
