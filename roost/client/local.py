@@ -54,6 +54,10 @@ if TYPE_CHECKING:
     from roost.client.client import Client, GroupInfo
 
 
+# Seconds a requester has to send its request line once connected.
+REQUEST_WAIT = 10.0
+
+
 def owner_only_socket(path: str | os.PathLike[str]) -> socket.socket:
     """A Unix socket bound at ``path`` with mode 0600, not listening yet.
 
@@ -187,7 +191,11 @@ class LocalEndpoint:
             if uid is not None and uid != os.getuid():
                 await _write(writer, {"ok": False, "code": "forbidden", "message": "another user"})
                 return
-            request = json.loads(await reader.readline())
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_WAIT)
+            except TimeoutError:
+                return  # a requester that never sent its request is closed, not held
+            request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("a request is a JSON object")
             await self._dispatch(request, reader, writer)

@@ -146,6 +146,22 @@ def test_clients_starting_at_once_leave_the_process_umask_alone(tmp_path: Path) 
         os.umask(before)
 
 
+def test_a_requester_that_sends_nothing_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_socket, "REQUEST_WAIT", 0.2)
+
+    async def scenario() -> None:
+        client = await _served_client(tmp_path)
+        try:
+            path = local_socket.socket_path(tmp_path / "alice.state")
+            reader, writer = await asyncio.open_unix_connection(path)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the client
+            writer.close()
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_send_handed_to_an_offline_client_is_queued_in_its_outbox(tmp_path: Path) -> None:
     async def scenario() -> None:
         client = await _served_client(tmp_path)
