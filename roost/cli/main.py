@@ -256,11 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Building the parser imports most of roost (and aiohttp): a Ctrl-C that
     # early is as clean as one later.
+    command = "roost"
     try:
         args = build_parser().parse_args(argv)
+        command = f"roost {args.command}"
         return int(args.func(args) or 0)
     except UsageError as exc:
-        print(f"roost {args.command}: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
