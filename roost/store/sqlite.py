@@ -97,6 +97,17 @@ CREATE TABLE IF NOT EXISTS receipt_pending (
     rv INTEGER NOT NULL,
     PRIMARY KEY (user, conv)
 ) WITHOUT ROWID;
+-- The members whose marks changed in those receipts, with the rv of the last
+-- change: every live receipt carries them all again until an ack covers that
+-- rv, since an ack of a later receipt cannot tell whether an earlier one
+-- (that alone carried a mark) arrived.
+CREATE TABLE IF NOT EXISTS receipt_marks (
+    user TEXT NOT NULL,
+    conv TEXT NOT NULL,
+    member TEXT NOT NULL,
+    rv INTEGER NOT NULL,
+    PRIMARY KEY (user, conv, member)
+) WITHOUT ROWID;
 """
 
 _MSG_COLUMNS = "conv, seq, sender, client_id, ct, body, ts"
@@ -563,6 +574,7 @@ class SqliteStore:
                     cached.members.pop(name, None)
             conn.execute("DELETE FROM members WHERE user=?", (name,))
             conn.execute("DELETE FROM receipt_pending WHERE user=?", (name,))
+            conn.execute("DELETE FROM receipt_marks WHERE user=? OR member=?", (name, name))
 
         return self._submit(op)
 
@@ -686,9 +698,30 @@ class SqliteStore:
             if state is None:
                 continue
             rv = self._bump_receipt(c, target, conv)
+            marks = self._unacked_marks(c, state, target, rv, marks)
             all_d, all_r = _aggregate(state, target)
             carrier.receipts.append(ReceiptState(target, conv, rv, marks, all_d, all_r))
         self._batch_receipts.clear()
+
+    def _unacked_marks(
+        self, c: sqlite3.Connection, state: _Conv, target: str, rv: int, changed: dict[str, tuple[int, int]]
+    ) -> dict[str, tuple[int, int]]:
+        """The marks changed in this batch are remembered at ``rv``; the
+        receipt carries them and every other mark not yet acked (a receipt
+        before this one may have been lost, and this one's ack clears them)."""
+        c.executemany(
+            "INSERT INTO receipt_marks (user, conv, member, rv) VALUES (?,?,?,?)"
+            " ON CONFLICT (user, conv, member) DO UPDATE SET rv = excluded.rv",
+            [(target, state.id, member, rv) for member in changed],
+        )
+        marks = dict(changed)
+        for (member,) in c.execute(
+            "SELECT member FROM receipt_marks WHERE user=? AND conv=? AND rv<?", (target, state.id, rv)
+        ):
+            found = state.members.get(member)
+            if found is not None:
+                marks[member] = (found.delivered, found.read)
+        return marks
 
     def _finish_seqs(self, c: sqlite3.Connection) -> None:
         """One last_seq update per conversation per batch, not one per message."""
@@ -710,6 +743,7 @@ class SqliteStore:
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
             rules.require_visible(state.members.get(user), conv)
             c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
+            c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
 
         return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
 
