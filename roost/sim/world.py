@@ -353,7 +353,7 @@ def _receipt_state(violation: Violation, world: World) -> tuple[bool, bool] | No
         "SELECT delivered FROM members WHERE conv=? AND user=?", (violation.conv, recipient)
     ).fetchone()
     owed = conn.execute(
-        "SELECT 1 FROM receipt_pending WHERE user=? AND conv=?", (sender, violation.conv)
+        "SELECT 1 FROM receipt_pending WHERE user=? AND conv=? AND rv > acked", (sender, violation.conv)
     ).fetchone()
     return mark is not None and mark[0] >= violation.seq, owed is not None
 

@@ -97,8 +97,11 @@ CREATE TABLE IF NOT EXISTS roost_schema (
 # of the last change: every live receipt carries them all again until an ack
 # covers that rv, since an ack of a later receipt cannot tell whether an
 # earlier one (that alone carried a mark) arrived. Their current marks come
-# back in the mk_* fields of roost_receipts()' answer. Schema 5.
+# back in the mk_* fields of roost_receipts()' answer. And a receipt_pending
+# row stays once acked (pending while rv > acked), so rv never starts again
+# at 1 and a late ack of an old receipt cannot clear a new one. Schema 5.
 _RECEIPT_MARKS = """
+ALTER TABLE receipt_pending ADD COLUMN IF NOT EXISTS acked bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS receipt_marks (
     user_name text COLLATE "C" NOT NULL,
     conv text COLLATE "C" NOT NULL,
@@ -609,8 +612,7 @@ BEGIN
             res.code := 'not_member'; res.msg := 'not a member of ' || p_b; RETURN res;
         END IF;
         -- The pending row first, as roost_receipts() locks it before its marks.
-        PERFORM 1 FROM receipt_pending WHERE user_name = p_a AND conv = p_b FOR UPDATE;
-        DELETE FROM receipt_pending WHERE user_name = p_a AND conv = p_b AND rv <= p_n1;
+        UPDATE receipt_pending SET acked = greatest(acked, p_n1) WHERE user_name = p_a AND conv = p_b;
         DELETE FROM receipt_marks WHERE user_name = p_a AND conv = p_b AND rv <= p_n1;
     WHEN 'lock' THEN
         -- Lock the batch's conversations in id order before touching any of them.
@@ -1422,7 +1424,7 @@ class PostgresStore:
                 "SELECT r.user_name, r.conv, r.rv, m.user_name AS member, m.joined_seq, m.delivered, m.read,"
                 " m.left_seq"
                 " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
-                " WHERE r.user_name = ANY ($1::text[]) ORDER BY r.user_name, r.conv",
+                " WHERE r.user_name = ANY ($1::text[]) AND r.rv > r.acked ORDER BY r.user_name, r.conv",
                 users,
             )
             # Members who left and had got something are named too (the sender

@@ -49,7 +49,7 @@ from roost.store.base import (
     removed_token,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -90,11 +90,14 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 -- Idempotent send: a retried client id maps back to the stored message.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conv, sender, client_id);
--- Receipt changes a sender has not acked yet (delivered again on reconnect).
+-- Receipt changes a sender has not acked yet (delivered again on reconnect):
+-- pending while rv > acked. The row stays once acked, so rv never starts
+-- again at 1 and a late ack of an old receipt cannot clear a new one.
 CREATE TABLE IF NOT EXISTS receipt_pending (
     user TEXT NOT NULL,
     conv TEXT NOT NULL,
     rv INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user, conv)
 ) WITHOUT ROWID;
 -- The members whose marks changed in those receipts, with the rv of the last
@@ -250,6 +253,9 @@ class SqliteStore:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
         if "state" not in columns:  # schema 1: accounts could not be disabled or removed
             conn.execute("ALTER TABLE users ADD COLUMN state TEXT NOT NULL DEFAULT 'active'")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(receipt_pending)")}
+        if "acked" not in columns:  # schema 2: an acked receipt's row was deleted
+            conn.execute("ALTER TABLE receipt_pending ADD COLUMN acked INTEGER NOT NULL DEFAULT 0")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
@@ -742,8 +748,12 @@ class SqliteStore:
             if state is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
             rules.require_visible(state.members.get(user), conv)
-            c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
-            c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
+            # The row stays: rv goes on from here, never reused by a new receipt.
+            rv = args[0]
+            c.execute(
+                "UPDATE receipt_pending SET acked = MAX(acked, ?) WHERE user=? AND conv=?", (rv, user, conv)
+            )
+            c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=? AND rv<=?", (user, conv, rv))
 
         return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
 
@@ -1130,7 +1140,7 @@ class SqliteStore:
         def fn(c: sqlite3.Connection) -> list[ReceiptState]:
             out = []
             for conv, rv in c.execute(
-                "SELECT conv, rv FROM receipt_pending WHERE user=?", (user,)
+                "SELECT conv, rv FROM receipt_pending WHERE user=? AND rv > acked", (user,)
             ).fetchall():
                 rows = c.execute(
                     "SELECT user, joined_seq, delivered, read, left_seq FROM members WHERE conv=?", (conv,)

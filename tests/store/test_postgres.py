@@ -474,6 +474,7 @@ async def test_a_schema_4_database_gets_receipt_marks(pg_empty_database: str) ->
     conn = await asyncpg.connect(pg_empty_database)
     try:  # as schema 4 had it
         await conn.execute("DROP TABLE receipt_marks")
+        await conn.execute("ALTER TABLE receipt_pending DROP COLUMN acked")
         await conn.execute(
             "ALTER TYPE roost_result DROP ATTRIBUTE mk_targets, DROP ATTRIBUTE mk_convs,"
             " DROP ATTRIBUTE mk_members, DROP ATTRIBUTE mk_ds, DROP ATTRIBUTE mk_rs"
@@ -492,6 +493,8 @@ async def test_a_schema_4_database_gets_receipt_marks(pg_empty_database: str) ->
         await store.advance_marks("bob", group, 2, None)  # its receipt is never acked
         [receipt] = (await store.advance_marks("carol", group, 2, None)).receipts
         assert receipt.marks == {"bob": (2, 0), "carol": (2, 0)}
+        await store.ack_receipts("alice", group, receipt.rv)
+        assert await store.pending_receipts("alice") == []
         assert await migrate(pg_empty_database) == SCHEMA_VERSION == 5
     finally:
         await store.close()

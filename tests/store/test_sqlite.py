@@ -369,7 +369,24 @@ async def test_a_receipt_carries_every_mark_not_yet_acked(store: AnyStore) -> No
     await store.ack_receipts("alice", G, 3)  # covers everything: nothing is owed
     assert await store.pending_receipts("alice") == []
     [fresh] = (await store.advance_marks("carol", G, None, 2)).receipts
-    assert (fresh.rv, fresh.marks, fresh.all_read) == (1, {"carol": (2, 2)}, 2)
+    assert (fresh.rv, fresh.marks, fresh.all_read) == (4, {"carol": (2, 2)}, 2)
+
+
+async def test_a_late_ack_of_an_old_receipt_does_not_clear_a_new_one(store: AnyStore) -> None:
+    # A resync reads alice's pending receipt (rv 1) just before her ack of it
+    # commits, and pushes it after: she acks rv 1 a second time. A receipt
+    # made meanwhile must not have rv 1 again, or that late ack clears it.
+    await make_group(store, ["bob", "carol"])
+    assert (await send(store, "alice", "a", conv=G)).seq == 2
+    [first] = (await store.advance_marks("bob", G, 2, None)).receipts
+    await store.ack_receipts("alice", G, first.rv)
+    assert await store.pending_receipts("alice") == []
+
+    [second] = (await store.advance_marks("carol", G, 2, None)).receipts  # say this push is lost
+    assert second.rv > first.rv
+    await store.ack_receipts("alice", G, first.rv)  # the late ack
+    [owed] = await store.pending_receipts("alice")
+    assert (owed.rv, owed.marks["carol"]) == (second.rv, (2, 0))
 
 
 async def test_pending_receipts_leave_out_removed_members(store: AnyStore) -> None:
