@@ -81,7 +81,9 @@ class ReceiptState:
     user: str  # who receives this receipt (a sender in the conversation)
     conv: str
     rv: int  # receipt version; acked by the client, then forgotten
-    marks: dict[str, tuple[int, int]]  # member -> (delivered, read); changed ones only when live
+    # member -> (delivered, read): when live, those changed since the last
+    # receipt the sender acked (an earlier one may have been lost)
+    marks: dict[str, tuple[int, int]]
     all_delivered: int
     all_read: int
 

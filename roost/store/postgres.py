@@ -31,7 +31,8 @@ built for many writers:
   reconnects by itself.
 
 Every table carries its shard key (conversation for ``conversations``,
-``members`` and ``messages``; user for ``users`` and ``receipt_pending``) and
+``members`` and ``messages``; user for ``users``, ``receipt_pending`` and
+``receipt_marks``) and
 every unique index includes it, so the tables could be distributed later.
 """
 
@@ -72,7 +73,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -92,6 +93,32 @@ CREATE TABLE IF NOT EXISTS roost_schema (
 
 # Text keys use the "C" collation: byte order, the same order as Python's
 # sorted(), whatever the database's default locale.
+# The members whose marks changed in a sender's pending receipts, with the rv
+# of the last change: every live receipt carries them all again until an ack
+# covers that rv, since an ack of a later receipt cannot tell whether an
+# earlier one (that alone carried a mark) arrived. Their current marks come
+# back in the mk_* fields of roost_receipts()' answer. And a receipt_pending
+# row stays once acked (pending while rv > acked), so rv never starts again
+# at 1 and a late ack of an old receipt cannot clear a new one. Schema 5.
+_RECEIPT_MARKS = """
+ALTER TABLE receipt_pending ADD COLUMN IF NOT EXISTS acked bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS receipt_marks (
+    user_name text COLLATE "C" NOT NULL,
+    conv text COLLATE "C" NOT NULL,
+    member text COLLATE "C" NOT NULL,
+    rv bigint NOT NULL,
+    PRIMARY KEY (user_name, conv, member)
+);
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attname = 'mk_targets' AND attrelid = (
+                   SELECT typrelid FROM pg_type WHERE typname = 'roost_result'
+                   AND typnamespace = current_schema()::regnamespace)) THEN
+        ALTER TYPE roost_result ADD ATTRIBUTE mk_targets text[], ADD ATTRIBUTE mk_convs text[],
+            ADD ATTRIBUTE mk_members text[], ADD ATTRIBUTE mk_ds bigint[], ADD ATTRIBUTE mk_rs bigint[];
+    END IF;
+END $$;
+"""
+
 _TABLES = """
 CREATE TABLE IF NOT EXISTS users (
     name text COLLATE "C" PRIMARY KEY,
@@ -283,14 +310,16 @@ BEGIN
     IF cardinality(res.senders) > 0 THEN
         -- Remembered for roost_receipts() at the end of this transaction.
         PERFORM set_config('roost.receipts', coalesce(current_setting('roost.receipts', true), '')
-            || (SELECT string_agg(p_conv || chr(31) || s, chr(30)) FROM unnest(res.senders) AS s)
+            || (SELECT string_agg(p_conv || chr(31) || s || chr(31) || p_user, chr(30))
+                FROM unnest(res.senders) AS s)
             || chr(30), true);
     END IF;
     RETURN res;
 END $$;
 
 -- One pending receipt per (conversation, sender) changed by this transaction's
--- marks, in key order (concurrent batches lock the rows in the same order).
+-- marks, in key order (concurrent batches lock the rows in the same order),
+-- with the marks of every member not yet acked to that sender (receipt_marks).
 CREATE OR REPLACE FUNCTION roost_receipts() RETURNS roost_result LANGUAGE plpgsql AS $$
 DECLARE
     res roost_result;
@@ -298,17 +327,31 @@ DECLARE
     v_pairs text := current_setting('roost.receipts', true);
 BEGIN
     res.targets := '{}'; res.convs := '{}'; res.rvs := '{}'; res.ads := '{}'; res.ars := '{}';
+    res.mk_targets := '{}'; res.mk_convs := '{}'; res.mk_members := '{}';
+    res.mk_ds := '{}'; res.mk_rs := '{}';
     IF v_pairs IS NULL OR v_pairs = '' THEN
         RETURN res;
     END IF;
     FOR v IN
-        SELECT DISTINCT split_part(x, chr(31), 2) COLLATE "C" AS target,
-                        split_part(x, chr(31), 1) COLLATE "C" AS conv
-        FROM unnest(string_to_array(v_pairs, chr(30))) AS x WHERE x <> ''
-        ORDER BY 1, 2
+        SELECT p.target, p.conv,
+               array_agg(DISTINCT p.member ORDER BY p.member) FILTER (WHERE p.member <> '') AS changed
+        FROM (SELECT split_part(x, chr(31), 2) COLLATE "C" AS target,
+                     split_part(x, chr(31), 1) COLLATE "C" AS conv,
+                     split_part(x, chr(31), 3) COLLATE "C" AS member
+              FROM unnest(string_to_array(v_pairs, chr(30))) AS x WHERE x <> '') p
+        GROUP BY 1, 2 ORDER BY 1, 2
     LOOP
         INSERT INTO receipt_pending AS rp (user_name, conv, rv) VALUES (v.target, v.conv, 1)
             ON CONFLICT (user_name, conv) DO UPDATE SET rv = rp.rv + 1 RETURNING rp.rv INTO v_rv;
+        INSERT INTO receipt_marks AS rm (user_name, conv, member, rv)
+            SELECT v.target, v.conv, c, v_rv FROM unnest(coalesce(v.changed, '{}')) AS c
+            ON CONFLICT (user_name, conv, member) DO UPDATE SET rv = excluded.rv;
+        SELECT res.mk_targets || array_agg(v.target::text), res.mk_convs || array_agg(v.conv::text),
+               res.mk_members || array_agg(m.user_name::text), res.mk_ds || array_agg(m.delivered),
+               res.mk_rs || array_agg(m.read)
+            INTO res.mk_targets, res.mk_convs, res.mk_members, res.mk_ds, res.mk_rs
+            FROM receipt_marks rm JOIN members m ON m.conv = rm.conv AND m.user_name = rm.member
+            WHERE rm.user_name = v.target AND rm.conv = v.conv;
         SELECT coalesce(min(delivered), 0), coalesce(min(read), 0) INTO v_d, v_r
             FROM members WHERE conv = v.conv AND user_name <> v.target AND left_seq IS NULL;
         res.targets := res.targets || v.target::text;
@@ -541,6 +584,7 @@ BEGIN
         WHERE id IN (SELECT conv FROM members WHERE user_name = p_name);
     DELETE FROM members WHERE user_name = p_name;
     DELETE FROM receipt_pending WHERE user_name = p_name;
+    DELETE FROM receipt_marks WHERE user_name = p_name;
     RETURN res;
 END $$;
 
@@ -567,7 +611,9 @@ BEGIN
             END IF;
             res.code := 'not_member'; res.msg := 'not a member of ' || p_b; RETURN res;
         END IF;
-        DELETE FROM receipt_pending WHERE user_name = p_a AND conv = p_b AND rv <= p_n1;
+        -- The pending row first, as roost_receipts() locks it before its marks.
+        UPDATE receipt_pending SET acked = greatest(acked, p_n1) WHERE user_name = p_a AND conv = p_b;
+        DELETE FROM receipt_marks WHERE user_name = p_a AND conv = p_b AND rv <= p_n1;
     WHEN 'lock' THEN
         -- Lock the batch's conversations in id order before touching any of them.
         PERFORM 1 FROM conversations WHERE id = ANY (p_names) ORDER BY id FOR UPDATE;
@@ -1047,6 +1093,16 @@ class PostgresStore:
             else:
                 outcomes[id(op)] = (True, None)
         if receipt_row is not None:
+            for target, conv, member, d, r in zip(
+                receipt_row["mk_targets"],
+                receipt_row["mk_convs"],
+                receipt_row["mk_members"],
+                receipt_row["mk_ds"],
+                receipt_row["mk_rs"],
+                strict=True,
+            ):
+                if (conv, target) in receipts:  # with the marks not yet acked, as they are now
+                    receipts[(conv, target)][0][member] = (d, r)
             found = {
                 (conv, target): (rv, ad, ar)
                 for target, conv, rv, ad, ar in zip(
@@ -1368,7 +1424,7 @@ class PostgresStore:
                 "SELECT r.user_name, r.conv, r.rv, m.user_name AS member, m.joined_seq, m.delivered, m.read,"
                 " m.left_seq"
                 " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
-                " WHERE r.user_name = ANY ($1::text[]) ORDER BY r.user_name, r.conv",
+                " WHERE r.user_name = ANY ($1::text[]) AND r.rv > r.acked ORDER BY r.user_name, r.conv",
                 users,
             )
             # Members who left and had got something are named too (the sender
@@ -1467,6 +1523,8 @@ MIGRATIONS: list[tuple[int, str]] = [
         + FUNCTIONS,
     ),
     (4, _ACCOUNT_STATE + FUNCTIONS),  # roost_append answers a retry before checking membership
+    # A live receipt carries every mark not yet acked (receipt_marks).
+    (5, _RECEIPT_MARKS + _ACCOUNT_STATE + FUNCTIONS),
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

@@ -49,7 +49,7 @@ from roost.store.base import (
     removed_token,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -90,12 +90,26 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 -- Idempotent send: a retried client id maps back to the stored message.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conv, sender, client_id);
--- Receipt changes a sender has not acked yet (delivered again on reconnect).
+-- Receipt changes a sender has not acked yet (delivered again on reconnect):
+-- pending while rv > acked. The row stays once acked, so rv never starts
+-- again at 1 and a late ack of an old receipt cannot clear a new one.
 CREATE TABLE IF NOT EXISTS receipt_pending (
     user TEXT NOT NULL,
     conv TEXT NOT NULL,
     rv INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user, conv)
+) WITHOUT ROWID;
+-- The members whose marks changed in those receipts, with the rv of the last
+-- change: every live receipt carries them all again until an ack covers that
+-- rv, since an ack of a later receipt cannot tell whether an earlier one
+-- (that alone carried a mark) arrived.
+CREATE TABLE IF NOT EXISTS receipt_marks (
+    user TEXT NOT NULL,
+    conv TEXT NOT NULL,
+    member TEXT NOT NULL,
+    rv INTEGER NOT NULL,
+    PRIMARY KEY (user, conv, member)
 ) WITHOUT ROWID;
 """
 
@@ -239,6 +253,9 @@ class SqliteStore:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
         if "state" not in columns:  # schema 1: accounts could not be disabled or removed
             conn.execute("ALTER TABLE users ADD COLUMN state TEXT NOT NULL DEFAULT 'active'")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(receipt_pending)")}
+        if "acked" not in columns:  # schema 2: an acked receipt's row was deleted
+            conn.execute("ALTER TABLE receipt_pending ADD COLUMN acked INTEGER NOT NULL DEFAULT 0")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
@@ -563,6 +580,7 @@ class SqliteStore:
                     cached.members.pop(name, None)
             conn.execute("DELETE FROM members WHERE user=?", (name,))
             conn.execute("DELETE FROM receipt_pending WHERE user=?", (name,))
+            conn.execute("DELETE FROM receipt_marks WHERE user=? OR member=?", (name, name))
 
         return self._submit(op)
 
@@ -686,9 +704,30 @@ class SqliteStore:
             if state is None:
                 continue
             rv = self._bump_receipt(c, target, conv)
+            marks = self._unacked_marks(c, state, target, rv, marks)
             all_d, all_r = _aggregate(state, target)
             carrier.receipts.append(ReceiptState(target, conv, rv, marks, all_d, all_r))
         self._batch_receipts.clear()
+
+    def _unacked_marks(
+        self, c: sqlite3.Connection, state: _Conv, target: str, rv: int, changed: dict[str, tuple[int, int]]
+    ) -> dict[str, tuple[int, int]]:
+        """The marks changed in this batch are remembered at ``rv``; the
+        receipt carries them and every other mark not yet acked (a receipt
+        before this one may have been lost, and this one's ack clears them)."""
+        c.executemany(
+            "INSERT INTO receipt_marks (user, conv, member, rv) VALUES (?,?,?,?)"
+            " ON CONFLICT (user, conv, member) DO UPDATE SET rv = excluded.rv",
+            [(target, state.id, member, rv) for member in changed],
+        )
+        marks = dict(changed)
+        for (member,) in c.execute(
+            "SELECT member FROM receipt_marks WHERE user=? AND conv=? AND rv<?", (target, state.id, rv)
+        ):
+            found = state.members.get(member)
+            if found is not None:
+                marks[member] = (found.delivered, found.read)
+        return marks
 
     def _finish_seqs(self, c: sqlite3.Connection) -> None:
         """One last_seq update per conversation per batch, not one per message."""
@@ -709,7 +748,12 @@ class SqliteStore:
             if state is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_CONVERSATION, f"no conversation {conv}")
             rules.require_visible(state.members.get(user), conv)
-            c.execute("DELETE FROM receipt_pending WHERE user=? AND conv=? AND rv<=?", (user, conv, args[0]))
+            # The row stays: rv goes on from here, never reused by a new receipt.
+            rv = args[0]
+            c.execute(
+                "UPDATE receipt_pending SET acked = MAX(acked, ?) WHERE user=? AND conv=?", (rv, user, conv)
+            )
+            c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=? AND rv<=?", (user, conv, rv))
 
         return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
 
@@ -1096,7 +1140,7 @@ class SqliteStore:
         def fn(c: sqlite3.Connection) -> list[ReceiptState]:
             out = []
             for conv, rv in c.execute(
-                "SELECT conv, rv FROM receipt_pending WHERE user=?", (user,)
+                "SELECT conv, rv FROM receipt_pending WHERE user=? AND rv > acked", (user,)
             ).fetchall():
                 rows = c.execute(
                     "SELECT user, joined_seq, delivered, read, left_seq FROM members WHERE conv=?", (conv,)

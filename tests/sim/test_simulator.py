@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
 from roost.sim.world import draw_scenario, run_seed
 from tests.cli_subprocess import run_roost
@@ -104,10 +102,10 @@ def test_a_silently_lost_route_does_not_lose_pushes() -> None:
     assert run_seed(2, ("registry-stale",)).ok
 
 
-@pytest.mark.xfail(strict=True, reason="open gap rack-clears-unsent-marks (docs/simulation.md)")
 def test_a_receipt_ack_does_not_clear_marks_it_did_not_carry() -> None:
     # Seed 143: bob's ack of erin's message commits but its answer is lost, so
-    # its receipt is not pushed; erin then acks a later live receipt (alice's
-    # marks only), which deletes the pending row, and bob's mark is never told.
+    # its receipt is not pushed; erin then acks a later live receipt, which
+    # deletes the pending row. That receipt must carry bob's mark too (every
+    # mark not yet acked), or bob's mark is never told.
     result = run_seed(143, DEFAULT_FAULTS)
     assert result.violations == []

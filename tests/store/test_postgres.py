@@ -421,6 +421,7 @@ async def test_migrate_is_idempotent_and_versioned(pg_empty_database: str) -> No
         "members": "conv",
         "conversations": "id",
         "receipt_pending": "user_name",
+        "receipt_marks": "user_name",
         "users": "",
         "roost_schema": "",
     }
@@ -460,7 +461,41 @@ async def test_a_schema_2_database_gets_account_states(pg_empty_database: str) -
         assert await store.user_by_token(token_hash("alice")) == "alice"
         await store.set_user_state("alice", "disabled")
         assert [a.state for a in await store.list_users()] == ["disabled"]
-        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 4
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 5
+    finally:
+        await store.close()
+
+
+async def test_a_schema_4_database_gets_receipt_marks(pg_empty_database: str) -> None:
+    """Schema 5 adds receipt_marks (and the answer fields that carry them): a
+    database at schema 4 upgrades, and its live receipts carry every mark
+    not yet acked."""
+    await migrate(pg_empty_database)
+    conn = await asyncpg.connect(pg_empty_database)
+    try:  # as schema 4 had it
+        await conn.execute("DROP TABLE receipt_marks")
+        await conn.execute("ALTER TABLE receipt_pending DROP COLUMN acked")
+        await conn.execute(
+            "ALTER TYPE roost_result DROP ATTRIBUTE mk_targets, DROP ATTRIBUTE mk_convs,"
+            " DROP ATTRIBUTE mk_members, DROP ATTRIBUTE mk_ds, DROP ATTRIBUTE mk_rs"
+        )
+        await conn.execute("UPDATE roost_schema SET version = 4")
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_empty_database)
+    await store.open()
+    try:
+        for name in ("alice", "bob", "carol"):
+            await store.add_user(name, token_hash(name), NOW)
+        group = contract.G
+        await store.create_group("alice", group, "Friends", ["bob", "carol"], 50, NOW)
+        assert (await contract.send(store, "alice", "a", conv=group)).seq == 2
+        await store.advance_marks("bob", group, 2, None)  # its receipt is never acked
+        [receipt] = (await store.advance_marks("carol", group, 2, None)).receipts
+        assert receipt.marks == {"bob": (2, 0), "carol": (2, 0)}
+        await store.ack_receipts("alice", group, receipt.rv)
+        assert await store.pending_receipts("alice") == []
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 5
     finally:
         await store.close()
 

@@ -315,17 +315,19 @@ async def test_receipts_go_to_senders_with_min_aggregates(store: AnyStore) -> No
         "alice": (1, {"carol": (3, 0)}, 0, 0),  # bob has not got alice's message yet
         "bob": (1, {"carol": (3, 0)}, 0, 0),  # nor alice bob's
     }
+    # Nothing is acked here, so each receipt also carries the marks of the
+    # receipts before it (test_a_receipt_carries_every_mark_not_yet_acked).
     r = await store.advance_marks("bob", G, 2, None)  # only alice sent in (0, 2]
-    assert by_user(r) == {"alice": (2, {"bob": (2, 0)}, 2, 0)}
+    assert by_user(r) == {"alice": (2, {"bob": (2, 0), "carol": (3, 0)}, 2, 0)}
     r = await store.advance_marks("bob", G, None, 3)  # bob's own 3 sends no receipt to bob
-    assert by_user(r) == {"alice": (3, {"bob": (3, 3)}, 3, 0)}
+    assert by_user(r) == {"alice": (3, {"bob": (3, 3), "carol": (3, 0)}, 3, 0)}
     r = await store.advance_marks("carol", G, None, 3)
     assert by_user(r) == {
-        "alice": (4, {"carol": (3, 3)}, 3, 3),
+        "alice": (4, {"bob": (3, 3), "carol": (3, 3)}, 3, 3),
         "bob": (2, {"carol": (3, 3)}, 0, 0),  # alice still has not acked bob's message
     }
     r = await store.advance_marks("alice", G, 3, None)
-    assert by_user(r) == {"bob": (3, {"alice": (3, 0)}, 3, 0)}
+    assert by_user(r) == {"bob": (3, {"alice": (3, 0), "carol": (3, 3)}, 3, 0)}
     # an ack that changes nothing tells nobody anything
     r = await store.advance_marks("carol", G, 1, 1)
     assert (r.delivered, r.read, r.receipts) == (3, 3, [])
@@ -345,6 +347,46 @@ async def test_receipts_go_to_senders_with_min_aggregates(store: AnyStore) -> No
     await store.ack_receipts("alice", G, 4)
     assert await store.pending_receipts("alice") == []
     assert [q.rv for q in await store.pending_receipts("bob")] == [3]
+
+
+async def test_a_receipt_carries_every_mark_not_yet_acked(store: AnyStore) -> None:
+    # A receipt push can be lost (a lost answer, a stale route) while the
+    # sender stays online; its ack of a later receipt clears the pending row.
+    # So a receipt carries every mark changed since the last ack it covers,
+    # not only its own batch's; once acked, a mark is not carried again.
+    await make_group(store, ["bob", "carol"])  # seq 1: the membership event
+    assert (await send(store, "alice", "a", conv=G)).seq == 2
+
+    [lost] = (await store.advance_marks("bob", G, 2, None)).receipts  # never reaches alice
+    assert (lost.rv, lost.marks) == (1, {"bob": (2, 0)})
+    [live] = (await store.advance_marks("carol", G, 2, None)).receipts
+    assert (live.rv, live.marks, live.all_delivered) == (2, {"bob": (2, 0), "carol": (2, 0)}, 2)
+
+    await store.ack_receipts("alice", G, 1)  # covers bob's mark, not carol's
+    [later] = (await store.advance_marks("bob", G, None, 2)).receipts
+    assert (later.rv, later.marks) == (3, {"bob": (2, 2), "carol": (2, 0)})
+
+    await store.ack_receipts("alice", G, 3)  # covers everything: nothing is owed
+    assert await store.pending_receipts("alice") == []
+    [fresh] = (await store.advance_marks("carol", G, None, 2)).receipts
+    assert (fresh.rv, fresh.marks, fresh.all_read) == (4, {"carol": (2, 2)}, 2)
+
+
+async def test_a_late_ack_of_an_old_receipt_does_not_clear_a_new_one(store: AnyStore) -> None:
+    # A resync reads alice's pending receipt (rv 1) just before her ack of it
+    # commits, and pushes it after: she acks rv 1 a second time. A receipt
+    # made meanwhile must not have rv 1 again, or that late ack clears it.
+    await make_group(store, ["bob", "carol"])
+    assert (await send(store, "alice", "a", conv=G)).seq == 2
+    [first] = (await store.advance_marks("bob", G, 2, None)).receipts
+    await store.ack_receipts("alice", G, first.rv)
+    assert await store.pending_receipts("alice") == []
+
+    [second] = (await store.advance_marks("carol", G, 2, None)).receipts  # say this push is lost
+    assert second.rv > first.rv
+    await store.ack_receipts("alice", G, first.rv)  # the late ack
+    [owed] = await store.pending_receipts("alice")
+    assert (owed.rv, owed.marks["carol"]) == (second.rv, (2, 0))
 
 
 async def test_pending_receipts_leave_out_removed_members(store: AnyStore) -> None:

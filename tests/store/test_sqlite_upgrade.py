@@ -1,11 +1,13 @@
-"""A database made by the previous schema (1: no account state) opens and upgrades."""
+"""Databases made by older schemas (1: no account state; 2: acked receipts
+deleted) open and upgrade."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-from roost.store.sqlite import SCHEMA_VERSION, SqliteStore
+from roost.store.base import ReceiptState
+from roost.store.sqlite import SCHEMA, SCHEMA_VERSION, SqliteStore
 
 from .conftest import NOW, token_hash
 
@@ -39,5 +41,25 @@ async def test_a_schema_1_database_gets_account_states(tmp_path: Path) -> None:
     finally:
         await store.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    check.close()
+
+
+async def test_a_schema_2_database_keeps_its_pending_receipts(tmp_path: Path) -> None:
+    path = tmp_path / "roost.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA.replace("    acked INTEGER NOT NULL DEFAULT 0,\n", ""))  # as schema 2 had it
+    conn.execute("INSERT INTO receipt_pending (user, conv, rv) VALUES ('alice', 'd:alice:bob', 3)")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.pending_receipts("alice") == [ReceiptState("alice", "d:alice:bob", 3, {}, 0, 0)]
+    finally:
+        await store.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT rv, acked FROM receipt_pending").fetchall() == [(3, 0)]
     check.close()
