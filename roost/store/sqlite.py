@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -48,6 +49,8 @@ from roost.store.base import (
     StoreUnavailable,
     removed_token,
 )
+
+log = logging.getLogger("roost.store")
 
 SCHEMA_VERSION = 3
 
@@ -355,7 +358,9 @@ class SqliteStore:
         for op in batch:
             if op.stream is not None:
                 op.stream.broken = True
-        failure = StoreUnavailable(f"storage error: the writer failed: {exc!r}")
+        # The details go to the server log, not to clients.
+        log.error("the store writer failed a batch of %d", len(batch), exc_info=exc)
+        failure = StoreUnavailable("storage error: the writer failed")
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(_resolve, batch, [(False, failure)] * len(batch))
