@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user(sub)
     _add_dev_cluster(sub)
     _add_verify(sub)
+    from roost.cli import backup
+
+    backup.register(sub)
     from roost.cli import client_commands
 
     client_commands.register(sub)
