@@ -149,7 +149,10 @@ def test_restore_refuses_an_existing_database_unless_forced(server: ServerProces
     again = roost("backup", "--data-dir", str(server.data_dir), "--to", str(backup_file))
     assert_refused(again, str(backup_file), "--force")
     server.add_user("carol")  # only in the live database, not in the backup
-    assert server.terminate() == 0
+    # Killed: its last commits stay in roost.sqlite-wal, which must not be
+    # replayed onto the restored database.
+    server.kill9()
+    assert database_path(server.data_dir).with_name("roost.sqlite-wal").stat().st_size > 0
     refused = roost("restore", "--from", str(backup_file), "--data-dir", str(server.data_dir))
     assert_refused(refused, str(server.data_dir), "--force")
     forced = roost("restore", "--from", str(backup_file), "--data-dir", str(server.data_dir), "--force")
