@@ -96,6 +96,8 @@ def backup(data_dir: Path | str, to: Path | str, force: bool = False) -> BackupR
     target = Path(to)
     if not source_path.is_file():
         raise BackupError(f"no database in {data_dir}")
+    if target.resolve() in {p.resolve() for p in (source_path, *_sidecars(source_path))}:
+        raise BackupError(f"{target} is the database being backed up")
     if target.exists() and not force:
         raise BackupError(f"{target} exists (pass --force to replace it)")
     if target.exists() and not target.is_file():

@@ -148,6 +148,9 @@ def test_restore_refuses_an_existing_database_unless_forced(server: ServerProces
     assert roost("backup", "--data-dir", str(server.data_dir), "--to", str(backup_file)).returncode == 0
     again = roost("backup", "--data-dir", str(server.data_dir), "--to", str(backup_file))
     assert_refused(again, str(backup_file), "--force")
+    live = database_path(server.data_dir)
+    onto_itself = roost("backup", "--data-dir", str(server.data_dir), "--to", str(live), "--force")
+    assert_refused(onto_itself, str(live), "the database being backed up")
     server.add_user("carol")  # only in the live database, not in the backup
     # Killed: its last commits stay in roost.sqlite-wal, which must not be
     # replayed onto the restored database.
