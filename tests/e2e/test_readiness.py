@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import re
+import select
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +27,7 @@ import pytest
 from tests.e2e.cluster import ClusterServer, ClusterServices
 from tests.e2e.conftest import AnyServer
 from tests.e2e.helpers import RawWS, add_users
+from tests.e2e.server import free_port
 
 
 def readyz(url: str) -> tuple[int, dict[str, Any]]:
@@ -195,3 +201,36 @@ def test_console_log_format_carries_the_connection_id(make_server: Any) -> None:
     # One id per connection, the same on its connected and disconnected lines.
     assert len(found) == 4, text
     assert all(len(v) == 1 for v in ids.values()) and len(set.union(*ids.values())) == 2
+
+
+def test_console_is_the_default_log_format_on_a_terminal(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "roost.cli.main",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--port",
+            str(free_port()),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 15
+        while b"listening" not in out and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 4096)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        os.close(master)
+    line = next(line for line in out.decode().splitlines() if "listening" in line)
+    assert re.match(r"\d\d:\d\d:\d\d\.\d{3} INFO  roost\.gateway listening host=127\.0\.0\.1 ", line), line
