@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from roost.cli.main import build_parser
 from roost.gateway.readiness import Readiness
 from roost.registry.memory import MemoryRegistry
 from roost.store.sqlite import SqliteStore, database_path
@@ -40,3 +43,14 @@ async def test_checks_again_after_ttl_and_reports_a_closed_store(tmp_path: Path)
     reason = await readiness.reason()
     assert reason is not None and reason.startswith("store unavailable"), reason
     assert store.reads == 2
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_drain_seconds_refuses_bad_values(value: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--drain-seconds", value])
+    assert exited.value.code == 2
+
+
+def test_drain_seconds_accepts_zero() -> None:
+    assert build_parser().parse_args(["serve", "--drain-seconds", "0"]).drain_seconds == 0.0
