@@ -38,6 +38,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError("must be 0 seconds or more")
+    return value
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the server (embedded: SQLite + in-process registry)")
     p.add_argument("--data-dir", default="roost-data", help="where the database lives")
@@ -75,6 +85,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--window", type=int, default=128, help="unacked messages per device")
     p.add_argument("--presence-debounce", type=float, default=3.0)
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default=None,
+        help="json: one object per line; console: for humans (default: console on a terminal, else json)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=_non_negative_seconds,
+        default=5.0,
+        help="on SIGTERM, /readyz turns 503 and open sockets close with 1001 spread over this (0: at once)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -85,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     from roost.service.chat import ServiceConfig
     from roost.store.datadir import DataDirError, ServerLock
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     max_pending = args.max_unauthenticated
     if max_pending is None:
         max_pending = default_max_pending()
@@ -98,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         heartbeat=args.heartbeat,
         auth_timeout=args.auth_timeout,
+        drain_seconds=args.drain_seconds,
         admission=AdmissionLimits(
             handshake_timeout=args.handshake_timeout,
             max_pending=max_pending,

@@ -4,7 +4,9 @@ It terminates sockets and forwards frames; every decision about messages is
 the chat service's. Endpoints:
 
 * ``GET /v1/ws``   WebSocket, JSON text frames (docs/protocol.md)
-* ``GET /healthz`` 200 ``{"status": "ok"}`` once the store is open
+* ``GET /healthz`` 200 ``{"status": "ok"}`` once the store is open (liveness)
+* ``GET /readyz``  200 while the store (and Redis) answer and the gateway is
+  not draining, else 503 with a reason (roost/gateway/readiness.py)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from aiohttp import WSMsgType, web
 
 from roost.gateway.admission import Admission, AdmissionLimits
 from roost.gateway.connection import Connection
+from roost.gateway.readiness import Readiness
+from roost.logs import new_connection_id
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
@@ -60,6 +64,10 @@ class GatewayConfig:
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     max_queued_bytes: int = 8 * 1024 * 1024
     shutdown_timeout: float = 5.0
+    # SIGTERM: /readyz turns 503 at once; open sockets are closed with 1001
+    # spread evenly over this many seconds (0: all at once), so clients do
+    # not all reconnect in the same second.
+    drain_seconds: float = 5.0
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
@@ -98,6 +106,8 @@ class Gateway:
         self.app = web.Application()
         self.app.router.add_get("/v1/ws", self.websocket)
         self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.readiness = Readiness(self.store, self.registry, cluster=config.registry_url is not None)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.admission: Admission | None = None
@@ -138,6 +148,7 @@ class Gateway:
     async def stop(self) -> None:
         """Graceful: stop accepting, tell clients to go away, finish commits."""
         self.stopping = True
+        await self._drain()
         self.ready = False
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -159,6 +170,37 @@ class Gateway:
         await self.store.close()
         log.info("stopped")
 
+    async def _drain(self) -> None:
+        """Close open sockets with 1001, spread evenly over ``drain_seconds``.
+
+        The listener stays open meanwhile: /readyz answers 503 (a load
+        balancer must see that before connections are refused) and new
+        WebSocket upgrades get 503.
+        """
+        conns = list(self.connections)
+        period = self.config.drain_seconds
+        if not conns or period <= 0:
+            return
+        log.info("draining", extra={"connections": len(conns), "seconds": period})
+        loop = asyncio.get_running_loop()
+        start, step = loop.time(), period / len(conns)
+        for i, conn in enumerate(conns):
+            delay = start + i * step - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.stopping:
+            reason: str | None = "draining: shutting down"
+        elif not self.ready:
+            reason = "starting"
+        else:
+            reason = await self.readiness.reason()
+        if reason is not None:
+            return web.json_response({"status": "unready", "reason": reason}, status=503)
+        return web.json_response({"status": "ready"})
+
     async def healthz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503)
@@ -175,6 +217,9 @@ class Gateway:
             max_msg_size=WS_HARD_LIMIT,
             compress=False,
         )
+        # Every log line of this connection carries its id (roost/logs.py);
+        # the handler is its own task, so the value stays with this socket.
+        new_connection_id()
         await ws.prepare(request)
         if self.admission is not None:
             self.admission.upgraded(request.transport)

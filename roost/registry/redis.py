@@ -429,6 +429,12 @@ class RedisRegistry:
         if not (self._subscribed.is_set() and self._first_heartbeat.is_set()):
             log.warning("gateway %s: Redis not ready at start; running locally until it is", self.gateway_id)
 
+    async def ping(self) -> None:
+        """One round trip to Redis (readiness); raises when it does not answer."""
+        if self._client is None:
+            raise ConnectionError("redis client not started")
+        await self._client.ping()
+
     async def stop(self, timeout: float = 2.0) -> None:
         """Remove this gateway's keys and watches (best effort, bounded), then stop."""
         if not self._running:
