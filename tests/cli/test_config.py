@@ -60,7 +60,8 @@ def test_client_variables_are_not_serve_settings(tmp_path: Path) -> None:
 
 def test_unknown_key_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     conf = write(tmp_path / "r.toml", "port = 9001\nheartbeet = 5\n")
-    assert main(["serve", "--config", conf]) == EXIT_USAGE
+    # --print-config: were the key accepted, this would print, not start a server.
+    assert main(["serve", "--config", conf, "--print-config"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "unknown key 'heartbeet'" in err
     assert err.count("\n") == 1
