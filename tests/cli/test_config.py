@@ -146,6 +146,7 @@ def test_serve_starts_on_the_port_from_the_file(tmp_path: Path) -> None:
         stdout=log,
         stderr=log,
         env=env,
+        cwd=tmp_path,  # were the file ignored, its default data dir lands here
     )
     try:
         deadline = time.monotonic() + 15
