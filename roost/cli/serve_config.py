@@ -176,11 +176,16 @@ def mask(dest: str, value: Any) -> Any:
         password = parts.password
     except ValueError:
         return value
-    if password is None:
-        return value
-    host = parts.netloc.rpartition("@")[2]
-    user = urllib.parse.quote(parts.username or "", safe="")
-    return parts._replace(netloc=f"{user}:{MASK}@{host}").geturl()
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        user = urllib.parse.quote(parts.username or "", safe="")
+        parts = parts._replace(netloc=f"{user}:{MASK}@{host}")
+    # libpq also takes it as a parameter: postgresql://db/roost?password=...
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        hidden = [(name, MASK if name == "password" else v) for name, v in query]
+        parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
+    return parts.geturl()
 
 
 def _toml_string(text: str) -> str:

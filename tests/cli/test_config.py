@@ -93,6 +93,12 @@ def test_bad_value_is_refused_naming_the_key(
     assert "\n" not in str(caught.value)
 
 
+def test_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.toml")
+    with pytest.raises(UsageError, match=f"config file {missing}: No such file"):
+        settled(["serve"], {"ROOST_CONFIG": missing})
+
+
 def test_a_flag_added_later_is_configurable(tmp_path: Path) -> None:
     # Nothing lists the flags: a new serve flag is a setting at once, checked by its
     # own type and choices.
@@ -119,15 +125,18 @@ def test_print_config_masks_passwords_and_is_a_config_file(
         'store = "postgresql://roost:hunter2@db:5432/roost"\nport = 9001\n',
     )
     monkeypatch.setenv("ROOST_REGISTRY", "redis://:s3cret@cache:6379/0")
+    monkeypatch.setenv("ROOST_GATEWAY_ID", "postgresql://db/roost?sslmode=require&password=pw2")
     assert main(["serve", "--config", conf, "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "hunter2" not in out and "s3cret" not in out
+    assert "hunter2" not in out and "s3cret" not in out and "pw2" not in out
     printed = tomllib.loads(out)
     assert printed["store"] == "postgresql://roost:***@db:5432/roost"
     assert printed["registry"] == "redis://:***@cache:6379/0"
+    assert printed["gateway_id"] == "postgresql://db/roost?sslmode=require&password=***"
     assert printed["port"] == 9001
     # What it prints is itself a valid config file giving the same settings.
     monkeypatch.delenv("ROOST_REGISTRY")
+    monkeypatch.delenv("ROOST_GATEWAY_ID")
     again = write(tmp_path / "again.toml", out)
     args = settled(["serve", "--config", again], {})
     assert (args.port, args.store) == (9001, printed["store"])
