@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import sys
@@ -50,6 +51,11 @@ def _non_negative_seconds(text: str) -> float:
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the server (embedded: SQLite + in-process registry)")
+    # Every other flag can also come from this file or ROOST_<FLAG> (roost/cli/serve_config.py).
+    p.add_argument("--config", default=None, help="a TOML file of settings (also ROOST_CONFIG)")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective settings as TOML and exit"
+    )
     p.add_argument("--data-dir", default="roost-data", help="where the database lives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
@@ -283,9 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     # Building the parser imports most of roost (and aiohttp): a Ctrl-C that
     # early is as clean as one later.
     command = "roost"
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         command = f"roost {args.command}"
+        if args.command == "serve":
+            from roost.cli import serve_config
+
+            args = serve_config.settle(parser, argv, args, os.environ)
+            if args.print_config:
+                sys.stdout.write(serve_config.render(parser, args))
+                return 0
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"{command}: {exc}", file=sys.stderr)
