@@ -104,16 +104,16 @@ def test_a_flag_added_later_is_configurable(tmp_path: Path) -> None:
     # own type and choices.
     parser = build_parser()
     sub = serve_config.serve_parser(parser)
-    sub.add_argument("--drain-period", type=float, default=1.0)
-    sub.add_argument("--log-format", choices=["json", "console"], default="json")
-    sub.add_argument("--tls", action="store_true")
-    conf = write(tmp_path / "r.toml", 'drain_period = 2\nlog-format = "console"\ntls = true\n')
+    sub.add_argument("--later-period", type=float, default=1.0)
+    sub.add_argument("--later-format", choices=["json", "console"], default="json")
+    sub.add_argument("--later-switch", action="store_true")
+    conf = write(tmp_path / "r.toml", 'later_period = 2\nlater-format = "console"\nlater-switch = true\n')
     argv = ["serve", "--config", conf]
-    args = serve_config.settle(parser, argv, parser.parse_args(argv), {"ROOST_DRAIN_PERIOD": "4.5"})
-    assert (args.drain_period, args.log_format, args.tls) == (4.5, "console", True)
-    bad = write(tmp_path / "bad.toml", 'log-format = "xml"\n')
+    args = serve_config.settle(parser, argv, parser.parse_args(argv), {"ROOST_LATER_PERIOD": "4.5"})
+    assert (args.later_period, args.later_format, args.later_switch) == (4.5, "console", True)
+    bad = write(tmp_path / "bad.toml", 'later-format = "xml"\n')
     argv = ["serve", "--config", bad]
-    with pytest.raises(UsageError, match="log-format: invalid choice: 'xml'"):
+    with pytest.raises(UsageError, match="later-format: invalid choice: 'xml'"):
         serve_config.settle(parser, argv, parser.parse_args(argv), {})
 
 
