@@ -143,7 +143,9 @@ async def test_sdk_with_ca_file_chats_over_wss(server: ServerProcess, pki: PKI, 
         await close_all(alice, bob)
 
 
-async def test_client_without_the_ca_refuses_the_certificate(server: ServerProcess, tmp_path: Path) -> None:
+async def test_client_without_the_ca_refuses_the_certificate(
+    server: ServerProcess, pki: PKI, tmp_path: Path
+) -> None:
     tokens = add_users(server, ["alice"])
     client = Client(server.url, tokens["alice"], state_path=tmp_path / "a.state", reconnect=False)
     with pytest.raises(CannotConnect) as refused:
@@ -151,14 +153,15 @@ async def test_client_without_the_ca_refuses_the_certificate(server: ServerProce
     assert "TLS certificate not accepted" in str(refused.value)
     assert "certificate verify failed" in str(refused.value)
 
-    # The CLI says the same in its one error line.
-    out = subprocess.run(
-        [sys.executable, "-m", "roost.cli.main", "send", "--url", server.url, "--token", tokens["alice"],
-         "--state", str(tmp_path / "cli.state"), "--to", "alice", "hi"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    # The CLI says the same in its one error line; with --ca-file it sends.
+    send = [sys.executable, "-m", "roost.cli.main", "send", "--url", server.url, "--token", tokens["alice"],
+            "--state", str(tmp_path / "cli.state"), "--to", "alice", "hi"]  # fmt: skip
+    out = subprocess.run(send, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out.stderr
     assert "TLS certificate not accepted" in out.stderr
+    out = subprocess.run([*send, "--ca-file", str(pki.ca_file)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert '"status": "sent"' in out.stdout
 
 
 async def test_sighup_reloads_the_certificate_and_keeps_open_connections(
