@@ -146,7 +146,7 @@ async def test_sdk_with_ca_file_chats_over_wss(server: ServerProcess, pki: PKI, 
 async def test_client_without_the_ca_refuses_the_certificate(
     server: ServerProcess, pki: PKI, tmp_path: Path
 ) -> None:
-    tokens = add_users(server, ["alice"])
+    tokens = add_users(server, ["alice", "bob"])
     client = Client(server.url, tokens["alice"], state_path=tmp_path / "a.state", reconnect=False)
     with pytest.raises(CannotConnect) as refused:
         await client.connect(timeout=10)
@@ -155,7 +155,7 @@ async def test_client_without_the_ca_refuses_the_certificate(
 
     # The CLI says the same in its one error line; with --ca-file it sends.
     send = [sys.executable, "-m", "roost.cli.main", "send", "--url", server.url, "--token", tokens["alice"],
-            "--state", str(tmp_path / "cli.state"), "--to", "alice", "hi"]  # fmt: skip
+            "--state", str(tmp_path / "cli.state"), "--to", "bob", "hi"]  # fmt: skip
     out = subprocess.run(send, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out.stderr
     assert "TLS certificate not accepted" in out.stderr
