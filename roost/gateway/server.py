@@ -95,6 +95,9 @@ def make_registry(config: GatewayConfig) -> Any:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.tls: ServerTLS | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = ServerTLS(config.tls_cert, config.tls_key)  # a bad pair: nothing opened yet
         self.store = make_store(config)
         self.registry = make_registry(config)
         self.service = ChatService(self.store, self.registry, config.service)
@@ -109,9 +112,6 @@ class Gateway:
         self._listener: asyncio.AbstractServer | None = None
         self.admission: Admission | None = None
         self.port: int | None = None
-        self.tls: ServerTLS | None = None
-        if config.tls_cert is not None and config.tls_key is not None:
-            self.tls = ServerTLS(config.tls_cert, config.tls_key)  # before anything opens
         # Embedded: `roost user token reset / disable / remove` reach this
         # server through a socket in its data directory (cluster: via Redis).
         self.admin: AdminServer | None = None
