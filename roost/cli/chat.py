@@ -1407,8 +1407,8 @@ class _ViewLogHandler(logging.Handler):
             self.controller.invalidate()
 
 
-async def chat_main(urls: list[str], token: str, state: str | None) -> int:
-    client = Client(urls, token, state_path=state)
+async def chat_main(urls: list[str], token: str, state: str | None, ca_file: str | None = None) -> int:
+    client = Client(urls, token, state_path=state, ca_file=ca_file)
     view = ChatView()
     controller = ChatController(client, view)
     app = build_application(controller)
@@ -1438,7 +1438,7 @@ async def chat_main(urls: list[str], token: str, state: str | None) -> int:
     return int(result or controller.exit_code)
 
 
-def run_chat(urls: list[str], token: str, state: str | None) -> int:
+def run_chat(urls: list[str], token: str, state: str | None, ca_file: str | None = None) -> int:
     """``roost chat``: the interactive chat until /quit or Ctrl-C."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print(
@@ -1448,7 +1448,7 @@ def run_chat(urls: list[str], token: str, state: str | None) -> int:
         )
         return 2
     try:
-        return asyncio.run(chat_main(list(urls), token, state))
+        return asyncio.run(chat_main(list(urls), token, state, ca_file))
     except KeyboardInterrupt:
         return 130
     except StateInUse as exc:

@@ -40,7 +40,7 @@ from roost.client import (
     StateInUse,
     local,
 )
-from roost.client.client import authenticate, message_payload
+from roost.client.client import authenticate, message_payload, tls_context
 from roost.client.local import OwnerUnavailable, socket_path
 from roost.client.state import ClientState, default_state_path
 
@@ -62,6 +62,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--state",
         default=None,
         help="client state file (durable outbox); default: one per token under ~/.local/state/roost",
+    )
+    _ca_file(p)
+
+
+def _ca_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ca-file",
+        default=None,
+        help="PEM CA certificate(s) to trust for https:// and wss:// besides the system's (a private CA)",
     )
 
 
@@ -112,6 +121,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--token", help="'-' or left out: read it from stdin, or prompt on a terminal (not in shell history)"
     )
     p.add_argument("--no-check", action="store_true", help="save without logging in to the server first")
+    _ca_file(p)
     p.set_defaults(func=_login)
 
     p = sub.add_parser("logout", help="remove the saved profile")
@@ -123,10 +133,11 @@ def _chat(args: argparse.Namespace) -> int:
 
     try:
         args.url, args.token = resolve(args.url, args.token)
-    except UsageError as exc:
+        tls_context(args.ca_file)  # a bad --ca-file is a usage error before the screen opens
+    except (UsageError, InvalidArgument) as exc:
         print(f"roost chat: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_chat(args.url, args.token, args.state)
+    return run_chat(args.url, args.token, args.state, args.ca_file)
 
 
 def _read_token(given: str | None) -> str:
@@ -146,13 +157,14 @@ def _login(args: argparse.Namespace) -> int:
         if not urls:
             raise UsageError("no server URL: give --url or set ROOST_URL")
         token = checked_token(_read_token(args.token))
-    except UsageError as exc:
+        tls = tls_context(args.ca_file)
+    except (UsageError, InvalidArgument) as exc:
         print(f"roost login: {exc}", file=sys.stderr)
         return EXIT_USAGE
     user = None
     if not args.no_check:
         try:
-            user = asyncio.run(authenticate(urls, token))
+            user = asyncio.run(authenticate(urls, token, tls=tls))
         except RoostError as exc:
             print(f"roost login: {_failure(exc)}; nothing saved", file=sys.stderr)
             return EXIT_FAILED
@@ -209,6 +221,7 @@ def _client(args: argparse.Namespace, keep_events: bool = False) -> Client:
         state_path=_state_path(args),
         keep_events=keep_events,
         on_retry=RetryLine(_prog(args)),
+        ca_file=args.ca_file,
     )
 
 

@@ -60,6 +60,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument(
+        "--tls-cert", default=None, help="PEM certificate chain: serve https:// and wss:// (with --tls-key)"
+    )
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert; SIGHUP reloads both")
+    p.add_argument(
         "--store", default=None, help="cluster mode: postgresql://... (default: SQLite in --data-dir)"
     )
     p.add_argument("--registry", default=None, help="cluster mode: redis://... (default: in-process)")
@@ -109,10 +113,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve(args: argparse.Namespace) -> int:
     from roost.gateway.admission import AdmissionLimits, default_max_pending
     from roost.gateway.server import GatewayConfig, serve
+    from roost.gateway.tls import TLSConfigError
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
     from roost.store.datadir import DataDirError, ServerLock
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together: give both or neither")
     setup_logging(args.log_level, args.log_format)
     max_pending = args.max_unauthenticated
     if max_pending is None:
@@ -124,6 +131,8 @@ def _serve(args: argparse.Namespace) -> int:
         gateway_id=args.gateway_id,
         host=args.host,
         port=args.port,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
         heartbeat=args.heartbeat,
         auth_timeout=args.auth_timeout,
         drain_seconds=args.drain_seconds,
@@ -147,7 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with lock:
             stopped_by = serve(config)
-    except (OSError, DataDirError) as exc:
+    except (OSError, DataDirError, TLSConfigError) as exc:
         print(f"roost serve: {exc}", file=sys.stderr)
         return 1
     # Ctrl-C exits 130 as shells expect; SIGTERM (a service manager's stop) is a normal end.

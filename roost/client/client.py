@@ -29,6 +29,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -199,6 +200,22 @@ def check_url(url: str) -> str:
     return url.strip()
 
 
+def tls_context(ca_file: str | Path | None = None, context: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """What https/wss connections verify the server against: ``context`` as
+    given, else the system's trusted CAs plus ``ca_file`` (a private CA, PEM).
+    Plain http/ws URLs ignore it. ``InvalidArgument`` if ``ca_file`` is unusable."""
+    if context is not None:
+        return context
+    verify = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            verify.load_verify_locations(cafile=ca_file)
+        except OSError as exc:  # ssl.SSLError too: not a PEM certificate
+            why = exc.strerror or getattr(exc, "reason", None) or exc
+            raise InvalidArgument(f"cannot use CA file {str(ca_file)!r}: {why}") from None
+    return verify
+
+
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """Why a connection attempt failed, in words, and whether that is final
     (trying again cannot help: a TLS mismatch, an unknown host, an HTTP 4xx)."""
@@ -230,18 +247,22 @@ def describe_failure(exc: BaseException) -> tuple[str, bool]:
     return str(exc) or type(exc).__name__, False
 
 
-async def authenticate(urls: Sequence[str], token: str, timeout: float = 10.0) -> str:
+async def authenticate(
+    urls: Sequence[str], token: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+) -> str:
     """Log in once and return the user name the token belongs to.
 
     Tries each URL once, with no client state: the socket is closed right after
     the welcome, so nothing waiting in the inbox is taken or acknowledged.
     Raises ``RoostError`` when the server refuses the token, ``CannotConnect``
-    when no URL answered."""
+    when no URL answered. ``tls`` verifies https/wss servers (see ``tls_context``)."""
+    tls = tls or tls_context()
     failures: list[str] = []
     async with aiohttp.ClientSession() as http:
         for url in urls:
             try:
-                async with asyncio.timeout(timeout), http.ws_connect(ws_url(url), autoclose=True) as ws:
+                connecting = http.ws_connect(ws_url(url), autoclose=True, ssl=tls)
+                async with asyncio.timeout(timeout), connecting as ws:
                     auth = encode(f.Auth(token=token, client=uuid.uuid4().hex))
                     await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
                     first = await ws.receive()
@@ -278,15 +299,20 @@ class Client:
         keep_events: bool = True,
         serve_local: bool = True,
         on_retry: Callable[[str, str, float], None] | None = None,
+        ca_file: str | Path | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         """``on_retry(url, reason, delay)`` is called after each failed
-        connection attempt that will be retried in ``delay`` seconds."""
+        connection attempt that will be retried in ``delay`` seconds.
+        https/wss servers are verified against the system's CAs plus
+        ``ca_file`` (a private CA), or against the ``ssl`` context if given."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise InvalidArgument("at least one URL is needed")
         if not token.strip():
             raise InvalidArgument("the token is empty")
         self.token = token
+        self.tls = tls_context(ca_file, ssl)
         self.on_retry = on_retry
         # url -> (why its last attempt failed, whether that is final); emptied on connecting.
         self.failures: dict[str, tuple[str, bool]] = {}
@@ -497,6 +523,7 @@ class Client:
         assert self._http is not None
         async with self._http.ws_connect(
             ws_url(url),
+            ssl=self.tls,
             heartbeat=self.heartbeat,
             max_msg_size=4 * 1024 * 1024,
             autoclose=True,

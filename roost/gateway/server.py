@@ -7,6 +7,9 @@ the chat service's. Endpoints:
 * ``GET /healthz`` 200 ``{"status": "ok"}`` once the store is open (liveness)
 * ``GET /readyz``  200 while the store (and Redis) answer and the gateway is
   not draining, else 503 with a reason (roost/gateway/readiness.py)
+
+With ``tls_cert``/``tls_key`` the same listener speaks https/wss only
+(roost/gateway/tls.py); SIGHUP reloads the certificate for new connections.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from aiohttp import WSMsgType, web
 from roost.gateway.admission import Admission, AdmissionLimits
 from roost.gateway.connection import Connection
 from roost.gateway.readiness import Readiness
+from roost.gateway.tls import ServerTLS
 from roost.logs import new_connection_id
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
@@ -59,6 +63,9 @@ class GatewayConfig:
     gateway_id: str = ""
     host: str = "127.0.0.1"
     port: int = 8765
+    # Both or neither: the listener then serves https:// and wss:// only.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     heartbeat: float = 30.0  # ping interval; a peer silent for ~1.5x this is dropped
     auth_timeout: float = 10.0  # upgrade -> auth frame; within admission's deadline
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
@@ -96,6 +103,9 @@ def make_registry(config: GatewayConfig) -> Any:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.tls: ServerTLS | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = ServerTLS(config.tls_cert, config.tls_key)  # a bad pair: nothing opened yet
         self.store = make_store(config)
         self.registry = make_registry(config)
         self.service = ChatService(self.store, self.registry, config.service)
@@ -130,8 +140,20 @@ class Gateway:
         # Our own listener instead of web.TCPSite: every accepted connection
         # passes admission (deadline, caps) before aiohttp sees it.
         self.admission = Admission(self.config.admission, self._runner.server)
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            # Admission's clock starts once the TLS handshake is done (the
+            # protocol sees the connection only then), so the handshake gets
+            # its own deadline of the same length: a socket that stalls in it
+            # is closed by the loop, like one that stalls in its request.
+            tls = {"ssl": self.tls.context, "ssl_handshake_timeout": self.config.admission.handshake_timeout}
         self._listener = await asyncio.get_running_loop().create_server(
-            self.admission.protocol, self.config.host, self.config.port, backlog=4096, reuse_address=True
+            self.admission.protocol,
+            self.config.host,
+            self.config.port,
+            backlog=4096,
+            reuse_address=True,
+            **tls,
         )
         if self._listener.sockets:
             self.port = self._listener.sockets[0].getsockname()[1]
@@ -141,6 +163,7 @@ class Gateway:
             extra={
                 "host": self.config.host,
                 "port": self.port,
+                "tls": self.tls is not None,
                 "data_dir": str(self.config.data_dir),
             },
         )
@@ -344,7 +367,8 @@ def serve(config: GatewayConfig) -> signal.Signals:
 
 
 async def run_gateway(config: GatewayConfig) -> signal.Signals:
-    """Run until SIGINT/SIGTERM, then shut down gracefully; returns the signal."""
+    """Run until SIGINT/SIGTERM, then shut down gracefully; returns the signal.
+    With TLS, SIGHUP reloads the certificate and key."""
     gateway = Gateway(config)
     await gateway.start()
     stopped_by: asyncio.Future[signal.Signals] = asyncio.get_running_loop().create_future()
@@ -352,6 +376,9 @@ async def run_gateway(config: GatewayConfig) -> signal.Signals:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, _resolve_once, stopped_by, sig)
+    if gateway.tls is not None and hasattr(signal, "SIGHUP"):
+        # New certificate for new connections; open ones keep theirs.
+        loop.add_signal_handler(signal.SIGHUP, gateway.tls.reload)
     sig = await stopped_by
     await gateway.stop()
     return sig

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,8 +31,17 @@ class ServerProcess:
     embedded = True
     mode = "embedded"
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
+        """``tls``: the server serves https (its flags are in ``extra_args``);
+        the context is what the health check trusts."""
         self.data_dir = data_dir
+        self.tls = tls
         self.port = port or free_port()
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -39,7 +49,7 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def urls(self) -> list[str]:
@@ -94,7 +104,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1, context=self.tls) as resp:
                     if resp.status == 200:
                         return
             except OSError:
