@@ -221,9 +221,11 @@ class Gateway:
                 await self._serve(ws, conn, *identity)
         finally:
             self.connections.discard(conn)
+            # The code this server closed with; else the peer's (None: no close frame).
+            code = conn.close_code if conn.close_code is not None else ws.close_code
             conn.close(CloseCode.NORMAL, "")
             await conn.finish()
-            self.metrics.closed(ws.close_code)
+            self.metrics.closed(code if code is not None else ws.close_code)
         return ws
 
     async def _authenticate(
