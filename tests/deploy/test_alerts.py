@@ -7,7 +7,7 @@ from pathlib import Path
 
 from roost.core.metrics import Metrics
 
-ALERTS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 
 
 def exported_names() -> set[str]:
