@@ -78,7 +78,7 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Any:
     if url.startswith(("postgresql://", "postgres://")):
         from roost.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, metrics=metrics)
     raise ValueError(f"unsupported --store URL {url!r}: use postgresql://...")
 
 

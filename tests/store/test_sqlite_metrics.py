@@ -97,3 +97,41 @@ async def test_a_writer_failure_counts_as_writer_failed(
         assert sample(metrics, "roost_store_errors_total", kind="commit_failed") == 0
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_commits_and_failed_batches_are_measured(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from roost.store.postgres import PostgresStore
+
+    metrics = Metrics()
+    store = PostgresStore(pg_database, metrics=metrics)
+    await store.open()
+    try:
+        for name in ("alice", "bob"):
+            await store.add_user(name, name.encode(), NOW)
+        commits = sample(metrics, "roost_store_commit_seconds_count")
+        await asyncio.wait_for(
+            store.append("alice", "m1", "text/plain", b"x", NOW, to="bob", stream=SendStream()), 10
+        )
+        assert sample(metrics, "roost_store_commit_seconds_count") == commits + 1
+        assert sample(metrics, "roost_store_commit_batch_size_sum") >= 1
+
+        execute = store._execute
+        blown: list[bool] = []
+
+        async def fail_once(args: Any) -> Any:
+            if not blown:
+                blown.append(True)
+                raise ConnectionResetError("planted: the connection dropped")
+            return await execute(args)
+
+        monkeypatch.setattr(store, "_execute", fail_once)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(
+                store.append("alice", "m2", "text/plain", b"x", NOW, to="bob", stream=SendStream()), 10
+            )
+        assert sample(metrics, "roost_store_errors_total", kind="commit_failed") == 1
+    finally:
+        await store.close()
