@@ -98,6 +98,12 @@ class Metrics:
             "roost_store_errors_total", "Store batches that failed, by kind", ["kind"], registry=r
         )
         self.store_error = {kind: store_errors.labels(kind) for kind in STORE_ERROR_KINDS}
+        # Set by the chat service: computed at scrape time, nothing on the hot path.
+        self.inbox_drains_pending = Gauge(
+            "roost_inbox_drains_pending",
+            "Conversations whose messages wait in the inbox for a drain to a connected device",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "roost_rate_limited_total",
             "Times a connection's reading was paused by its rate limit",

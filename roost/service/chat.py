@@ -110,6 +110,11 @@ class ChatService:
         # Label children resolved once: labels() per frame would cost ~1.9 µs.
         self._frame_counters = {cls: self.metrics.frames_in.labels(frame_type(cls)) for cls in self._handlers}
         self._invalid_frames = self.metrics.frames_in.labels("invalid")
+        self.metrics.inbox_drains_pending.set_function(self._drains_pending)
+
+    def _drains_pending(self) -> int:
+        """Inbox backlog of this gateway's devices (scrape time, O(sessions))."""
+        return sum(s.cursor.pending_drains for s in self.registry.sessions() if isinstance(s, Session))
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -151,3 +151,34 @@ def test_no_admin_listener_without_admin_port(tmp_path: Path) -> None:
         assert "admin_port" in srv.log() and '"admin_port": null' in srv.log()
     finally:
         srv.stop()
+
+
+async def test_inbox_drain_backlog_rises_and_falls(tmp_path: Path) -> None:
+    admin = free_port()
+    # A window of one unacked message: bob's next messages wait for a drain.
+    srv = ServerProcess(tmp_path / "data", extra_args=["--admin-port", str(admin), "--window", "1"])
+    srv.start()
+    alice = bob = None
+    try:
+        tokens = add_users(srv, ["alice", "bob"])
+        alice = await RawWS.open(srv, tokens["alice"])
+        bob = await RawWS.open(srv, tokens["bob"])
+        for n in range(3):
+            await alice.send({"type": "send", "id": f"m{n}", "to": "bob", "body": b64("x")})
+            await alice.recv_type("ack")
+        first = await bob.recv_type("msg")
+        backlog = await eventually(admin, lambda s: value(s, "roost_inbox_drains_pending") == 1)
+        assert value(backlog, "roost_inbox_drains_pending") == 1
+        # Bob acks each message; the drain brings the next, until none waits.
+        seen = [first["seq"]]
+        await bob.send({"type": "dack", "conv": first["conv"], "seq": first["seq"]})
+        while len(seen) < 3:
+            msg = await bob.recv_type("msg")
+            seen.append(msg["seq"])
+            await bob.send({"type": "dack", "conv": msg["conv"], "seq": msg["seq"]})
+        assert seen == [1, 2, 3]
+        drained = await eventually(admin, lambda s: value(s, "roost_inbox_drains_pending") == 0)
+        assert value(drained, "roost_inbox_drains_pending") == 0
+    finally:
+        await close_all(alice, bob)
+        srv.stop()
