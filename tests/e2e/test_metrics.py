@@ -182,3 +182,27 @@ async def test_inbox_drain_backlog_rises_and_falls(tmp_path: Path) -> None:
     finally:
         await close_all(alice, bob)
         srv.stop()
+
+
+async def test_auth_failures_are_counted_by_reason(metered: tuple[ServerProcess, int]) -> None:
+    srv, admin = metered
+    tokens = add_users(srv, ["alice"])
+    before = scrape(admin)
+    refusals = [
+        ({"type": "ping", "t": 1}, 4001),  # not an auth frame first: bad_frame
+        ({"type": "auth", "token": tokens["alice"], "v": 999}, 4005),  # version
+        ({"type": "auth", "token": "nobody"}, 4001),  # failed
+    ]
+    for frame, code in refusals:
+        raw = await RawWS.open(srv)
+        try:
+            await raw.send(frame)
+            assert await raw.wait_closed() == code
+        finally:
+            await raw.close()
+    after = await eventually(admin, lambda s: value(s, "roost_connections_closed_total", code="4001") >= 2)
+    for reason in ("bad_frame", "version", "failed"):
+        moved = value(after, "roost_auth_failures_total", reason=reason)
+        assert moved - value(before, "roost_auth_failures_total", reason=reason) == 1, reason
+    assert value(after, "roost_connections_closed_total", code="4001") == 2
+    assert value(after, "roost_connections_closed_total", code="4005") == 1
