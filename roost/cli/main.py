@@ -94,6 +94,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-group-members", type=int, default=1024)
     p.add_argument("--window", type=int, default=128, help="unacked messages per device")
     p.add_argument("--presence-debounce", type=float, default=3.0)
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this port (a listener apart from --port; default: off)",
+    )
+    p.add_argument("--admin-host", default="127.0.0.1", help="address of the --admin-port listener")
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--log-format",
@@ -133,6 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
         heartbeat=args.heartbeat,
         auth_timeout=args.auth_timeout,
         drain_seconds=args.drain_seconds,

@@ -84,6 +84,11 @@ class Connection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def close_code(self) -> int | None:
+        """The code this server closed (or is closing) the socket with; None if it did not."""
+        return self._close_code
+
     def push(self, frame: bytes) -> None:
         if self._closed:
             return

@@ -10,6 +10,9 @@ the chat service's. Endpoints:
 
 With ``tls_cert``/``tls_key`` the same listener speaks https/wss only
 (roost/gateway/tls.py); SIGHUP reloads the certificate for new connections.
+
+``GET /metrics`` (Prometheus) is served only on the admin listener
+(``admin_port``; off when unset), never on the public port.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
+from roost.core.metrics import Metrics
 from roost.gateway.admission import Admission, AdmissionLimits
 from roost.gateway.connection import Connection
 from roost.gateway.readiness import Readiness
@@ -76,16 +81,19 @@ class GatewayConfig:
     # not all reconnect in the same second.
     drain_seconds: float = 5.0
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    # The admin listener serving /metrics: off when admin_port is None.
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
 
 
-def make_store(config: GatewayConfig) -> Any:
+def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Any:
     url = config.store_url
     if url is None:
-        return SqliteStore(database_path(config.data_dir))
+        return SqliteStore(database_path(config.data_dir), metrics=metrics)
     if url.startswith(("postgresql://", "postgres://")):
         from roost.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, metrics=metrics)
     raise ValueError(f"unsupported --store URL {url!r}: use postgresql://...")
 
 
@@ -106,10 +114,14 @@ class Gateway:
         self.tls: ServerTLS | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             self.tls = ServerTLS(config.tls_cert, config.tls_key)  # a bad pair: nothing opened yet
-        self.store = make_store(config)
+        self.metrics = Metrics()
+        self.store = make_store(config, self.metrics)
         self.registry = make_registry(config)
-        self.service = ChatService(self.store, self.registry, config.service)
+        self.service = ChatService(self.store, self.registry, config.service, self.metrics)
         self.connections: set[Connection] = set()
+        self.metrics.connections_open.set_function(lambda: len(self.connections))
+        self._metrics_runner: web.AppRunner | None = None
+        self.admin_port: int | None = None
         self.ready = False
         self.stopping = False
         self._auth_unavailable = RateLimitedWarning("authentication deferred, store unavailable")
@@ -157,6 +169,8 @@ class Gateway:
         )
         if self._listener.sockets:
             self.port = self._listener.sockets[0].getsockname()[1]
+        if self.config.admin_port is not None:
+            await self._start_metrics()
         self.ready = True
         log.info(
             "listening",
@@ -165,8 +179,21 @@ class Gateway:
                 "port": self.port,
                 "tls": self.tls is not None,
                 "data_dir": str(self.config.data_dir),
+                "admin_port": self.admin_port,
             },
         )
+
+    async def _start_metrics(self) -> None:
+        """The admin listener: /metrics for Prometheus, apart from the public port."""
+        app = web.Application()
+        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
+        self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, self.config.admin_host, self.config.admin_port)
+        await site.start()
+        addresses = self._metrics_runner.addresses
+        if addresses:
+            self.admin_port = addresses[0][1]
 
     async def stop(self) -> None:
         """Graceful: stop accepting, tell clients to go away, finish commits."""
@@ -186,6 +213,8 @@ class Gateway:
             self.admission.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self.admin is not None:
             await self.admin.stop()
         await self.service.stop()
@@ -248,6 +277,7 @@ class Gateway:
             self.admission.upgraded(request.transport)
         conn = Connection(ws, self.config.max_queued_bytes, request.transport)
         self.connections.add(conn)
+        self.metrics.connections_accepted.inc()
         try:
             identity = await self._authenticate(ws, conn, request)
             # A socket that died while its token was being checked is not
@@ -259,8 +289,11 @@ class Gateway:
                 await self._serve(ws, conn, *identity)
         finally:
             self.connections.discard(conn)
+            # The code this server closed with; else the peer's (None: no close frame).
+            code = conn.close_code if conn.close_code is not None else ws.close_code
             conn.close(CloseCode.NORMAL, "")
             await conn.finish()
+            self.metrics.closed(code if code is not None else ws.close_code)
         return ws
 
     async def _authenticate(
@@ -275,6 +308,7 @@ class Gateway:
         try:
             msg = await asyncio.wait_for(ws.receive(), wait)
         except TimeoutError:
+            self.metrics.auth_failure["timeout"].inc()
             conn.push(error_frame(ProtocolError(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")))
             conn.close(CloseCode.AUTH_TIMEOUT, "auth timeout")
             return None
@@ -287,6 +321,7 @@ class Gateway:
             if not isinstance(frame, f.Auth):
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "the first frame must be auth")
             if frame.v != f.PROTOCOL_VERSION:
+                self.metrics.auth_failure["version"].inc()
                 conn.push(
                     error_frame(
                         ProtocolError(
@@ -302,10 +337,13 @@ class Gateway:
             if user is None:
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown or revoked token")
         except ProtocolError as exc:
+            reason = "failed" if exc.code == ErrorCode.AUTH_FAILED else "bad_frame"
+            self.metrics.auth_failure[reason].inc()
             conn.push(error_frame(exc))
             conn.close(CloseCode.AUTH_FAILED, exc.code.value)
             return None
         except StoreUnavailable as exc:
+            self.metrics.auth_failure["unavailable"].inc()
             # Expected while the store is down or overloaded: the client
             # retries. One line per interval, not a traceback per client (in
             # a reconnect storm those cost more CPU than the work itself).
@@ -314,6 +352,7 @@ class Gateway:
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return None
         except Exception:
+            self.metrics.auth_failure["unavailable"].inc()
             log.exception("authentication failed")
             conn.push(error_frame(ProtocolError(ErrorCode.UNAVAILABLE, "try again")))
             conn.close(CloseCode.GOING_AWAY, "unavailable")

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from roost.core.delivery import DeliveryCursor, DrainRequest
+from roost.core.metrics import Metrics
 from roost.core.ratelimit import TokenBucket
 from roost.protocol.codec import encode
 from roost.protocol.errors import CloseCode, ProtocolError
@@ -63,6 +64,7 @@ class Session:
         "client",
         "cursor",
         "limiter",
+        "metrics",
         "send_stream",
         "sink",
         "store",
@@ -78,8 +80,10 @@ class Session:
         rate: float,
         burst: float,
         client: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
         self.user = user
+        self.metrics = metrics
         self.client = client  # the auth frame's client run id ("" if not given)
         self.sink = sink
         self.store = store
@@ -104,6 +108,8 @@ class Session:
         own = message.sender == self.user
         if self.cursor.offer(message.conv, message.seq, own, len(frame)):
             self.sink.push(frame)
+            if self.metrics is not None:
+                self.metrics.delivered_push.inc()
         else:
             self.kick()
 
@@ -200,3 +206,5 @@ class Session:
         )
         for seq in to_push:
             self.sink.push(frames[seq])
+        if to_push and self.metrics is not None:
+            self.metrics.delivered_inbox.inc(len(to_push))

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from roost.core.delivery import DrainRequest
 from roost.core.ids import direct_conv_id, direct_members
 from roost.core.membership import MEMBER, Member
 from roost.core.membership import require_active as _require_active
+from roost.core.metrics import Metrics
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store.base import (
@@ -759,8 +761,10 @@ class PostgresStore:
         batch_timeout: float = 30.0,
         max_retries: int = 8,
         migrate: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.dsn = dsn
+        self.metrics = metrics or Metrics()
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self.pool_size = pool_size
@@ -948,6 +952,7 @@ class PostgresStore:
             return
         unfold: set[tuple[str, ...]] = set()
         attempt = 0
+        started = time.perf_counter()  # retries included: what the senders waited
         while True:
             plan = self._plan(live, unfold)
             try:
@@ -972,6 +977,8 @@ class PostgresStore:
             break
         self.commits += 1
         self.committed_ops += len(live)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.commit_batch_size.observe(len(live))
         outcomes = self._interpret(plan, rows)
         for op in live:
             if op.future.done():
@@ -984,6 +991,7 @@ class PostgresStore:
 
     def _batch_failed(self, batch: list[_Op], exc: BaseException) -> None:
         self.failed_batches += 1
+        self.metrics.store_error["commit_failed"].inc()
         self._members.clear()
         log.warning("postgres store: batch of %d failed: %s", len(batch), exc)
         for op in batch:

@@ -24,6 +24,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from roost.core import membership as rules
 from roost.core.delivery import DrainRequest
 from roost.core.ids import direct_conv_id, direct_members
 from roost.core.membership import ADMIN, MEMBER, Member
+from roost.core.metrics import Metrics
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store.base import (
@@ -214,8 +216,15 @@ T = TypeVar("T")  # what a read (_read) returns
 class SqliteStore:
     """The embedded store. ``path`` is the database file."""
 
-    def __init__(self, path: Path | str, max_batch: int = 1024, cache_size: int = 100_000):
+    def __init__(
+        self,
+        path: Path | str,
+        max_batch: int = 1024,
+        cache_size: int = 100_000,
+        metrics: Metrics | None = None,
+    ):
         self.path = Path(path)
+        self.metrics = metrics or Metrics()
         self.max_batch = max_batch
         self.cache_size = cache_size
         self._queue: queue.SimpleQueue[_Op | object | None] = queue.SimpleQueue()
@@ -343,6 +352,7 @@ class SqliteStore:
         try:
             self._run_batch(conn, batch)
         except Exception as exc:
+            self.metrics.store_error["writer_failed"].inc()
             self._batch_crashed(conn, batch, exc)
 
     def _batch_crashed(self, conn: sqlite3.Connection, batch: list[_Op], exc: Exception) -> None:
@@ -368,6 +378,7 @@ class SqliteStore:
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         _merge_cumulative(batch)
         outcome: dict[int, tuple[bool, Any]] = {}
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -388,7 +399,10 @@ class SqliteStore:
             conn.execute("COMMIT")
             self.commits += 1
             self.committed_ops += len(batch)
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.metrics.commit_batch_size.observe(len(batch))
         except Exception as exc:  # storage failed: nothing of this batch happened
+            self.metrics.store_error["commit_failed"].inc()
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._convs.clear()

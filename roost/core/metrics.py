@@ -1,0 +1,120 @@
+"""Prometheus metrics of one server: the objects, in one place.
+
+Each gateway owns one ``Metrics`` (its own ``CollectorRegistry``), hands it
+to its store and chat service, and serves it on ``/metrics`` of the admin
+listener (``roost serve --admin-port``). Names follow Prometheus practice:
+``roost_`` prefix, ``_total`` for counters, base units (``_seconds``).
+
+Label values come from small fixed sets (frame types, close codes, reasons,
+error kinds), never a user or conversation id. Hot paths use label children
+resolved here once: ``labels()`` costs ~1.9 µs a call, ``inc()`` on a child
+~0.34 µs.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from roost.protocol.errors import CloseCode
+
+# Seconds from a send frame's receipt to its ✓ being queued: group commit
+# makes a few ms normal; the alert threshold is 0.5 s.
+SEND_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+AUTH_FAILURE_REASONS = ("timeout", "bad_frame", "failed", "version", "unavailable")
+STORE_ERROR_KINDS = ("commit_failed", "writer_failed")
+DELIVERY_PATHS = ("push", "inbox")
+# Close codes a peer may send are arbitrary integers: anything not Roost's
+# own or a standard one is counted as "other" so the label set stays bounded.
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011}
+    | {v for k, v in vars(CloseCode).items() if k.isupper() and isinstance(v, int)}
+)
+
+
+class Metrics:
+    """Every metric Roost exports, registered in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections_open = Gauge(
+            "roost_connections_open", "WebSocket connections currently open", registry=r
+        )
+        self.connections_accepted = Counter(
+            "roost_connections_accepted_total", "WebSocket upgrades accepted", registry=r
+        )
+        auth_failures = Counter(
+            "roost_auth_failures_total", "Connections refused at authentication", ["reason"], registry=r
+        )
+        self.auth_failure = {reason: auth_failures.labels(reason) for reason in AUTH_FAILURE_REASONS}
+        # Children resolved by the chat service for the frame types it handles.
+        self.frames_in = Counter(
+            "roost_frames_in_total", "Client frames handled after auth, by type", ["type"], registry=r
+        )
+        self.messages_committed = Counter(
+            "roost_messages_committed_total",
+            "Messages committed by the store (duplicates not counted)",
+            registry=r,
+        )
+        self.send_ack_seconds = Histogram(
+            "roost_send_ack_seconds",
+            "From a send frame's receipt to its ✓ being queued to the socket",
+            buckets=SEND_ACK_BUCKETS,
+            registry=r,
+        )
+        self.commit_batch_size = Histogram(
+            "roost_store_commit_batch_size",
+            "Operations in one store commit (group commit)",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "roost_store_commit_seconds",
+            "Duration of one store commit batch",
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        deliveries = Counter(
+            "roost_deliveries_total",
+            "Messages sent to a device: pushed live or read from its inbox",
+            ["path"],
+            registry=r,
+        )
+        self.delivered_push = deliveries.labels("push")
+        self.delivered_inbox = deliveries.labels("inbox")
+        self._closes = Counter(
+            "roost_connections_closed_total",
+            "Closed WebSocket connections by close code",
+            ["code"],
+            registry=r,
+        )
+        self._close_children = {code: self._closes.labels(str(code)) for code in KNOWN_CLOSE_CODES}
+        self._close_other = self._closes.labels("other")
+        store_errors = Counter(
+            "roost_store_errors_total", "Store batches that failed, by kind", ["kind"], registry=r
+        )
+        self.store_error = {kind: store_errors.labels(kind) for kind in STORE_ERROR_KINDS}
+        # Set by the chat service: computed at scrape time, nothing on the hot path.
+        self.inbox_drains_pending = Gauge(
+            "roost_inbox_drains_pending",
+            "Conversations whose messages wait in the inbox for a drain to a connected device",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "roost_rate_limited_total",
+            "Times a connection's reading was paused by its rate limit",
+            registry=r,
+        )
+
+    def closed(self, code: int | None) -> None:
+        """Count one closed connection; ``None`` (no close frame) counts as 1006."""
+        self._close_children.get(1006 if code is None else code, self._close_other).inc()
+
+
+def frame_type(cls: type[msgspec.Struct]) -> str:
+    """The wire ``type`` tag of a frame class (its label value)."""
+    return str(cls.__struct_config__.tag)
