@@ -5,14 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from roost.core.metrics import Metrics
+from tests.deploy.metric_names import exported_names, roost_names
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
-
-
-def exported_names() -> set[str]:
-    """Every sample name a gateway's /metrics carries (with _bucket, _sum, ...)."""
-    return {sample.name for family in Metrics().registry.collect() for sample in family.samples}
 
 
 def expressions() -> list[str]:
@@ -27,6 +22,6 @@ def test_every_alert_has_an_expression() -> None:
 def test_every_expression_names_metrics_roost_exports() -> None:
     exported = exported_names()
     for expr in expressions():
-        named = set(re.findall(r"\broost_[a-z0-9_]+", expr))
+        named = roost_names(expr)
         assert named, f"names no Roost metric: {expr}"
         assert named <= exported, f"not exported: {sorted(named - exported)} in {expr}"
