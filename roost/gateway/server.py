@@ -275,7 +275,7 @@ class Gateway:
         await ws.prepare(request)
         if self.admission is not None:
             self.admission.upgraded(request.transport)
-        conn = Connection(ws, self.config.max_queued_bytes, request.transport)
+        conn = Connection(ws, self.config.max_queued_bytes, request.transport, self.metrics)
         self.connections.add(conn)
         self.metrics.connections_accepted.inc()
         try:
