@@ -25,6 +25,10 @@ from roost.protocol.frames import ServerFrame
 # makes a few ms normal; the alert threshold is 0.5 s.
 SEND_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Seconds to get a connection from the PostgreSQL pool: ~0 unless every
+# connection is busy.
+POOL_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+POOLS = ("read", "write")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 AUTH_FAILURE_REASONS = ("timeout", "bad_frame", "failed", "version", "unavailable")
@@ -137,6 +141,15 @@ class Metrics:
             "Connections closed (4004) because their send queue was full",
             registry=r,
         )
+
+        pool_wait = Histogram(
+            "roost_store_pool_wait_seconds",
+            "Time to acquire a connection from the PostgreSQL pool, by pool",
+            ["pool"],
+            buckets=POOL_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.pool_wait = {pool: pool_wait.labels(pool) for pool in POOLS}
 
     def frame_pushed(self, frame: bytes) -> None:
         """Count one server frame queued to a connection, by its type tag."""
