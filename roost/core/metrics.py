@@ -29,6 +29,8 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 # connection is busy.
 POOL_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 POOLS = ("read", "write")
+# Seconds of one Redis router round (at most two pipelined round trips).
+ROUND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 AUTH_FAILURE_REASONS = ("timeout", "bad_frame", "failed", "version", "unavailable")
@@ -150,6 +152,18 @@ class Metrics:
             registry=r,
         )
         self.pool_wait = {pool: pool_wait.labels(pool) for pool in POOLS}
+        self.registry_round_seconds = Histogram(
+            "roost_registry_round_seconds",
+            "Duration of one Redis router round (cluster mode)",
+            buckets=ROUND_BUCKETS,
+            registry=r,
+        )
+        self.registry_round_batch_size = Histogram(
+            "roost_registry_round_batch_size",
+            "Items (pushes, session ops, presence changes, lookups) in one Redis router round",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
 
     def frame_pushed(self, frame: bytes) -> None:
         """Count one server frame queued to a connection, by its type tag."""
