@@ -11,6 +11,7 @@ from aiohttp import web
 
 from roost.core.metrics import Metrics
 from roost.gateway.connection import HIGH_WATER, Connection
+from roost.gateway.server import Gateway, GatewayConfig
 from roost.protocol import frames as f
 from roost.protocol.codec import encode
 from roost.protocol.errors import CloseCode
@@ -86,3 +87,11 @@ async def test_a_full_send_queue_counts_one_slow_consumer() -> None:
     assert code == CloseCode.SLOW_CONSUMER
     assert counted(metrics, "roost_slow_consumers_total") == 1
     assert counted(metrics, "roost_frames_out_total", type="error") == 16
+
+
+async def test_cluster_parts_share_the_gateways_metrics() -> None:
+    # Nothing is opened: the store and registry only connect on start.
+    config = GatewayConfig(store_url="postgresql://127.0.0.1:1/roost", registry_url="redis://127.0.0.1:1")
+    gateway = Gateway(config)
+    assert gateway.store.metrics is gateway.metrics
+    assert gateway.registry.metrics is gateway.metrics
