@@ -13,20 +13,31 @@ resolved here once: ``labels()`` costs ~1.9 µs a call, ``inc()`` on a child
 
 from __future__ import annotations
 
+from typing import get_args
+
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from roost.protocol.errors import CloseCode
+from roost.protocol.frames import ServerFrame
 
 # Seconds from a send frame's receipt to its ✓ being queued: group commit
 # makes a few ms normal; the alert threshold is 0.5 s.
 SEND_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Seconds to get a connection from the PostgreSQL pool: ~0 unless every
+# connection is busy.
+POOL_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+POOLS = ("read", "write")
+# Seconds of one Redis router round (at most two pipelined round trips).
+ROUND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 AUTH_FAILURE_REASONS = ("timeout", "bad_frame", "failed", "version", "unavailable")
 STORE_ERROR_KINDS = ("commit_failed", "writer_failed")
 DELIVERY_PATHS = ("push", "inbox")
+# A server frame's JSON starts with its tag: b'{"type":"pong",...'.
+FRAME_TAG_START = len(b'{"type":"')
 # Close codes a peer may send are arbitrary integers: anything not Roost's
 # own or a standard one is counted as "other" so the label set stays bounded.
 KNOWN_CLOSE_CODES = frozenset(
@@ -109,6 +120,56 @@ class Metrics:
             "Times a connection's reading was paused by its rate limit",
             registry=r,
         )
+
+        frames_out = Counter(
+            "roost_frames_out_total", "Server frames queued to a connection, by type", ["type"], registry=r
+        )
+        self.receipts = Counter(
+            "roost_receipts_total", "Receipt frames pushed to the senders of messages", registry=r
+        )
+        self.presence_events = Counter(
+            "roost_presence_events_total", "Presence frames pushed to subscribers", registry=r
+        )
+        # Keyed by the tag's bytes, so a push finds its counters without decoding.
+        # Receipt and presence frames also move their own counters.
+        self.frame_out: dict[bytes, tuple[Counter, ...]] = {}
+        for cls in get_args(ServerFrame):
+            tag = frame_type(cls)
+            extra = {"receipt": (self.receipts,), "presence": (self.presence_events,)}.get(tag, ())
+            self.frame_out[tag.encode()] = (frames_out.labels(tag), *extra)
+        self.frame_out_other = (frames_out.labels("other"),)
+        self.slow_consumers = Counter(
+            "roost_slow_consumers_total",
+            "Connections closed (4004) because their send queue was full",
+            registry=r,
+        )
+
+        pool_wait = Histogram(
+            "roost_store_pool_wait_seconds",
+            "Time to acquire a connection from the PostgreSQL pool, by pool",
+            ["pool"],
+            buckets=POOL_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.pool_wait = {pool: pool_wait.labels(pool) for pool in POOLS}
+        self.registry_round_seconds = Histogram(
+            "roost_registry_round_seconds",
+            "Duration of one Redis router round (cluster mode)",
+            buckets=ROUND_BUCKETS,
+            registry=r,
+        )
+        self.registry_round_batch_size = Histogram(
+            "roost_registry_round_batch_size",
+            "Items (pushes, session ops, presence changes, lookups) in one Redis router round",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+
+    def frame_pushed(self, frame: bytes) -> None:
+        """Count one server frame queued to a connection, by its type tag."""
+        end = frame.find(b'"', FRAME_TAG_START)
+        for counter in self.frame_out.get(frame[FRAME_TAG_START:end], self.frame_out_other):
+            counter.inc()
 
     def closed(self, code: int | None) -> None:
         """Count one closed connection; ``None`` (no close frame) counts as 1006."""

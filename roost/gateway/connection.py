@@ -23,6 +23,7 @@ from collections import deque
 
 from aiohttp import WSMsgType, web
 
+from roost.core.metrics import Metrics
 from roost.protocol.errors import CloseCode
 
 log = logging.getLogger("roost.gateway")
@@ -55,6 +56,7 @@ class Connection:
         "_closer",
         "_flush_scheduled",
         "_loop",
+        "_metrics",
         "_queue",
         "_queued_bytes",
         "_transport",
@@ -64,9 +66,14 @@ class Connection:
     )
 
     def __init__(
-        self, ws: web.WebSocketResponse, max_queued_bytes: int, transport: asyncio.Transport | None = None
+        self,
+        ws: web.WebSocketResponse,
+        max_queued_bytes: int,
+        transport: asyncio.Transport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.ws = ws
+        self._metrics = metrics
         self._transport = transport
         self.max_queued_bytes = max_queued_bytes
         self._loop = asyncio.get_running_loop()
@@ -92,6 +99,8 @@ class Connection:
     def push(self, frame: bytes) -> None:
         if self._closed:
             return
+        if self._metrics is not None:
+            self._metrics.frame_pushed(frame)
         if self._writer is not None:
             self._enqueue(frame)
             return
@@ -148,6 +157,8 @@ class Connection:
             log.warning("closing slow consumer (%d bytes queued)", self._queued_bytes + buffered)
             queue.clear()
             self._queued_bytes = 0
+            if self._metrics is not None:
+                self._metrics.slow_consumers.inc()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect to resume")
             # The writer may be stuck waiting for the peer to read (or not even
             # started): stop it and close now, not when the peer wakes up.

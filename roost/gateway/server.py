@@ -97,14 +97,15 @@ def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Any:
     raise ValueError(f"unsupported --store URL {url!r}: use postgresql://...")
 
 
-def make_registry(config: GatewayConfig) -> Any:
+def make_registry(config: GatewayConfig, metrics: Metrics | None = None) -> Any:
     url = config.registry_url
     if url is None:
         return MemoryRegistry()
     if url.startswith(("redis://", "rediss://", "unix://")):
         from roost.registry.redis import RedisRegistry
 
-        return RedisRegistry(url, config.gateway_id or f"{socket.gethostname()}:{config.port}:{os.getpid()}")
+        gateway_id = config.gateway_id or f"{socket.gethostname()}:{config.port}:{os.getpid()}"
+        return RedisRegistry(url, gateway_id, metrics=metrics)
     raise ValueError(f"unsupported --registry URL {url!r}: use redis://...")
 
 
@@ -116,7 +117,7 @@ class Gateway:
             self.tls = ServerTLS(config.tls_cert, config.tls_key)  # a bad pair: nothing opened yet
         self.metrics = Metrics()
         self.store = make_store(config, self.metrics)
-        self.registry = make_registry(config)
+        self.registry = make_registry(config, self.metrics)
         self.service = ChatService(self.store, self.registry, config.service, self.metrics)
         self.connections: set[Connection] = set()
         self.metrics.connections_open.set_function(lambda: len(self.connections))
@@ -275,7 +276,7 @@ class Gateway:
         await ws.prepare(request)
         if self.admission is not None:
             self.admission.upgraded(request.transport)
-        conn = Connection(ws, self.config.max_queued_bytes, request.transport)
+        conn = Connection(ws, self.config.max_queued_bytes, request.transport, self.metrics)
         self.connections.add(conn)
         self.metrics.connections_accepted.inc()
         try:

@@ -85,6 +85,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from roost.core.metrics import Metrics
 from roost.core.presence import PresenceChange
 from roost.protocol.codec import encode
 from roost.protocol.frames import Presence
@@ -275,6 +276,17 @@ class _Batch:
     def pushes(self) -> bool:
         return bool(self.msgs or self.rcpts or self.frames)
 
+    def size(self) -> int:
+        """Items of work in the batch (flush waiters are not work)."""
+        return (
+            len(self.ops)
+            + len(self.msgs)
+            + len(self.rcpts)
+            + len(self.frames)
+            + len(self.changes)
+            + len(self.fetches)
+        )
+
 
 class RedisRegistry:
     """``Registry`` for cluster mode. See the module docstring for the design.
@@ -306,12 +318,14 @@ class RedisRegistry:
         max_pending: int = 200_000,
         route_cache_ttl: float = 0.0,
         client: aioredis.Redis | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not gateway_id or "|" in gateway_id:
             raise ValueError("gateway_id must be non-empty and contain no '|'")
         if ttl <= heartbeat:
             raise ValueError("ttl must be longer than the heartbeat interval")
         self.url = url
+        self.metrics = metrics or Metrics()
         # Called after Redis or the subscription comes back: pushes may have
         # been lost meanwhile (the chat service then re-reads every local inbox).
         self.on_recovered: Callable[[Collection[str] | None], None] | None = None
@@ -719,6 +733,8 @@ class RedisRegistry:
             if heartbeat:
                 next_heartbeat = time.monotonic() + self.heartbeat
             batch, self._batch, self._pending = self._batch, _Batch(), 0
+            self.metrics.registry_round_batch_size.observe(batch.size())
+            started = time.perf_counter()
             try:
                 await self._round(batch, heartbeat)
             except asyncio.CancelledError:
@@ -737,6 +753,7 @@ class RedisRegistry:
                     self._notify_recovered()
             finally:
                 self._release(batch)
+                self.metrics.registry_round_seconds.observe(time.perf_counter() - started)
             if heartbeat:
                 self._first_heartbeat.set()
 

@@ -1047,7 +1047,9 @@ class PostgresStore:
         pool = self._write_pool
         if pool is None:
             raise asyncpg.InterfaceError("store is closed")
+        started = time.perf_counter()
         conn = await pool.acquire(timeout=self.connect_timeout)
+        self.metrics.pool_wait["write"].observe(time.perf_counter() - started)
         try:
             rows: list[asyncpg.Record] = await conn.fetchmany(_OP_SQL, args, timeout=self.batch_timeout)
             return rows
@@ -1234,7 +1236,9 @@ class PostgresStore:
             if pool is None or self._closing:
                 raise StoreUnavailable("store is closed")
             try:
+                started = time.perf_counter()
                 async with pool.acquire(timeout=self.connect_timeout) as conn:
+                    self.metrics.pool_wait["read"].observe(time.perf_counter() - started)
                     return await fn(conn)
             except ProtocolError:
                 raise

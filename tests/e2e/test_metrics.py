@@ -206,3 +206,38 @@ async def test_auth_failures_are_counted_by_reason(metered: tuple[ServerProcess,
         assert moved - value(before, "roost_auth_failures_total", reason=reason) == 1, reason
     assert value(after, "roost_connections_closed_total", code="4001") == 2
     assert value(after, "roost_connections_closed_total", code="4005") == 1
+
+
+async def test_frames_out_receipts_and_presence_are_counted(metered: tuple[ServerProcess, int]) -> None:
+    srv, admin = metered
+    tokens = add_users(srv, ["alice", "bob"])
+    before = scrape(admin)
+    alice = await RawWS.open(srv, tokens["alice"])
+    bob = await RawWS.open(srv, tokens["bob"])
+    try:
+        # Bob is online: subscribing answers with one presence frame.
+        await alice.send({"type": "presence_sub", "users": ["bob"]})
+        await alice.recv_type("presence")
+        await alice.send({"type": "send", "id": "m1", "to": "bob", "body": b64("hi")})
+        await alice.recv_type("ack")
+        deliver = await bob.recv_type("msg")
+        # Bob's ✓✓ reaches alice as a receipt frame.
+        await bob.send({"type": "dack", "conv": deliver["conv"], "seq": deliver["seq"]})
+        await alice.recv_type("receipt")
+        after = scrape(admin)
+    finally:
+        await close_all(alice, bob)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("roost_frames_out_total", type="welcome") == 2
+    assert delta("roost_frames_out_total", type="ack") == 1
+    assert delta("roost_frames_out_total", type="msg") == 1
+    assert delta("roost_frames_out_total", type="presence") >= 1
+    assert delta("roost_frames_out_total", type="receipt") >= 1
+    assert delta("roost_receipts_total") == delta("roost_frames_out_total", type="receipt")
+    assert delta("roost_presence_events_total") == delta("roost_frames_out_total", type="presence")
+    # Every server frame type is exported (at zero until sent): dashboards can name them.
+    for tag in ("typing_event", "group", "history_page", "pong", "error", "other"):
+        assert ("roost_frames_out_total", (("type", tag),)) in after

@@ -550,3 +550,32 @@ async def test_an_attach_in_the_round_a_redis_restart_fails_is_retried_at_once(
         await asyncio.sleep(0.02)
     assert value is not None and value.startswith(b"b|"), "the attach waited for the heartbeat"
     assert bob.replaced_count == 0
+
+
+async def test_router_rounds_are_measured(gateways: Any) -> None:
+    from roost.core.metrics import Metrics
+
+    metrics = Metrics()
+    a = await gateways("a", metrics=metrics)
+    b = await gateways("b")
+    bob = attach(b, "bob")
+    await b.flush()
+
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    rounds = sample("roost_registry_round_seconds_count")
+    items = sample("roost_registry_round_batch_size_sum")
+    # Five pushes queued in one pass and a flush: one round carries all five.
+    for seq in range(1, 6):
+        a.push_message(message(conv="d:ann:bob", seq=seq), ("bob",))
+    await a.flush()
+    await eventually(lambda: len(bob.offered) == 5)
+    assert sample("roost_registry_round_seconds_count") > rounds
+    assert sample("roost_registry_round_seconds_sum") > 0
+    assert sample("roost_registry_round_batch_size_sum") - items >= 5
+    # The largest batch went into a bucket above 4 items.
+    above_4 = sample("roost_registry_round_batch_size_count") - (
+        metrics.registry.get_sample_value("roost_registry_round_batch_size_bucket", {"le": "4.0"}) or 0.0
+    )
+    assert above_4 >= 1
