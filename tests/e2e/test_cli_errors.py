@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from roost.client.state import ClientState
 from roost.protocol.frames import MAX_BODY_BYTES
 from tests.cli_subprocess import ROOST, run_on_terminal, run_roost
 from tests.e2e.helpers import add_users
@@ -105,7 +106,6 @@ def test_bad_url_or_empty_token_is_a_usage_error(tmp_path: Path, url: str, token
 
 
 def test_connection_failures_say_what_failed(server: ServerProcess, alice: str, tmp_path: Path) -> None:
-    state = ["--state", str(tmp_path / "a.state")]
     cases = [
         # A server that is down: retried until --timeout, then the reason; the
         # message stays queued in the outbox (exit 4) for the next client.
@@ -117,16 +117,26 @@ def test_connection_failures_say_what_failed(server: ServerProcess, alice: str, 
         # A token the server does not know.
         (server.url, "rt_not-a-token", "30", "auth_failed", 1),
     ]
-    for url, token, timeout, expected, code in cases:
+    for i, (url, token, timeout, expected, code) in enumerate(cases):
+        state = tmp_path / f"case{i}.state"
         start = time.monotonic()
         out = roost(
-            tmp_path, "send", "--url", url, "--token", token, *state, "--timeout", timeout, "--to", "bob", "x"
+            tmp_path,
+            *("send", "--url", url, "--token", token, "--state", str(state)),
+            *("--timeout", timeout, "--to", "bob", "x"),
         )
         elapsed = time.monotonic() - start
         assert out.returncode == code, (url, out.stderr)
         line = one_line(out.stderr)
         assert expected in line and line.startswith("roost send: "), line
         assert elapsed < (float(timeout) + 8 if timeout == "2" else 10), (url, elapsed)
+        # Queued (4) stays in the outbox for the next client; a final failure
+        # (1) would fail the same way again, so nothing is left to resend.
+        held = ClientState(state)
+        try:
+            assert len(held.outbox()) == (1 if code == 4 else 0), (url, held.outbox())
+        finally:
+            held.close()
 
 
 def test_retry_line_only_on_a_terminal(tmp_path: Path) -> None:
