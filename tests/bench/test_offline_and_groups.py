@@ -30,8 +30,10 @@ def test_offline_drain_receives_every_message_once(tmp_path: Path) -> None:
     report = run_bench(
         tmp_path,
         "offline-drain",
+        # enough messages that the drain's server CPU spans several clock ticks
+        # (/proc counts 10 ms ticks; 600 messages drained in one and read as 0.0)
         "--messages",
-        "600",
+        "3000",
         "--recipients",
         "6",
         "--senders",
@@ -40,14 +42,14 @@ def test_offline_drain_receives_every_message_once(tmp_path: Path) -> None:
         "30",
     )
     r = report["results"]
-    assert r["messages"] == r["acked"] == 600 and r["queue_errors"] == 0
-    assert r["received"] == 600 and r["missing"] == 0 and r["recipients_short"] == 0
+    assert r["messages"] == r["acked"] == 3000 and r["queue_errors"] == 0
+    assert r["received"] == 3000 and r["missing"] == 0 and r["recipients_short"] == 0
     assert r["duplicates"] == 0 and r["errors"] == 0
     assert r["connected"] == r["recipients"] == 6
     assert 0 < r["drain_seconds"] < 30
     # drain_seconds is rounded to the millisecond in the report: allow for that error
     seconds = r["drain_seconds"]
-    assert abs(r["rate_achieved"] - 600 / seconds) <= 600 * 0.0005 / (seconds * (seconds - 0.0005)) + 1
+    assert abs(r["rate_achieved"] - 3000 / seconds) <= 3000 * 0.0005 / (seconds * (seconds - 0.0005)) + 1
     assert r["queue_rate"] > 0 and r["server_cpu_pct"] > 0
 
 
