@@ -1,5 +1,6 @@
 """The Python SDK: ``from roost.client import Client``."""
 
+from roost.client.attachments import ATTACHMENT_CT, AttachmentRef, BlobTampered, InvalidAttachment
 from roost.client.client import (
     CannotConnect,
     Client,
@@ -29,6 +30,9 @@ from roost.client.events import (
 from roost.client.state import StateInUse
 
 __all__ = [
+    "ATTACHMENT_CT",
+    "AttachmentRef",
+    "BlobTampered",
     "CannotConnect",
     "Client",
     "Connected",
@@ -40,6 +44,7 @@ __all__ = [
     "Event",
     "GroupInfo",
     "InvalidArgument",
+    "InvalidAttachment",
     "InvalidMessage",
     "LocalSend",
     "Membership",
