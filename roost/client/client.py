@@ -42,7 +42,7 @@ from typing import Any, Literal, overload
 import aiohttp
 import msgspec
 
-from roost.client.attachments import MAX_CAPTION_CHARS
+from roost.client.attachments import ATTACHMENT_CT, MAX_CAPTION_CHARS
 from roost.client.events import (
     Connected,
     Consumed,
@@ -740,6 +740,7 @@ class Client:
         progress: Progress | None = None,
         message_id: str | None = None,
         wait: bool = True,
+        announce: bool = False,
     ) -> SendResult | str:
         """Send the file at ``path`` to a user (``to``) or a conversation.
 
@@ -750,7 +751,8 @@ class Client:
         same state, and the message carrying the reference goes out only once
         the blob is complete, exactly once. ``progress(done, total)`` reports
         uploaded bytes (this run only). With ``wait`` it returns the
-        ``SendResult`` at ✓; without, the message id at once; ``wait_sent`` works on it."""
+        ``SendResult`` at ✓; without, the message id at once; ``wait_sent`` works on it.
+        ``announce`` emits a ``LocalSend`` event (its body the reference, blob id still empty)."""
         target_conv = group or conv
         if (to is None) == (target_conv is None):
             raise ValueError("give exactly one of to= and group=/conv=")
@@ -767,11 +769,14 @@ class Client:
             future = self._ack_waiters[message_id] = asyncio.get_running_loop().create_future()
         if message_id not in self._outbox and message_id not in self._uploader.pending:
             try:
-                await self._uploader.add(source, to, target_conv, caption, message_id)
+                item = await self._uploader.add(source, to, target_conv, caption, message_id)
             except BaseException:
                 self._ack_waiters.pop(message_id, None)
                 self._uploader.progress.pop(message_id, None)
                 raise
+            if announce:
+                self._announced.add(item.id)
+                self._emit(LocalSend(item.id, item.to, item.conv, ATTACHMENT_CT, item.ref, item.created))
         if future is None:
             return message_id
         return await future
@@ -796,10 +801,12 @@ class Client:
     def _fail_send(self, message_id: str, code: str, message: str) -> None:
         """A send refused for good (already out of the state): tell whoever waits, else the events."""
         waiter = self._ack_waiters.pop(message_id, None)
-        if waiter is not None and not waiter.done():
+        awaited = waiter is not None and not waiter.done()
+        if waiter is not None and awaited:
             waiter.set_exception(RoostError(code, message))
-        else:
+        if not awaited or message_id in self._announced:
             self._emit(ErrorEvent(code, message, message_id))
+        self._announced.discard(message_id)
 
     def _on_ack(self, frame: f.SendAck) -> None:
         item = self._outbox.pop(frame.id, None)
