@@ -25,7 +25,13 @@ from roost.client.state import ClientState
 from tests.cli_subprocess import REPO, ROOST, run_roost
 from tests.e2e.helpers import add_users, close_all, collect, connect
 
-pytestmark = pytest.mark.embedded_only
+pytestmark = [
+    pytest.mark.embedded_only,
+    pytest.mark.skipif(
+        not hasattr(Client, "upload_blob"),
+        reason="the blob transport (roost/client/blobs.py) is not in this tree",
+    ),
+]
 
 
 def png_bytes(width: int, height: int) -> bytes:
