@@ -385,3 +385,35 @@ def test_cli_send_file_refusals(server: Any, tokens: dict[str, str], tmp_path: P
         assert state.outbox() == [] and state.uploads() == []
     finally:
         state.close()
+
+
+def test_cli_send_file_through_a_running_client(server: Any, tokens: dict[str, str], tmp_path: Path) -> None:
+    """While ``roost listen`` of alice holds her state, ``roost send --file`` of
+    alice hands the file to it (one connection per account); bob saves it."""
+    doc = random_file(tmp_path / "notes.bin", 300_000)
+    alice = _cli(server, tokens["alice"], tmp_path / "alice.state")
+    running = subprocess.Popen(
+        [*ROOST, "listen", *alice, "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env(tmp_path),
+    )  # fmt: skip
+    try:
+        sock = Path(str(tmp_path / "alice.state") + ".sock")
+        for _ in range(200):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert sock.exists(), "the running listen did not open its socket"
+        out = run_roost("send", *alice, "--to", "bob", "--file", str(doc), "from the running client",
+                        env=_env(tmp_path), timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["status"] == "sent"
+    finally:
+        running.terminate()
+        running.wait(10)
+    listen = run_roost(
+        "listen", *_cli(server, tokens["bob"], tmp_path / "bob.state"), "--count", "1", "--timeout", "60",
+        "--save-dir", str(tmp_path / "bob"), env=_env(tmp_path), timeout=120,
+    )  # fmt: skip
+    assert listen.returncode == 0, listen.stderr
+    line = json.loads(listen.stdout)
+    assert line["text"] == "from the running client" and sha(Path(line["saved"])) == sha(doc)
