@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -401,7 +402,7 @@ def test_cli_send_file_through_a_running_client(server: Any, tokens: dict[str, s
         for _ in range(200):
             if sock.exists():
                 break
-            subprocess.run(["sleep", "0.05"], check=True)
+            time.sleep(0.05)
         assert sock.exists(), "the running listen did not open its socket"
         out = run_roost("send", *alice, "--to", "bob", "--file", str(doc), "from the running client",
                         env=_env(tmp_path), timeout=120)  # fmt: skip
