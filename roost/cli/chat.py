@@ -59,7 +59,6 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
-from roost.client.media import media_dir
 from roost.client.state import CHAT_CURRENT_KEY, ChatSummary, StateInUse
 from roost.core.ids import direct_conv_id, direct_members, is_group_id, is_valid_user_name
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
@@ -1205,7 +1204,7 @@ class ChatController:
         if msg is None:
             self.view.error(f"no media message #{number.lstrip('#')}")
             return
-        self.spawn(self._save(msg, media_dir(self.client.state.path) / "opened", open_it=True), "open")
+        self.spawn(self._save(msg, self.client.media_folder() / "opened", open_it=True), "open")
 
     async def _save(self, msg: Message, folder: Path, open_it: bool) -> None:
         key = self.view.key_of(msg.conv)

@@ -793,6 +793,11 @@ class Client:
         check (nothing is written then), ``RoostError`` if the server refuses."""
         return await download_attachment(self, message, Path(dest_dir), progress)
 
+    def media_folder(self) -> Path:
+        """Where this client keeps encrypted uploads and partial downloads
+        (``STATE.media`` beside the state file; a temporary one for ``:memory:``)."""
+        return self._uploader.folder
+
     def _queue_outbox_item(self, item: OutboxItem) -> None:
         """A message committed to the outbox by someone else (a finished upload): send it."""
         self._outbox[item.id] = item

@@ -52,9 +52,7 @@ PROGRESS_SAVE_EVERY = 4 << 20  # bytes between progress commits
 
 
 def media_dir(state_path: str) -> Path:
-    """Where a state keeps encrypted uploads and partial downloads."""
-    if state_path == ":memory:":
-        return Path(tempfile.mkdtemp(prefix="roost-media-"))
+    """Where a state file keeps encrypted uploads and partial downloads (``STATE.media``)."""
     return Path(state_path + ".media")
 
 
@@ -117,19 +115,31 @@ class Uploader:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.folder = media_dir(client.state.path)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, UploadItem] = {u.id: u for u in client.state.uploads()}
         self.progress: dict[str, Progress] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # An in-memory state gets a temporary folder, made on first use, removed on stop.
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        self._folder = None if client.state.path == ":memory:" else media_dir(client.state.path)
         self._remove_strays()
+
+    @property
+    def folder(self) -> Path:
+        """The state's media folder (created when first needed)."""
+        if self._folder is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="roost-media-")
+            self._folder = Path(self._temporary.name)
+        self._folder.mkdir(parents=True, exist_ok=True)
+        return self._folder
 
     def _remove_strays(self) -> None:
         """Encrypted files no upload row names: a client stopped between
         encrypting and committing (the caller never got a return)."""
+        if self._folder is None or not self._folder.is_dir():
+            return
         keep = {Path(u.temp).name for u in self.pending.values()}
-        for p in self.folder.glob("*.enc"):
+        for p in self._folder.glob("*.enc"):
             if p.name not in keep:
                 with contextlib.suppress(OSError):
                     p.unlink()
@@ -145,6 +155,10 @@ class Uploader:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+            self._folder = None
 
     async def add(
         self, path: Path, to: str | None, conv: str | None, caption: str | None, message_id: str
@@ -270,7 +284,7 @@ async def download(
     and the blob is dropped (the next call fetches it afresh)."""
     ref = attachment_of(message)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    folder = media_dir(client.state.path) / "downloads"
+    folder = client.media_folder() / "downloads"
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"{ref.blob}.{ref.digest_bytes.hex()[:16]}.part"
     # A network failure leaves the partial blob for the next call to resume.
