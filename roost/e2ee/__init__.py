@@ -15,6 +15,7 @@ from roost.e2ee.errors import (
 )
 from roost.e2ee.fingerprint import fingerprint_digits, safety_number
 from roost.e2ee.keys import LocalKeys
+from roost.e2ee.sender_keys import SenderKeyRecord
 
 __all__ = [
     "DecryptError",
@@ -22,6 +23,7 @@ __all__ = [
     "E2eeError",
     "InvalidSignature",
     "LocalKeys",
+    "SenderKeyRecord",
     "UnknownSession",
     "UntrustedIdentity",
     "fingerprint_digits",
