@@ -10,17 +10,7 @@ from hypothesis import strategies as st
 
 from roost.e2ee import DecryptError, DuplicateMessage, E2eeError, InvalidSignature, SenderKeyRecord, protobuf
 from roost.e2ee import sender_keys as sk
-
-
-def damage(message: bytes, data: st.DataObject) -> bytes:
-    """One flipped bit or a truncation anywhere (drawn independently of the message length)."""
-    where = data.draw(st.integers(0, 2**20))
-    if data.draw(st.booleans()):
-        position = where % (len(message) * 8)
-        damaged = bytearray(message)
-        damaged[position // 8] ^= 1 << (position % 8)
-        return bytes(damaged)
-    return message[: where % len(message)]
+from tests.e2ee.conftest import damage
 
 
 def group(n: int) -> tuple[SenderKeyRecord, SenderKeyRecord, list[bytes]]:
