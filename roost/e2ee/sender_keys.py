@@ -18,7 +18,15 @@ import msgspec
 
 from roost.e2ee import protobuf
 from roost.e2ee.errors import DecryptError, DuplicateMessage, E2eeError, InvalidSignature
-from roost.e2ee.keys import SIGNATURE_LEN, generate_private, public_raw, serialize_ec, sign, verify
+from roost.e2ee.keys import (
+    SIGNATURE_LEN,
+    generate_private,
+    public_raw,
+    serialize_ec,
+    sign_with_scalar,
+    signing_scalar,
+    verify,
+)
 from roost.e2ee.primitives import aes_cbc_decrypt, aes_cbc_encrypt, hkdf_sha256, hmac_sha256
 
 MESSAGE_VERSION = 3
@@ -63,7 +71,7 @@ class _State(msgspec.Struct, array_like=True):
     iteration: int  # of chain_key: the next message's iteration
     chain_key: bytes
     signing_public: bytes  # 33
-    signing_private: bytes | None  # only in the sender's own record
+    signing_scalar: bytes | None  # only in the sender's own record: XEdDSA's signing scalar of the key
     skipped: list[tuple[int, bytes]]  # (iteration, seed), oldest first
 
 
@@ -132,7 +140,7 @@ class SenderKeyRecord:
             iteration=0,
             chain_key=os.urandom(32),
             signing_public=serialize_ec(public_raw(signing_private)),
-            signing_private=signing_private,
+            signing_scalar=signing_scalar(signing_private),
             skipped=[],
         )
         record = cls(state)
@@ -176,7 +184,7 @@ class SenderKeyRecord:
     def distribution_message(self) -> bytes:
         """The SKDM at the current iteration (for a member who joins later); own records only."""
         state = self._state
-        if state.signing_private is None:
+        if state.signing_scalar is None:
             raise E2eeError("only the sender's own record makes a distribution message")
         return encode_distribution(
             self.distribution_id, state.chain_id, state.iteration, state.chain_key, state.signing_public
@@ -185,7 +193,7 @@ class SenderKeyRecord:
     def encrypt(self, plaintext: bytes) -> bytes:
         """A signed SenderKeyMessage; advances the chain."""
         state = self._state
-        if state.signing_private is None:
+        if state.signing_scalar is None:
             raise E2eeError("a record made from a distribution message cannot encrypt")
         if state.iteration >= 2**32 - 1:
             raise E2eeError("sender chain is too long: create a new sender key")
@@ -199,7 +207,7 @@ class SenderKeyRecord:
             ]
         )
         content = bytes([VERSION_BYTE]) + body
-        message = content + sign(state.signing_private, content)
+        message = content + sign_with_scalar(state.signing_scalar, content)
         state.chain_key = _next(state.chain_key)
         state.iteration += 1
         return message
