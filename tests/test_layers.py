@@ -19,7 +19,9 @@ ALLOWED = {
     "core": {"core", "protocol"},
     "store": {"store", "core", "protocol"},
     "registry": {"registry", "store", "core", "protocol"},
-    "service": {"service", "registry", "store", "core", "protocol"},
+    # Blob stores: I/O beside the store (they read its BlobRecord), under the service.
+    "media": {"media", "store", "core", "protocol"},
+    "service": {"service", "media", "registry", "store", "core", "protocol"},
 }
 
 

@@ -24,6 +24,12 @@ class ErrorCode(StrEnum):
     INVALID = "invalid"  # well-formed but meaningless (seq past the end, to self, ...)
     UNAVAILABLE = "unavailable"  # the store failed; nothing was committed; retry
     INTERNAL = "internal"
+    # Media (blob_* frames)
+    QUOTA_EXCEEDED = "quota_exceeded"  # the user's stored blobs would pass its byte quota
+    RATE_LIMITED = "rate_limited"  # too many uploads started; retry later
+    UNKNOWN_BLOB = "unknown_blob"  # no such blob (or not complete, for blob_get)
+    INCOMPLETE_UPLOAD = "incomplete_upload"  # blob_complete with a part missing or of the wrong size
+    NOT_OWNER = "not_owner"  # acting on another user's upload
 
 
 # Errors after which the same request may succeed if sent again unchanged.

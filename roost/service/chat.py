@@ -35,6 +35,7 @@ from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.base import Registry
+from roost.service.media import MediaService
 from roost.service.session import Session, Sink, receipt_frame
 from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
 
@@ -61,6 +62,13 @@ def _log_last_seen_failure(fut: asyncio.Future[None]) -> None:
         log.warning("last-seen not saved: %s", fut.exception())
 
 
+MEDIA_FRAMES = (f.BlobNew, f.BlobPutUrls, f.BlobStatus, f.BlobComplete, f.BlobGet)
+
+
+def _no_media(session: Session, frame: Any) -> None:
+    raise ProtocolError(ErrorCode.INVALID, "media is not enabled on this server")
+
+
 def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
     return encode(f.Error(code=exc.code.value, message=exc.message, ref=exc.ref or ref))
 
@@ -78,7 +86,12 @@ REVOKED_MEMORY_SECONDS = 60.0
 
 class ChatService:
     def __init__(
-        self, store: Store, registry: Registry, config: ServiceConfig, metrics: Metrics | None = None
+        self,
+        store: Store,
+        registry: Registry,
+        config: ServiceConfig,
+        metrics: Metrics | None = None,
+        media: MediaService | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
@@ -107,6 +120,12 @@ class ChatService:
             f.SyncRequest: self._on_sync,
             f.Ping: self._on_ping,
         }
+        # The blob_* frames (roost/service/media.py): off the message path.
+        self.media = media
+        for frame_type_ in MEDIA_FRAMES:
+            self._handlers[frame_type_] = _no_media
+        if media is not None:
+            self._handlers.update(media.handlers())
         # Label children resolved once: labels() per frame would cost ~1.9 µs.
         self._frame_counters = {cls: self.metrics.frames_in.labels(frame_type(cls)) for cls in self._handlers}
         self._invalid_frames = self.metrics.frames_in.labels("invalid")
@@ -155,6 +174,8 @@ class ChatService:
             self.store.set_last_seen(session.user, ts).add_done_callback(_log_last_seen_failure)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.media is not None:
+            await self.media.stop()
 
     def _spawn(self, awaitable: Any) -> None:
         fut = asyncio.ensure_future(awaitable)
