@@ -79,6 +79,15 @@ def parse_s3(location: str) -> S3Location:
     )
 
 
+def check_location(location: str | None) -> None:
+    """Raise ValueError unless ``location`` is None, a directory path or a valid s3:// URL."""
+    if location is None or "://" not in location:
+        return
+    if not location.startswith("s3://"):
+        raise ValueError(f"unsupported {location!r}: a directory or s3://bucket?endpoint=...")
+    parse_s3(location)
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 

@@ -26,7 +26,7 @@ from roost.media.config import MediaConfig, MediaLimits
 from roost.service.chat import now_ms
 
 # The store fixtures (a throwaway PostgreSQL) for the PostgreSQL metadata runs.
-from tests.store.conftest import pg_database, pg_dsn, pg_server  # noqa: F401
+from tests.store.conftest import pg_database, pg_dsn, pg_empty_database, pg_server  # noqa: F401
 
 LOCAL_PART = 64 * 1024
 S3_PART = 5 * 1024 * 1024  # S3's minimum

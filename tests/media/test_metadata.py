@@ -89,3 +89,45 @@ async def test_a_postgres_and_s3_gateway_carries_an_upload(
         assert dest.read_bytes() == data
     finally:
         await stop_harness(media)
+
+
+async def test_a_sqlite_database_from_before_media_gets_the_blobs_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    from roost.store.sqlite import SCHEMA
+
+    path = tmp_path / "roost.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA)  # every table but blobs
+    conn.execute("PRAGMA user_version=3")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.blob_create(rec("b" * 32), 0)
+        assert (await store.blob_get("b" * 32)).size == 1000
+    finally:
+        await store.close()
+
+
+async def test_a_postgres_database_from_before_media_gets_the_blobs_table(pg_empty_database: str) -> None:
+    import asyncpg
+
+    from roost.store.blobmeta import POSTGRES_STEP
+    from roost.store.postgres import PostgresStore, migrate
+
+    await migrate(pg_empty_database)
+    conn = await asyncpg.connect(pg_empty_database)
+    try:  # as the schema before the media step had it
+        await conn.execute("DROP TABLE blobs")
+        await conn.execute("UPDATE roost_schema SET version = $1", POSTGRES_STEP - 1)
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_empty_database)
+    await store.open()
+    try:
+        await store.blob_create(rec("b" * 32), 0)
+        assert (await store.blob_get("b" * 32)).size == 1000
+    finally:
+        await store.close()
