@@ -227,3 +227,72 @@ async def test_completing_with_a_wrong_etag_is_refused(media: MediaHarness) -> N
         await alice._request(f.BlobComplete(blob=slot.blob, parts=[(1, "0" * 32)]))
     assert refused.value.code == "incomplete_upload"
     assert (await media.record(slot.blob)).state == "pending"
+
+
+async def test_a_url_signed_for_one_method_is_refused_for_the_other(
+    media: MediaHarness, tmp_path: Path
+) -> None:
+    alice = await media.client("alice")
+    data = blob_bytes(media, 1)
+    blob = await alice.upload_blob(write(tmp_path, "up.bin", data), kind="file")
+    got: f.BlobUrl = await alice._request(f.BlobGet(blob=blob))
+    status, _ = await put(absolute(media, got.url), b"x" * len(data))  # a download URL used to upload
+    assert status in (403, 405)
+    assert await media.gateway.blobs.raw(await media.record(blob)) == data
+    slot: f.BlobSlot = await alice._request(f.BlobNew(size=1000, kind="file"))
+    urls: f.BlobUrls = await alice._request(f.BlobPutUrls(blob=slot.blob, parts=[1]))
+    async with aiohttp.ClientSession() as http, http.get(absolute(media, urls.urls[0][1])) as resp:
+        assert resp.status in (403, 405)  # an upload URL used to download
+
+
+async def test_a_slow_upload_outlives_the_handshake_deadline(tmp_path: Path) -> None:
+    """A media request is held to the gateway's accept->authenticated deadline
+    only until its signature checks out: a part may take longer to arrive."""
+    media = await start_gateway(tmp_path, "local", None)
+    media.gateway.config.admission.handshake_timeout = 1.0
+    assert media.gateway.admission is not None
+    media.gateway.admission.limits.handshake_timeout = 1.0
+    try:
+        alice = await media.client("alice")
+        data = os.urandom(3000)
+        slot: f.BlobSlot = await alice._request(f.BlobNew(size=len(data), kind="file"))
+        urls: f.BlobUrls = await alice._request(f.BlobPutUrls(blob=slot.blob, parts=[1]))
+
+        async def trickle():  # type: ignore[no-untyped-def]
+            for i in range(0, len(data), 1000):
+                yield data[i : i + 1000]
+                await asyncio.sleep(0.8)
+
+        headers = {"Content-Length": str(len(data))}
+        url = media.url + urls.urls[0][1]
+        async with aiohttp.ClientSession() as http, http.put(url, data=trickle(), headers=headers) as resp:
+            assert resp.status == 200
+            etag = resp.headers["ETag"].strip('"')
+        state: f.BlobState = await alice._request(f.BlobComplete(blob=slot.blob, parts=[(1, etag)]))
+        assert state.complete
+        assert await media.gateway.blobs.raw(await media.record(slot.blob)) == data
+    finally:
+        await stop_harness(media)
+
+
+async def test_media_requests_with_bad_paths_change_nothing(tmp_path: Path) -> None:
+    media = await start_gateway(tmp_path, "local", None)  # (with S3 the gateway has no /media routes)
+    try:
+        await _bad_requests(media)
+    finally:
+        await stop_harness(media)
+
+
+async def _bad_requests(media: MediaHarness) -> None:
+    async with aiohttp.ClientSession() as http:
+        for method, path in [
+            ("PUT", "/media/../../etc/passwd/1?size=1&exp=9999999999&sig=x"),
+            ("PUT", "/media/" + "a" * 32 + "/1"),
+            ("PUT", "/media/" + "a" * 32 + "/1?size=x&exp=y&sig=z"),
+            ("GET", "/media/" + "a" * 32 + "?size=1&exp=1&sig=x"),
+            ("GET", "/media/" + "A" * 32),
+        ]:
+            async with http.request(method, media.url + path, data=b"x" if method == "PUT" else None) as resp:
+                assert resp.status in (403, 404), (method, path, resp.status)
+    root = media.gateway.blobs.root  # type: ignore[attr-defined]
+    assert list((root / "parts").iterdir()) == [] and list((root / "blobs").iterdir()) == []
