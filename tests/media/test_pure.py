@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from roost.client.blobs import _plan
 from roost.media import signing
+from roost.media.base import StoredPart, check_parts
 from roost.media.config import part_size_for
 from roost.media.local import parse_range
 from roost.protocol.frames import MAX_BLOB_PARTS
@@ -71,3 +73,25 @@ def test_parts_cover_the_blob_exactly_within_the_part_limit(size: int, configure
     plan = _plan(size, part_size)
     assert [length for _, _, length in plan] == lengths
     assert [offset for _, offset, _ in plan] == [(p - 1) * part_size for p in range(1, rec.parts + 1)]
+
+
+@pytest.mark.parametrize(
+    "stored,given",
+    [
+        ({1: (10, "a")}, [(1, "a"), (2, "b")]),  # part 2 missing
+        ({1: (10, "a"), 2: (4, "b")}, [(1, "a")]),  # part 2 not named
+        ({1: (10, "a"), 2: (5, "b")}, [(1, "a"), (2, "b")]),  # last part 5 bytes, not 4
+        ({1: (9, "a"), 2: (4, "b")}, [(1, "a"), (2, "b")]),  # first part short
+        ({1: (10, "a"), 2: (4, "b")}, [(1, "a"), (2, "c")]),  # another etag
+        ({1: (10, "a"), 2: (4, "b")}, [(1, "a"), (1, "a"), (2, "b")]),  # a part twice
+    ],
+)
+def test_completion_needs_every_part_with_its_size_and_etag(
+    stored: dict[int, tuple[int, str]], given: list[tuple[int, str]]
+) -> None:
+    rec = BlobRecord("a" * 32, "u", "file", 14, 10, "pending", 0)
+    parts = {p: StoredPart(p, etag, size) for p, (size, etag) in stored.items()}
+    with pytest.raises(Exception) as refused:
+        check_parts(rec, parts, given)
+    assert getattr(refused.value, "code", None) == "incomplete_upload"
+    check_parts(rec, {1: StoredPart(1, "a", 10), 2: StoredPart(2, "b", 4)}, [(2, '"b"'), (1, "a")])
