@@ -296,3 +296,27 @@ async def _bad_requests(media: MediaHarness) -> None:
                 assert resp.status in (403, 404), (method, path, resp.status)
     root = media.gateway.blobs.root  # type: ignore[attr-defined]
     assert list((root / "parts").iterdir()) == [] and list((root / "blobs").iterdir()) == []
+
+
+async def test_a_part_cut_off_mid_body_leaves_nothing(tmp_path: Path) -> None:
+    media = await start_gateway(tmp_path, "local", None)
+    try:
+        alice = await media.client("alice")
+        slot: f.BlobSlot = await alice._request(f.BlobNew(size=50_000, kind="file"))  # one part
+        urls: f.BlobUrls = await alice._request(f.BlobPutUrls(blob=slot.blob, parts=[1]))
+        _reader, writer = await asyncio.open_connection("127.0.0.1", media.gateway.port)
+        assert "size=50000&" in urls.urls[0][1]
+        head = f"PUT {urls.urls[0][1]} HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n"
+        writer.write(head.encode() + os.urandom(30_000))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the handler is receiving: its temporary file exists
+        parts_dir = media.gateway.blobs.root / "parts" / slot.blob  # type: ignore[attr-defined]
+        assert [p.name[:5] for p in parts_dir.iterdir()] == [".tmp-"]
+        writer.close()  # cut: 20,000 bytes never come
+        await writer.wait_closed()
+        await asyncio.sleep(0.3)
+        rec = await media.record(slot.blob)
+        assert await media.gateway.blobs.parts_done(rec) == {}
+        assert list(parts_dir.iterdir()) == []  # no temporary file left either
+    finally:
+        await stop_harness(media)
