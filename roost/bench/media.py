@@ -32,7 +32,6 @@ from roost.bench.pool import WorkerPool, split
 from roost.bench.target import Target, make_target
 from roost.client import Client
 from roost.client import attachments as att
-from roost.client.media import transport
 
 MIB = 1024 * 1024
 
@@ -132,11 +131,11 @@ async def _one_size(up: Client, down: Client, mib: float, repeat: int, work: Pat
     downloads: list[float] = []
     for i in range(repeat):
         t0 = time.perf_counter()
-        blob = await transport(up).upload_blob(blob_path, kind="file")
+        blob = await up.upload_blob(blob_path, kind="file")
         uploads.append(time.perf_counter() - t0)
         dest = work / f"down{i}.enc"
         t0 = time.perf_counter()
-        await transport(down).download_blob(blob, dest)
+        await down.download_blob(blob, dest)
         downloads.append(time.perf_counter() - t0)
         if dest.stat().st_size != encrypted.size:
             raise RuntimeError(f"downloaded {dest.stat().st_size} bytes of {encrypted.size}")
@@ -217,6 +216,6 @@ async def _upload_loop(client: Client, blob_path: Path, stop: asyncio.Event) -> 
     t0 = time.perf_counter()
     count = 0
     while not stop.is_set():
-        await transport(client).upload_blob(blob_path, kind="video")
+        await client.upload_blob(blob_path, kind="video")
         count += 1
     return count, time.perf_counter() - t0

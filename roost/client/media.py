@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -38,6 +38,7 @@ from roost.client import attachments as att
 from roost.client.events import Message
 from roost.client.mediainfo import probe, thumbnail
 from roost.client.state import OutboxItem, UploadItem
+from roost.protocol import frames as f
 
 if TYPE_CHECKING:
     from roost.client.client import Client
@@ -94,20 +95,12 @@ def prepare_upload(
     )
 
 
-class BlobTransport(Protocol):
-    """The blob transport the client has (roost/client/blobs.py): slots, parts, Range downloads."""
-
-    async def new_blob(self, size: int, kind: str) -> str: ...
-
-    async def upload_blob(
-        self, source: Path, *, kind: str, progress: Progress | None = None, resume: str | None = None
-    ) -> str: ...
-
-    async def download_blob(self, blob: str, dest: Path, *, progress: Progress | None = None) -> None: ...
-
-
-def transport(client: Client) -> BlobTransport:
-    return cast(BlobTransport, client)
+async def new_blob(client: Client, size: int, kind: str) -> str:
+    """A blob slot of ``size`` bytes from the server (``blob_new``); its id."""
+    if kind not in att.KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(att.KINDS)}")
+    slot: f.BlobSlot = await client._request(f.BlobNew(size=size, kind=cast(f.BlobKind, kind)))
+    return slot.blob
 
 
 class Uploader:
@@ -197,11 +190,11 @@ class Uploader:
         client = self.client
         blob = item.blob
         if blob is None:
-            blob = await transport(client).new_blob(item.size, item.kind)
+            blob = await new_blob(client, item.size, item.kind)
             client.state.upload_set_blob(item.id, blob)
             item = self.pending[item.id] = _with_blob(item, blob)
         try:
-            await transport(client).upload_blob(
+            await client.upload_blob(
                 Path(item.temp), kind=item.kind, progress=self._reporter(item), resume=blob
             )
         except Exception as exc:
@@ -288,7 +281,7 @@ async def download(
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"{ref.blob}.{ref.digest_bytes.hex()[:16]}.part"
     # A network failure leaves the partial blob for the next call to resume.
-    await transport(client).download_blob(ref.blob, partial, progress=progress)
+    await client.download_blob(ref.blob, partial, progress=progress)
     try:
         size = partial.stat().st_size
         if size != ref.blob_size:

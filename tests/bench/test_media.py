@@ -9,7 +9,6 @@ import pytest
 
 from roost.bench.media import parse_sizes
 from roost.cli.main import main
-from roost.client import Client
 
 
 def test_parse_sizes() -> None:
@@ -18,7 +17,6 @@ def test_parse_sizes() -> None:
         parse_sizes("0")
 
 
-@pytest.mark.skipif(not hasattr(Client, "upload_blob"), reason="the blob transport is not in this tree")
 def test_media_bench_reports_throughput_and_chat_latency(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     argv = [

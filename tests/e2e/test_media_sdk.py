@@ -276,7 +276,7 @@ async def test_peer_file_names_cannot_escape_the_save_dir(
     bob = await connect(server, tokens["bob"], tmp_path / "bob.state")
     try:
         encrypted = att.encrypt_file(payload, tmp_path / "payload.enc")
-        blob = await alice.upload_blob(encrypted.path, kind="file")  # type: ignore[attr-defined]
+        blob = await alice.upload_blob(encrypted.path, kind="file")
         names = ["../../escaped.txt", "/etc/passwd", "..\\..\\win.ini", "..", ".bashrc", "a/../../b.txt"]
         for name in names:
             ref = att.AttachmentRef(
