@@ -32,6 +32,7 @@ from roost.bench.pool import WorkerPool, split
 from roost.bench.target import Target, make_target
 from roost.client import Client
 from roost.client import attachments as att
+from roost.devcluster.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer
 
 MIB = 1024 * 1024
 
@@ -40,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="1,10,100", help="file sizes in MiB (comma-separated)")
     parser.add_argument("--repeat", type=int, default=3, help="uploads and downloads per size")
     parser.add_argument(
-        "--s3", default=None, metavar="URL", help="media on S3: s3://bucket?endpoint=http://...&region=..."
+        "--s3",
+        default=None,
+        metavar="URL",
+        help="media on S3: s3://bucket?endpoint=http://...&region=... (credentials from ROOST_S3_ACCESS_KEY"
+        " / ROOST_S3_SECRET_KEY), or 'seaweed': a throwaway SeaweedFS started for the run",
     )
     parser.add_argument("--chat-pairs", type=int, default=20)
     parser.add_argument("--chat-rate", type=float, default=500.0, help="msg/s, all pairs together")
@@ -57,17 +62,41 @@ def parse_sizes(text: str) -> list[float]:
     return sizes
 
 
+# A load generator is not a phone: the per-user upload rate, quota and size
+# limits must not be what is measured (a 100 MiB file is a blob of 100 MiB + 64 bytes).
+MEDIA_SERVER_FLAGS = [
+    *("--media-uploads-per-minute", "0", "--media-quota", "0"),
+    *("--media-max-file", "4GiB", "--media-max-video", "4GiB"),
+]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.s3:
-        args.server_arg = [*(args.server_arg or []), "--media", args.s3]
+    weed: SeaweedServer | None = None
+    media_flags = list(MEDIA_SERVER_FLAGS)
+    if args.s3 == "seaweed":
+        weed = SeaweedServer()
+        weed.start()
+        media_flags += [
+            "--media",
+            weed.media_url,
+            "--s3-access-key",
+            ACCESS_KEY,
+            "--s3-secret-key",
+            SECRET_KEY,
+        ]
+    elif args.s3:
+        media_flags += ["--media", args.s3]
+    args.server_arg = [*(args.server_arg or []), *media_flags]
     target = make_target(args)
-    target.start()
     work = Path(tempfile.mkdtemp(prefix="roost-bench-media-"))
     try:
+        target.start()
         return asyncio.run(_run(target, args, work))
     finally:
         target.stop()
         shutil.rmtree(work, ignore_errors=True)
+        if weed is not None:
+            weed.destroy()
 
 
 async def _run(target: Target, args: argparse.Namespace, work: Path) -> dict[str, Any]:
