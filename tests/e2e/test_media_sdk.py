@@ -6,6 +6,7 @@ process with SIGKILL in the middle of an upload."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from roost.client import ATTACHMENT_CT, BlobTampered, Client, InvalidAttachment, Message
+from roost.client import ATTACHMENT_CT, BlobTampered, Client, InvalidAttachment, Message, RoostError
 from roost.client import attachments as att
 from roost.client.state import ClientState
 from tests.cli_subprocess import REPO, ROOST, run_roost
@@ -418,3 +419,57 @@ def test_cli_send_file_through_a_running_client(server: Any, tokens: dict[str, s
     assert listen.returncode == 0, listen.stderr
     line = json.loads(listen.stdout)
     assert line["text"] == "from the running client" and sha(Path(line["saved"])) == sha(doc)
+
+
+async def test_upload_resumes_after_the_server_is_killed_mid_upload(
+    server: Any, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    """The connection is cut (the server killed with SIGKILL and started again on
+    its data dir) in the middle of an upload: the same client resumes the same
+    blob once it reconnects, and the message goes out once."""
+    video = random_file(tmp_path / "movie.mp4", 24 * 1024 * 1024)
+    alice = Client(server.url, tokens["alice"], state_path=tmp_path / "alice.state", backoff_cap=0.5)
+    await alice.connect()
+    bob = await connect(server, tokens["bob"], tmp_path / "bob.state")
+    cut = asyncio.Event()
+    reports: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append(done)
+        if 0 < done < total and not cut.is_set():
+            cut.set()
+            server.kill9()  # mid-upload: parts in flight fail, the socket drops
+
+    try:
+        message_id = await alice.send_file(video, to="bob", progress=progress, wait=False)
+        await asyncio.wait_for(cut.wait(), 60)
+        (upload,) = alice.pending_uploads()
+        blob = upload.blob
+        assert blob is not None
+        server.start()
+        result = await asyncio.wait_for(alice.wait_sent(message_id), 90)
+        assert result.message_id == message_id
+        message = await next_message(bob, 60)
+        assert message.id == message_id and att.parse_reference(message.body).blob == blob
+        assert sha(await bob.download(message, tmp_path / "bob")) == sha(video)
+        assert await collect(bob, 1, 2.0) == []
+        # It went on from the parts the server had, not from zero (a fresh upload would report 0 again).
+        assert 0 not in reports[reports.index(next(d for d in reports if d > 0)) :]
+    finally:
+        await close_all(alice, bob)
+
+
+async def test_a_file_over_the_limit_is_refused_and_forgotten(make_server: Any, tmp_path: Path) -> None:
+    server = make_server("--media-max-file", "1MiB")
+    tokens = add_users(server, ["alice", "bob"])
+    big = random_file(tmp_path / "big.zip", 2 * 1024 * 1024)
+    alice = await connect(server, tokens["alice"], tmp_path / "alice.state")
+    try:
+        with pytest.raises(RoostError) as refused:
+            await alice.send_file(big, to="bob")
+        assert refused.value.code == "too_large"
+        assert alice.pending_uploads() == [] and alice.pending_outbox() == []
+        assert alice.state.uploads() == [] and alice.state.outbox() == []
+        assert not list(alice.media_folder().glob("*.enc"))
+    finally:
+        await close_all(alice)
