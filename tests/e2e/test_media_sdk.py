@@ -446,6 +446,7 @@ async def test_upload_resumes_after_the_server_is_killed_mid_upload(
         (upload,) = alice.pending_uploads()
         blob = upload.blob
         assert blob is not None
+        await asyncio.sleep(2)  # down a while: parts fail, requests wait for the reconnect
         server.start()
         result = await asyncio.wait_for(alice.wait_sent(message_id), 90)
         assert result.message_id == message_id
