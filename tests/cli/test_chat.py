@@ -411,6 +411,12 @@ class FakeClient:
     def pending_uploads(self) -> list[Any]:
         return []
 
+    async def send_file(self, path: Any, **kw: Any) -> SendResult:
+        self.calls.append(("send_file", str(path), kw.get("to"), kw.get("group"), kw.get("caption")))
+        fut = asyncio.get_running_loop().create_future()
+        self.sends[kw["message_id"]] = fut
+        return await fut
+
     async def download(self, message: Message, dest_dir: Any, progress: Any = None) -> Path:
         self.calls.append(("download", message.seq, str(dest_dir)))
         if message.body == b"tampered":
@@ -1112,3 +1118,22 @@ def test_parse_file_and_save_commands() -> None:
     assert parse_command("/file ~/a.png a caption here") == ("file", ["~/a.png", "a caption here"])
     assert parse_command("/file ~/a.png") == ("file", ["~/a.png"])
     assert parse_command("/save 3 ~/My Pictures") == ("save", ["3", "~/My Pictures"])
+
+
+async def test_file_command_sends_a_file_to_the_open_chat(chat: Any, tmp_path: Path) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line(f"/file {tmp_path / 'nope.png'}")
+    assert view.lines()[-1].text.startswith("no chat open")
+    ctrl.handle_line("/to bob")
+    ctrl.handle_line(f"/file {tmp_path / 'nope.png'}")
+    assert view.lines()[-1].text.endswith("is not a file")
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(b"x" * 2048)
+    ctrl.handle_line(f"/file {photo} look at him")
+    await settle()
+    assert ("send_file", str(photo), "bob", None, "look at him") in client.calls
+    assert view.lines()[-1].text == "[file: cat.png, 2.0 KiB] look at him"
+    mid = next(iter(client.sends))
+    client.sends[mid].set_result(SendResult(mid, DM, 5, T0 * 1000))
+    await settle()
+    assert view.render_text().splitlines()[-1] == "[14:05] me: [file: cat.png, 2.0 KiB] look at him ✓"
