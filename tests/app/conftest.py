@@ -1,0 +1,173 @@
+"""Fixtures for the ``roost app`` tests: a real server, real ``roost app``
+processes, and Debian's Chromium driven by Playwright (no browser download).
+
+Tests that need the browser skip with the reason when Chromium or Playwright
+is missing (``.ci/run`` installs both, and counts a skip as a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.server import ServerProcess
+
+CHROMIUM = os.environ.get("ROOST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+URL_LINE = re.compile(r"(http://127\.0\.0\.1:(\d+)/\?s=[A-Za-z0-9_-]+)")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+
+class AppProcess:
+    """One ``roost app --no-browser`` for one account, on its own state file."""
+
+    def __init__(self, server_url: str, token: str, state: Path) -> None:
+        self.server_url = server_url
+        self.token = token
+        self.state = state
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.port = 0
+        self.log_path = state.with_suffix(".log")
+
+    def start(self, timeout: float = 15.0) -> AppProcess:
+        args = [sys.executable, "-m", "roost.cli.main", "app", "--no-browser"]
+        args += ["--url", self.server_url, "--token", self.token, "--state", str(self.state)]
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log_path, "a"),  # noqa: SIM115 - the child keeps it
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                match = URL_LINE.search(line)
+                if match:
+                    self.url, self.port = match.group(1), int(match.group(2))
+                    return self
+                if not line and self.proc.poll() is not None:
+                    break
+        raise RuntimeError(f"roost app did not print its URL: {self.log()}")
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-3000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "server")
+    srv.data_dir.mkdir(parents=True)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def tokens(server: ServerProcess) -> dict[str, str]:
+    return {name: server.add_user(name) for name in ("alice", "bob", "carol")}
+
+
+@pytest.fixture
+def make_app(server: ServerProcess, tokens: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """``make_app("alice")`` starts alice's app on her own state (the same one each time)."""
+    apps: list[AppProcess] = []
+
+    def make(user: str) -> AppProcess:
+        app = AppProcess(server.url, tokens[user], tmp_path / f"{user}.sqlite").start()
+        apps.append(app)
+        return app
+
+    try:
+        yield make
+    finally:
+        for app in apps:
+            app.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as pw:
+        # launch() gives every run a fresh temporary profile (user data dir).
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def open_page(browser: Any) -> Iterator[Any]:
+    """``open_page(app)``: a page of its own browser context (own cookies) on the app."""
+    contexts: list[Any] = []
+
+    def open_(app: AppProcess, *, dark: bool = False, width: int = 1000, height: int = 640) -> Any:
+        context = browser.new_context(
+            viewport={"width": width, "height": height}, color_scheme="dark" if dark else "light"
+        )
+        context.set_default_timeout(10_000)
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(app.url)
+        page.wait_for_selector("#connection[data-state=connected]")
+        return page
+
+    try:
+        yield open_
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def screenshot(page: Any, name: str) -> None:
+    """Rewrite docs/screenshots/NAME.png, only with ROOST_SCREENSHOTS=1
+    (so a normal run leaves the tree clean)."""
+    if os.environ.get("ROOST_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
