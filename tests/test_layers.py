@@ -20,6 +20,8 @@ ALLOWED = {
     "store": {"store", "core", "protocol"},
     "registry": {"registry", "store", "core", "protocol"},
     "service": {"service", "registry", "store", "core", "protocol"},
+    # roost app sits on the SDK like the CLI, and is used by the CLI only.
+    "app": {"app", "client", "core", "protocol"},
 }
 
 

@@ -82,7 +82,7 @@ def membership_text(m: Membership, me: str | None) -> str:
         text = f"{users or actor} left"
     else:
         text = "membership changed"
-    return text[0].upper() + text[1:]
+    return "Y" + text[1:] if text.startswith("you ") else text
 
 
 class AppBridge:
@@ -253,7 +253,10 @@ class AppBridge:
             return self._membership(event)
         if isinstance(event, LocalSend):
             pending = self.pending_json(event)
-            return [] if pending is None else [{"type": "message", "message": pending}]
+            if pending is None:
+                return []
+            chat = self.chat_json(pending["conv"], self.client.state.chat_groups().get(pending["conv"]))
+            return [{"type": "message", "message": pending, "chat": chat}]
         if isinstance(event, Sent):
             return [
                 {"type": "sent", "id": event.message_id, "conv": event.conv, "seq": event.seq, "ts": event.ts}
@@ -384,7 +387,7 @@ class AppBridge:
             "text": text,
             "ts": int(self.clock() * 1000),
         }
-        self.broadcast({"type": "message", "message": pending})
+        self.broadcast({"type": "message", "message": pending, "chat": self.chat_json(conv)})
         return {"message": pending}
 
     async def cmd_read(self, r: dict[str, Any]) -> dict[str, Any]:

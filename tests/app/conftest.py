@@ -104,17 +104,25 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def tokens(server: ServerProcess) -> dict[str, str]:
-    return {name: server.add_user(name) for name in ("alice", "bob", "carol")}
+def tokens(server: ServerProcess) -> Any:
+    """``tokens("alice")``: the user's token, the user added on first use."""
+    made: dict[str, str] = {}
+
+    def token(name: str) -> str:
+        if name not in made:
+            made[name] = server.add_user(name)
+        return made[name]
+
+    return token
 
 
 @pytest.fixture
-def make_app(server: ServerProcess, tokens: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+def make_app(server: ServerProcess, tokens: Any, tmp_path: Path) -> Iterator[Any]:
     """``make_app("alice")`` starts alice's app on her own state (the same one each time)."""
     apps: list[AppProcess] = []
 
     def make(user: str) -> AppProcess:
-        app = AppProcess(server.url, tokens[user], tmp_path / f"{user}.sqlite").start()
+        app = AppProcess(server.url, tokens(user), tmp_path / f"{user}.sqlite").start()
         apps.append(app)
         return app
 

@@ -170,6 +170,8 @@ function ensureChat(conv, fields = {}) {
   let chat = state.chats.get(conv);
   if (!chat) {
     chat = { conv, group: conv.startsWith("g:"), name: conv, peer: null, delivered: 0, read: 0, unread: 0, left: false, last: null };
+    const pair = conv.startsWith("d:") ? conv.split(":").slice(1) : null;
+    if (pair && state.me && pair.includes(state.me)) chat.name = chat.peer = pair[0] === state.me ? pair[1] : pair[0];
     state.chats.set(conv, chat);
   }
   for (const [k, v] of Object.entries(fields)) if (k !== "last" && v !== undefined) chat[k] = v;
