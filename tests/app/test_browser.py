@@ -239,3 +239,24 @@ def test_roost_send_hands_over_to_the_running_app(
     bob.locator("#search-input").fill("TERMINAL")
     bob.locator("#search-input").press("Enter")
     bob.locator("#search-list .result-item", has_text="alice: from the terminal").wait_for()
+
+
+def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, open_page: Any) -> None:
+    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice = open_page(alice_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    send(alice, "see you at the trailhead")
+    bob = open_page(bob_app, dark=True, width=390, height=740)
+    expect(bob.locator("#conversation")).to_be_hidden()
+    background = bob.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(15, 20, 24)"  # the dark theme's --bg
+    chat_item(bob, "alice").click()
+    expect(bob.locator(".sidebar")).to_be_hidden()
+    bob.locator(".msg.in", has_text="trailhead").wait_for()
+    send(bob, "on my way")
+    screenshot(bob, "conversation-dark-phone")
+    bob.get_by_role("button", name="Back to the chat list").click()
+    expect(bob.locator(".sidebar")).to_be_visible()
+    expect(chat_item(bob, "alice")).to_be_focused()

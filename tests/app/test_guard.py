@@ -7,7 +7,10 @@ refused with 403 and gets nothing.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -23,8 +26,21 @@ def _secret(app: AppProcess) -> str:
     return urllib.parse.parse_qs(urllib.parse.urlsplit(app.url).query)["s"][0]
 
 
-async def test_the_first_load_needs_the_secret_and_sets_a_strict_httponly_cookie(make_app: Any) -> None:
-    app = make_app("alice")
+def in_own_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` in a thread of its own: the session's Playwright holds this thread's loop."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coro).result()
+
+
+def test_the_first_load_needs_the_secret_and_sets_a_strict_httponly_cookie(make_app: Any) -> None:
+    in_own_loop(first_load(make_app("alice")))
+
+
+def test_a_foreign_host_or_origin_is_refused_even_with_the_secret(make_app: Any) -> None:
+    in_own_loop(foreign_host_or_origin(make_app("alice")))
+
+
+async def first_load(app: AppProcess) -> None:
     secret = _secret(app)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
         for path in ("/", "/?s=", "/?s=" + secret[:-1] + "x", "/static/app.js", f"/static/app.js?s={secret}"):
@@ -44,8 +60,7 @@ async def test_the_first_load_needs_the_secret_and_sets_a_strict_httponly_cookie
             assert resp.status == 403
 
 
-async def test_a_foreign_host_or_origin_is_refused_even_with_the_secret(make_app: Any) -> None:
-    app = make_app("alice")
+async def foreign_host_or_origin(app: AppProcess) -> None:
     secret = _secret(app)
     ws_url = f"ws://127.0.0.1:{app.port}/ws"
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
