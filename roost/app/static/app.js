@@ -389,7 +389,7 @@ function messageNode(m, chat) {
   if (own) {
     meta.append(tickNode(m, chat));
     if (chat.group && m.seq !== null) {
-      meta.append(el("button", { type: "button", class: "info", "aria-label": "Message info", onclick: () => showInfo(m) }, "ⓘ"));
+      meta.append(el("button", { type: "button", class: "info", "aria-label": "Message info", title: "Message info", onclick: () => showInfo(m) }, "i"));
     }
   }
   return el(
