@@ -198,9 +198,13 @@ def test_messages_written_offline_go_out_on_reconnect_once(
     server.start()
     alice.wait_for_selector("#connection[data-state=connected]", timeout=20_000)
     bob.locator(".msg.in", has_text="while offline 2").wait_for(timeout=20_000)
+    # once each, in order, on both sides (the page merged its resync with the live events)
+    expected = ["before", "while offline 1", "while offline 2"]
+    expect(alice.locator("#messages .msg .text")).to_have_text(expected)
+    expect(bob.locator("#messages .msg .text")).to_have_text(expected)
     ticks(alice, "while offline 2").and_(alice.locator("[data-tick=read]")).wait_for()
-    assert texts(bob) == ["before", "while offline 1", "while offline 2"]
-    assert texts(alice) == ["before", "while offline 1", "while offline 2"]
+    assert texts(bob) == expected
+    assert texts(alice) == expected
 
 
 def test_roost_send_hands_over_to_the_running_app(
@@ -260,3 +264,23 @@ def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, o
     bob.get_by_role("button", name="Back to the chat list").click()
     expect(bob.locator(".sidebar")).to_be_visible()
     expect(chat_item(bob, "alice")).to_be_focused()
+
+
+def test_history_pages_back_on_scroll(make_app: Any, open_page: Any) -> None:
+    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice = open_page(alice_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    for i in range(1, 61):
+        send(alice, f"note {i}")
+    ticks(alice, "note 60").and_(alice.locator("[data-tick=delivered]")).wait_for()
+    bob = open_page(bob_app)
+    expect(chat_item(bob, "alice").locator(".badge")).to_have_text("60")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="note 60").wait_for()
+    expect(bob.locator("#messages .msg")).to_have_count(50)  # one page from the local state
+    bob.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
+    expect(bob.locator("#messages .msg")).to_have_count(60)
+    assert texts(bob) == [f"note {i}" for i in range(1, 61)]
+    assert bob.locator("#messages .day").all_inner_texts() == ["Today"]

@@ -448,9 +448,10 @@ async function send() {
   const text = input.value;
   const conv = state.current;
   if (!conv || !text.trim()) return;
+  // Cleared now, not at the reply: what is typed meanwhile is the next message.
+  input.value = "";
   try {
     const reply = await request("send", { conv, text });
-    input.value = "";
     // The page may hear the "message" event before this reply: store() merges by id.
     const chat = ensureChat(conv);
     if (!state.messages.has(conv)) state.messages.set(conv, new Map());
@@ -459,6 +460,7 @@ async function send() {
     renderMessages(true);
     renderChatList();
   } catch (err) {
+    if (!input.value) input.value = text; // nothing was queued: give the text back
     toast(`not sent: ${err.message}`);
   }
 }
