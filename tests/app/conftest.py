@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,9 @@ class AppProcess:
         self.log_path = state.with_suffix(".log")
 
     def start(self, timeout: float = 15.0) -> AppProcess:
+        return self.launch().wait_url(timeout)
+
+    def launch(self) -> AppProcess:
         args = [sys.executable, "-m", "roost.cli.main", "app", "--no-browser"]
         args += ["--url", self.server_url, "--token", self.token, "--state", str(self.state)]
         self.proc = subprocess.Popen(
@@ -58,7 +62,10 @@ class AppProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        assert self.proc.stdout is not None
+        return self
+
+    def wait_url(self, timeout: float = 15.0) -> AppProcess:
+        assert self.proc is not None and self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
@@ -92,10 +99,52 @@ class AppProcess:
             return ""
 
 
+USERS = ("alice", "bob", "carol")
+
+
+def add_users(data_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """``roost user add`` for each name, side by side (each is a process start)."""
+    procs = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "roost.cli.main",
+                "user",
+                "add",
+                name,
+                "--data-dir",
+                str(data_dir),
+                "--create",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    }
+    tokens = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        tokens[name] = out.strip().splitlines()[-1]
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def users_data_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A server data dir holding just the users, made once: each test starts on a copy."""
+    data_dir = tmp_path_factory.mktemp("users") / "data"
+    data_dir.mkdir()
+    return data_dir, add_users(data_dir, USERS)
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+def server(tmp_path: Path, users_data_dir: tuple[Path, dict[str, str]]) -> Iterator[ServerProcess]:
+    template, tokens = users_data_dir
     srv = ServerProcess(tmp_path / "server")
-    srv.data_dir.mkdir(parents=True)
+    shutil.copytree(template, srv.data_dir)  # no server holds the template: a plain copy is consistent
+    srv.tokens = tokens  # type: ignore[attr-defined]
     try:
         srv.start()
         yield srv
@@ -105,15 +154,9 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def tokens(server: ServerProcess) -> Any:
-    """``tokens("alice")``: the user's token, the user added on first use."""
-    made: dict[str, str] = {}
-
-    def token(name: str) -> str:
-        if name not in made:
-            made[name] = server.add_user(name)
-        return made[name]
-
-    return token
+    """``tokens("alice")``: the user's token."""
+    made: dict[str, str] = server.tokens  # type: ignore[attr-defined]
+    return made.__getitem__
 
 
 @pytest.fixture
@@ -121,10 +164,13 @@ def make_app(server: ServerProcess, tokens: Any, tmp_path: Path) -> Iterator[Any
     """``make_app("alice")`` starts alice's app on her own state (the same one each time)."""
     apps: list[AppProcess] = []
 
-    def make(user: str) -> AppProcess:
-        app = AppProcess(server.url, tokens(user), tmp_path / f"{user}.sqlite").start()
-        apps.append(app)
-        return app
+    def make(*users: str) -> Any:
+        """One app per user, started side by side; the app, or a tuple of them."""
+        started = [AppProcess(server.url, tokens(u), tmp_path / f"{u}.sqlite").launch() for u in users]
+        apps.extend(started)
+        for app in started:
+            app.wait_url()
+        return started[0] if len(started) == 1 else tuple(started)
 
     try:
         yield make

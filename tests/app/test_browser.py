@@ -34,7 +34,7 @@ def ticks(page: Any, text: str) -> Any:
 
 
 def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
 
     new_chat_by_keyboard(alice, "bob")
@@ -87,7 +87,7 @@ def texts(page: Any, selector: str = ".msg .text") -> list[str]:
 
 
 def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
-    apps = {user: make_app(user) for user in ("alice", "bob", "carol")}
+    apps = dict(zip(("alice", "bob", "carol"), make_app("alice", "bob", "carol"), strict=True))
     pages = {user: open_page(app) for user, app in apps.items()}
     alice = pages["alice"]
     alice.locator("#new-group-button").click()
@@ -136,7 +136,7 @@ def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
 def test_offline_peer_gets_three_once_in_order_and_restarts_keep_everything(
     make_app: Any, open_page: Any, tmp_path: Any
 ) -> None:
-    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
     alice.locator("#new-chat-button").click()
     alice.locator("#new-chat-user").fill("bob")
@@ -180,7 +180,7 @@ def test_offline_peer_gets_three_once_in_order_and_restarts_keep_everything(
 def test_messages_written_offline_go_out_on_reconnect_once(
     server: Any, make_app: Any, open_page: Any, tmp_path: Any
 ) -> None:
-    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
     alice.locator("#new-chat-button").click()
     alice.locator("#new-chat-user").fill("bob")
@@ -213,7 +213,7 @@ def test_roost_send_hands_over_to_the_running_app(
     import subprocess
     import sys
 
-    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
     out = subprocess.run(
         [
@@ -246,7 +246,7 @@ def test_roost_send_hands_over_to_the_running_app(
 
 
 def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice_app, bob_app = make_app("alice", "bob")
     alice = open_page(alice_app)
     alice.locator("#new-chat-button").click()
     alice.locator("#new-chat-user").fill("bob")
@@ -267,7 +267,7 @@ def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, o
 
 
 def test_history_pages_back_on_scroll(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice"), make_app("bob")
+    alice_app, bob_app = make_app("alice", "bob")
     alice = open_page(alice_app)
     alice.locator("#new-chat-button").click()
     alice.locator("#new-chat-user").fill("bob")
