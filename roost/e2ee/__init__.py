@@ -15,13 +15,18 @@ from roost.e2ee.errors import (
 )
 from roost.e2ee.fingerprint import fingerprint_digits, safety_number
 from roost.e2ee.keys import LocalKeys
+from roost.e2ee.ratchet import DeviceBundleLike, Session
+from roost.e2ee.sender_keys import SenderKeyRecord
 
 __all__ = [
     "DecryptError",
+    "DeviceBundleLike",
     "DuplicateMessage",
     "E2eeError",
     "InvalidSignature",
     "LocalKeys",
+    "SenderKeyRecord",
+    "Session",
     "UnknownSession",
     "UntrustedIdentity",
     "fingerprint_digits",

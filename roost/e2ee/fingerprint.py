@@ -12,7 +12,7 @@ Identifiers are the UTF-8 user names (Signal uses its service ids).
 
 from __future__ import annotations
 
-import hashlib
+from cryptography.hazmat.primitives import hashes
 
 from roost.e2ee.errors import E2eeError
 from roost.e2ee.keys import EC_PUBLIC_LEN, EC_TYPE
@@ -21,12 +21,18 @@ ITERATIONS = 5200
 _HASH_VERSION = b"\x00\x00"
 
 
+def _sha512(data: bytes) -> bytes:
+    hasher = hashes.Hash(hashes.SHA512())
+    hasher.update(data)
+    return hasher.finalize()
+
+
 def _party_digits(identifier: bytes, identity: bytes, iterations: int) -> str:
     if len(identity) != EC_PUBLIC_LEN or identity[0] != EC_TYPE:
         raise E2eeError("bad identity key")
-    digest = hashlib.sha512(_HASH_VERSION + identity + identifier + identity).digest()
+    digest = _sha512(_HASH_VERSION + identity + identifier + identity)
     for _ in range(iterations - 1):
-        digest = hashlib.sha512(digest + identity).digest()
+        digest = _sha512(digest + identity)
     return "".join(f"{int.from_bytes(digest[i : i + 5], 'big') % 100_000:05d}" for i in range(0, 30, 5))
 
 

@@ -104,11 +104,22 @@ def kem_decapsulate(seed: bytes, ciphertext: bytes) -> bytes:
 # -- XEdDSA ------------------------------------------------------------------
 
 
+def signing_scalar(private: bytes) -> bytes:
+    """XEdDSA's calculate_key_pair: the scalar, negated if needed so that its Edwards key has sign bit 0.
+
+    A scalar multiplication: a key that signs often (a sender key) keeps the result.
+    """
+    return bytes(xeddsa.priv_force_sign(private, False))
+
+
+def sign_with_scalar(scalar: bytes, message: bytes) -> bytes:
+    """XEdDSA signature (64 bytes) by a signing_scalar(), 64 fresh random bytes as nonce."""
+    return bytes(xeddsa.ed25519_priv_sign(scalar, message, os.urandom(64)))
+
+
 def sign(private: bytes, message: bytes) -> bytes:
-    """XEdDSA signature (64 bytes) with an X25519 private key, 64 fresh random bytes as nonce."""
-    # calculate_key_pair of the spec: the scalar whose Edwards public key has sign bit 0.
-    signing = xeddsa.priv_force_sign(private, False)
-    return bytes(xeddsa.ed25519_priv_sign(signing, message, os.urandom(64)))
+    """XEdDSA signature (64 bytes) with an X25519 private key."""
+    return sign_with_scalar(signing_scalar(private), message)
 
 
 def verify(public: bytes, message: bytes, signature: bytes) -> bool:
