@@ -115,6 +115,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p)
     p.set_defaults(func=_chat)
 
+    p = sub.add_parser("app", help="the graphical chat in your browser, served from this machine")
+    _common(p)
+    p.add_argument("--no-browser", action="store_true", help="only print the URL to open")
+    p.add_argument(
+        "--port", type=int, default=0, help="loopback port to serve on (default: a random free one)"
+    )
+    p.set_defaults(func=_app)
+
     p = sub.add_parser("login", help="check a token and save it as the profile later commands use")
     p.add_argument("--url", action="append", help="server base URL (repeatable); default: $ROOST_URL")
     p.add_argument(
@@ -138,6 +146,20 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"roost chat: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run_chat(args.url, args.token, args.state, args.ca_file)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from roost.app.run import run_app
+
+    try:
+        args.url, args.token = resolve(args.url, args.token)
+        tls_context(args.ca_file)
+    except (UsageError, InvalidArgument) as exc:
+        print(f"roost app: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_app(
+        args.url, args.token, args.state, args.ca_file, open_browser=not args.no_browser, port=args.port
+    )
 
 
 def _read_token(given: str | None) -> str:

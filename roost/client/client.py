@@ -928,6 +928,12 @@ class Client:
         view = self._receipts.get(conv, _ReceiptView())
         return view.all_delivered, view.all_read
 
+    def receipt_marks(self, conv: str) -> dict[str, tuple[int, int]]:
+        """member -> (delivered seq, read seq) for ``conv`` as heard by this
+        run (per-member marks are not kept in the state; ``receipt_state`` is)."""
+        view = self._receipts.get(conv)
+        return dict(view.marks) if view is not None else {}
+
     def _emit(self, event: Event) -> None:
         if self.keep_events:
             self._events.put_nowait(event)
@@ -1125,8 +1131,15 @@ class Client:
             if not fut.done():
                 fut.set_result(None)
 
-    def local_history(self, conv: str, limit: int = 50) -> list[Message]:
+    def local_history(self, conv: str, limit: int = 50, before: int | None = None) -> list[Message]:
+        """Stored messages of ``conv``, oldest first: the newest ``limit``, or
+        the ``limit`` just older than seq ``before`` (paging back)."""
         return [
             Message(conv, seq, mid, sender, ct, body, ts)
-            for seq, mid, sender, ct, body, ts in self.state.local_history(conv, limit)
+            for seq, mid, sender, ct, body, ts in self.state.local_history(conv, limit, before)
         ]
+
+    def search_local(self, text: str, limit: int = 50) -> list[Message]:
+        """Stored text messages containing ``text``, newest first (the local
+        history only: the server cannot search what it cannot read)."""
+        return [Message(*row) for row in self.state.search(text, limit)]

@@ -260,10 +260,16 @@ class ClientState:
         )
         self.commit()
 
-    def local_history(self, conv: str, limit: int = 50) -> list[tuple[int, str, str, str, bytes, int]]:
+    def local_history(
+        self, conv: str, limit: int = 50, before: int | None = None
+    ) -> list[tuple[int, str, str, str, bytes, int]]:
+        """The newest ``limit`` stored messages of ``conv`` (older than seq
+        ``before`` if given), oldest first: a page to show, paged back by
+        passing the oldest seq of the previous page."""
         rows = self.db.execute(
-            "SELECT seq, id, sender, ct, body, ts FROM messages WHERE conv=? ORDER BY seq DESC LIMIT ?",
-            (conv, limit),
+            "SELECT seq, id, sender, ct, body, ts FROM messages WHERE conv=? AND seq < ?"
+            " ORDER BY seq DESC LIMIT ?",
+            (conv, before if before is not None else 2**62, limit),
         ).fetchall()
         rows.reverse()
         return [(s, i, snd, ct, bytes(b), ts) for s, i, snd, ct, b, ts in rows]
@@ -337,3 +343,16 @@ class ClientState:
             " FROM messages m WHERE m.seq = (SELECT max(seq) FROM messages x WHERE x.conv = m.conv)"
         ).fetchall()
         return [ChatSummary(c, q, snd, ct, bytes(b), ts, n) for c, q, snd, ct, b, ts, n in rows]
+
+    def search(self, text: str, limit: int = 50) -> list[tuple[str, int, str, str, str, bytes, int]]:
+        """Stored text messages containing ``text`` (ASCII case-insensitive),
+        newest first: rows ``(conv, seq, id, sender, ct, body, ts)``. Local
+        only: the server cannot read message bodies to search them."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.db.execute(
+            "SELECT conv, seq, id, sender, ct, body, ts FROM messages"
+            " WHERE ct LIKE 'text/%' AND CAST(body AS TEXT) LIKE ? ESCAPE '\\'"
+            " ORDER BY ts DESC, seq DESC LIMIT ?",
+            (pattern, limit),
+        ).fetchall()
+        return [(c, s, i, snd, ct, bytes(b), ts) for c, s, i, snd, ct, b, ts in rows]
