@@ -10,15 +10,17 @@ from tests.e2ee.interop.conftest import Oracle
 
 
 def test_libsignal_signatures_verify_under_roost_and_roost_signatures_under_libsignal(oracle: Oracle) -> None:
-    pairs = oracle([{"op": "keypair"} for _ in range(8)])
-    messages = [os.urandom(n) for n in (0, 1, 33, 1569, 5, 64, 100, 7)]
-    # libsignal keeps the Edwards sign bit in the signature: about half of the keys have it set.
+    pairs = oracle([{"op": "keypair"} for _ in range(24)])
+    messages = [os.urandom(n) for n in (0, 1, 33, 1569, 5, 64, 100, 7)] * 3
+    # libsignal keeps the Edwards sign bit in the signature: about half of the keys have it set,
+    # so among 24 keys both kinds occur (all alike: probability 2**-23).
     libsignal_sigs = oracle(
         [
             {"op": "sign", "private": p["private"], "message": m.hex()}
             for p, m in zip(pairs, messages, strict=True)
         ]
     )
+    assert {bytes.fromhex(sig)[63] >> 7 for sig in libsignal_sigs} == {0, 1}
     for pair, message, sig in zip(pairs, messages, libsignal_sigs, strict=True):
         public = bytes.fromhex(pair["public"])
         assert k.verify(public, message, bytes.fromhex(sig))
