@@ -384,3 +384,17 @@ async def test_removing_an_account_deletes_its_keys(server: Any) -> None:
         assert (await fetch(bob, "alice"))["code"] == "unknown_user"
     finally:
         await close_all(alice, bob)
+
+
+async def test_a_connection_s_key_frames_are_answered_in_order(server: Any) -> None:
+    """A keys_count sent right after a keys_put (whose signatures take a
+    while to check) sees the upload."""
+    tokens = add_users(server, ["alice"])
+    alice = await RawWS.open(server, tokens["alice"])
+    try:
+        await alice.send(upload(Identity.generate(), ec_ids=range(1, 101), kem_ids=range(1, 101)))
+        await alice.send({"type": "keys_count", "ref": "count"})
+        answers = [fr for fr in await alice.drain(2.0) if fr["type"] != "keys_low"]
+        assert answers == [state(100, 100), {**state(100, 100), "ref": "count"}]
+    finally:
+        await close_all(alice)
