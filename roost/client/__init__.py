@@ -18,6 +18,7 @@ from roost.client.events import (
     Disconnected,
     ErrorEvent,
     Event,
+    KeysLow,
     LocalSend,
     Membership,
     Message,
@@ -26,6 +27,7 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
+from roost.client.keys import DeviceBundle, KeyCounts, KeyUpload, PreKeyBundle
 from roost.client.state import StateInUse
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Connected",
     "ConnectionLost",
     "Consumed",
+    "DeviceBundle",
     "Disconnected",
     "EmptyMessage",
     "ErrorEvent",
@@ -41,10 +44,14 @@ __all__ = [
     "GroupInfo",
     "InvalidArgument",
     "InvalidMessage",
+    "KeyCounts",
+    "KeyUpload",
+    "KeysLow",
     "LocalSend",
     "Membership",
     "Message",
     "MessageTooLarge",
+    "PreKeyBundle",
     "PresenceEvent",
     "ReceiptEvent",
     "RoostError",

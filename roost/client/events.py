@@ -120,6 +120,15 @@ class TypingEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class KeysLow:
+    """The server holds few (or none) of this device's one-time keys: upload more
+    (``Client.put_keys``). ``ec``/``kem``: how many of each kind are left."""
+
+    ec: int
+    kem: int
+
+
+@dataclass(slots=True, frozen=True)
 class Connected:
     user: str
 
@@ -147,6 +156,7 @@ Event = (
     | ReceiptEvent
     | PresenceEvent
     | TypingEvent
+    | KeysLow
     | Connected
     | Disconnected
     | ErrorEvent
