@@ -17,6 +17,7 @@ ROOST = Path(__file__).resolve().parents[1] / "roost"
 ALLOWED = {
     "protocol": {"protocol"},
     "core": {"core", "protocol"},
+    "e2ee": {"e2ee"},  # the sans-I/O Signal protocol stands alone
     "store": {"store", "core", "protocol"},
     "registry": {"registry", "store", "core", "protocol"},
     "service": {"service", "registry", "store", "core", "protocol"},

@@ -299,9 +299,9 @@ class Gateway:
 
     async def _authenticate(
         self, ws: web.WebSocketResponse, conn: Connection, request: web.Request
-    ) -> tuple[str, str, float] | None:
-        """(user, client run id, when its token check began) once the auth
-        frame checks out; None after closing."""
+    ) -> tuple[str, str, float, bool] | None:
+        """(user, client run id, when its token check began, whether it keeps
+        end-to-end keys) once the auth frame checks out; None after closing."""
         wait = self.config.auth_timeout
         if self.admission is not None:
             # The deadline from accept covers the request and the upgrade too.
@@ -359,12 +359,12 @@ class Gateway:
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return None
         conn.push(encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat))))
-        return user, frame.client, started
+        return user, frame.client, started, frame.e2ee
 
     async def _serve(
-        self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str, started: float
+        self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str, started: float, e2ee: bool
     ) -> None:
-        session = await self.service.connect(user, conn, client, started)
+        session = await self.service.connect(user, conn, client, started, e2ee)
         log.info("connected", extra={"user": user})
         try:
             async for msg in ws:

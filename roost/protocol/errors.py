@@ -23,6 +23,13 @@ class ErrorCode(StrEnum):
     GROUP_FULL = "group_full"
     INVALID = "invalid"  # well-formed but meaningless (seq past the end, to self, ...)
     UNAVAILABLE = "unavailable"  # the store failed; nothing was committed; retry
+    # The key directory (keys_put / keys_get): a refused upload changes nothing.
+    BAD_KEY = "bad_key"  # wrong length, type byte, base64 or key id
+    BAD_SIGNATURE = "bad_signature"  # a signature that does not verify with the frame's identity key
+    TOO_MANY_KEYS = "too_many_keys"  # over the per-frame or per-device stock limit
+    DUPLICATE_KEY_ID = "duplicate_key_id"  # a one-time key id given twice or already stored
+    NO_KEYS = "no_keys"  # the user has published no keys yet
+    RATE_LIMITED = "rate_limited"  # too many bundle fetches; retry later
     INTERNAL = "internal"
 
 

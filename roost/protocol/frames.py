@@ -27,6 +27,15 @@ MAX_FRAME_BYTES = 128 * 1024  # a 72 KiB body is ~96 KiB as base64, plus envelop
 MAX_HISTORY_PAGE = 200
 MAX_PRESENCE_USERS = 256
 MAX_GROUP_NAME = 128
+# The key directory: a keys_put frame may carry 100 ML-KEM-1024 keys (~220 KiB
+# as base64), so it alone may be this large; every other frame stays under
+# MAX_FRAME_BYTES.
+MAX_KEYS_FRAME_BYTES = 256 * 1024
+MAX_KEYS_PER_FRAME = 100  # one-time keys of each kind in one keys_put
+EC_KEY_BYTES = 33  # 0x05 || X25519 public key (libsignal's serialisation)
+KEM_KEY_BYTES = 1569  # 0x08 || ML-KEM-1024 encapsulation key
+SIGNATURE_BYTES = 64  # XEdDSA
+MAX_DEVICE_ID = 1  # one device per account for now; linked devices raise this
 
 UserName = Annotated[str, Meta(pattern=r"^[a-z0-9_.\-]{1,32}\Z")]
 ConvId = Annotated[str, Meta(min_length=3, max_length=80)]
@@ -37,6 +46,12 @@ ContentType = Annotated[str, Meta(min_length=1, max_length=100)]
 Body = Annotated[bytes, Meta(max_length=MAX_WIRE_BODY_BYTES)]
 GroupName = Annotated[str, Meta(min_length=1, max_length=MAX_GROUP_NAME)]
 MemberList = Annotated[list[UserName], Meta(max_length=4096)]
+KeyId = Annotated[int, Meta(gt=0, lt=2**24)]
+DeviceId = Annotated[int, Meta(ge=1, le=MAX_DEVICE_ID)]
+RegistrationId = Annotated[int, Meta(ge=1, le=16380)]
+EcPublicKey = Annotated[bytes, Meta(min_length=EC_KEY_BYTES, max_length=EC_KEY_BYTES)]
+KemPublicKey = Annotated[bytes, Meta(min_length=KEM_KEY_BYTES, max_length=KEM_KEY_BYTES)]
+Signature = Annotated[bytes, Meta(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)]
 
 
 class Frame(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
@@ -58,6 +73,10 @@ class Auth(Frame, tag="auth"):
     # from another run replaces it with 4003 (stop): that tells a client's own
     # stale attempt, authenticated late, from another device.
     client: Annotated[str, Meta(max_length=64)] = ""
+    # This client keeps end-to-end keys: after welcome, tell it (keys_low)
+    # when it has published none or few. A device that published keys is
+    # told anyway; other clients never hear of keys.
+    e2ee: bool = False
 
 
 class Send(Frame, tag="send"):
@@ -154,6 +173,61 @@ class Ping(Frame, tag="ping"):
     t: int = 0
 
 
+class SignedPreKey(msgspec.Struct):
+    """An EC prekey signed (XEdDSA) by the identity key: the signature is over ``key`` (33 bytes)."""
+
+    id: KeyId
+    key: EcPublicKey
+    sig: Signature
+
+
+class PreKey(msgspec.Struct):
+    """A one-time EC prekey."""
+
+    id: KeyId
+    key: EcPublicKey
+
+
+class KemPreKey(msgspec.Struct):
+    """An ML-KEM-1024 prekey signed by the identity key over ``key`` (1569 bytes)."""
+
+    id: KeyId
+    key: KemPublicKey
+    sig: Signature
+
+
+class KeysPut(Frame, tag="keys_put"):
+    """Publish this user's own keys (there is no user field: only the owner can).
+
+    A new ``identity`` replaces every key of the device; otherwise the one-time
+    keys are added and ``signed`` / ``last_resort`` replace the stored ones
+    (``last_resort`` null: keep the stored one). Answered with ``keys_state``.
+    """
+
+    registration: RegistrationId
+    identity: EcPublicKey
+    signed: SignedPreKey
+    prekeys: Annotated[list[PreKey], Meta(max_length=MAX_KEYS_PER_FRAME)] = []
+    kem_prekeys: Annotated[list[KemPreKey], Meta(max_length=MAX_KEYS_PER_FRAME)] = []
+    last_resort: KemPreKey | None = None
+    device: DeviceId = 1
+    ref: RequestRef = ""
+
+
+class KeysCount(Frame, tag="keys_count"):
+    """How many one-time keys of this user's device are left: answered with ``keys_state``."""
+
+    device: DeviceId = 1
+    ref: RequestRef = ""
+
+
+class KeysGet(Frame, tag="keys_get"):
+    """Fetch ``user``'s prekey bundle (hands out one one-time key of each kind)."""
+
+    user: UserName
+    ref: RequestRef = ""
+
+
 ClientFrame = (
     Auth
     | Send
@@ -171,6 +245,9 @@ ClientFrame = (
     | HistoryRequest
     | SyncRequest
     | Ping
+    | KeysPut
+    | KeysCount
+    | KeysGet
 )
 
 
@@ -286,8 +363,57 @@ class Error(Frame, tag="error"):
     ref: str = ""
 
 
+class KeysState(Frame, tag="keys_state"):
+    """The one-time keys a device has left; ``has_identity``: it published keys."""
+
+    ec: int
+    kem: int
+    has_identity: bool
+    ref: str = ""
+
+
+class DeviceKeys(msgspec.Struct):
+    """One device's part of a bundle. ``prekey`` is null once its one-time EC
+    keys are gone; ``kem`` is the last-resort key (``kem_last_resort``) once
+    its one-time KEM keys are."""
+
+    device: DeviceId
+    registration: RegistrationId
+    signed: SignedPreKey
+    prekey: PreKey | None
+    kem: KemPreKey
+    kem_last_resort: bool
+
+
+class KeysBundle(Frame, tag="keys_bundle"):
+    user: str
+    identity: EcPublicKey
+    devices: list[DeviceKeys]
+    ref: str = ""
+
+
+class KeysLow(Frame, tag="keys_low"):
+    """Pushed to the owner: a device's one-time keys are running out (or it has none)."""
+
+    device: int
+    ec: int
+    kem: int
+
+
 ServerFrame = (
-    Welcome | SendAck | Deliver | Receipt | Presence | TypingEvent | GroupState | HistoryPage | Pong | Error
+    Welcome
+    | SendAck
+    | Deliver
+    | Receipt
+    | Presence
+    | TypingEvent
+    | GroupState
+    | HistoryPage
+    | Pong
+    | Error
+    | KeysState
+    | KeysBundle
+    | KeysLow
 )
 
 # Content type of the system messages the server itself appends to a group

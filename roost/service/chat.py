@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -35,6 +35,7 @@ from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.base import Registry
+from roost.service.keys import KeyDirectory, KeyLimits
 from roost.service.session import Session, Sink, receipt_frame
 from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
 
@@ -52,6 +53,7 @@ class ServiceConfig:
     rate: float = 500.0  # frames per second per connection (0: unlimited)
     burst: float = 1000.0
     presence_debounce: float = 3.0
+    keys: KeyLimits = field(default_factory=KeyLimits)
 
 
 def _log_last_seen_failure(fut: asyncio.Future[None]) -> None:
@@ -90,6 +92,7 @@ class ChatService:
         # user -> when (monotonic) its token was last revoked: a connection
         # whose token was checked before that is closed once it registers.
         self._revoked: dict[str, float] = {}
+        self.keys = KeyDirectory(store, registry, config.keys, self._spawn)
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
             f.Send: self._on_send,
             f.DeliveryAck: self._on_dack,
@@ -106,6 +109,9 @@ class ChatService:
             f.HistoryRequest: self._on_history,
             f.SyncRequest: self._on_sync,
             f.Ping: self._on_ping,
+            f.KeysPut: self.keys.on_put,
+            f.KeysCount: self.keys.on_count,
+            f.KeysGet: self.keys.on_get,
         }
         # Label children resolved once: labels() per frame would cost ~1.9 µs.
         self._frame_counters = {cls: self.metrics.frames_in.labels(frame_type(cls)) for cls in self._handlers}
@@ -155,6 +161,7 @@ class ChatService:
             self.store.set_last_seen(session.user, ts).add_done_callback(_log_last_seen_failure)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        self.keys.stop()
 
     def _spawn(self, awaitable: Any) -> None:
         fut = asyncio.ensure_future(awaitable)
@@ -167,9 +174,15 @@ class ChatService:
         return await self.store.user_by_token(hash_token(token))
 
     async def connect(
-        self, user: str, sink: Sink, client: str = "", authenticated_at: float | None = None
+        self,
+        user: str,
+        sink: Sink,
+        client: str = "",
+        authenticated_at: float | None = None,
+        e2ee: bool = False,
     ) -> Session:
-        """``authenticated_at``: ``time.monotonic()`` when its token check began."""
+        """``authenticated_at``: ``time.monotonic()`` when its token check began;
+        ``e2ee``: the client keeps end-to-end keys (its auth frame said so)."""
         session = Session(
             user,
             sink,
@@ -199,6 +212,8 @@ class ChatService:
         if not await self._resync(session):
             log.warning("inbox unavailable at connect of %s; retrying", user)
             self._spawn(self._resync_until_done(session))
+        # After the inbox: a device with few or no one-time keys is told to upload.
+        self._spawn(self.keys.after_connect(session, e2ee))
         return session
 
     def disconnect(self, session: Session) -> None:

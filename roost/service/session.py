@@ -63,6 +63,7 @@ class Session:
         "active",
         "client",
         "cursor",
+        "keys_work",
         "limiter",
         "metrics",
         "send_stream",
@@ -92,6 +93,9 @@ class Session:
         self._typing_limiter: TokenBucket | None = None  # made on the first typing frame
         self._drain_task: asyncio.Task[None] | None = None
         self.send_stream = SendStream()
+        # The last key-directory request of this connection still running:
+        # key frames are answered in the order they came (roost.service.keys).
+        self.keys_work: asyncio.Future[None] | None = None
         self.active = True
 
     def typing_throttled(self, now: float) -> bool:

@@ -128,6 +128,44 @@ class DrainPage:
     last_seq: int  # end of what this member may see, as of the read
 
 
+@dataclass(slots=True, frozen=True)
+class KeyUpload:
+    """A checked ``keys_put`` of ``user`` (the authenticated owner)."""
+
+    user: str
+    device: int
+    registration: int
+    identity: bytes
+    signed: tuple[int, bytes, bytes]  # (id, key, sig)
+    prekeys: list[tuple[int, bytes]]  # one-time EC: (id, key)
+    kem_prekeys: list[tuple[int, bytes, bytes]]  # one-time KEM: (id, key, sig)
+    last_resort: tuple[int, bytes, bytes] | None  # None: keep the stored one
+
+
+@dataclass(slots=True, frozen=True)
+class KeyStock:
+    """One-time keys a device has left; ``has_identity``: it published keys."""
+
+    ec: int
+    kem: int
+    has_identity: bool
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceKeys:
+    """One device's part of a bundle, with what it has left after this handout."""
+
+    device: int
+    registration: int
+    identity: bytes
+    signed: tuple[int, bytes, bytes]
+    prekey: tuple[int, bytes] | None  # None: its one-time EC keys are gone
+    kem: tuple[int, bytes, bytes]  # a one-time KEM key, else the last-resort one
+    kem_last_resort: bool
+    ec_left: int
+    kem_left: int
+
+
 class Store(Protocol):
     """Writes (plain ``def`` returning a future) are enqueued when called, so
     calls made in order commit in that order: a sender's frames keep their
@@ -208,3 +246,21 @@ class Store(Protocol):
 
     async def pending_receipts(self, user: str) -> list[ReceiptState]: ...
     async def active_members(self, user: str, conv: str) -> list[str]: ...
+
+    # the key directory (``roost.core.prekeys`` checked the upload first)
+    def put_keys(self, upload: KeyUpload) -> asyncio.Future[KeyStock]:
+        """Store an upload whole or not at all. A new identity replaces every
+        key of the device; otherwise one-time keys are added (an id already
+        stored: ``duplicate_key_id``; past ``MAX_STOCK`` of a kind:
+        ``too_many_keys``) and the signed / last-resort keys replaced. The
+        first upload of a device (or a new identity) must bring a last-resort
+        key (``invalid``)."""
+
+    def take_keys(self, owner: str) -> asyncio.Future[list[DeviceKeys]]:
+        """A bundle of ``owner``'s devices, handing out one one-time key of
+        each kind per device: each is handed out once only, also with many
+        gateways taking at once, and only after the handout is committed.
+        ``unknown_user`` for no such (or a removed) user, ``no_keys`` for one
+        that has published none."""
+
+    async def key_stock(self, user: str, device: int) -> KeyStock: ...

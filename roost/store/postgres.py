@@ -31,8 +31,8 @@ built for many writers:
   reconnects by itself.
 
 Every table carries its shard key (conversation for ``conversations``,
-``members`` and ``messages``; user for ``users``, ``receipt_pending`` and
-``receipt_marks``) and
+``members`` and ``messages``; user for ``users``, ``receipt_pending``,
+``receipt_marks`` and the key directory's tables) and
 every unique index includes it, so the tables could be distributed later.
 """
 
@@ -57,12 +57,16 @@ from roost.core.membership import require_active as _require_active
 from roost.core.metrics import Metrics
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
+from roost.store import postgres_keys
 from roost.store.base import (
     REMOVED,
     Account,
+    DeviceKeys,
     DrainPage,
     GroupSnapshot,
     InboxEntry,
+    KeyStock,
+    KeyUpload,
     MarkResult,
     ReceiptState,
     SendStream,
@@ -75,7 +79,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6  # 6: the key directory (roost/store/postgres_keys.py)
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -576,8 +580,9 @@ BEGIN
     RETURN res;
 END $$;
 
--- A removed user's member rows (inbox, marks) and pending receipts go; the
--- conversations' epochs move so no gateway pushes to it from a cached list.
+-- A removed user's member rows (inbox, marks), pending receipts and published
+-- keys (schema 6) go; the conversations' epochs move so no gateway pushes to
+-- it from a cached list.
 CREATE OR REPLACE FUNCTION roost_purge_member(p_name text) RETURNS roost_result LANGUAGE plpgsql AS $$
 DECLARE
     res roost_result;
@@ -587,6 +592,11 @@ BEGIN
     DELETE FROM members WHERE user_name = p_name;
     DELETE FROM receipt_pending WHERE user_name = p_name;
     DELETE FROM receipt_marks WHERE user_name = p_name;
+    IF to_regclass('key_devices') IS NOT NULL THEN  -- run by a schema before 6 during its migration
+        DELETE FROM key_devices WHERE user_name = p_name;
+        DELETE FROM key_prekeys WHERE user_name = p_name;
+        DELETE FROM key_kem_prekeys WHERE user_name = p_name;
+    END IF;
     RETURN res;
 END $$;
 
@@ -781,6 +791,9 @@ class PostgresStore:
         self._inboxes: PassBatcher[str, list[InboxEntry]] = PassBatcher(self._inboxes_of, list, USER_BATCH)
         self._receipts: PassBatcher[str, list[ReceiptState]] = PassBatcher(
             self._pending_receipts_of, list, USER_BATCH
+        )
+        self._key_stocks: PassBatcher[tuple[str, int], KeyStock] = PassBatcher(
+            self._key_stocks_of, lambda: KeyStock(0, 0, False), USER_BATCH
         )
         # The batching task's own connection (a pool of one, so that a lost
         # connection is replaced on the next batch): commits never queue
@@ -1228,6 +1241,38 @@ class PostgresStore:
         args = _args("remove", actor, group, e=MEMBERSHIP_CT, n1=now, n2=leaving, names=list(members))
         return self._submit("remove", args, lock=group)
 
+    # -- the key directory (postgres_keys: one statement each, outside the batches) --
+
+    def put_keys(self, upload: KeyUpload) -> asyncio.Future[KeyStock]:
+        return asyncio.ensure_future(self._key_op(lambda c: postgres_keys.put_keys(c, upload)))
+
+    def take_keys(self, owner: str) -> asyncio.Future[list[DeviceKeys]]:
+        return asyncio.ensure_future(self._key_op(lambda c: postgres_keys.take_keys(c, owner)))
+
+    async def key_stock(self, user: str, device: int) -> KeyStock:
+        return await self._key_stocks.get((user, device))
+
+    async def _key_stocks_of(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], KeyStock]:
+        return await self._read(lambda c: postgres_keys.key_stocks(c, keys))
+
+    async def _key_op(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """A key write on a pooled connection, tried once: unlike a read, a
+        lost answer may hide a commit (a handout retried would waste a key)."""
+        pool = self._pool
+        if pool is None or self._closing:
+            raise StoreUnavailable("store is closed")
+        try:
+            started = time.perf_counter()
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                self.metrics.pool_wait["read"].observe(time.perf_counter() - started)
+                return await fn(conn)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            if not _storage_error(exc):
+                raise
+            raise StoreUnavailable(f"storage error: {exc}") from exc
+
     # -- reads ---------------------------------------------------------------
 
     async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -1537,6 +1582,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     (4, _ACCOUNT_STATE + FUNCTIONS),  # roost_append answers a retry before checking membership
     # A live receipt carries every mark not yet acked (receipt_marks).
     (5, _RECEIPT_MARKS + _ACCOUNT_STATE + FUNCTIONS),
+    # The key directory; roost_purge_member deletes a removed user's keys.
+    (6, postgres_keys.KEYS_SCHEMA + _ACCOUNT_STATE + FUNCTIONS),
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

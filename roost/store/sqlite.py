@@ -38,12 +38,16 @@ from roost.core.membership import ADMIN, MEMBER, Member
 from roost.core.metrics import Metrics
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
+from roost.store import sqlite_keys
 from roost.store.base import (
     REMOVED,
     Account,
+    DeviceKeys,
     DrainPage,
     GroupSnapshot,
     InboxEntry,
+    KeyStock,
+    KeyUpload,
     MarkResult,
     ReceiptState,
     SendStream,
@@ -54,9 +58,10 @@ from roost.store.base import (
 
 log = logging.getLogger("roost.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: the key directory (roost/store/sqlite_keys.py)
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     token_hash BLOB NOT NULL UNIQUE,
@@ -117,6 +122,8 @@ CREATE TABLE IF NOT EXISTS receipt_marks (
     PRIMARY KEY (user, conv, member)
 ) WITHOUT ROWID;
 """
+    + sqlite_keys.KEYS_SCHEMA
+)
 
 _MSG_COLUMNS = "conv, seq, sender, client_id, ct, body, ts"
 
@@ -590,7 +597,8 @@ class SqliteStore:
 
     def purge_member(self, name: str) -> asyncio.Future[None]:
         """Forget a removed user's member rows (its inbox and marks, in every
-        conversation) and its pending receipts. The messages it sent stay."""
+        conversation), its pending receipts and its published keys. The
+        messages it sent stay."""
 
         def op(conn: sqlite3.Connection) -> None:
             for (conv,) in conn.execute("SELECT conv FROM members WHERE user=?", (name,)).fetchall():
@@ -600,8 +608,20 @@ class SqliteStore:
             conn.execute("DELETE FROM members WHERE user=?", (name,))
             conn.execute("DELETE FROM receipt_pending WHERE user=?", (name,))
             conn.execute("DELETE FROM receipt_marks WHERE user=? OR member=?", (name, name))
+            sqlite_keys.delete_keys(conn, name)
 
         return self._submit(op)
+
+    # -- the key directory -------------------------------------------------
+
+    def put_keys(self, upload: KeyUpload) -> asyncio.Future[KeyStock]:
+        return self._submit(lambda c: sqlite_keys.put_keys(c, upload))
+
+    def take_keys(self, owner: str) -> asyncio.Future[list[DeviceKeys]]:
+        return self._submit(lambda c: sqlite_keys.take_keys(c, owner))
+
+    async def key_stock(self, user: str, device: int) -> KeyStock:
+        return await self._read(lambda c: sqlite_keys.key_stock(c, user, device))
 
     # -- messages ----------------------------------------------------------
 

@@ -36,6 +36,17 @@ SAMPLES: list[f.Frame] = [
     f.HistoryRequest(conv="d:alice:bob", after=0, limit=1),
     f.SyncRequest(),
     f.Ping(t=123456789),
+    f.KeysPut(
+        registration=16380,
+        identity=b"\x05" + b"i" * 32,
+        signed=f.SignedPreKey(id=1, key=b"\x05" + b"s" * 32, sig=b"g" * 64),
+        prekeys=[f.PreKey(id=2**24 - 1, key=b"\x05" + b"p" * 32)],
+        kem_prekeys=[f.KemPreKey(id=3, key=b"\x08" + b"k" * 1568, sig=b"g" * 64)],
+        last_resort=f.KemPreKey(id=4, key=b"\x08" + b"l" * 1568, sig=b"g" * 64),
+        ref="k1",
+    ),
+    f.KeysCount(ref="k2"),
+    f.KeysGet(user="alice", ref="k3"),
 ]
 
 
@@ -82,6 +93,23 @@ def test_server_frames_round_trip_through_decode_server() -> None:
         f.Deliver(conv="d:a:b", seq=3, id="m", sender="a", ct="text/plain", body=b"\x01", ts=9),
         f.Receipt(conv="d:a:b", rv=2, marks={"b": f.MemberMarks(3, 1)}, all_delivered=3, all_read=1),
         f.Error(code="bad_frame", message="nope", ref="m"),
+        f.KeysState(ec=3, kem=0, has_identity=True, ref="k"),
+        f.KeysBundle(
+            user="alice",
+            identity=b"\x05" + b"i" * 32,
+            devices=[
+                f.DeviceKeys(
+                    device=1,
+                    registration=1,
+                    signed=f.SignedPreKey(id=1, key=b"\x05" + b"s" * 32, sig=b"g" * 64),
+                    prekey=None,
+                    kem=f.KemPreKey(id=4, key=b"\x08" + b"l" * 1568, sig=b"g" * 64),
+                    kem_last_resort=True,
+                )
+            ],
+            ref="k",
+        ),
+        f.KeysLow(device=1, ec=9, kem=0),
     ]
     for frame in frames:
         assert decode_server(encode(frame)) == frame
@@ -304,3 +332,67 @@ def test_frame_shaped_json_only_raises_protocol_error(obj: dict[str, typing.Any]
 @given(st.text(max_size=200))
 def test_arbitrary_text_only_raises_protocol_error(text: str) -> None:
     check_only_protocol_errors(text)
+
+
+# -- the key directory's frames -----------------------------------------------
+
+
+def _keys_put(kem: int) -> bytes:
+    sig = base64.b64encode(b"g" * 64).decode()
+    kem_key = base64.b64encode(b"\x08" + b"k" * 1568).decode()
+    ec_key = base64.b64encode(b"\x05" + b"e" * 32).decode()
+    return json.dumps(
+        {
+            "type": "keys_put",
+            "registration": 1,
+            "identity": ec_key,
+            "signed": {"id": 1, "key": ec_key, "sig": sig},
+            "prekeys": [{"id": i, "key": ec_key} for i in range(1, 101)],
+            "kem_prekeys": [{"id": i, "key": kem_key, "sig": sig} for i in range(1, kem + 1)],
+        }
+    ).encode()
+
+
+def test_only_a_keys_put_may_exceed_the_common_frame_limit() -> None:
+    full = _keys_put(100)  # 100 one-time keys of each kind
+    assert f.MAX_FRAME_BYTES < len(full) <= f.MAX_KEYS_FRAME_BYTES
+    assert isinstance(decode_client(full), f.KeysPut)
+    assert isinstance(decode_client(full.decode()), f.KeysPut)
+    other = json.dumps({"type": "ping", "pad": "x" * (f.MAX_FRAME_BYTES + 10)}).encode()
+    assert decode_error(other).code is ErrorCode.TOO_LARGE
+    over = full[:-1] + b', "pad": "' + b"x" * f.MAX_KEYS_FRAME_BYTES + b'"}'
+    assert decode_error(over).code is ErrorCode.TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "code"),
+    [
+        (["identity"], b"\x05" * 32, ErrorCode.BAD_KEY),
+        (["signed", "key"], b"\x05" * 34, ErrorCode.BAD_KEY),
+        (["signed", "sig"], b"g" * 63, ErrorCode.BAD_SIGNATURE),
+        (["signed", "id"], 0, ErrorCode.BAD_KEY),
+        (["prekeys", 3, "key"], b"\x05" * 32, ErrorCode.BAD_KEY),
+        (["prekeys", 3, "id"], 2**24, ErrorCode.BAD_KEY),
+        (["kem_prekeys", 0, "key"], b"\x08" * 1570, ErrorCode.BAD_KEY),
+        (["kem_prekeys", 0, "sig"], b"", ErrorCode.BAD_SIGNATURE),
+        (["last_resort"], {"id": 1, "key": "AA==", "sig": "AA=="}, ErrorCode.BAD_KEY),
+        (["registration"], 16381, ErrorCode.BAD_FRAME),
+        (["device"], 2, ErrorCode.BAD_FRAME),
+    ],
+)
+def test_a_keys_put_the_decoder_refuses_gets_a_typed_code(path: list, value: object, code: ErrorCode) -> None:
+    frame = json.loads(_keys_put(1))
+    frame["ref"] = "r"
+    target = frame
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = base64.b64encode(value).decode() if isinstance(value, bytes) else value
+    err = decode_error(json.dumps(frame))
+    assert (err.code, err.ref) == (code, "r")
+
+
+def test_too_many_one_time_keys_in_one_frame_is_too_many_keys() -> None:
+    frame = json.loads(_keys_put(1))
+    frame["prekeys"].append(frame["prekeys"][0])
+    assert len(frame["prekeys"]) == f.MAX_KEYS_PER_FRAME + 1
+    assert decode_error(json.dumps(frame)).code is ErrorCode.TOO_MANY_KEYS

@@ -422,6 +422,9 @@ async def test_migrate_is_idempotent_and_versioned(pg_empty_database: str) -> No
         "conversations": "id",
         "receipt_pending": "user_name",
         "receipt_marks": "user_name",
+        "key_devices": "user_name",
+        "key_prekeys": "user_name",
+        "key_kem_prekeys": "user_name",
         "users": "",
         "roost_schema": "",
     }
@@ -461,7 +464,7 @@ async def test_a_schema_2_database_gets_account_states(pg_empty_database: str) -
         assert await store.user_by_token(token_hash("alice")) == "alice"
         await store.set_user_state("alice", "disabled")
         assert [a.state for a in await store.list_users()] == ["disabled"]
-        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 5
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 6
     finally:
         await store.close()
 
@@ -495,7 +498,7 @@ async def test_a_schema_4_database_gets_receipt_marks(pg_empty_database: str) ->
         assert receipt.marks == {"bob": (2, 0), "carol": (2, 0)}
         await store.ack_receipts("alice", group, receipt.rv)
         assert await store.pending_receipts("alice") == []
-        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 5
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 6
     finally:
         await store.close()
 
