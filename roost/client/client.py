@@ -389,7 +389,7 @@ class Client:
         self._pending_waiters: dict[str, asyncio.Future[str]] = {}
         # End-to-end encryption: every message is sealed before it leaves and
         # opened before it is stored or shown (roost.client.crypto).
-        self.e2ee = E2ee(self)
+        self.crypto = E2ee(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -441,7 +441,7 @@ class Client:
         if self._http is not None:
             await self._http.close()
             self._http = None
-        await self.e2ee.close()
+        await self.crypto.close()
         self._fail_requests(ConnectionLost("client closed"))
         for fut in self._ack_waiters.values():
             if not fut.done():
@@ -596,7 +596,7 @@ class Client:
         for item in list(self._outbox.values()):
             if item.ready:
                 self._send_item(item)
-        self.e2ee.on_connected()
+        self.crypto.on_connected()
         self._dacked.clear()
         for conv in self._orders:
             self._dack_due.add(conv)
@@ -637,13 +637,13 @@ class Client:
     def _queue(self, item: OutboxItem, *, commit: bool = True) -> None:
         """Into the durable outbox, sealed now if that needs no network (the
         session state joins the same transaction), and sent if sealed."""
-        item = self.e2ee.seal_now(item)
+        item = self.crypto.seal_now(item)
         self.state.outbox_add(item, commit=commit)
         self._outbox[item.id] = item
         if item.ready:
             self._send_item(item)
         else:
-            self.e2ee.wake()
+            self.crypto.wake()
 
     def _fail_item(self, message_id: str, code: str, message: str) -> None:
         """An outbox item that can never go (unknown user, not a member): removed, its sender told."""
@@ -890,10 +890,10 @@ class Client:
             if isinstance(item, Message):
                 # Decrypted in seq order, the session or sender-key state
                 # written in this transaction with the message and the cursor.
-                self._show(self.e2ee.open(item) if item.ct == E2EE_CT else [item])
+                self._show(self.crypto.open(item) if item.ct == E2EE_CT else [item])
                 continue
             if isinstance(item, Membership):
-                self.e2ee.on_membership(item)
+                self.crypto.on_membership(item)
             if item is not None:
                 self._emit(item)
         self.state.save_have(conv, self._orders[conv].have)
@@ -1189,8 +1189,8 @@ class Client:
         Fetches their keys (starting a session) if this device never saw them;
         raises ``RoostError`` (``no_keys``, ``unknown_user``) if it cannot."""
         if self.state.identity(user) is None:
-            await self.e2ee.ensure_session(user)
-        number = self.e2ee.safety_number(user)
+            await self.crypto.ensure_session(user)
+        number = self.crypto.safety_number(user)
         seen = self.state.identity(user)
         assert number is not None and seen is not None
         return SafetyNumber(user, number, verified=seen[1], changed=seen[2])

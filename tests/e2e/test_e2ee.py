@@ -33,7 +33,7 @@ def marker(tag: str) -> str:
 
 async def published(client: Client, timeout: float = 15.0) -> Client:
     """``client`` once its keys are on the server (others can start sessions)."""
-    await asyncio.wait_for(client.e2ee.published.wait(), timeout)
+    await asyncio.wait_for(client.crypto.published.wait(), timeout)
     return client
 
 
