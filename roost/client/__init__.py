@@ -21,6 +21,7 @@ from roost.client.events import (
     ErrorEvent,
     Event,
     IdentityChanged,
+    KeysLow,
     LocalSend,
     Membership,
     Message,
@@ -30,6 +31,7 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
+from roost.client.keys import DeviceBundle, KeyCounts, KeyUpload, PreKeyBundle
 from roost.client.state import StateInUse
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "ConnectionLost",
     "Consumed",
     "DecryptionFailed",
+    "DeviceBundle",
     "Disconnected",
     "EmptyMessage",
     "ErrorEvent",
@@ -47,11 +50,15 @@ __all__ = [
     "IdentityChanged",
     "InvalidArgument",
     "InvalidMessage",
+    "KeyCounts",
+    "KeyUpload",
+    "KeysLow",
     "LocalSend",
     "Membership",
     "Message",
     "MessageTooLarge",
     "Pending",
+    "PreKeyBundle",
     "PresenceEvent",
     "ReceiptEvent",
     "RoostError",

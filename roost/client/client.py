@@ -49,6 +49,7 @@ from roost.client.events import (
     Disconnected,
     ErrorEvent,
     Event,
+    KeysLow,
     LocalSend,
     Membership,
     Message,
@@ -58,6 +59,7 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
+from roost.client.keys import KeyCounts, KeyUpload, PreKeyBundle, bundle_of, upload_frames
 from roost.client.local import LocalEndpoint
 from roost.client.ordering import ConversationOrder
 from roost.client.state import ClientState, OutboxItem, default_state_path
@@ -316,17 +318,24 @@ class Client:
         on_retry: Callable[[str, str, float], None] | None = None,
         ca_file: str | Path | None = None,
         ssl: ssl.SSLContext | None = None,
+        e2ee: bool = True,
     ) -> None:
         """``on_retry(url, reason, delay)`` is called after each failed
         connection attempt that will be retried in ``delay`` seconds.
         https/wss servers are verified against the system's CAs plus
-        ``ca_file`` (a private CA), or against the ``ssl`` context if given."""
+        ``ca_file`` (a private CA), or against the ``ssl`` context if given.
+        ``e2ee``: tell the server this client keeps end-to-end keys, so it
+        says after every welcome (a ``KeysLow`` event) when it holds few or
+        none. The SDK always encrypts (``roost.client.crypto``) and refills
+        its keys on ``KeysLow``; False only spares a client that will never
+        publish keys of that reminder."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise InvalidArgument("at least one URL is needed")
         if not token.strip():
             raise InvalidArgument("the token is empty")
         self.token = token
+        self.e2ee = e2ee
         self.tls = tls_context(ca_file, ssl)
         self.on_retry = on_retry
         # url -> (why its last attempt failed, whether that is final); emptied on connecting.
@@ -551,7 +560,7 @@ class Client:
             autoclose=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:
-            auth = encode(f.Auth(token=self.token, client=self.instance))
+            auth = encode(f.Auth(token=self.token, client=self.instance, e2ee=self.e2ee))
             await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
             first = await ws.receive(timeout=15.0)
             if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
@@ -841,6 +850,13 @@ class Client:
                 frame.ref,
                 GroupInfo(frame.group, frame.name, frame.members, frame.admins, frame.last_seq),
             )
+        elif isinstance(frame, f.KeysState):
+            self._resolve_request(frame.ref, KeyCounts(frame.ec, frame.kem, frame.has_identity))
+        elif isinstance(frame, f.KeysBundle):
+            self._resolve_request(frame.ref, bundle_of(frame))
+        elif isinstance(frame, f.KeysLow):
+            self._emit(KeysLow(frame.ec, frame.kem))
+            self.crypto.keys_low()
         elif isinstance(frame, f.Error):
             if self._on_send_error(frame):
                 return
@@ -1073,6 +1089,30 @@ class Client:
 
     async def group_info(self, group: str) -> GroupInfo:
         return await self._group_request(f.GroupInfo(group=group))
+
+    # -- the key directory (transport only: roost.e2ee makes the keys) ----------
+
+    async def put_keys(self, upload: KeyUpload) -> KeyCounts:
+        """Publish this device's keys (more than 100 one-time keys of a kind
+        go out as several frames, in order). Raises ``RoostError`` with the
+        server's code (bad_key, bad_signature, too_many_keys,
+        duplicate_key_id, invalid, rate_limited): a refused frame changed
+        nothing, the frames before it stay stored."""
+        counts: KeyCounts | None = None
+        for frame in upload_frames(upload):
+            counts = await self._request(frame)
+        assert counts is not None
+        return counts
+
+    async def key_counts(self) -> KeyCounts:
+        counts: KeyCounts = await self._request(f.KeysCount())
+        return counts
+
+    async def fetch_bundle(self, user: str) -> PreKeyBundle:
+        """``user``'s prekey bundle; hands out one of its one-time keys of each
+        kind. Raises ``RoostError`` (no_keys, unknown_user, rate_limited)."""
+        bundle: PreKeyBundle = await self._request(f.KeysGet(user=user))
+        return bundle
 
     async def history(
         self, conv: str, *, before: int | None = None, after: int | None = None, limit: int = 50

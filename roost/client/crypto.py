@@ -141,6 +141,7 @@ class E2ee:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pump_task: asyncio.Task[None] | None = None
+        self._refilling: asyncio.Task[None] | None = None
         self.decryption_failures = 0
         # Set once this connection confirmed our keys are on the server.
         self.published = asyncio.Event()
@@ -197,6 +198,15 @@ class E2ee:
         kem = PREKEY_BATCH - counts.kem if counts.kem < REFILL_BELOW else 0
         if rotate or ec or kem:
             await self._upload(ec, kem, rotate=rotate)
+
+    def keys_low(self) -> None:
+        """The server says our one-time keys run out: refill (once at a time;
+        right after the welcome the connect-time upload does it)."""
+        if not self.published.is_set():
+            return
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.create_task(self.refill())
+            self._refilling.add_done_callback(self._task_done)
 
     async def refill(self) -> None:
         """On ``keys_low``: top the stock up to a full batch."""

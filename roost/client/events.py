@@ -159,6 +159,15 @@ class TypingEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class KeysLow:
+    """The server holds few (or none) of this device's one-time keys: upload more
+    (``Client.put_keys``). ``ec``/``kem``: how many of each kind are left."""
+
+    ec: int
+    kem: int
+
+
+@dataclass(slots=True, frozen=True)
 class Connected:
     user: str
 
@@ -186,6 +195,7 @@ Event = (
     | ReceiptEvent
     | PresenceEvent
     | TypingEvent
+    | KeysLow
     | Connected
     | Disconnected
     | ErrorEvent

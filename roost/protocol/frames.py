@@ -377,7 +377,7 @@ class DeviceKeys(msgspec.Struct):
     keys are gone; ``kem`` is the last-resort key (``kem_last_resort``) once
     its one-time KEM keys are."""
 
-    device: DeviceId
+    device: Annotated[int, Meta(ge=1)]  # not DeviceId: a client must read later devices too
     registration: RegistrationId
     signed: SignedPreKey
     prekey: PreKey | None
