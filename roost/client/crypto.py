@@ -217,10 +217,13 @@ class E2ee:
             await self._upload(ec, kem, full=not counts.has_identity)
 
     async def _upload(self, ec: int, kem: int, *, full: bool = False, rotate: bool = False) -> None:
+        del full  # a full upload is a full batch; every upload carries the whole identity
         signed = self._signed_prekey(rotate=rotate)
         prekeys = self.keys.new_prekeys(ec) if ec else []
         kem_prekeys = self.keys.new_kem_prekeys(kem) if kem else []
-        last_resort = self.keys.last_resort_kem() if full or rotate else None
+        # Always sent (the same key again): if another install of the account
+        # replaced the identity meanwhile, this upload replaces it back whole.
+        last_resort = self.keys.last_resort_kem()
         # The private halves are committed before the public ones leave: a key
         # handed out by the server must never be one this device forgot.
         self.state.save_e2ee_local_keys(self.keys.to_bytes())

@@ -44,7 +44,7 @@ def seal(alice: Client, text: str) -> bytes:
     item = OutboxItem(uuid.uuid4().hex, "bob", None, "text/plain", text.encode(), 0)
     sealed = alice.crypto.seal_now(item)
     assert sealed.wire_body is not None and sealed.wire_ct == E2EE_CT
-    assert text.encode() not in sealed.wire_body
+    assert len(text) < 8 or text.encode() not in sealed.wire_body  # (2 bytes can occur by chance)
     alice.state.commit()
     return sealed.wire_body
 
