@@ -436,6 +436,7 @@ class Client:
         return "; ".join(f"{url}: {reason}" for url, (reason, _) in self.failures.items())
 
     async def close(self) -> None:
+        await self.crypto.close()  # first: a key upload under way may finish
         self._closing = True
         if self._local is not None:
             await self._local.close()
@@ -450,7 +451,6 @@ class Client:
         if self._http is not None:
             await self._http.close()
             self._http = None
-        await self.crypto.close()
         self._fail_requests(ConnectionLost("client closed"))
         for fut in self._ack_waiters.values():
             if not fut.done():

@@ -69,6 +69,7 @@ SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients 
 KEYS_POLL_FIRST = 1.0
 KEYS_POLL_CAP = 15.0
 RATE_LIMITED_WAIT = 5.0
+CLOSE_PUBLISH_WAIT = 5.0  # s a closing client waits for its keys' upload
 
 # A group message whose sender key has not come within this long gets a retry request.
 HOLD_GRACE = 2.0
@@ -142,6 +143,8 @@ class E2ee:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pump_task: asyncio.Task[None] | None = None
         self._refilling: asyncio.Task[None] | None = None
+        self._publishing: asyncio.Task[None] | None = None
+        self._why_blocked: dict[str, str] = {}  # user -> why messages to them wait
         self.decryption_failures = 0
         # Set once this connection confirmed our keys are on the server.
         self.published = asyncio.Event()
@@ -149,13 +152,22 @@ class E2ee:
     # -- lifecycle ---------------------------------------------------------
 
     def on_connected(self) -> None:
-        self._spawn(self._publish_keys())
+        self._publishing = asyncio.create_task(self._publish_keys())
+        self._publishing.add_done_callback(self._task_done)
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.create_task(self._pump())
         self._sweep_held()
         self.wake()
 
     async def close(self) -> None:
+        # A short-lived client (``roost listen --timeout 1``) is many a user's
+        # first: let its keys reach the server before it goes.
+        publishing = self._publishing
+        if publishing is not None and not publishing.done() and self.client.connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(publishing), CLOSE_PUBLISH_WAIT)
+        if publishing is not None:
+            publishing.cancel()
         tasks = [*self._tasks, *([self._pump_task] if self._pump_task else [])]
         for task in tasks:
             task.cancel()
@@ -419,6 +431,7 @@ class E2ee:
                 continue
             if item.to is not None:
                 if self._blocked.get(item.to, 0.0) > loop.time():
+                    self._set_pending(item, self._why_blocked.get(item.to, "waiting for a key fetch"))
                     continue
                 try:
                     await self.ensure_session(item.to, fresh=item.to in self._renew)
@@ -456,13 +469,15 @@ class E2ee:
             delay = self._poll_delay.get(item.to, KEYS_POLL_FIRST / 2) * 2
             self._poll_delay[item.to] = min(KEYS_POLL_CAP, delay)
             self._blocked[item.to] = loop.time() + self._poll_delay[item.to]
-            self._set_pending(
-                item,
-                f"waiting for {item.to}'s encryption keys ({item.to} has not started a Roost client yet)",
+            who = item.to
+            self._why_blocked[who] = (
+                f"waiting for {who}'s encryption keys ({who} has not started a Roost client yet)"
             )
+            self._set_pending(item, self._why_blocked[who])
         elif exc.code == "rate_limited":
             self._blocked[item.to] = loop.time() + RATE_LIMITED_WAIT
-            self._set_pending(item, "key fetches are rate-limited by the server; retrying")
+            self._why_blocked[item.to] = "key fetches are rate-limited by the server; retrying"
+            self._set_pending(item, self._why_blocked[item.to])
         elif exc.code == "connection_lost":
             raise exc
         else:
