@@ -605,6 +605,9 @@ class E2ee:
                     raise error or E2eeError("no session with the sender")
                 session, plaintext = Session.respond(self.keys, m.sender, envelope.data)
                 self.state.save_e2ee_local_keys(self.keys.to_bytes())  # its one-time keys are used up
+                # They have keys now: what waits for them goes without another poll.
+                if self._blocked.pop(m.sender, None) is not None:
+                    self.wake()
                 self._see_identity(m.sender, session.remote_identity)
         except DuplicateMessage:
             return []
