@@ -42,6 +42,7 @@ from typing import Any, Literal, overload
 import aiohttp
 import msgspec
 
+from roost.client.crypto import E2EE_CT, E2ee
 from roost.client.events import (
     Connected,
     Consumed,
@@ -52,6 +53,7 @@ from roost.client.events import (
     LocalSend,
     Membership,
     Message,
+    Pending,
     PresenceEvent,
     ReceiptEvent,
     Sent,
@@ -132,6 +134,19 @@ class SendResult:
     seq: int
     ts: int
     duplicate: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class SafetyNumber:
+    user: str
+    digits: str  # 60 digits
+    verified: bool  # the user marked it verified (``mark_verified``)
+    changed: bool  # their key changed since it was first seen, not verified since
+
+    @property
+    def groups(self) -> str:
+        """The digits in twelve groups of five, as Signal shows them."""
+        return " ".join(self.digits[i : i + 5] for i in range(0, len(self.digits), 5))
 
 
 @dataclass(slots=True, frozen=True)
@@ -303,14 +318,17 @@ class Client:
         on_retry: Callable[[str, str, float], None] | None = None,
         ca_file: str | Path | None = None,
         ssl: ssl.SSLContext | None = None,
-        e2ee: bool = False,
+        e2ee: bool = True,
     ) -> None:
         """``on_retry(url, reason, delay)`` is called after each failed
         connection attempt that will be retried in ``delay`` seconds.
         https/wss servers are verified against the system's CAs plus
         ``ca_file`` (a private CA), or against the ``ssl`` context if given.
-        ``e2ee``: this client keeps end-to-end keys; the server then says
-        after every welcome (a ``KeysLow`` event) when it holds few or none."""
+        ``e2ee``: tell the server this client keeps end-to-end keys, so it
+        says after every welcome (a ``KeysLow`` event) when it holds few or
+        none. The SDK always encrypts (``roost.client.crypto``) and refills
+        its keys on ``KeysLow``; False only spares a client that will never
+        publish keys of that reminder."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise InvalidArgument("at least one URL is needed")
@@ -378,6 +396,11 @@ class Client:
         # showing them yet (see ``take_unconsumed``).
         self._claimed: set[tuple[str, int]] = set()
         self._unconsumed_waiters: list[asyncio.Future[None]] = []
+        # message id -> future resolved with the reason once it is pending (no keys yet)
+        self._pending_waiters: dict[str, asyncio.Future[str]] = {}
+        # End-to-end encryption: every message is sealed before it leaves and
+        # opened before it is stored or shown (roost.client.crypto).
+        self.crypto = E2ee(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -415,6 +438,7 @@ class Client:
         return "; ".join(f"{url}: {reason}" for url, (reason, _) in self.failures.items())
 
     async def close(self) -> None:
+        await self.crypto.close()  # first: a key upload under way may finish
         self._closing = True
         if self._local is not None:
             await self._local.close()
@@ -457,8 +481,9 @@ class Client:
 
     async def drain_outbox(self, timeout: float = 5.0) -> bool:
         """Wait (up to ``timeout``) for the ✓ of everything in the outbox,
-        including what earlier runs queued; True if it is empty."""
-        waits = [self.wait_sent(mid) for mid in list(self._outbox)]
+        including what earlier runs queued, except what is pending for a
+        recipient's keys (it cannot go soon); True if the outbox is empty."""
+        waits = [self.wait_sent(mid) for mid, item in list(self._outbox.items()) if item.pending is None]
         if waits:
             with contextlib.suppress(TimeoutError, RoostError):
                 await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
@@ -578,9 +603,12 @@ class Client:
             return ws.close_code
 
     def _on_connected(self) -> None:
-        # Everything not acked is resent, oldest first, before any new send.
+        # Everything not acked is resent, oldest first, before any new send;
+        # what still waits to be encrypted goes to the encryption pump.
         for item in list(self._outbox.values()):
-            self._send_item(item)
+            if item.ready:
+                self._send_item(item)
+        self.crypto.on_connected()
         self._dacked.clear()
         for conv in self._orders:
             self._dack_due.add(conv)
@@ -612,7 +640,44 @@ class Client:
                     await ws.send_frame(self._out.popleft(), aiohttp.WSMsgType.TEXT)
 
     def _send_item(self, item: OutboxItem) -> None:
-        self._write(encode(f.Send(id=item.id, body=item.body, ct=item.ct, to=item.to, conv=item.conv)))
+        """Send the sealed (encrypted) item: never a plaintext body."""
+        assert item.wire_body is not None and item.wire_ct is not None
+        self._write(
+            encode(f.Send(id=item.id, body=item.wire_body, ct=item.wire_ct, to=item.to, conv=item.conv))
+        )
+
+    def _queue(self, item: OutboxItem, *, commit: bool = True) -> None:
+        """Into the durable outbox, sealed now if that needs no network (the
+        session state joins the same transaction), and sent if sealed."""
+        item = self.crypto.seal_now(item)
+        self.state.outbox_add(item, commit=commit)
+        self._outbox[item.id] = item
+        if item.ready:
+            self._send_item(item)
+        else:
+            self.crypto.wake()
+
+    def _fail_item(self, message_id: str, code: str, message: str) -> None:
+        """An outbox item that can never go (unknown user, not a member): removed, its sender told."""
+        self._on_send_error(f.Error(code=code, message=message, ref=message_id))
+
+    def _on_pending(self, message_id: str, to: str | None, conv: str | None, reason: str) -> None:
+        self._emit(Pending(message_id, to, conv, reason))
+        fut = self._pending_waiters.pop(message_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reason)
+
+    def wait_pending(self, message_id: str) -> Awaitable[str]:
+        """Resolves with the reason once ``message_id`` is pending in the outbox
+        for something other than the connection (the recipient has no keys yet)."""
+        fut = self._pending_waiters.get(message_id)
+        if fut is None:
+            fut = self._pending_waiters[message_id] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieved)
+        item = self._outbox.get(message_id)
+        if item is not None and item.pending is not None and not fut.done():
+            fut.set_result(item.pending)
+        return asyncio.shield(fut)
 
     # -- sending -------------------------------------------------------------
 
@@ -698,12 +763,10 @@ class Client:
         if future is not None:
             self._ack_waiters[item.id] = future
         if item.id not in self._outbox:
-            self.state.outbox_add(item)
-            self._outbox[item.id] = item
+            self._queue(item)
             if announce:
                 self._announced.add(item.id)
                 self._emit(LocalSend(item.id, item.to, item.conv, item.ct, item.body, item.created))
-            self._send_item(item)
         if future is None:
             return item.id
         return await future
@@ -728,13 +791,16 @@ class Client:
         item = self._outbox.pop(frame.id, None)
         if item is not None:
             self.state.outbox_remove(frame.id)
-            self.state.store_message(
-                frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts, consumed=True
-            )
+            if not item.control:  # the local copy: history, and what a retry request resends
+                self.state.store_message(
+                    frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts,
+                    consumed=True, encrypted=item.wire_ct == E2EE_CT,
+                )  # fmt: skip
         self._accept(frame.conv, frame.seq, None)
         self.state.commit()
         self._announced.discard(frame.id)
-        if item is not None:
+        self._pending_waiters.pop(frame.id, None)
+        if item is not None and not item.control:
             self._emit(Sent(frame.id, frame.conv, frame.seq, frame.ts))
         waiter = self._ack_waiters.pop(frame.id, None)
         if waiter is not None and not waiter.done():
@@ -746,9 +812,11 @@ class Client:
             return False
         if frame.code in RETRYABLE:
             return True  # stays in the outbox; resent after the reconnect
-        self._outbox.pop(frame.ref)
+        item = self._outbox.pop(frame.ref)
         self.state.outbox_remove(frame.ref)
         self.state.commit()
+        if item.control:
+            return True  # a protocol message to someone gone: nobody to tell
         waiter = self._ack_waiters.pop(frame.ref, None)
         awaited = False
         if waiter is not None and not waiter.done():
@@ -793,6 +861,7 @@ class Client:
             self._resolve_request(frame.ref, bundle_of(frame))
         elif isinstance(frame, f.KeysLow):
             self._emit(KeysLow(frame.ec, frame.kem))
+            self.crypto.keys_low()
         elif isinstance(frame, f.Error):
             if self._on_send_error(frame):
                 return
@@ -812,8 +881,10 @@ class Client:
     ) -> None:
         if sender == self.user:
             # Sent by this account from another state (a gap fill brings it):
-            # it belongs in the local history, and the user has seen it.
-            self.state.store_message(conv, seq, message_id, sender, ct, body, ts, consumed=True)
+            # it belongs in the local history, and the user has seen it; an
+            # encrypted one was sealed for the others and cannot be read here.
+            if ct != E2EE_CT:
+                self.state.store_message(conv, seq, message_id, sender, ct, body, ts, consumed=True)
             self._accept(conv, seq, None)
             return
         item: Message | Membership
@@ -838,13 +909,24 @@ class Client:
             return
         for _seq, item in released:
             if isinstance(item, Message):
-                self.state.store_message(conv, item.seq, item.id, item.sender, item.ct, item.body, item.ts)
-                self._wake_unconsumed_waiters()
+                # Decrypted in seq order, the session or sender-key state
+                # written in this transaction with the message and the cursor.
+                self._show(self.crypto.open(item) if item.ct == E2EE_CT else [item])
+                continue
+            if isinstance(item, Membership):
+                self.crypto.on_membership(item)
             if item is not None:
                 self._emit(item)
         self.state.save_have(conv, self._orders[conv].have)
         self._dack_due.add(conv)
         self._schedule_dacks()
+
+    def _show(self, messages: list[Message]) -> None:
+        """Store received messages (in the open transaction), then emit them."""
+        for m in messages:
+            self.state.store_message(m.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts, encrypted=m.encrypted)
+            self._wake_unconsumed_waiters()
+            self._emit(m)
 
     def _schedule_dacks(self) -> None:
         if not self._dack_scheduled:
@@ -886,11 +968,20 @@ class Client:
             return
         self._resolve_request(
             frame.ref,
-            (
-                [Message(frame.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts) for m in frame.messages],
-                frame.last_seq,
-            ),
+            ([self._readable(frame.conv, m) for m in frame.messages], frame.last_seq),
         )
+
+    def _readable(self, conv: str, m: f.HistoryMessage) -> Message:
+        """A history page's message as this device can show it: a ciphertext
+        can be decrypted only once, so it is the local copy (or, if this device
+        never had it, an empty body under the encrypted content type)."""
+        if m.ct != E2EE_CT:
+            return Message(conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts)
+        local = self.state.stored_message(conv, m.seq)
+        if local is not None:
+            mid, sender, ct, body, ts = local
+            return Message(conv, m.seq, mid, sender, ct, body, ts, encrypted=True)
+        return Message(conv, m.seq, m.id, m.sender, E2EE_CT, b"", m.ts, encrypted=True)
 
     def _on_receipt(self, frame: f.Receipt) -> None:
         view = self._receipts.setdefault(frame.conv, _ReceiptView())
@@ -1167,12 +1258,33 @@ class Client:
             if not fut.done():
                 fut.set_result(None)
 
+    # -- end-to-end encryption: the user's view of a contact's key ---------------
+
+    async def safety_number(self, user: str) -> SafetyNumber:
+        """Signal's 60-digit safety number with ``user`` (the same on both
+        sides when no one is in between), and whether the user verified it.
+        Fetches their keys (starting a session) if this device never saw them;
+        raises ``RoostError`` (``no_keys``, ``unknown_user``) if it cannot."""
+        if self.state.identity(user) is None:
+            await self.crypto.ensure_session(user)
+        number = self.crypto.safety_number(user)
+        seen = self.state.identity(user)
+        assert number is not None and seen is not None
+        return SafetyNumber(user, number, verified=seen[1], changed=seen[2])
+
+    def mark_verified(self, user: str, verified: bool = True) -> None:
+        """The user compared safety numbers with ``user`` (or withdraws that):
+        kept in the state until their identity key changes."""
+        if self.state.identity(user) is None:
+            raise InvalidArgument(f"no key seen for {user} yet")
+        self.state.set_identity_verified(user, verified)
+
     def local_history(self, conv: str, limit: int = 50, before: int | None = None) -> list[Message]:
         """Stored messages of ``conv``, oldest first: the newest ``limit``, or
         the ``limit`` just older than seq ``before`` (paging back)."""
         return [
-            Message(conv, seq, mid, sender, ct, body, ts)
-            for seq, mid, sender, ct, body, ts in self.state.local_history(conv, limit, before)
+            Message(conv, seq, mid, sender, ct, body, ts, encrypted)
+            for seq, mid, sender, ct, body, ts, encrypted in self.state.local_history(conv, limit, before)
         ]
 
     def search_local(self, text: str, limit: int = 50) -> list[Message]:

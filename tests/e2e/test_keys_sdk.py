@@ -1,8 +1,13 @@
 """The SDK's key-directory transport against a real server (both modes):
-``Client.put_keys`` / ``key_counts`` / ``fetch_bundle`` and the ``KeysLow`` event."""
+``Client.put_keys`` / ``key_counts`` / ``fetch_bundle`` and the ``KeysLow`` event.
+
+The SDK publishes its own keys on connect (roost.client.crypto); these tests
+then put keys of a test identity by hand, which replace them on the server
+(a new identity replaces every key of the device)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -10,7 +15,7 @@ from typing import Any
 import pytest
 
 from roost.client import Client, KeyCounts, KeysLow, KeyUpload, RoostError
-from tests.e2e.helpers import add_users, close_all, connect, next_of
+from tests.e2e.helpers import add_users, close_all, connect, next_of, wait_for_event
 from tests.keys_material import Identity, ec_public, kem_public
 
 
@@ -32,13 +37,14 @@ def upload(ident: Identity, ec: range, kem: range, last: int | None = 9000) -> K
 async def test_an_sdk_client_publishes_fetches_and_hears_when_its_keys_run_low(
     server: Any, tmp_path: Path
 ) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = add_users(server, ["alice", "bob", "carol"])
     alice = Client(server.url, tokens["alice"], state_path=tmp_path / "a.db", e2ee=True)
     await alice.connect(timeout=10)
     bob: Client | None = None
     try:
         assert await next_of(alice, KeysLow) == KeysLow(0, 0)  # after welcome: no keys yet
-        assert await alice.key_counts() == KeyCounts(0, 0, False)
+        await asyncio.wait_for(alice.crypto.published.wait(), 15)  # then the SDK published its own
+        assert await alice.key_counts() == KeyCounts(100, 100, True)
         ident = Identity.generate()
         # 150 one-time keys of each kind: two frames.
         assert await alice.put_keys(upload(ident, range(1, 151), range(1, 151))) == KeyCounts(150, 150, True)
@@ -53,8 +59,8 @@ async def test_an_sdk_client_publishes_fetches_and_hears_when_its_keys_run_low(
         with pytest.raises(RoostError) as err:
             await bob.fetch_bundle("nobody")
         assert err.value.code == "unknown_user"
-        with pytest.raises(RoostError) as err:
-            await alice.fetch_bundle("bob")
+        with pytest.raises(RoostError) as err:  # carol never ran a client
+            await alice.fetch_bundle("carol")
         assert err.value.code == "no_keys"
         forged = dataclasses.replace(
             upload(ident, range(1, 3), range(1, 3)), identity=Identity.generate().public
@@ -73,10 +79,12 @@ async def test_a_fetch_that_leaves_few_keys_tells_the_owner_through_the_sdk(
     alice = await connect(server, tokens["alice"], tmp_path / "a.db")
     bob = await connect(server, tokens["bob"], tmp_path / "b.db")
     try:
+        await asyncio.wait_for(alice.crypto.published.wait(), 15)
         await alice.put_keys(upload(Identity.generate(), range(1, 11), range(1, 21)))
         bundle = await bob.fetch_bundle("alice")
         assert bundle.devices[0].prekey_id == 1
-        assert await next_of(alice, KeysLow) == KeysLow(9, 19)
+        low, _ = await wait_for_event(alice, lambda e: isinstance(e, KeysLow) and e != KeysLow(0, 0))
+        assert low == KeysLow(9, 19)
         with pytest.raises(RoostError) as err:  # the bundle stays rate-limited per requester
             for _ in range(40):
                 await bob.fetch_bundle("alice")
