@@ -314,6 +314,9 @@ class LocalBlobStore:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start + 1
         await response.prepare(request)
+        if request.method == "HEAD":  # headers only (a body would corrupt a kept-alive connection)
+            await response.write_eof()
+            return response
         pos = start
         while pos <= end:
             chunk = os.pread(fd, min(CHUNK, end + 1 - pos), pos)
