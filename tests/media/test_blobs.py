@@ -329,3 +329,22 @@ async def test_a_part_cut_off_mid_body_leaves_nothing(tmp_path: Path) -> None:
         assert list(parts_dir.iterdir()) == []  # no temporary file left either
     finally:
         await stop_harness(media)
+
+
+async def test_concurrent_completions_of_one_blob_agree(media: MediaHarness, tmp_path: Path) -> None:
+    alice = await media.client("alice")
+    data = blob_bytes(media, 2)
+    size = media.part_size
+    slot: f.BlobSlot = await alice._request(f.BlobNew(size=len(data), kind="file"))
+    urls: f.BlobUrls = await alice._request(f.BlobPutUrls(blob=slot.blob, parts=[1, 2]))
+    etags = []
+    for part, url, headers in urls.urls:
+        status, etag = await put(absolute(media, url), data[(part - 1) * size : part * size], headers)
+        assert status == 200
+        etags.append((part, etag))
+    states = await asyncio.gather(
+        *(alice._request(f.BlobComplete(blob=slot.blob, parts=etags)) for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(s, f.BlobState) and s.complete for s in states), states
+    assert await media.gateway.blobs.raw(await media.record(slot.blob)) == data
