@@ -994,7 +994,12 @@ class Client:
     async def download_blob(
         self, blob: str, dest: Path, *, progress: Callable[[int, int], None] | None = None
     ) -> None:
-        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range)."""
+        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range).
+
+        ``dest`` must hold nothing but a prefix of this very blob (name it after
+        the blob id): its bytes are trusted as they are, and a file already of
+        the blob's size counts as done. The caller's digest check is what proves
+        the whole file right."""
         from roost.client.blobs import download_blob
 
         await download_blob(self, blob, dest, progress=progress)
