@@ -982,14 +982,17 @@ class Client:
         kind: str,
         progress: Callable[[int, int], None] | None = None,
         resume: str | None = None,
+        on_slot: Callable[[str], None] | None = None,
     ) -> str:
         """Upload ``source``'s bytes as they are (the caller encrypted them) in
         parts; with ``resume``, finish that blob's upload (only the parts the
         store lacks are sent). Returns the blob id, complete.
-        ``progress(bytes_done, total)`` is called as parts finish."""
+        ``progress(bytes_done, total)`` is called as parts finish;
+        ``on_slot(blob)`` once a new upload has its id, before any byte is
+        sent (record it to resume after a crash)."""
         from roost.client.blobs import upload_blob
 
-        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume)
+        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume, on_slot=on_slot)
 
     async def download_blob(
         self, blob: str, dest: Path, *, progress: Callable[[int, int], None] | None = None
