@@ -1,5 +1,6 @@
 """The Python SDK: ``from roost.client import Client``."""
 
+from roost.client.blobs import BlobTransferError
 from roost.client.client import (
     CannotConnect,
     Client,
@@ -35,6 +36,7 @@ from roost.client.keys import DeviceBundle, KeyCounts, KeyUpload, PreKeyBundle
 from roost.client.state import StateInUse
 
 __all__ = [
+    "BlobTransferError",
     "CannotConnect",
     "Client",
     "Connected",

@@ -1091,19 +1091,27 @@ class Client:
         kind: str,
         progress: Callable[[int, int], None] | None = None,
         resume: str | None = None,
+        on_slot: Callable[[str], None] | None = None,
     ) -> str:
         """Upload ``source``'s bytes as they are (the caller encrypted them) in
         parts; with ``resume``, finish that blob's upload (only the parts the
         store lacks are sent). Returns the blob id, complete.
-        ``progress(bytes_done, total)`` is called as parts finish."""
+        ``progress(bytes_done, total)`` is called as parts finish;
+        ``on_slot(blob)`` once a new upload has its id, before any byte is
+        sent (record it to resume after a crash)."""
         from roost.client.blobs import upload_blob
 
-        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume)
+        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume, on_slot=on_slot)
 
     async def download_blob(
         self, blob: str, dest: Path, *, progress: Callable[[int, int], None] | None = None
     ) -> None:
-        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range)."""
+        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range).
+
+        ``dest`` must hold nothing but a prefix of this very blob (name it after
+        the blob id): its bytes are trusted as they are, and a file already of
+        the blob's size counts as done. The caller's digest check is what proves
+        the whole file right."""
         from roost.client.blobs import download_blob
 
         await download_blob(self, blob, dest, progress=progress)
