@@ -23,6 +23,8 @@ ALLOWED = {
     # Blob stores: I/O beside the store (they read its BlobRecord), under the service.
     "media": {"media", "store", "core", "protocol"},
     "service": {"service", "media", "registry", "store", "core", "protocol"},
+    # roost app sits on the SDK like the CLI, and is used by the CLI only.
+    "app": {"app", "client", "core", "protocol"},
 }
 
 

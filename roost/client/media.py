@@ -9,8 +9,8 @@ A file send, durable from the moment ``send_file`` returns:
 3. the uploader (one task per client, in send order) asks the server for a
    blob slot and commits the blob id before the first byte goes out, uploads
    the parts (``upload_blob``, which resumes from ``blob_status``), and only
-   after ``blob_complete`` moves the message into the outbox, replacing the
-   upload row in one transaction;
+   after ``blob_complete`` moves the message into the outbox (sealed end to
+   end like any message), replacing the upload row in one transaction;
 4. from there it is an ordinary outbox message: sent, resent with the same id
    after a reconnect or restart (the server drops duplicates), ✓ on its ack.
 
@@ -227,10 +227,9 @@ class Uploader:
         ref = msgspec.json.decode(item.ref, type=att.AttachmentRef)
         body = msgspec.structs.replace(ref, blob=blob).encode()
         message = OutboxItem(item.id, item.to, item.conv, att.ATTACHMENT_CT, body, item.created)
-        self.client.state.upload_finish(item.id, message)
+        self.client._queue_finished_upload(message)
         del self.pending[item.id]
         self.progress.pop(item.id, None)
-        self.client._queue_outbox_item(message)
         with contextlib.suppress(OSError):
             os.unlink(item.temp)
 

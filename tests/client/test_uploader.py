@@ -41,7 +41,9 @@ class ScriptedClient:
         assert resume is not None
         return resume
 
-    def _queue_outbox_item(self, item: OutboxItem) -> None:
+    def _queue_finished_upload(self, item: OutboxItem) -> None:
+        self.state.upload_remove(item.id, commit=False)
+        self.state.outbox_add(item)
         self.queued.append(item)
 
     def _fail_send(self, message_id: str, code: str, message: str) -> None:

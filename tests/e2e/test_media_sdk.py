@@ -25,7 +25,7 @@ from roost.client import ATTACHMENT_CT, BlobTampered, Client, InvalidAttachment,
 from roost.client import attachments as att
 from roost.client.state import ClientState
 from tests.cli_subprocess import REPO, ROOST, run_roost
-from tests.e2e.helpers import add_users, close_all, collect, connect
+from tests.e2e.helpers import add_users, close_all, collect, connect, publish_keys
 
 pytestmark = [
     pytest.mark.embedded_only,
@@ -66,8 +66,12 @@ async def next_message(client: Client, timeout: float = 30.0) -> Message:
 
 
 @pytest.fixture
-def tokens(server: Any) -> dict[str, str]:
-    return add_users(server, ["alice", "bob", "carol"])
+def tokens(server: Any, tmp_path: Path) -> dict[str, str]:
+    """alice, bob and carol, each having run a client once on ``NAME.state``:
+    their end-to-end keys are on the server, so a message to them goes at once."""
+    tokens = add_users(server, ["alice", "bob", "carol"])
+    asyncio.run(publish_keys(server, {n: (t, tmp_path / f"{n}.state") for n, t in tokens.items()}))
+    return tokens
 
 
 async def test_image_and_multi_mib_file_one_to_one(
@@ -463,6 +467,7 @@ async def test_upload_resumes_after_the_server_is_killed_mid_upload(
 async def test_a_file_over_the_limit_is_refused_and_forgotten(make_server: Any, tmp_path: Path) -> None:
     server = make_server("--media-max-file", "1MiB")
     tokens = add_users(server, ["alice", "bob"])
+    await publish_keys(server, {"bob": (tokens["bob"], tmp_path / "bob.state")})
     big = random_file(tmp_path / "big.zip", 2 * 1024 * 1024)
     alice = await connect(server, tokens["alice"], tmp_path / "alice.state")
     try:

@@ -1,0 +1,672 @@
+// The Roost app's page: a view of the local `roost app` process, over one WebSocket.
+// All state worth keeping lives in the app (the SDK's client state); this page
+// rebuilds from a snapshot and history pages on every (re)connect and merges
+// what comes again by message id, so nothing shows twice.
+
+import { clear, dayKey, dayLabel, el, hhmm, setText, shortTime } from "./dom.js";
+
+const TYPING_TTL = 5000; // ms an incoming "typing" shows unless refreshed
+const TYPING_EVERY = 2000; // ms between two typing notices we send
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  me: null,
+  connection: "connecting",
+  detail: "",
+  chats: new Map(), // conv -> chat
+  current: null,
+  messages: new Map(), // conv -> Map(message id -> message)
+  more: new Map(), // conv -> older messages stored locally
+  loadingOlder: false,
+  typing: new Map(), // conv -> Map(user -> expires at, ms)
+  presence: new Map(), // user -> {online, last_seen}
+  readSent: new Map(), // conv -> highest seq we marked read
+  typingSent: new Map(), // conv -> ms
+  group: null, // the group info dialog's group
+};
+
+// -- the socket to the app ---------------------------------------------------------
+
+let socket = null;
+let nextRef = 1;
+const waiting = new Map();
+let retryDelay = 500;
+
+function connect() {
+  socket = new WebSocket(`ws://${location.host}/ws`);
+  socket.addEventListener("open", () => {
+    retryDelay = 500;
+  });
+  socket.addEventListener("message", (e) => handle(JSON.parse(e.data)));
+  socket.addEventListener("close", () => {
+    for (const { reject } of waiting.values()) reject(new Error("the app stopped"));
+    waiting.clear();
+    setConnection("app-stopped", "");
+    setTimeout(connect, retryDelay);
+    retryDelay = Math.min(retryDelay * 2, 5000);
+  });
+}
+
+function request(op, fields = {}) {
+  const ref = String(nextRef++);
+  return new Promise((resolve, reject) => {
+    if (!socket || socket.readyState !== WebSocket.OPEN) {
+      reject(new Error("the app is not reachable"));
+      return;
+    }
+    waiting.set(ref, { resolve, reject });
+    socket.send(JSON.stringify({ op, ref, ...fields }));
+  }).then((reply) => {
+    if (!reply.ok) throw new Error(reply.error || "failed");
+    return reply;
+  });
+}
+
+function handle(ev) {
+  switch (ev.type) {
+    case "reply": {
+      const w = waiting.get(ev.ref);
+      if (w) {
+        waiting.delete(ev.ref);
+        w.resolve(ev);
+      }
+      break;
+    }
+    case "snapshot":
+      applySnapshot(ev);
+      break;
+    case "connection":
+      if (ev.me) state.me = ev.me;
+      setConnection(ev.state, ev.detail);
+      if (ev.state === "connected") resync();
+      break;
+    case "message":
+      onMessage(ev);
+      break;
+    case "sent":
+      onSent(ev);
+      break;
+    case "receipt": {
+      const chat = state.chats.get(ev.conv);
+      if (chat) {
+        chat.delivered = Math.max(chat.delivered, ev.delivered);
+        chat.read = Math.max(chat.read, ev.read);
+        renderChatList();
+        if (ev.conv === state.current) renderMessages();
+      }
+      break;
+    }
+    case "unread": {
+      const chat = state.chats.get(ev.conv);
+      if (chat) {
+        chat.unread = ev.conv === state.current ? 0 : ev.count;
+        renderChatList();
+      }
+      break;
+    }
+    case "presence":
+      state.presence.set(ev.user, { online: ev.online, last_seen: ev.last_seen });
+      renderChatList();
+      renderHeader();
+      break;
+    case "typing":
+      onTyping(ev);
+      break;
+    case "error":
+      onError(ev);
+      break;
+  }
+}
+
+function applySnapshot(snap) {
+  state.me = snap.me;
+  setText($("me"), snap.me ? `you are ${snap.me}` : "");
+  const chats = new Map();
+  for (const chat of snap.chats) {
+    const old = state.chats.get(chat.conv);
+    if (old && old.last && (!chat.last || newer(old.last, chat.last))) chat.last = old.last;
+    if (chat.presence && chat.peer) state.presence.set(chat.peer, chat.presence);
+    chats.set(chat.conv, chat);
+  }
+  // Chats opened here that have no message yet stay listed.
+  for (const [conv, chat] of state.chats) if (!chats.has(conv)) chats.set(conv, chat);
+  state.chats = chats;
+  setConnection(snap.connection, snap.detail);
+  renderChatList();
+  if (state.current) loadHistory(state.current);
+}
+
+function resync() {
+  request("snapshot").then((r) => applySnapshot(r.snapshot)).catch(() => {});
+}
+
+function setConnection(name, detail) {
+  state.connection = name;
+  state.detail = detail || "";
+  const labels = {
+    connecting: "Connecting…",
+    connected: "Connected",
+    reconnecting: "Reconnecting…",
+    offline: "Offline",
+    "app-stopped": "App stopped",
+  };
+  const node = $("connection");
+  node.dataset.state = name;
+  setText(node, labels[name] || name);
+  node.title = state.detail;
+}
+
+// -- messages ---------------------------------------------------------------------------
+
+function newer(a, b) {
+  // Is a after b? Stored messages by seq, pending ones after all stored ones.
+  if (a.seq === null && b.seq !== null) return true;
+  if (a.seq !== null && b.seq === null) return false;
+  if (a.seq !== null && b.seq !== null) return a.seq > b.seq;
+  return a.ts > b.ts;
+}
+
+function ensureChat(conv, fields = {}) {
+  let chat = state.chats.get(conv);
+  if (!chat) {
+    chat = { conv, group: conv.startsWith("g:"), name: conv, peer: null, delivered: 0, read: 0, unread: 0, left: false, last: null };
+    const pair = conv.startsWith("d:") ? conv.split(":").slice(1) : null;
+    if (pair && state.me && pair.includes(state.me)) chat.name = chat.peer = pair[0] === state.me ? pair[1] : pair[0];
+    state.chats.set(conv, chat);
+  }
+  for (const [k, v] of Object.entries(fields)) if (k !== "last" && v !== undefined) chat[k] = v;
+  return chat;
+}
+
+function store(msg) {
+  // Merge by message id: a pending own message becomes the stored one.
+  let map = state.messages.get(msg.conv);
+  if (!map) return; // not loaded: its history brings it when opened
+  const old = map.get(msg.id);
+  if (old) {
+    if (msg.seq !== null) Object.assign(old, { seq: msg.seq, ts: msg.ts });
+  } else {
+    map.set(msg.id, { ...msg });
+  }
+}
+
+function onMessage(ev) {
+  const msg = ev.message;
+  const chat = ensureChat(msg.conv, ev.chat || {});
+  if (!chat.last || newer(msg, chat.last) || chat.last.id === msg.id) chat.last = msg;
+  store(msg);
+  if (msg.kind === "in") {
+    const users = state.typing.get(msg.conv);
+    if (users) users.delete(msg.sender);
+  }
+  if (msg.conv === state.current) {
+    chat.unread = 0;
+    renderMessages();
+    renderHeader();
+    markRead(msg.conv);
+  } else if (ev.unread !== undefined) {
+    chat.unread = ev.unread;
+  }
+  renderChatList();
+}
+
+function onSent(ev) {
+  const map = state.messages.get(ev.conv);
+  const msg = map && map.get(ev.id);
+  if (msg) Object.assign(msg, { seq: ev.seq, ts: ev.ts });
+  const chat = state.chats.get(ev.conv);
+  if (chat && chat.last && chat.last.id === ev.id) Object.assign(chat.last, { seq: ev.seq, ts: ev.ts });
+  renderChatList();
+  if (ev.conv === state.current) renderMessages();
+}
+
+function onError(ev) {
+  for (const [conv, map] of state.messages) {
+    const msg = map.get(ev.ref);
+    if (msg) {
+      msg.failed = `${ev.code}: ${ev.message}`;
+      if (conv === state.current) renderMessages();
+      return;
+    }
+  }
+  toast(`${ev.code}: ${ev.message}`);
+}
+
+function tickOf(msg, chat) {
+  if (msg.failed) return ["failed", "✗", `not sent: ${msg.failed}`];
+  if (msg.seq === null) return ["pending", "…", "waiting to be sent"];
+  if (chat.read >= msg.seq) return ["read", "✓✓", "read"];
+  if (chat.delivered >= msg.seq) return ["delivered", "✓✓", "delivered"];
+  return ["sent", "✓", "sent"];
+}
+
+function tickNode(msg, chat) {
+  const [name, glyph, label] = tickOf(msg, chat);
+  return el("span", { class: "tick", dataset: { tick: name }, role: "img", "aria-label": label, title: label }, glyph);
+}
+
+function markRead(conv) {
+  const map = state.messages.get(conv);
+  if (!map || document.visibilityState === "hidden") return;
+  let top = 0;
+  for (const m of map.values()) if (m.kind === "in" && m.seq > top) top = m.seq;
+  if (top > (state.readSent.get(conv) || 0)) {
+    state.readSent.set(conv, top);
+    request("read", { conv, seq: top }).catch(() => state.readSent.delete(conv));
+  }
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (state.current) markRead(state.current);
+});
+
+// -- the chat list --------------------------------------------------------------------------
+
+function sortedChats() {
+  const at = (c) => (c.last ? c.last.ts : 0);
+  return [...state.chats.values()].sort((a, b) => at(b) - at(a) || a.name.localeCompare(b.name));
+}
+
+function renderChatList() {
+  const list = $("chat-list");
+  const items = sortedChats().map((chat) => {
+    const online = chat.peer && state.presence.get(chat.peer)?.online;
+    const last = chat.last;
+    const preview = [];
+    if (last && last.kind === "own") preview.push(tickNode(last, chat), " ");
+    if (last && chat.group && last.kind === "in") preview.push(`${last.sender}: `);
+    preview.push(last ? last.text : chat.group ? "Group" : "No messages yet");
+    const button = el(
+      "button",
+      {
+        type: "button",
+        class: "chat-item",
+        dataset: { conv: chat.conv },
+        "aria-current": chat.conv === state.current ? "true" : null,
+        onclick: () => openChat(chat.conv, true),
+      },
+      el("span", { class: "chat-name" }, chat.name, online ? el("span", { class: "dot", role: "img", "aria-label": "online" }) : null),
+      el("span", { class: "chat-time" }, last ? shortTime(last.ts) : ""),
+      el("span", { class: "chat-preview" }, preview),
+      chat.unread > 0 ? el("span", { class: "badge", "aria-label": `${chat.unread} unread` }, String(chat.unread)) : el("span"),
+    );
+    return el("li", {}, button);
+  });
+  list.replaceChildren(...items);
+  $("chat-list-empty").hidden = items.length > 0;
+}
+
+// -- the conversation -----------------------------------------------------------------------
+
+async function openChat(conv, focusComposer = false) {
+  const chat = state.chats.get(conv);
+  if (!chat) return;
+  if (state.current !== conv) state.loadingOlder = false;
+  state.current = conv;
+  chat.unread = 0;
+  $("app").classList.add("chat-open");
+  $("composer").hidden = false;
+  $("group-info-button").hidden = !chat.group;
+  renderHeader();
+  renderChatList();
+  renderMessages();
+  await loadHistory(conv);
+  if (focusComposer) $("composer-input").focus();
+}
+
+async function loadHistory(conv) {
+  try {
+    const page = await request("history", { conv });
+    if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+    for (const m of page.messages) store(m);
+    if (!state.more.has(conv)) state.more.set(conv, page.more);
+    const chat = ensureChat(conv);
+    chat.delivered = Math.max(chat.delivered, page.delivered);
+    chat.read = Math.max(chat.read, page.read);
+    if (conv === state.current) {
+      renderMessages(true);
+      markRead(conv);
+    }
+  } catch (err) {
+    toast(`history: ${err.message}`);
+  }
+}
+
+async function loadOlder() {
+  const conv = state.current;
+  const map = state.messages.get(conv);
+  if (!conv || !map || state.loadingOlder || !state.more.get(conv)) return;
+  const seqs = [...map.values()].map((m) => m.seq).filter((s) => s !== null);
+  if (!seqs.length) return;
+  state.loadingOlder = true;
+  try {
+    const page = await request("history", { conv, before: Math.min(...seqs) });
+    for (const m of page.messages) store(m);
+    state.more.set(conv, page.more);
+    if (conv === state.current) renderMessages(false, true);
+  } catch (err) {
+    toast(`history: ${err.message}`);
+  } finally {
+    state.loadingOlder = false;
+  }
+}
+
+function orderedMessages(conv) {
+  const map = state.messages.get(conv);
+  if (!map) return [];
+  return [...map.values()].sort((a, b) => (newer(a, b) ? 1 : newer(b, a) ? -1 : 0));
+}
+
+function renderMessages(toBottom = false, keepOffset = false) {
+  const box = $("messages");
+  const conv = state.current;
+  if (!conv) return;
+  const chat = state.chats.get(conv);
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 60;
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  const nodes = [];
+  let day = null;
+  for (const m of orderedMessages(conv)) {
+    const key = dayKey(m.ts);
+    if (key !== day) {
+      day = key;
+      nodes.push(el("div", { class: "day", role: "separator" }, dayLabel(m.ts)));
+    }
+    nodes.push(messageNode(m, chat));
+  }
+  if (!nodes.length) nodes.push(el("p", { class: "placeholder" }, "No messages yet. Say hello."));
+  box.replaceChildren(...nodes);
+  if (keepOffset) box.scrollTop = box.scrollHeight - fromBottom;
+  else if (toBottom || atBottom) box.scrollTop = box.scrollHeight;
+}
+
+function messageNode(m, chat) {
+  if (m.kind === "system") {
+    return el("div", { class: "msg system", dataset: { id: m.id, seq: m.seq } }, el("span", { class: "text" }, m.text));
+  }
+  const own = m.kind === "own";
+  const meta = el("span", { class: "meta" }, el("time", { datetime: new Date(m.ts).toISOString() }, hhmm(m.ts)));
+  if (own) {
+    meta.append(tickNode(m, chat));
+    if (chat.group && m.seq !== null) {
+      meta.append(el("button", { type: "button", class: "info", "aria-label": "Message info", title: "Message info", onclick: () => showInfo(m) }, "i"));
+    }
+  }
+  return el(
+    "div",
+    { class: own ? "msg own" : "msg in", dataset: { id: m.id, seq: m.seq ?? "" } },
+    chat.group && !own ? el("span", { class: "sender" }, m.sender) : null,
+    el("span", { class: "text", dir: "auto" }, m.text),
+    meta,
+  );
+}
+
+function renderHeader() {
+  const conv = state.current;
+  if (!conv) return;
+  const chat = state.chats.get(conv);
+  setText($("conv-title"), chat.name);
+  const status = $("conv-status");
+  const now = Date.now();
+  const typers = [...(state.typing.get(conv) || new Map())].filter(([, until]) => until > now).map(([u]) => u);
+  if (typers.length) {
+    status.dataset.typing = "true";
+    setText(status, chat.group ? `${typers.join(", ")} ${typers.length > 1 ? "are" : "is"} typing…` : "typing…");
+    return;
+  }
+  status.dataset.typing = "false";
+  if (chat.left) setText(status, "you left this group");
+  else if (chat.group) setText(status, "group");
+  else setText(status, presenceText(state.presence.get(chat.peer)));
+}
+
+function presenceText(p) {
+  if (!p) return "";
+  if (p.online) return "online";
+  if (!p.last_seen) return "offline";
+  const ms = p.last_seen * 1000;
+  return dayKey(ms) === dayKey(Date.now()) ? `last seen ${hhmm(ms)}` : `last seen ${shortTime(ms)}`;
+}
+
+function onTyping(ev) {
+  if (ev.user === state.me) return;
+  let users = state.typing.get(ev.conv);
+  if (!users) state.typing.set(ev.conv, (users = new Map()));
+  if (ev.active) users.set(ev.user, Date.now() + TYPING_TTL);
+  else users.delete(ev.user);
+  if (ev.conv === state.current) renderHeader();
+}
+
+setInterval(() => {
+  if (state.current && state.typing.get(state.current)?.size) renderHeader();
+}, 1000);
+
+// -- sending ------------------------------------------------------------------------------------
+
+async function send() {
+  const input = $("composer-input");
+  const text = input.value;
+  const conv = state.current;
+  if (!conv || !text.trim()) return;
+  // Cleared now, not at the reply: what is typed meanwhile is the next message.
+  input.value = "";
+  try {
+    const reply = await request("send", { conv, text });
+    // The page may hear the "message" event before this reply: store() merges by id.
+    const chat = ensureChat(conv);
+    if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+    store(reply.message);
+    if (!chat.last || newer(reply.message, chat.last)) chat.last = reply.message;
+    renderMessages(true);
+    renderChatList();
+  } catch (err) {
+    if (!input.value) input.value = text; // nothing was queued: give the text back
+    toast(`not sent: ${err.message}`);
+  }
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  send();
+});
+
+$("composer-input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    send();
+  }
+});
+
+$("composer-input").addEventListener("input", () => {
+  const conv = state.current;
+  const chat = conv && state.chats.get(conv);
+  // A 1:1 exists on the server from its first message: no typing before.
+  if (!chat || (!chat.group && !chat.last) || !$("composer-input").value.trim()) return;
+  const now = Date.now();
+  if (now - (state.typingSent.get(conv) || 0) < TYPING_EVERY) return;
+  state.typingSent.set(conv, now);
+  request("typing", { conv }).catch(() => {});
+});
+
+$("messages").addEventListener("scroll", () => {
+  if ($("messages").scrollTop < 80) loadOlder();
+});
+
+$("back-button").addEventListener("click", () => {
+  $("app").classList.remove("chat-open");
+  const item = document.querySelector(`.chat-item[data-conv="${CSS.escape(state.current || "")}"]`);
+  if (item) item.focus();
+});
+
+// -- dialogs ---------------------------------------------------------------------------------------
+
+for (const dialog of document.querySelectorAll("dialog")) {
+  for (const b of dialog.querySelectorAll("[data-close]")) b.addEventListener("click", () => dialog.close());
+}
+
+$("new-chat-button").addEventListener("click", () => {
+  setText($("new-chat-error"), "");
+  $("new-chat-form").reset();
+  $("new-chat-dialog").showModal();
+});
+
+$("new-chat-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  try {
+    const r = await request("new_chat", { user: $("new-chat-user").value });
+    ensureChat(r.chat.conv, r.chat);
+    $("new-chat-dialog").close();
+    await openChat(r.chat.conv, true);
+  } catch (err) {
+    setText($("new-chat-error"), err.message);
+  }
+});
+
+$("new-group-button").addEventListener("click", () => {
+  setText($("new-group-error"), "");
+  $("new-group-form").reset();
+  $("new-group-dialog").showModal();
+});
+
+const splitUsers = (text) => text.split(/[\s,]+/).filter(Boolean);
+
+$("new-group-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  try {
+    const r = await request("new_group", { name: $("new-group-name").value, members: splitUsers($("new-group-members").value) });
+    ensureChat(r.chat.conv, r.chat);
+    $("new-group-dialog").close();
+    await openChat(r.chat.conv, true);
+  } catch (err) {
+    setText($("new-group-error"), err.message);
+  }
+});
+
+$("group-info-button").addEventListener("click", async () => {
+  setText($("group-error"), "");
+  $("group-dialog").showModal();
+  try {
+    renderGroup((await request("group_info", { conv: state.current })).group);
+  } catch (err) {
+    setText($("group-error"), err.message);
+  }
+});
+
+function renderGroup(info) {
+  state.group = info;
+  const chat = ensureChat(info.group, { name: info.name });
+  setText($("group-dialog-title"), info.name);
+  if (info.group === state.current) renderHeader();
+  const admin = info.admins.includes(state.me);
+  const rows = [...info.members].sort().map((user) =>
+    el(
+      "li",
+      { dataset: { user } },
+      el("span", {}, user === state.me ? `${user} (you)` : user, info.admins.includes(user) ? el("span", { class: "admin" }, "admin") : null),
+      admin && user !== state.me
+        ? el("button", { type: "button", "aria-label": `Remove ${user}`, onclick: () => groupChange("group_remove", [user]) }, "Remove")
+        : null,
+    ),
+  );
+  $("group-members").replaceChildren(...rows);
+  renderChatList();
+  return chat;
+}
+
+async function groupChange(op, members) {
+  setText($("group-error"), "");
+  try {
+    renderGroup((await request(op, { conv: state.group.group, members })).group);
+  } catch (err) {
+    setText($("group-error"), err.message);
+  }
+}
+
+$("group-add-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const users = splitUsers($("group-add-user").value);
+  if (users.length) groupChange("group_add", users).then(() => ($("group-add-user").value = ""));
+});
+
+$("group-leave").addEventListener("click", async () => {
+  try {
+    const r = await request("group_leave", { conv: state.group.group });
+    ensureChat(r.chat.conv, r.chat);
+    $("group-dialog").close();
+    renderHeader();
+  } catch (err) {
+    setText($("group-error"), err.message);
+  }
+});
+
+async function showInfo(m) {
+  const list = $("info-list");
+  clear(list);
+  $("info-dialog").showModal();
+  try {
+    const { marks } = await request("receipts", { conv: m.conv });
+    const rows = Object.entries(marks)
+      .filter(([user]) => user !== state.me)
+      .sort()
+      .map(([user, mark]) =>
+        el("li", {}, el("span", {}, user), el("span", {}, mark.read >= m.seq ? "read" : mark.delivered >= m.seq ? "delivered" : "not delivered yet")),
+      );
+    if (!rows.length) rows.push(el("li", {}, "No receipts heard yet in this session."));
+    list.replaceChildren(...rows);
+  } catch (err) {
+    list.replaceChildren(el("li", {}, err.message));
+  }
+}
+
+// -- search -------------------------------------------------------------------------------------------
+
+$("search-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const text = $("search-input").value.trim();
+  if (!text) return;
+  try {
+    const { results } = await request("search", { text });
+    const items = results.map((m) => {
+      const chat = ensureChat(m.conv);
+      return el(
+        "li",
+        {},
+        el(
+          "button",
+          { type: "button", class: "result-item", dataset: { conv: m.conv, id: m.id }, onclick: () => openChat(m.conv, true) },
+          el("span", { class: "chat-name" }, `${chat.name} · ${shortTime(m.ts)}`),
+          el("span", { class: "chat-preview" }, m.kind === "own" ? `you: ${m.text}` : `${m.sender}: ${m.text}`),
+        ),
+      );
+    });
+    if (!items.length) items.push(el("li", { class: "empty" }, "Nothing found."));
+    $("search-list").replaceChildren(...items);
+    $("search-results").hidden = false;
+  } catch (err) {
+    toast(`search: ${err.message}`);
+  }
+});
+
+$("search-clear").addEventListener("click", () => {
+  $("search-results").hidden = true;
+  $("search-input").value = "";
+  $("search-input").focus();
+});
+
+// -- misc ------------------------------------------------------------------------------------------------
+
+let toastTimer = null;
+function toast(text) {
+  let node = document.querySelector(".toast");
+  if (!node) {
+    node = el("div", { class: "toast", role: "alert" });
+    document.body.append(node);
+  }
+  setText(node, text);
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => node.remove(), 5000);
+}
+
+// The first load carried the secret in the address; the cookie has it now.
+if (location.search) history.replaceState(null, "", "/");
+connect();

@@ -1,0 +1,286 @@
+"""``roost app`` in a real browser: two (or three) apps against one real server."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.app.conftest import screenshot
+
+expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def chat_item(page: Any, name: str) -> Any:
+    return page.locator(".chat-item", has=page.locator(".chat-name", has_text=re.compile(f"^{name}")))
+
+
+def new_chat_by_keyboard(page: Any, user: str) -> None:
+    """Open a 1:1 chat with ``user`` using only the keyboard: Tab to the button, Enter, type, Enter."""
+    page.keyboard.press("Tab")  # the skip link
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "new-chat-button"
+    page.keyboard.press("Enter")
+    page.keyboard.type(user)
+    page.keyboard.press("Enter")
+    expect(page.locator("#composer-input")).to_be_focused()
+
+
+def ticks(page: Any, text: str) -> Any:
+    return page.locator(".msg.own", has_text=text).locator(".tick")
+
+
+def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page: Any) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+
+    new_chat_by_keyboard(alice, "bob")
+    alice.keyboard.type("hello bob")
+    alice.keyboard.press("Enter")  # keyboard-only send
+
+    # bob's list shows it, unread, with the preview
+    item = chat_item(bob, "alice")
+    item.locator(".badge").filter(has_text="1").wait_for()
+    assert item.locator(".chat-preview").inner_text() == "hello bob"
+    # bob's app is running: delivered, not read (✓✓, not blue)
+    ticks(alice, "hello bob").and_(alice.locator("[data-tick=delivered]")).wait_for()
+    assert ticks(alice, "hello bob").inner_text() == "✓✓"
+
+    item.click()
+    bob.locator(".msg.in", has_text="hello bob").wait_for()
+    ticks(alice, "hello bob").and_(alice.locator("[data-tick=read]")).wait_for()
+    assert item.locator(".badge").count() == 0
+    # the ticks on alice's own last message in her chat list follow too
+    chat_item(alice, "bob").locator(".tick[data-tick=read]").wait_for()
+
+    # presence: each sees the other online (dot in the list, word in the header)
+    alice.locator("#conv-status", has_text="online").wait_for()
+    chat_item(alice, "bob").locator(".dot").wait_for()
+    # typing: bob types, alice's header says so
+    bob.locator("#composer-input").press_sequentially("typing now")
+    alice.locator("#conv-status[data-typing=true]", has_text="typing…").wait_for()
+
+    # markup from a peer stays text
+    hostile = '<img src=x onerror="window.__pwned=1"><b>bold</b>'
+    alice.locator("#composer-input").fill(hostile)
+    alice.keyboard.press("Enter")
+    shown = bob.locator(".msg.in .text", has_text="<b>bold</b>")
+    shown.wait_for()
+    assert shown.inner_text() == hostile
+    assert bob.locator(".msg img, .msg b").count() == 0
+    assert bob.evaluate("window.__pwned") is None
+
+    screenshot(alice, "conversation")
+    screenshot(bob, "chat-list")
+
+
+def send(page: Any, text: str) -> None:
+    page.locator("#composer-input").fill(text)
+    page.locator("#composer-input").press("Enter")
+
+
+def texts(page: Any, selector: str = ".msg .text") -> list[str]:
+    return page.locator(f"#messages {selector}").all_inner_texts()
+
+
+def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
+    apps = dict(zip(("alice", "bob", "carol"), make_app("alice", "bob", "carol"), strict=True))
+    pages = {user: open_page(app) for user, app in apps.items()}
+    alice = pages["alice"]
+    alice.locator("#new-group-button").click()
+    alice.locator("#new-group-name").fill("Hikers")
+    alice.locator("#new-group-members").fill("bob, carol")
+    alice.locator("#new-group-name").press("Enter")
+    expect(alice.locator("#conv-title")).to_have_text("Hikers")
+    send(alice, "Saturday at eight?")
+    for user in ("bob", "carol"):
+        item = chat_item(pages[user], "Hikers")
+        item.locator(".badge").filter(has_text="1").wait_for()
+        assert item.locator(".chat-preview").inner_text() == "alice: Saturday at eight?"
+    # delivered to both: ✓✓; read by bob only: still not blue; by carol too: blue
+    ticks(alice, "Saturday").and_(alice.locator("[data-tick=delivered]")).wait_for()
+    chat_item(pages["bob"], "Hikers").click()
+    pages["bob"].locator(".msg.in", has_text="Saturday").wait_for()
+    send(pages["bob"], "Count me in")
+    alice.locator(".msg.in", has_text="Count me in").locator(".sender").filter(has_text="bob").wait_for()
+    assert ticks(alice, "Saturday").get_attribute("data-tick") == "delivered"
+    chat_item(pages["carol"], "Hikers").click()
+    ticks(alice, "Saturday").and_(alice.locator("[data-tick=read]")).wait_for()
+    # per-member marks on demand
+    alice.locator(".msg.own", has_text="Saturday").get_by_role("button", name="Message info").click()
+    info = alice.locator("#info-list")
+    info.locator("li", has_text="bob").filter(has_text="read").wait_for()
+    info.locator("li", has_text="carol").filter(has_text="read").wait_for()
+    alice.locator("#info-dialog").get_by_role("button", name="Close").click()
+    screenshot(alice, "group")
+    # group info: members and admin; remove carol; carol's app learns it
+    alice.locator("#group-info-button").click()
+    members = alice.locator("#group-members li")
+    expect(members).to_have_count(3)
+    expect(members.filter(has_text="alice (you)")).to_contain_text("admin")
+    alice.get_by_role("button", name="Remove carol").click()
+    expect(members).to_have_count(2)
+    alice.locator("#group-dialog").get_by_role("button", name="Close").click()
+    pages["carol"].locator(".msg.system", has_text="alice removed you").wait_for()
+    # bob leaves
+    bob = pages["bob"]
+    bob.locator("#group-info-button").click()
+    bob.locator("#group-leave").click()
+    expect(bob.locator("#conv-status")).to_have_text("you left this group")
+    alice.locator(".msg.system", has_text="bob left").wait_for()
+
+
+def test_offline_peer_gets_three_once_in_order_and_restarts_keep_everything(
+    make_app: Any, open_page: Any, tmp_path: Any
+) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    send(alice, "first")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="first").wait_for()
+    ticks(alice, "first").and_(alice.locator("[data-tick=read]")).wait_for()
+
+    bob_app.stop()
+    for text in ("one", "two", "three"):
+        send(alice, text)
+    for text in ("one", "two", "three"):  # stored by the server (✓), not delivered
+        ticks(alice, text).and_(alice.locator("[data-tick=sent]")).wait_for()
+
+    bob_app = make_app("bob")  # the same state file: a restart
+    bob = open_page(bob_app)
+    item = chat_item(bob, "alice")
+    item.locator(".badge").filter(has_text="3").wait_for()
+    assert item.locator(".chat-preview").inner_text() == "three"
+    item.click()
+    bob.locator(".msg.in", has_text="three").wait_for()
+    assert texts(bob) == ["first", "one", "two", "three"]
+    ticks(alice, "three").and_(alice.locator("[data-tick=read]")).wait_for()
+
+    # a reload shows the same chats, ticks and (no) unread counts
+    alice.reload()
+    alice.wait_for_selector("#connection[data-state=connected]")
+    chat_item(alice, "bob").locator(".tick[data-tick=read]").wait_for()
+    chat_item(alice, "bob").click()
+    alice.locator(".msg.own", has_text="three").wait_for()
+    assert texts(alice) == ["first", "one", "two", "three"]
+    assert alice.locator("#messages .tick[data-tick=read]").count() == 4
+    bob.reload()
+    bob.wait_for_selector("#connection[data-state=connected]")
+    chat_item(bob, "alice").wait_for()
+    assert chat_item(bob, "alice").locator(".badge").count() == 0
+    assert bob.locator("#me").inner_text() == "you are bob"
+
+
+def test_messages_written_offline_go_out_on_reconnect_once(
+    server: Any, make_app: Any, open_page: Any, tmp_path: Any
+) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    send(alice, "before")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="before").wait_for()
+
+    server.kill9()
+    alice.wait_for_selector("#connection[data-state=reconnecting]")
+    send(alice, "while offline 1")
+    send(alice, "while offline 2")
+    for text in ("while offline 1", "while offline 2"):
+        ticks(alice, text).and_(alice.locator("[data-tick=pending]")).wait_for()
+    server.start()
+    alice.wait_for_selector("#connection[data-state=connected]", timeout=20_000)
+    bob.locator(".msg.in", has_text="while offline 2").wait_for(timeout=20_000)
+    # once each, in order, on both sides (the page merged its resync with the live events)
+    expected = ["before", "while offline 1", "while offline 2"]
+    expect(alice.locator("#messages .msg .text")).to_have_text(expected)
+    expect(bob.locator("#messages .msg .text")).to_have_text(expected)
+    ticks(alice, "while offline 2").and_(alice.locator("[data-tick=read]")).wait_for()
+    assert texts(bob) == expected
+    assert texts(alice) == expected
+
+
+def test_roost_send_hands_over_to_the_running_app(
+    server: Any, make_app: Any, tokens: Any, open_page: Any
+) -> None:
+    import subprocess
+    import sys
+
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roost.cli.main",
+            "send",
+            "--url",
+            server.url,
+            "--token",
+            tokens("alice"),
+            "--state",
+            str(alice_app.state),
+            "--to",
+            "bob",
+            "from the terminal",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    chat_item(alice, "bob").click()
+    ticks(alice, "from the terminal").and_(alice.locator("[data-tick=delivered]")).wait_for()
+    chat_item(bob, "alice").locator(".badge").filter(has_text="1").wait_for()
+    # local search finds it on both sides
+    bob.locator("#search-input").fill("TERMINAL")
+    bob.locator("#search-input").press("Enter")
+    bob.locator("#search-list .result-item", has_text="alice: from the terminal").wait_for()
+
+
+def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, open_page: Any) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice = open_page(alice_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    send(alice, "see you at the trailhead")
+    bob = open_page(bob_app, dark=True, width=390, height=740)
+    expect(bob.locator("#conversation")).to_be_hidden()
+    background = bob.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(15, 20, 24)"  # the dark theme's --bg
+    chat_item(bob, "alice").click()
+    expect(bob.locator(".sidebar")).to_be_hidden()
+    bob.locator(".msg.in", has_text="trailhead").wait_for()
+    send(bob, "on my way")
+    screenshot(bob, "conversation-dark-phone")
+    bob.get_by_role("button", name="Back to the chat list").click()
+    expect(bob.locator(".sidebar")).to_be_visible()
+    expect(chat_item(bob, "alice")).to_be_focused()
+
+
+def test_history_pages_back_on_scroll(make_app: Any, open_page: Any) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice = open_page(alice_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    for i in range(1, 61):
+        send(alice, f"note {i}")
+    ticks(alice, "note 60").and_(alice.locator("[data-tick=delivered]")).wait_for()
+    bob = open_page(bob_app)
+    expect(chat_item(bob, "alice").locator(".badge")).to_have_text("60")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="note 60").wait_for()
+    expect(bob.locator("#messages .msg")).to_have_count(50)  # one page from the local state
+    bob.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
+    expect(bob.locator("#messages .msg")).to_have_count(60)
+    assert texts(bob) == [f"note {i}" for i in range(1, 61)]
+    assert bob.locator("#messages .day").all_inner_texts() == ["Today"]

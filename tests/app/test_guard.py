@@ -1,0 +1,117 @@
+"""Only this user's browser, with the run's secret, may drive ``roost app``.
+
+Against a real ``roost app`` process: every request without the secret, with
+a wrong one, with a foreign Host (DNS rebinding) or a foreign Origin is
+refused with 403 and gets nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roost.app.guard import Guard, cookie_name, new_secret
+from tests.app.conftest import AppProcess
+
+
+def _secret(app: AppProcess) -> str:
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(app.url).query)["s"][0]
+
+
+def in_own_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` in a thread of its own: the session's Playwright holds this thread's loop."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coro).result()
+
+
+def test_the_first_load_needs_the_secret_and_sets_a_strict_httponly_cookie(make_app: Any) -> None:
+    in_own_loop(first_load(make_app("alice")))
+
+
+def test_a_foreign_host_or_origin_is_refused_even_with_the_secret(make_app: Any) -> None:
+    in_own_loop(foreign_host_or_origin(make_app("alice")))
+
+
+async def first_load(app: AppProcess) -> None:
+    secret = _secret(app)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for path in ("/", "/?s=", "/?s=" + secret[:-1] + "x", "/static/app.js", f"/static/app.js?s={secret}"):
+            async with http.get(app.origin + path) as resp:
+                assert resp.status == 403, path
+                assert "secret" in await resp.text()
+        async with http.get(app.url) as resp:
+            assert resp.status == 200
+            cookie = resp.headers["Set-Cookie"]
+            assert cookie.startswith(f"{cookie_name(app.port)}={secret};")
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+        jar = {cookie_name(app.port): secret}
+        async with http.get(app.origin + "/static/app.js", cookies=jar) as resp:
+            assert resp.status == 200
+        async with http.get(app.origin + "/static/app.js", cookies={cookie_name(app.port): "nope"}) as resp:
+            assert resp.status == 403
+
+
+async def foreign_host_or_origin(app: AppProcess) -> None:
+    secret = _secret(app)
+    ws_url = f"ws://127.0.0.1:{app.port}/ws"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        # DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends its own Host.
+        async with http.get(app.url, headers={"Host": f"evil.example:{app.port}"}) as resp:
+            assert resp.status == 403
+            assert "Host" in await resp.text()
+        for headers in (
+            {},
+            {"Origin": "http://evil.example"},
+            {"Origin": f"http://127.0.0.1:{app.port + 1}"},
+        ):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(
+                    ws_url, headers={**headers, "Cookie": f"{cookie_name(app.port)}={secret}"}
+                )
+            assert refused.value.status == 403, headers
+        # the query secret opens the page only, never the socket
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await http.ws_connect(ws_url + f"?s={secret}", headers={"Origin": app.origin})
+        cookie = f"{cookie_name(app.port)}={secret}"
+        async with http.ws_connect(ws_url, headers={"Origin": app.origin, "Cookie": cookie}) as ws:
+            first = await ws.receive_json(timeout=10)
+            assert first["type"] == "snapshot"
+
+
+def test_a_page_without_the_secret_shows_nothing(make_app: Any, browser: Any) -> None:
+    app = make_app("alice")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        response = page.goto(app.origin + "/")
+        assert response is not None and response.status == 403
+        assert page.locator("#chat-list").count() == 0
+    finally:
+        context.close()
+
+
+@given(st.text(max_size=60))
+def test_only_the_secret_itself_passes(candidate: str) -> None:
+    secret = new_secret()
+    guard = Guard(secret, 4321)
+    host = "127.0.0.1:4321"
+    allowed = guard.refusal(
+        host=host, origin=None, cookies={guard.cookie: candidate}, query_secret=None, websocket=False
+    )
+    assert (allowed is None) == (candidate == secret)
+    assert len(secret) >= 22  # 128 bits or more, base64
+    assert (
+        guard.refusal(
+            host=host, origin=None, cookies={guard.cookie: secret}, query_secret=None, websocket=False
+        )
+        is None
+    )
