@@ -372,6 +372,7 @@ class AppBridge:
         if conv in self.left:
             raise CommandError("you are no longer a member of this group")
         mid = uuid.uuid4().hex
+        self._typing_sent.pop(conv, None)  # the next keystroke says "typing" again
         if is_group_id(conv):
             await self.client.send(text, group=conv, message_id=mid, wait=False)
         else:

@@ -10,6 +10,7 @@ import pytest
 from tests.app.conftest import screenshot
 
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
+expect.set_options(timeout=20_000)  # as the pages' default timeout (tests/app/conftest.py)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -59,9 +60,12 @@ def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page
     # presence: each sees the other online (dot in the list, word in the header)
     alice.locator("#conv-status", has_text="online").wait_for()
     chat_item(alice, "bob").locator(".dot").wait_for()
+    send(bob, "hi alice, how are you?")
+    alice.locator(".msg.in", has_text="how are you").wait_for()
     # typing: bob types, alice's header says so
-    bob.locator("#composer-input").press_sequentially("typing now")
+    bob.locator("#composer-input").press_sequentially("great, and")
     alice.locator("#conv-status[data-typing=true]", has_text="typing…").wait_for()
+    screenshot(alice, "conversation")
 
     # markup from a peer stays text
     hostile = '<img src=x onerror="window.__pwned=1"><b>bold</b>'
@@ -72,9 +76,6 @@ def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page
     assert shown.inner_text() == hostile
     assert bob.locator(".msg img, .msg b").count() == 0
     assert bob.evaluate("window.__pwned") is None
-
-    screenshot(alice, "conversation")
-    screenshot(bob, "chat-list")
 
 
 def send(page: Any, text: str) -> None:
@@ -89,17 +90,26 @@ def texts(page: Any, selector: str = ".msg .text") -> list[str]:
 def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
     apps = dict(zip(("alice", "bob", "carol"), make_app("alice", "bob", "carol"), strict=True))
     pages = {user: open_page(app) for user, app in apps.items()}
-    alice = pages["alice"]
+    alice, carol = pages["alice"], pages["carol"]
+    bob = pages["bob"]
+    bob.locator("#new-chat-button").click()
+    bob.locator("#new-chat-user").fill("carol")
+    bob.locator("#new-chat-user").press("Enter")
+    send(bob, "are you coming on Saturday?")
     alice.locator("#new-group-button").click()
     alice.locator("#new-group-name").fill("Hikers")
     alice.locator("#new-group-members").fill("bob, carol")
     alice.locator("#new-group-name").press("Enter")
     expect(alice.locator("#conv-title")).to_have_text("Hikers")
+    expect(alice.locator("#conv-status")).to_have_text("bob, carol, you")
     send(alice, "Saturday at eight?")
     for user in ("bob", "carol"):
         item = chat_item(pages[user], "Hikers")
         item.locator(".badge").filter(has_text="1").wait_for()
         assert item.locator(".chat-preview").inner_text() == "alice: Saturday at eight?"
+    expect(carol.locator("#chat-list")).to_contain_text("are you coming")
+    chat_item(carol, "bob").locator(".badge").filter(has_text="1").wait_for()
+    screenshot(carol, "chat-list")
     # delivered to both: ✓✓; read by bob only: still not blue; by carol too: blue
     ticks(alice, "Saturday").and_(alice.locator("[data-tick=delivered]")).wait_for()
     chat_item(pages["bob"], "Hikers").click()
@@ -126,7 +136,6 @@ def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
     alice.locator("#group-dialog").get_by_role("button", name="Close").click()
     pages["carol"].locator(".msg.system", has_text="alice removed you").wait_for()
     # bob leaves
-    bob = pages["bob"]
     bob.locator("#group-info-button").click()
     bob.locator("#group-leave").click()
     expect(bob.locator("#conv-status")).to_have_text("you left this group")
