@@ -168,3 +168,22 @@ async def _reply(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
         event = await ws.receive_json(timeout=10)
         if event["type"] == "reply":
             return event  # type: ignore[no-any-return]
+
+
+def test_a_refused_token_shows_offline_and_the_page_still_answers(
+    server: Any, tmp_path: Any, open_page: Any, browser: Any
+) -> None:
+    app = AppProcess(server.url, "rt_not_a_token", tmp_path / "nobody.sqlite").start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(app.url)
+        page.wait_for_selector("#connection[data-state=offline]", timeout=20_000)
+        assert "token" in (page.locator("#connection").get_attribute("title") or "")
+        page.locator("#new-chat-button").click()
+        page.locator("#new-chat-user").fill("bob")
+        page.locator("#new-chat-user").press("Enter")
+        page.locator("#new-chat-error", has_text="not connected").wait_for()
+        context.close()
+    finally:
+        app.stop()
