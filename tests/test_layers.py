@@ -20,7 +20,9 @@ ALLOWED = {
     "e2ee": {"e2ee"},  # the sans-I/O Signal protocol stands alone
     "store": {"store", "core", "protocol"},
     "registry": {"registry", "store", "core", "protocol"},
-    "service": {"service", "registry", "store", "core", "protocol"},
+    # Blob stores: I/O beside the store (they read its BlobRecord), under the service.
+    "media": {"media", "store", "core", "protocol"},
+    "service": {"service", "media", "registry", "store", "core", "protocol"},
     # roost app sits on the SDK like the CLI, and is used by the CLI only.
     "app": {"app", "client", "core", "protocol"},
 }

@@ -114,7 +114,107 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=5.0,
         help="on SIGTERM, /readyz turns 503 and open sockets close with 1001 spread over this (0: at once)",
     )
+    _add_media_flags(p)
     p.set_defaults(func=_serve)
+
+
+def _byte_size(text: str) -> int:
+    from roost.media.config import byte_size
+
+    try:
+        value = byte_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _add_media_flags(p: argparse.ArgumentParser) -> None:
+    """Media (attachments): where blobs go, their limits and how long they stay
+    (docs/deploy.md, "Media"). Byte sizes take binary units: 16MiB, 2GiB."""
+    from roost.media.config import MediaConfig, MediaLimits
+
+    media, limits = MediaConfig(), MediaLimits()
+    p.add_argument(
+        "--media",
+        default=None,
+        help="where blobs go: a directory, or s3://bucket[/prefix]?endpoint=http://host:port&region=R "
+        "(default: <data-dir>/media, served by this server)",
+    )
+    p.add_argument("--s3-access-key", default="", help="S3 credentials (else the AWS_* environment)")
+    p.add_argument("--s3-secret-key", default="", help="... its secret (better: ROOST_S3_SECRET_KEY)")
+    p.add_argument(
+        "--media-secret-file",
+        default=None,
+        help="local blobs: the URL-signing key (made, 0600, if absent; default <data-dir>/media.key); "
+        "gateways sharing a media directory share it",
+    )
+    p.add_argument(
+        "--media-public-url",
+        default="",
+        help="local blobs: the public base of /media URLs, e.g. behind a CDN (default: this server's)",
+    )
+    p.add_argument("--media-part-size", type=_byte_size, default=media.part_size, help="upload part size")
+    p.add_argument("--media-url-ttl", type=int, default=media.url_ttl, help="signed URLs live this long (s)")
+    for kind in ("image", "video", "audio", "file"):
+        p.add_argument(
+            f"--media-max-{kind}",
+            type=_byte_size,
+            default=getattr(limits, f"{kind}_bytes"),
+            help=f"largest {kind} blob",
+        )
+    p.add_argument(
+        "--media-quota", type=_byte_size, default=limits.quota_bytes, help="bytes stored per user (0: none)"
+    )
+    p.add_argument(
+        "--media-uploads-per-minute",
+        type=float,
+        default=limits.uploads_per_minute,
+        help="uploads a user may start per minute, per gateway (0: no limit)",
+    )
+    p.add_argument(
+        "--media-retention-days",
+        type=float,
+        default=limits.retention_days,
+        help="complete blobs are deleted this long after upload",
+    )
+    p.add_argument(
+        "--media-pending-hours",
+        type=float,
+        default=limits.pending_hours,
+        help="uploads never completed are deleted after this",
+    )
+    p.add_argument(
+        "--media-sweep-interval",
+        type=_seconds,
+        default=media.sweep_interval,
+        help="seconds between deletion sweeps",
+    )
+
+
+def media_config(args: argparse.Namespace) -> Any:
+    """The ``MediaConfig`` of ``roost serve``'s settings."""
+    from roost.media.config import MediaConfig, MediaLimits
+
+    return MediaConfig(
+        location=args.media or None,
+        secret_file=Path(args.media_secret_file) if args.media_secret_file else None,
+        part_size=args.media_part_size,
+        url_ttl=args.media_url_ttl,
+        public_url=args.media_public_url,
+        s3_access_key=args.s3_access_key,
+        s3_secret_key=args.s3_secret_key,
+        sweep_interval=args.media_sweep_interval,
+        limits=MediaLimits(
+            image_bytes=args.media_max_image,
+            video_bytes=args.media_max_video,
+            audio_bytes=args.media_max_audio,
+            file_bytes=args.media_max_file,
+            quota_bytes=args.media_quota,
+            uploads_per_minute=args.media_uploads_per_minute,
+            retention_days=args.media_retention_days,
+            pending_hours=args.media_pending_hours,
+        ),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -127,6 +227,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together: give both or neither")
+    from roost.media.config import check_location
+
+    try:
+        check_location(args.media)
+    except ValueError as exc:
+        raise UsageError(f"--media: {exc}") from None
     setup_logging(args.log_level, args.log_format)
     max_pending = args.max_unauthenticated
     if max_pending is None:
@@ -157,6 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
             burst=max(args.rate_limit * 2, 1.0),
             presence_debounce=args.presence_debounce,
         ),
+        media=media_config(args),
     )
     # Embedded mode: one server per data directory (roost/store/datadir.py).
     lock: contextlib.AbstractContextManager[Any] = (
@@ -197,13 +304,20 @@ def _add_dev_cluster(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--no-restart", action="store_true", help="leave a dead gateway down (to watch clients fail over)"
     )
+    p.add_argument(
+        "--media",
+        default=None,
+        help="blobs: 'seaweed' (start a throwaway SeaweedFS S3 server), or a roost serve --media "
+        "value (S3 credentials from ROOST_S3_ACCESS_KEY / ROOST_S3_SECRET_KEY); default: one "
+        "directory shared by the gateways",
+    )
     p.set_defaults(func=lambda a: _dev_cluster(a))
 
 
 def _dev_cluster(args: argparse.Namespace) -> int:
     from roost.devcluster.run import run_dev_cluster
 
-    return run_dev_cluster(args.gateways, args.port, restart=not args.no_restart)
+    return run_dev_cluster(args.gateways, args.port, restart=not args.no_restart, media=args.media)
 
 
 def _user_add(args: argparse.Namespace) -> int:

@@ -337,6 +337,8 @@ class Client:
         self.instance = uuid.uuid4().hex
         self._rng = random.Random()
         self._http: aiohttp.ClientSession | None = None
+        # The server URL of the current (or last) connection: relative media URLs point there.
+        self.connected_url: str | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -529,6 +531,7 @@ class Client:
             autoclose=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:
+            self.connected_url = ws_url(url)
             auth = encode(f.Auth(token=self.token, client=self.instance))
             await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
             first = await ws.receive(timeout=15.0)
@@ -776,6 +779,8 @@ class Client:
                 frame.ref,
                 GroupInfo(frame.group, frame.name, frame.members, frame.admins, frame.last_seq),
             )
+        elif isinstance(frame, f.BlobSlot | f.BlobUrls | f.BlobState | f.BlobUrl):
+            self._resolve_request(frame.ref, frame)
         elif isinstance(frame, f.Error):
             if self._on_send_error(frame):
                 return
@@ -973,6 +978,32 @@ class Client:
         for ref in list(self._requests):
             self._fail_request(ref, exc)
         self._filling.clear()
+
+    # -- blobs (roost/client/blobs.py) ----------------------------------------
+
+    async def upload_blob(
+        self,
+        source: Path,
+        *,
+        kind: str,
+        progress: Callable[[int, int], None] | None = None,
+        resume: str | None = None,
+    ) -> str:
+        """Upload ``source``'s bytes as they are (the caller encrypted them) in
+        parts; with ``resume``, finish that blob's upload (only the parts the
+        store lacks are sent). Returns the blob id, complete.
+        ``progress(bytes_done, total)`` is called as parts finish."""
+        from roost.client.blobs import upload_blob
+
+        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume)
+
+    async def download_blob(
+        self, blob: str, dest: Path, *, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range)."""
+        from roost.client.blobs import download_blob
+
+        await download_blob(self, blob, dest, progress=progress)
 
     async def _group_request(self, frame: Any) -> GroupInfo:
         info: GroupInfo = await self._request(frame)  # a group reply resolves it with a GroupInfo

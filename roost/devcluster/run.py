@@ -16,8 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from roost.devcluster import seaweed
 from roost.devcluster.postgres import PgServer, PgUnavailable, free_port
 from roost.devcluster.redis import RedisServer
+from roost.devcluster.seaweed import SeaweedServer
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -38,8 +40,18 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0)
 class DevCluster:
     """PostgreSQL + Redis + ``gateways`` times ``roost serve``, all throwaway."""
 
-    def __init__(self, gateways: int, base_port: int = 0, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        gateways: int,
+        base_port: int = 0,
+        extra_args: list[str] | None = None,
+        media: str | None = None,
+    ) -> None:
+        """``media``: None (one blob directory and signing key shared by the
+        gateways), ``seaweed`` (a throwaway SeaweedFS S3 server) or a ``--media`` value."""
         self.count = gateways
+        self.media = media
+        self.seaweed: SeaweedServer | None = None
         self.base_port = base_port
         self.extra_args = extra_args or []
         self.root = Path(tempfile.mkdtemp(prefix="roost-cluster-"))
@@ -61,6 +73,9 @@ class DevCluster:
         self.pg.start()
         self.redis = RedisServer()
         self.redis.start()
+        if self.media == "seaweed":
+            self.seaweed = SeaweedServer()
+            self.seaweed.start()
         for i in range(self.count):
             self.start_gateway(i)
 
@@ -70,8 +85,22 @@ class DevCluster:
             sys.executable, "-m", "roost.cli.main", "serve",
             "--store", self.dsn, "--registry", self.redis.url,
             "--gateway-id", f"gw{i}", "--port", str(port),
-            "--data-dir", str(self.root / f"gw{i}"), *self.extra_args,
+            "--data-dir", str(self.root / f"gw{i}"), *self.media_args(), *self.extra_args,
         ]  # fmt: skip
+
+    def media_args(self) -> list[str]:
+        """Every gateway of a cluster needs the same media settings: the same
+        bucket, or the same directory and signing key."""
+        if "--media" in self.extra_args:
+            return []
+        if self.seaweed is not None:
+            return [
+                "--media", self.seaweed.media_url,
+                "--s3-access-key", seaweed.ACCESS_KEY, "--s3-secret-key", seaweed.SECRET_KEY,
+            ]  # fmt: skip
+        if self.media:
+            return ["--media", self.media]
+        return ["--media", str(self.root / "media"), "--media-secret-file", str(self.root / "media.key")]
 
     def start_gateway(self, i: int, port: int | None = None) -> str:
         port = port or (self.base_port + i if self.base_port else free_port())
@@ -116,6 +145,8 @@ class DevCluster:
             self.redis.close()
         if self.pg is not None:
             self.pg.destroy()
+        if self.seaweed is not None:
+            self.seaweed.destroy()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -181,14 +212,14 @@ def say(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
-def run_dev_cluster(gateways: int, base_port: int, restart: bool = True) -> int:
+def run_dev_cluster(gateways: int, base_port: int, restart: bool = True, media: str | None = None) -> int:
     # Refuse taken ports before the seconds PostgreSQL takes to start.
     taken = [base_port + i for i in range(gateways) if port_in_use(base_port + i)]
     if taken:
         ports = ", ".join(str(p) for p in taken)
         print(f"roost dev-cluster: port {ports} on 127.0.0.1 is in use (try another --port)", file=sys.stderr)
         return 1
-    cluster = DevCluster(gateways, base_port)
+    cluster = DevCluster(gateways, base_port, media=media)
     supervisor = Supervisor(cluster, restart)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -207,6 +238,7 @@ def run_dev_cluster(gateways: int, base_port: int, restart: bool = True) -> int:
         print(f"PostgreSQL: {cluster.dsn}")
         assert cluster.redis is not None
         print(f"Redis:      {cluster.redis.url}")
+        print(f"media:      {cluster.media_args()[1]}")
         for i, (url, proc) in enumerate(cluster.gateways):
             print(f"gateway:    {url} (gw{i}, pid {proc.pid})")
         print(f"add a user: roost user add NAME --store {cluster.dsn}")

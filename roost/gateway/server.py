@@ -7,6 +7,9 @@ the chat service's. Endpoints:
 * ``GET /healthz`` 200 ``{"status": "ok"}`` once the store is open (liveness)
 * ``GET /readyz``  200 while the store (and Redis) answer and the gateway is
   not draining, else 503 with a reason (roost/gateway/readiness.py)
+* ``PUT /media/{blob}/{part}``, ``GET /media/{blob}`` signed upload and
+  download URLs of the local blob store (roost/media/local.py); absent when
+  blobs go to S3
 
 With ``tls_cert``/``tls_key`` the same listener speaks https/wss only
 (roost/gateway/tls.py); SIGHUP reloads the certificate for new connections.
@@ -38,12 +41,17 @@ from roost.gateway.connection import Connection
 from roost.gateway.readiness import Readiness
 from roost.gateway.tls import ServerTLS
 from roost.logs import new_connection_id
+from roost.media.config import MediaConfig
+from roost.media.factory import make_blob_store
+from roost.media.local import LocalBlobStore
+from roost.media.sweeper import Sweeper
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.memory import MemoryRegistry
 from roost.service.admin import AdminServer
 from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
+from roost.service.media import MediaService
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore, database_path
 
@@ -84,6 +92,8 @@ class GatewayConfig:
     # The admin listener serving /metrics: off when admin_port is None.
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
+    # Blobs (attachments): local files under data_dir by default, or S3.
+    media: MediaConfig = field(default_factory=MediaConfig)
 
 
 def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Any:
@@ -118,7 +128,10 @@ class Gateway:
         self.metrics = Metrics()
         self.store = make_store(config, self.metrics)
         self.registry = make_registry(config, self.metrics)
-        self.service = ChatService(self.store, self.registry, config.service, self.metrics)
+        self.blobs = make_blob_store(config.media, config.data_dir)
+        self.media = MediaService(self.store, self.blobs, config.media)
+        self.sweeper = Sweeper(self.store, self.blobs, config.media.limits, config.media.sweep_interval)
+        self.service = ChatService(self.store, self.registry, config.service, self.metrics, self.media)
         self.connections: set[Connection] = set()
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self._metrics_runner: web.AppRunner | None = None
@@ -130,6 +143,8 @@ class Gateway:
         self.app.router.add_get("/v1/ws", self.websocket)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
+        if isinstance(self.blobs, LocalBlobStore):
+            self.blobs.add_routes(self.app, self._media_authorized)
         self.readiness = Readiness(self.store, self.registry, cluster=config.registry_url is not None)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -143,8 +158,10 @@ class Gateway:
 
     async def start(self) -> None:
         await self.store.open()
+        await self.blobs.start()
         await self.registry.start()
         self.service.start()
+        self.sweeper.start()
         if self.admin is not None:
             await self.admin.start()
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
@@ -218,8 +235,10 @@ class Gateway:
             await self._metrics_runner.cleanup()
         if self.admin is not None:
             await self.admin.stop()
+        await self.sweeper.stop()
         await self.service.stop()
         await self.registry.stop()
+        await self.blobs.close()
         await self.store.close()
         log.info("stopped")
 
@@ -242,6 +261,13 @@ class Gateway:
             if delay > 0:
                 await asyncio.sleep(delay)
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    def _media_authorized(self, request: web.Request) -> None:
+        """A media request's signature checked out: like an authenticated
+        session, it is no longer held to the handshake deadline (a large
+        part takes longer than that to arrive)."""
+        if self.admission is not None:
+            self.admission.authenticated(request.transport)
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.stopping:

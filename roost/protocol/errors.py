@@ -29,8 +29,13 @@ class ErrorCode(StrEnum):
     TOO_MANY_KEYS = "too_many_keys"  # over the per-frame or per-device stock limit
     DUPLICATE_KEY_ID = "duplicate_key_id"  # a one-time key id given twice or already stored
     NO_KEYS = "no_keys"  # the user has published no keys yet
-    RATE_LIMITED = "rate_limited"  # too many bundle fetches; retry later
+    RATE_LIMITED = "rate_limited"  # too many bundle fetches or uploads started; retry later
     INTERNAL = "internal"
+    # Media (blob_* frames)
+    QUOTA_EXCEEDED = "quota_exceeded"  # the user's stored blobs would pass its byte quota
+    UNKNOWN_BLOB = "unknown_blob"  # no such blob (or not complete, for blob_get)
+    INCOMPLETE_UPLOAD = "incomplete_upload"  # blob_complete with a part missing or of the wrong size
+    NOT_OWNER = "not_owner"  # acting on another user's upload
 
 
 # Errors after which the same request may succeed if sent again unchanged.

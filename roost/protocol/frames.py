@@ -11,7 +11,7 @@ before any handler sees a frame.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -48,6 +48,16 @@ RegistrationId = Annotated[int, Meta(ge=1, le=16380)]
 EcPublicKey = Annotated[bytes, Meta(min_length=EC_KEY_BYTES, max_length=EC_KEY_BYTES)]
 KemPublicKey = Annotated[bytes, Meta(min_length=KEM_KEY_BYTES, max_length=KEM_KEY_BYTES)]
 Signature = Annotated[bytes, Meta(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)]
+# Media (docs/protocol.md, "Media"): a blob id is 128 random bits in hex.
+BlobId = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}\Z")]
+BlobKind = Literal["image", "video", "audio", "file"]
+MAX_BLOB_BYTES = 2**40  # a frame's size field; the server's per-kind limits are far lower
+# Parts of one blob at most (S3 allows 10,000): the server grows the part size
+# of a huge blob instead, so a blob_complete listing every part stays ~45 KB.
+MAX_BLOB_PARTS = 1000
+MAX_URLS_PER_FRAME = 100
+PartNumber = Annotated[int, Meta(ge=1, le=MAX_BLOB_PARTS)]
+ETag = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
 class Frame(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
@@ -224,6 +234,44 @@ class KeysGet(Frame, tag="keys_get"):
     ref: RequestRef = ""
 
 
+class BlobNew(Frame, tag="blob_new"):
+    """Ask for an upload slot of ``size`` bytes (already encrypted by the client)."""
+
+    size: Annotated[int, Meta(ge=1, le=MAX_BLOB_BYTES)]
+    kind: BlobKind
+    ref: RequestRef = ""
+
+
+class BlobPutUrls(Frame, tag="blob_put_urls"):
+    """Signed upload URLs for these parts (1-based) of one's own pending blob."""
+
+    blob: BlobId
+    parts: Annotated[list[PartNumber], Meta(min_length=1, max_length=MAX_URLS_PER_FRAME)]
+    ref: RequestRef = ""
+
+
+class BlobStatus(Frame, tag="blob_status"):
+    """Which parts of one's own blob the store holds (to resume an upload)."""
+
+    blob: BlobId
+    ref: RequestRef = ""
+
+
+class BlobComplete(Frame, tag="blob_complete"):
+    """Every part is uploaded: ``parts`` is ``[[part, etag], ...]`` as the uploads answered."""
+
+    blob: BlobId
+    parts: Annotated[list[tuple[PartNumber, ETag]], Meta(min_length=1, max_length=MAX_BLOB_PARTS)]
+    ref: RequestRef = ""
+
+
+class BlobGet(Frame, tag="blob_get"):
+    """A signed download URL of a complete blob."""
+
+    blob: BlobId
+    ref: RequestRef = ""
+
+
 ClientFrame = (
     Auth
     | Send
@@ -244,6 +292,11 @@ ClientFrame = (
     | KeysPut
     | KeysCount
     | KeysGet
+    | BlobNew
+    | BlobPutUrls
+    | BlobStatus
+    | BlobComplete
+    | BlobGet
 )
 
 
@@ -351,6 +404,51 @@ class Pong(Frame, tag="pong"):
     t: int = 0
 
 
+class BlobSlot(Frame, tag="blob_slot"):
+    """Answer to ``blob_new``: upload ``parts`` parts of ``part_size`` bytes (the last one the rest)."""
+
+    ref: str
+    blob: str
+    part_size: int
+    parts: int
+    expires: int  # unix seconds: an upload not completed by then may be deleted
+
+
+class BlobUrls(Frame, tag="blob_urls"):
+    """Answer to ``blob_put_urls``: ``[[part, url, headers], ...]``; PUT each part's
+    exact bytes to its URL with those headers before ``expires`` (unix seconds)."""
+
+    ref: str
+    blob: str
+    urls: list[tuple[int, str, dict[str, str]]]
+    expires: int
+
+
+class BlobState(Frame, tag="blob_state"):
+    """Answer to ``blob_status`` and ``blob_complete``. ``etags`` (aligned with
+    ``parts_done``) and ``part_size`` let a client resume an upload it lost
+    track of: it uploads the missing parts and completes with every etag."""
+
+    ref: str
+    blob: str
+    size: int
+    parts_done: list[int]
+    complete: bool
+    part_size: int = 0
+    etags: list[str] = []
+
+
+class BlobUrl(Frame, tag="blob_url"):
+    """Answer to ``blob_get``: GET ``url`` (Range requests welcome) before ``expires``.
+    A relative URL is relative to the server's own http(s) address."""
+
+    ref: str
+    blob: str
+    url: str
+    size: int
+    expires: int
+
+
 class Error(Frame, tag="error"):
     """A typed error. ``ref`` echoes the offending frame's ``id``/``ref`` when it had one."""
 
@@ -410,6 +508,10 @@ ServerFrame = (
     | KeysState
     | KeysBundle
     | KeysLow
+    | BlobSlot
+    | BlobUrls
+    | BlobState
+    | BlobUrl
 )
 
 # Content type of the system messages the server itself appends to a group

@@ -36,6 +36,7 @@ from roost.protocol.codec import decode_client, encode
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.registry.base import Registry
 from roost.service.keys import KeyDirectory, KeyLimits
+from roost.service.media import MediaService
 from roost.service.session import Session, Sink, receipt_frame
 from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
 
@@ -63,6 +64,13 @@ def _log_last_seen_failure(fut: asyncio.Future[None]) -> None:
         log.warning("last-seen not saved: %s", fut.exception())
 
 
+MEDIA_FRAMES = (f.BlobNew, f.BlobPutUrls, f.BlobStatus, f.BlobComplete, f.BlobGet)
+
+
+def _no_media(session: Session, frame: Any) -> None:
+    raise ProtocolError(ErrorCode.INVALID, "media is not enabled on this server")
+
+
 def error_frame(exc: ProtocolError, ref: str = "") -> bytes:
     return encode(f.Error(code=exc.code.value, message=exc.message, ref=exc.ref or ref))
 
@@ -80,7 +88,12 @@ REVOKED_MEMORY_SECONDS = 60.0
 
 class ChatService:
     def __init__(
-        self, store: Store, registry: Registry, config: ServiceConfig, metrics: Metrics | None = None
+        self,
+        store: Store,
+        registry: Registry,
+        config: ServiceConfig,
+        metrics: Metrics | None = None,
+        media: MediaService | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
@@ -113,6 +126,12 @@ class ChatService:
             f.KeysCount: self.keys.on_count,
             f.KeysGet: self.keys.on_get,
         }
+        # The blob_* frames (roost/service/media.py): off the message path.
+        self.media = media
+        for frame_type_ in MEDIA_FRAMES:
+            self._handlers[frame_type_] = _no_media
+        if media is not None:
+            self._handlers.update(media.handlers())
         # Label children resolved once: labels() per frame would cost ~1.9 µs.
         self._frame_counters = {cls: self.metrics.frames_in.labels(frame_type(cls)) for cls in self._handlers}
         self._invalid_frames = self.metrics.frames_in.labels("invalid")
@@ -162,6 +181,8 @@ class ChatService:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.keys.stop()
+        if self.media is not None:
+            await self.media.stop()
 
     def _spawn(self, awaitable: Any) -> None:
         fut = asyncio.ensure_future(awaitable)

@@ -57,7 +57,7 @@ from roost.core.membership import require_active as _require_active
 from roost.core.metrics import Metrics
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
-from roost.store import postgres_keys
+from roost.store import blobmeta, postgres_keys
 from roost.store.base import (
     REMOVED,
     Account,
@@ -79,7 +79,7 @@ from roost.store.sqlite import HISTORY_PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6  # 6: the key directory (roost/store/postgres_keys.py)
+SCHEMA_VERSION = 7  # 6: the key directory (roost/store/postgres_keys.py); 7: blobs (roost/store/blobmeta.py)
 TOKEN_BATCH = 512  # token lookups per query at most
 USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
@@ -1298,6 +1298,78 @@ class PostgresStore:
                 raise StoreUnavailable(f"storage error: {exc}") from exc
         raise AssertionError("unreachable")
 
+    # -- blob metadata (roost/store/blobmeta.py) ----------------------------
+    # Not on the message path: plain statements on the read pool (autocommit),
+    # each idempotent, so _read's one retry on a lost connection is safe.
+
+    def blob_create(self, rec: blobmeta.BlobRecord, quota: int) -> asyncio.Future[None]:
+        """Record a new upload; ``quota_exceeded`` if the owner's blobs would pass ``quota``."""
+
+        async def fn(c: asyncpg.Connection) -> None:
+            async with c.transaction():
+                await c.execute(blobmeta.PG_LOCK_OWNER, rec.owner)  # one owner's checks in turn
+                if quota > 0:
+                    used = await c.fetchval(blobmeta.PG_USED, rec.owner)
+                    if used + rec.size > quota:
+                        raise blobmeta.quota_error(used, rec.size, quota)
+                await c.execute(
+                    blobmeta.PG_INSERT + " ON CONFLICT (id) DO NOTHING", *blobmeta.insert_args(rec)
+                )
+
+        return asyncio.ensure_future(self._read(fn))
+
+    async def blob_get(self, blob: str) -> blobmeta.BlobRecord | None:
+        async def fn(c: asyncpg.Connection) -> blobmeta.BlobRecord | None:
+            row = await c.fetchrow(blobmeta.PG_GET, blob)
+            return None if row is None else blobmeta.record(row)
+
+        return await self._read(fn)
+
+    def blob_complete(self, blob: str, now: int) -> asyncio.Future[None]:
+        async def fn(c: asyncpg.Connection) -> None:
+            await c.execute(blobmeta.PG_COMPLETE, blob, now)
+
+        return asyncio.ensure_future(self._read(fn))
+
+    def blob_fetching(self, blob: str, until: int) -> asyncio.Future[bool]:
+        """A download URL valid until ``until`` (ms) is handed out; False: the blob is not complete."""
+
+        async def fn(c: asyncpg.Connection) -> bool:
+            status = await c.execute(blobmeta.PG_FETCHING, blob, until)
+            return bool(status.endswith(" 1"))
+
+        return asyncio.ensure_future(self._read(fn))
+
+    async def blobs_due(
+        self, now: int, pending_before: int, complete_before: int, limit: int
+    ) -> list[blobmeta.BlobRecord]:
+        async def fn(c: asyncpg.Connection) -> list[blobmeta.BlobRecord]:
+            rows = await c.fetch(blobmeta.PG_DUE, now, pending_before, complete_before, limit)
+            return [blobmeta.record(row) for row in rows]
+
+        return await self._read(fn)
+
+    def blob_claim(self, blob: str, now: int) -> asyncio.Future[str | None]:
+        """Claim for deletion (no URL valid at ``now`` ms); its previous state, or None."""
+
+        async def fn(c: asyncpg.Connection) -> str | None:
+            state = await c.fetchval(blobmeta.PG_CLAIM, blob, now)
+            return None if state is None else str(state)
+
+        return asyncio.ensure_future(self._read(fn))
+
+    def blob_unclaim(self, blob: str, state: str) -> asyncio.Future[None]:
+        async def fn(c: asyncpg.Connection) -> None:
+            await c.execute(blobmeta.PG_UNCLAIM, blob, state)
+
+        return asyncio.ensure_future(self._read(fn))
+
+    def blob_delete(self, blob: str) -> asyncio.Future[None]:
+        async def fn(c: asyncpg.Connection) -> None:
+            await c.execute(blobmeta.PG_DELETE, blob)
+
+        return asyncio.ensure_future(self._read(fn))
+
     async def user_by_token(self, token_hash: bytes) -> str | None:
         return await self._tokens.get(token_hash)
 
@@ -1584,6 +1656,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     (5, _RECEIPT_MARKS + _ACCOUNT_STATE + FUNCTIONS),
     # The key directory; roost_purge_member deletes a removed user's keys.
     (6, postgres_keys.KEYS_SCHEMA + _ACCOUNT_STATE + FUNCTIONS),
+    # Media uploads' metadata (self-contained: renumber freely).
+    (blobmeta.POSTGRES_STEP, blobmeta.POSTGRES_SCHEMA),
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

@@ -38,7 +38,7 @@ from roost.core.membership import ADMIN, MEMBER, Member
 from roost.core.metrics import Metrics
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
-from roost.store import sqlite_keys
+from roost.store import blobmeta, sqlite_keys
 from roost.store.base import (
     REMOVED,
     Account,
@@ -58,7 +58,7 @@ from roost.store.base import (
 
 log = logging.getLogger("roost.store")
 
-SCHEMA_VERSION = 4  # 4: the key directory (roost/store/sqlite_keys.py)
+SCHEMA_VERSION = 5  # 4: the key directory (roost/store/sqlite_keys.py); 5: blobs (roost/store/blobmeta.py)
 
 SCHEMA = (
     """
@@ -275,6 +275,8 @@ class SqliteStore:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(receipt_pending)")}
         if "acked" not in columns:  # schema 2: an acked receipt's row was deleted
             conn.execute("ALTER TABLE receipt_pending ADD COLUMN acked INTEGER NOT NULL DEFAULT 0")
+        if version < blobmeta.SQLITE_STEP:
+            blobmeta.sqlite_migrate(conn)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
@@ -1012,6 +1014,37 @@ class SqliteStore:
             return await loop.run_in_executor(self._readers, run)
         except RuntimeError as exc:  # executor shut down
             raise StoreUnavailable(str(exc)) from exc
+
+    # -- blob metadata (roost/store/blobmeta.py) ----------------------------
+
+    def blob_create(self, rec: blobmeta.BlobRecord, quota: int) -> asyncio.Future[None]:
+        """Record a new upload; ``quota_exceeded`` if the owner's blobs would pass ``quota``."""
+        return self._submit(lambda c: blobmeta.sqlite_create(c, rec, quota))
+
+    async def blob_get(self, blob: str) -> blobmeta.BlobRecord | None:
+        return await self._read(lambda c: blobmeta.sqlite_get(c, blob))
+
+    def blob_complete(self, blob: str, now: int) -> asyncio.Future[None]:
+        return self._submit(lambda c: blobmeta.sqlite_complete(c, blob, now))
+
+    def blob_fetching(self, blob: str, until: int) -> asyncio.Future[bool]:
+        """A download URL valid until ``until`` (ms) is handed out; False: the blob is not complete."""
+        return self._submit(lambda c: blobmeta.sqlite_fetching(c, blob, until))
+
+    async def blobs_due(
+        self, now: int, pending_before: int, complete_before: int, limit: int
+    ) -> list[blobmeta.BlobRecord]:
+        return await self._read(lambda c: blobmeta.sqlite_due(c, now, pending_before, complete_before, limit))
+
+    def blob_claim(self, blob: str, now: int) -> asyncio.Future[str | None]:
+        """Claim for deletion (no URL valid at ``now`` ms); its previous state, or None."""
+        return self._submit(lambda c: blobmeta.sqlite_claim(c, blob, now))
+
+    def blob_unclaim(self, blob: str, state: str) -> asyncio.Future[None]:
+        return self._submit(lambda c: blobmeta.sqlite_unclaim(c, blob, state))
+
+    def blob_delete(self, blob: str) -> asyncio.Future[None]:
+        return self._submit(lambda c: blobmeta.sqlite_delete(c, blob))
 
     async def user_by_token(self, token_hash: bytes) -> str | None:
         def fn(c: sqlite3.Connection) -> str | None:

@@ -30,6 +30,7 @@ def render(upstreams: list[str], port: int) -> str:
     text = CONFIG.read_text()
     servers = "".join(f"    server {u} max_fails=1 fail_timeout=5s;\n" for u in upstreams)
     text = re.sub(r"(    server gw\d\.internal:8765 [^\n]*\n)+", servers, text)
+    text = text.replace("/var/cache/nginx/roost-media", "media-cache")  # relative to nginx -p
     return text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
 
 

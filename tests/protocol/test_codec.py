@@ -47,7 +47,35 @@ SAMPLES: list[f.Frame] = [
     ),
     f.KeysCount(ref="k2"),
     f.KeysGet(user="alice", ref="k3"),
+    f.BlobNew(size=5 * 2**20, kind="video", ref="b1"),
+    f.BlobPutUrls(blob="0123456789abcdef0123456789abcdef", parts=[1, 2, 3], ref="b2"),
+    f.BlobStatus(blob="0123456789abcdef0123456789abcdef", ref="b3"),
+    f.BlobComplete(blob="0123456789abcdef0123456789abcdef", parts=[(1, "e1"), (2, '"e2"')], ref="b4"),
+    f.BlobGet(blob="0123456789abcdef0123456789abcdef", ref="b5"),
 ]
+
+BLOB = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "blob_new", "size": 0, "kind": "file"},
+        {"type": "blob_new", "size": 2**41, "kind": "file"},
+        {"type": "blob_new", "size": 10, "kind": "sticker"},
+        {"type": "blob_put_urls", "blob": BLOB, "parts": []},
+        {"type": "blob_put_urls", "blob": BLOB, "parts": list(range(1, 102))},
+        {"type": "blob_put_urls", "blob": BLOB, "parts": [0]},
+        {"type": "blob_put_urls", "blob": BLOB.upper(), "parts": [1]},
+        {"type": "blob_status", "blob": "../../etc/passwd"},
+        {"type": "blob_get", "blob": BLOB + "00"},
+        {"type": "blob_complete", "blob": BLOB, "parts": [[1]]},
+        {"type": "blob_complete", "blob": BLOB, "parts": [[1, ""]]},
+        {"type": "blob_complete", "blob": BLOB, "parts": [[1001, "e"]]},
+    ],
+)
+def test_blob_frames_out_of_their_limits_are_bad_frames(frame: dict[str, typing.Any]) -> None:
+    assert decode_error(msgspec.json.encode(frame)).code == ErrorCode.BAD_FRAME
 
 
 def decode_error(data: bytes | str) -> ProtocolError:
@@ -280,6 +308,7 @@ json_values = st.recursive(
 FIELD_NAMES = [
     "type", "id", "ref", "conv", "seq", "rv", "body", "ct", "to", "token", "v", "users",
     "members", "name", "group", "before", "after", "limit", "t", "active",
+    "size", "kind", "blob", "parts",
 ]  # fmt: skip
 
 TAGS = [t.__struct_config__.tag for t in CLIENT_TYPES] + ["welcome", "msg", "x"]

@@ -181,12 +181,12 @@ async def test_a_schema_5_database_gets_the_key_directory(pg_empty_database: str
     await migrate(pg_empty_database)
     conn = await asyncpg.connect(pg_empty_database)
     try:  # as schema 5 had it
-        await conn.execute("DROP TABLE key_devices, key_prekeys, key_kem_prekeys")
+        await conn.execute("DROP TABLE key_devices, key_prekeys, key_kem_prekeys, blobs")
         await conn.execute("DROP FUNCTION roost_put_keys, roost_take_keys")
         await conn.execute("UPDATE roost_schema SET version = 5")
     finally:
         await conn.close()
-    assert await migrate(pg_empty_database) == SCHEMA_VERSION == 6
+    assert await migrate(pg_empty_database) == SCHEMA_VERSION == 7
     store = PostgresStore(pg_empty_database)
     await store.open()
     try:

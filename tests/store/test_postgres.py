@@ -425,6 +425,7 @@ async def test_migrate_is_idempotent_and_versioned(pg_empty_database: str) -> No
         "key_devices": "user_name",
         "key_prekeys": "user_name",
         "key_kem_prekeys": "user_name",
+        "blobs": "id",  # media metadata (roost/store/blobmeta.py)
         "users": "",
         "roost_schema": "",
     }
@@ -464,7 +465,7 @@ async def test_a_schema_2_database_gets_account_states(pg_empty_database: str) -
         assert await store.user_by_token(token_hash("alice")) == "alice"
         await store.set_user_state("alice", "disabled")
         assert [a.state for a in await store.list_users()] == ["disabled"]
-        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 6
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 7
     finally:
         await store.close()
 
@@ -498,7 +499,7 @@ async def test_a_schema_4_database_gets_receipt_marks(pg_empty_database: str) ->
         assert receipt.marks == {"bob": (2, 0), "carol": (2, 0)}
         await store.ack_receipts("alice", group, receipt.rv)
         assert await store.pending_receipts("alice") == []
-        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 6
+        assert await migrate(pg_empty_database) == SCHEMA_VERSION == 7
     finally:
         await store.close()
 

@@ -41,7 +41,7 @@ async def test_a_schema_1_database_gets_account_states(tmp_path: Path) -> None:
     finally:
         await store.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     check.close()
 
 

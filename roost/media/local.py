@@ -1,0 +1,346 @@
+"""Blobs on local disk, uploaded and downloaded through the gateway's HTTP server.
+
+Layout under ``root``::
+
+    parts/<blob>/p00001-<md5>   an uploaded part (its etag in the name)
+    parts/<blob>/.tmp-...       a part being received
+    blobs/<ab>/<blob>           a complete blob (parts joined)
+
+Routes (``add_routes``), each authorized by a signed URL (roost/media/signing.py)
+and no database read, so they cost the chat path nothing:
+
+* ``PUT /media/{blob}/{part}?size=&exp=&sig=`` -- the part's exact bytes. They go
+  to a temporary file; only when exactly ``size`` bytes arrived is it fsynced
+  and renamed into place. A wrong signature, method, size or an expired URL is
+  refused with 403 before anything is written.
+* ``GET /media/{blob}?size=&exp=&sig=`` -- the blob, one Range allowed (206),
+  with an ETag and a Cache-Control that lets a CDN or an nginx cache keep it
+  until the URL expires (the bytes are ciphertext and never change).
+
+A download holds the file open from the start; the sweeper does not delete a
+blob while a download of it runs here (``delete`` answers False and the next
+sweep retries), and an unlink would not cut an open file anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from roost.media import signing
+from roost.media.base import PartUrl, StoredPart, check_parts
+from roost.media.config import LOCAL_MIN_PART
+from roost.store.blobmeta import BlobRecord
+
+log = logging.getLogger("roost.media")
+
+CHUNK = 256 * 1024
+_PART_NAME = re.compile(r"^p(\d{5})-([0-9a-f]{32})$")
+_BLOB = r"[0-9a-f]{32}"
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def load_or_make_key(path: Path) -> bytes:
+    """The signing key at ``path``: 32 random bytes, made (mode 0600) if absent."""
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return load_or_make_key(path)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+            out.flush()
+            os.fsync(out.fileno())
+        return key
+    if len(key) < 32:
+        raise ValueError(f"{path}: a media key needs at least 32 bytes")
+    return key
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBlobStore:
+    min_part_size = LOCAL_MIN_PART
+
+    def __init__(
+        self, root: Path, key: bytes | Path, public_url: str = "", clock: Callable[[], float] = time.time
+    ) -> None:
+        """``key``: the signing key, or the file holding it (made at ``start`` if absent)."""
+        self.root = root
+        self._key_source = key
+        self.key = key if isinstance(key, bytes) else b""
+        self.public_url = public_url.rstrip("/")
+        self.clock = clock
+        self.downloads: Counter[str] = Counter()  # blob -> downloads running now
+
+    async def start(self) -> None:
+        if isinstance(self._key_source, Path):
+            self.key = load_or_make_key(self._key_source)
+        for sub in ("parts", "blobs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        return None
+
+    # -- paths ----------------------------------------------------------------
+
+    def _parts_dir(self, blob: str) -> Path:
+        return self.root / "parts" / blob
+
+    def blob_path(self, blob: str) -> Path:
+        return self.root / "blobs" / blob[:2] / blob
+
+    def _url(self, path: str) -> str:
+        return f"{self.public_url}{path}"
+
+    # -- BlobStore -------------------------------------------------------------
+
+    async def create(self, blob: str) -> str:
+        self._parts_dir(blob).mkdir(parents=True, exist_ok=False)
+        return ""
+
+    async def put_urls(self, rec: BlobRecord, parts: list[int], expires: int) -> list[PartUrl]:
+        urls = []
+        for part in parts:
+            size = rec.part_length(part)
+            sig = signing.sign(self.key, "PUT", rec.blob, part, size, expires)
+            urls.append(
+                PartUrl(part, self._url(f"/media/{rec.blob}/{part}?size={size}&exp={expires}&sig={sig}"), {})
+            )
+        return urls
+
+    async def parts_done(self, rec: BlobRecord) -> dict[int, StoredPart]:
+        return await asyncio.to_thread(self._list_parts, rec.blob)
+
+    def _list_parts(self, blob: str) -> dict[int, StoredPart]:
+        found: dict[int, StoredPart] = {}
+        try:
+            entries = list(os.scandir(self._parts_dir(blob)))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            match = _PART_NAME.match(entry.name)
+            if match is not None:
+                part = int(match.group(1))
+                found[part] = StoredPart(part, match.group(2), entry.stat().st_size)
+        return found
+
+    async def complete(self, rec: BlobRecord, parts: list[tuple[int, str]]) -> None:
+        if self.blob_path(rec.blob).exists():
+            return  # completed before (a retried blob_complete)
+        stored = await self.parts_done(rec)
+        check_parts(rec, stored, parts)
+        await asyncio.to_thread(self._join, rec, stored)
+
+    def _join(self, rec: BlobRecord, stored: dict[int, StoredPart]) -> None:
+        """Concatenate the parts into a temporary file, fsync, rename, drop the parts."""
+        final = self.blob_path(rec.blob)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{rec.blob}-{secrets.token_hex(4)}"
+        parts_dir = self._parts_dir(rec.blob)
+        try:
+            with open(tmp, "wb") as out:
+                for part in range(1, rec.parts + 1):
+                    name = f"p{part:05d}-{stored[part].etag}"
+                    with open(parts_dir / name, "rb") as src:
+                        shutil.copyfileobj(src, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        shutil.rmtree(parts_dir, ignore_errors=True)
+
+    async def get_url(self, rec: BlobRecord, expires: int) -> str:
+        sig = signing.sign(self.key, "GET", rec.blob, 0, rec.size, expires)
+        return self._url(f"/media/{rec.blob}?size={rec.size}&exp={expires}&sig={sig}")
+
+    async def delete(self, rec: BlobRecord) -> bool:
+        if self.downloads[rec.blob] > 0:
+            return False  # a download holds it: the next sweep deletes it
+        await asyncio.to_thread(self._remove, rec.blob)
+        return True
+
+    def _remove(self, blob: str) -> None:
+        shutil.rmtree(self._parts_dir(blob), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(blob))
+
+    async def raw(self, rec: BlobRecord) -> bytes | None:
+        try:
+            return self.blob_path(rec.blob).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- HTTP -------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application, on_authorized: Callable[[web.Request], None]) -> None:
+        """Serve the signed URLs on ``app``; ``on_authorized(request)`` runs once a
+        request's signature checks out (the gateway lifts its handshake deadline)."""
+        self._on_authorized = on_authorized
+        app.router.add_put(f"/media/{{blob:{_BLOB}}}/{{part:\\d{{1,5}}}}", self.handle_put)
+        app.router.add_get(f"/media/{{blob:{_BLOB}}}", self.handle_get)
+
+    def _signed(self, request: web.Request, method: str, part: int) -> tuple[str, int] | None:
+        """(blob, size) if the request's URL is signed for ``method`` and ``part``."""
+        blob = request.match_info["blob"]
+        query = request.query
+        try:
+            size, expires, sig = int(query["size"]), int(query["exp"]), query["sig"]
+        except (KeyError, ValueError):
+            return None
+        if not signing.verify(self.key, sig, method, blob, part, size, expires, self.clock()):
+            return None
+        return blob, size
+
+    async def handle_put(self, request: web.Request) -> web.StreamResponse:
+        part = int(request.match_info["part"])
+        signed = self._signed(request, "PUT", part)
+        if signed is None:
+            return web.Response(status=403, text="bad or expired signature\n")
+        blob, size = signed
+        # The size is signed: a body of any other length is refused before a byte is stored.
+        if request.content_length != size:
+            return web.Response(status=403, text=f"Content-Length must be {size}\n")
+        self._on_authorized(request)
+        parts_dir = self._parts_dir(blob)
+        if not parts_dir.is_dir():
+            return web.Response(status=404, text="no such upload (completed or expired)\n")
+        etag = await self._receive(request, parts_dir, part, size)
+        if etag is None:
+            return web.Response(status=400, text=f"the body was not {size} bytes\n")
+        return web.Response(status=200, headers={"ETag": f'"{etag}"'})
+
+    async def _receive(self, request: web.Request, parts_dir: Path, part: int, size: int) -> str | None:
+        """Write the body to a temporary file; fsync and rename it once exactly
+        ``size`` bytes arrived. Returns the part's etag, None if the body was cut."""
+        tmp = parts_dir / f".tmp-{part}-{secrets.token_hex(6)}"
+        digest = hashlib.md5(usedforsecurity=False)
+        received = 0
+        try:
+            with open(tmp, "wb") as out:
+                # Writes go to the page cache (microseconds per chunk); the
+                # fsync, which waits for the disk, runs on a thread.
+                async for chunk in request.content.iter_chunked(CHUNK):
+                    received += len(chunk)
+                    if received > size:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                if received != size:
+                    return None
+                out.flush()
+                await asyncio.to_thread(os.fsync, out.fileno())
+            etag = digest.hexdigest()
+            await asyncio.to_thread(self._place, tmp, parts_dir, part, etag)
+            return etag
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _place(self, tmp: Path, parts_dir: Path, part: int, etag: str) -> None:
+        name = f"p{part:05d}-{etag}"
+        os.rename(tmp, parts_dir / name)
+        for entry in os.scandir(parts_dir):  # an earlier upload of the same part, other bytes
+            if entry.name.startswith(f"p{part:05d}-") and entry.name != name:
+                os.unlink(entry.path)
+        _fsync_dir(parts_dir)
+
+    async def handle_get(self, request: web.Request) -> web.StreamResponse:
+        signed = self._signed(request, "GET", 0)
+        if signed is None:
+            return web.Response(status=403, text="bad or expired signature\n")
+        blob, _size = signed
+        self._on_authorized(request)
+        try:
+            fd = os.open(self.blob_path(blob), os.O_RDONLY)
+        except FileNotFoundError:
+            return web.Response(status=404, text="no such blob\n")
+        self.downloads[blob] += 1
+        try:
+            return await self._send(request, blob, fd)
+        finally:
+            os.close(fd)
+            self.downloads[blob] -= 1
+            if self.downloads[blob] <= 0:
+                del self.downloads[blob]
+
+    async def _send(self, request: web.Request, blob: str, fd: int) -> web.StreamResponse:
+        total = os.fstat(fd).st_size
+        expires = int(request.query["exp"])
+        headers = {
+            "ETag": f'"{blob}"',
+            # Ciphertext that never changes: any cache may keep it while the URL is valid.
+            "Cache-Control": f"public, max-age={max(0, expires - int(self.clock()))}, immutable",
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        if request.headers.get("If-None-Match") == headers["ETag"]:
+            return web.Response(status=304, headers=headers)
+        span = parse_range(request.headers.get("Range"), total)
+        if isinstance(span, str):  # unsatisfiable
+            headers["Content-Range"] = f"bytes */{total}"
+            return web.Response(status=416, headers=headers)
+        start, end = (0, total - 1) if span is None else span
+        status = 200
+        if span is not None:
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{total}"
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start + 1
+        await response.prepare(request)
+        pos = start
+        while pos <= end:
+            chunk = os.pread(fd, min(CHUNK, end + 1 - pos), pos)
+            if not chunk:
+                break
+            await response.write(chunk)
+            pos += len(chunk)
+        await response.write_eof()
+        return response
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | str | None:
+    """One ``bytes=a-b`` range -> (first, last) inclusive; None: the whole blob;
+    "unsatisfiable": a range outside it. Several ranges: served whole."""
+    if not header:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None:
+        return None  # several ranges or another unit: RFC 9110 lets us send it all
+    first, last = match.group(1), match.group(2)
+    if not first:
+        if not last or int(last) == 0:
+            return "unsatisfiable"
+        length = min(int(last), total)
+        return (total - length, total - 1) if total else "unsatisfiable"
+    start = int(first)
+    end = min(int(last), total - 1) if last else total - 1
+    if start >= total or end < start:
+        return "unsatisfiable"
+    return start, end
