@@ -34,7 +34,7 @@ def ticks(page: Any, text: str) -> Any:
     return page.locator(".msg.own", has_text=text).locator(".tick")
 
 
-def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page: Any) -> None:
+def test_one_to_one_ticks_typing_presence_keyboard_only_phone_and_dark(make_app: Any, open_page: Any) -> None:
     alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
 
@@ -66,6 +66,18 @@ def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page
     bob.locator("#composer-input").press_sequentially("great, and")
     alice.locator("#conv-status[data-typing=true]", has_text="typing…").wait_for()
     screenshot(alice, "conversation")
+
+    # phone width, dark theme: one pane at a time
+    phone = open_page(bob_app, dark=True, width=390, height=740)
+    expect(phone.locator("#conversation")).to_be_hidden()
+    assert phone.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(15, 20, 24)"  # dark --bg
+    chat_item(phone, "alice").click()
+    expect(phone.locator(".sidebar")).to_be_hidden()
+    phone.locator(".msg.in", has_text="hello bob").wait_for()
+    screenshot(phone, "conversation-dark-phone")
+    phone.get_by_role("button", name="Back to the chat list").click()
+    expect(phone.locator(".sidebar")).to_be_visible()
+    expect(chat_item(phone, "alice")).to_be_focused()
 
     # markup from a peer stays text
     hostile = '<img src=x onerror="window.__pwned=1"><b>bold</b>'
@@ -216,80 +228,42 @@ def test_messages_written_offline_go_out_on_reconnect_once(
     assert texts(alice) == expected
 
 
-def test_roost_send_hands_over_to_the_running_app(
+def test_roost_send_hands_over_to_the_running_app_and_history_pages_back(
     server: Any, make_app: Any, tokens: Any, open_page: Any
 ) -> None:
     import subprocess
     import sys
 
     alice_app, bob_app = make_app("alice", "bob")
-    alice, bob = open_page(alice_app), open_page(bob_app)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "roost.cli.main",
-            "send",
-            "--url",
-            server.url,
-            "--token",
-            tokens("alice"),
-            "--state",
-            str(alice_app.state),
-            "--to",
-            "bob",
-            "from the terminal",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
+    alice = open_page(alice_app)
+    command = [sys.executable, "-m", "roost.cli.main", "send", "--url", server.url]
+    command += [
+        "--token",
+        tokens("alice"),
+        "--state",
+        str(alice_app.state),
+        "--to",
+        "bob",
+        "from the terminal",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr  # handed to the running app: no second connection
     chat_item(alice, "bob").click()
     ticks(alice, "from the terminal").and_(alice.locator("[data-tick=delivered]")).wait_for()
-    chat_item(bob, "alice").locator(".badge").filter(has_text="1").wait_for()
-    # local search finds it on both sides
+    for i in range(1, 56):
+        send(alice, f"note {i}")
+    ticks(alice, "note 55").and_(alice.locator("[data-tick=delivered]")).wait_for()
+
+    bob = open_page(bob_app)
+    expect(chat_item(bob, "alice").locator(".badge")).to_have_text("56")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="note 55").wait_for()
+    expect(bob.locator("#messages .msg")).to_have_count(50)  # one page from the local state
+    bob.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
+    expect(bob.locator("#messages .msg")).to_have_count(56)
+    assert texts(bob) == ["from the terminal"] + [f"note {i}" for i in range(1, 56)]
+    assert bob.locator("#messages .day").all_inner_texts() == ["Today"]
+    # the local search finds it
     bob.locator("#search-input").fill("TERMINAL")
     bob.locator("#search-input").press("Enter")
     bob.locator("#search-list .result-item", has_text="alice: from the terminal").wait_for()
-
-
-def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice", "bob")
-    alice = open_page(alice_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
-    send(alice, "see you at the trailhead")
-    bob = open_page(bob_app, dark=True, width=390, height=740)
-    expect(bob.locator("#conversation")).to_be_hidden()
-    background = bob.evaluate("getComputedStyle(document.body).backgroundColor")
-    assert background == "rgb(15, 20, 24)"  # the dark theme's --bg
-    chat_item(bob, "alice").click()
-    expect(bob.locator(".sidebar")).to_be_hidden()
-    bob.locator(".msg.in", has_text="trailhead").wait_for()
-    send(bob, "on my way")
-    screenshot(bob, "conversation-dark-phone")
-    bob.get_by_role("button", name="Back to the chat list").click()
-    expect(bob.locator(".sidebar")).to_be_visible()
-    expect(chat_item(bob, "alice")).to_be_focused()
-
-
-def test_history_pages_back_on_scroll(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice", "bob")
-    alice = open_page(alice_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
-    for i in range(1, 61):
-        send(alice, f"note {i}")
-    ticks(alice, "note 60").and_(alice.locator("[data-tick=delivered]")).wait_for()
-    bob = open_page(bob_app)
-    expect(chat_item(bob, "alice").locator(".badge")).to_have_text("60")
-    chat_item(bob, "alice").click()
-    bob.locator(".msg.in", has_text="note 60").wait_for()
-    expect(bob.locator("#messages .msg")).to_have_count(50)  # one page from the local state
-    bob.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
-    expect(bob.locator("#messages .msg")).to_have_count(60)
-    assert texts(bob) == [f"note {i}" for i in range(1, 61)]
-    assert bob.locator("#messages .day").all_inner_texts() == ["Today"]
