@@ -40,11 +40,14 @@ from roost.client.client import Client, ConnectionLost, GroupInfo, InvalidMessag
 from roost.client.events import (
     Connected,
     Consumed,
+    DecryptionFailed,
     Disconnected,
     ErrorEvent,
+    IdentityChanged,
     LocalSend,
     Membership,
     Message,
+    Pending,
     PresenceEvent,
     ReceiptEvent,
     Sent,
@@ -77,6 +80,7 @@ HELP = [
     "keys: Alt-↑/Alt-↓ (or Ctrl-P/Ctrl-N) previous/next chat in the list, PageUp/PageDown scroll,",
     "      Tab completes commands, user and group names",
     "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; the bell rings for news in other chats",
+    "🔒 end-to-end encrypted: only the chat's members can read it; a ⚠ line says a contact's key changed",
 ]
 COMMANDS = ("to", "group", "newgroup", "members", "add", "remove", "leave", "history", "help", "quit")
 CHAT_LIST_KEYS = "Alt-↑/↓ switch"
@@ -200,6 +204,8 @@ class Line:
     ts: int | None = None  # ms
     message_id: str | None = None
     failed: str | None = None  # why the server refused an own message
+    encrypted: bool = False  # a received message that came end-to-end encrypted (🔒)
+    waiting: str | None = None  # why an own message waits in the outbox (no keys yet)
 
     @property
     def pending(self) -> bool:
@@ -480,11 +486,34 @@ class ChatView:
                 if was == "connected":
                     changes.lines.append(self.system("connection lost; reconnecting…"))
             return changes
+        if isinstance(event, IdentityChanged):
+            return Changes([self.identity_changed(event)], status=True, bell=True)
+        if isinstance(event, Pending):
+            line = self._own.get(event.message_id)
+            if line is None or not line.pending:
+                return Changes()
+            line.waiting = safe_text(event.reason)
+            return Changes([line])
+        if isinstance(event, DecryptionFailed):
+            text = (
+                f"a message from {event.sender} could not be decrypted; asked {event.sender} to send it again"
+            )
+            return Changes([self.system(safe_text(text), self.key_of(event.conv))])
         if isinstance(event, ErrorEvent):
             if event.ref in self._own and self._own[event.ref].pending:
                 return self.send_failed(event.ref, f"{event.code}: {event.message}")
             return Changes([self.error(f"error {event.code}: {event.message}")])
         return Changes()
+
+    def identity_changed(self, event: IdentityChanged) -> Line:
+        """The warning, in the chat with that user: never a silent key switch."""
+        user = safe_text(event.user)
+        was = " (it was verified)" if event.was_verified else ""
+        return self.error(
+            f"⚠ {user}'s security key changed{was}: they reinstalled, or someone is in between."
+            f" Compare safety numbers: roost safety-number --with {user}",
+            event.user,
+        )
 
     def add_message(self, msg: Message, live: bool = True) -> Changes:
         """A message, live (an event) or from history (``live=False``: no unread count)."""
@@ -498,6 +527,7 @@ class ChatView:
             return Changes()
         text = safe_text(msg.text if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]")
         line = Line(key, "own" if own else "in", text, msg.sender, msg.seq, msg.ts, msg.id if own else None)
+        line.encrypted = msg.encrypted and not own
         if own:
             self._own[msg.id] = line
         self._insert(key, line)
@@ -698,6 +728,8 @@ class ChatView:
             return frags
         if line.ts is not None:
             frags.append(("class:time", f"[{self._hhmm(line.ts)}] "))
+        if line.encrypted:
+            frags.append(("class:lock", "🔒 "))
         if line.kind == "own":
             frags.append(("class:sender.me", "me"))
         else:
@@ -707,6 +739,8 @@ class ChatView:
         if tick is not None:
             frags.append(("", " "))
             frags.append((tick.style, tick.glyph))
+        if line.waiting is not None and line.pending:
+            frags.append(("class:system", f" ({line.waiting})"))
         return frags
 
     def line_text(self, line: Line) -> str:
@@ -752,6 +786,7 @@ class ChatView:
             elif key in self.presence:
                 online, seen = self.presence[key]
                 frags.append(("class:status", " · " + format_presence(online, seen, now, self.tz)))
+            frags.append(("class:lock", " · 🔒"))
             typing = self.typing_users(key, now)
             if typing:
                 if is_group_id(key):
@@ -1221,6 +1256,7 @@ STYLE = {
     "sender": "bold",
     "sender.me": "bold ansigreen",
     "system": "italic #999999",
+    "lock": "#5fafaf",
     "error": "ansired",
     "tick.pending": "#888888",
     "tick.sent": "#aaaaaa",

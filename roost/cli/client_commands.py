@@ -41,7 +41,7 @@ from roost.client import (
     local,
 )
 from roost.client.client import authenticate, message_payload, tls_context
-from roost.client.local import OwnerUnavailable, socket_path
+from roost.client.local import OwnerUnavailable, sent_or_pending, socket_path
 from roost.client.state import ClientState, default_state_path
 
 # A running client of the account that is starting or stopping gets this
@@ -110,6 +110,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _common(g)
         g.add_argument("--group", required=True)
         g.set_defaults(func=lambda a, n=name: _run(_group_change, a, n))
+
+    p = sub.add_parser(
+        "safety-number",
+        help="print the safety number with a contact (compare it with theirs); --verify marks them verified",
+    )
+    _common(p)
+    p.add_argument("--with", dest="peer", required=True, metavar="USER", help="the contact")
+    p.add_argument(
+        "--verify", action="store_true", help="mark the contact verified (you compared the numbers)"
+    )
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=lambda a: _run(_safety_number, a))
 
     p = sub.add_parser("chat", help="interactive terminal chat")
     _common(p)
@@ -346,6 +358,7 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
         # Durable first: if the server cannot be reached it is already queued.
         await client.send(args.text, to=args.to, group=args.group, message_id=message_id, wait=False)
         acked = client.wait_sent(message_id)  # before connecting: the ✓ may come during connect()
+        pending = client.wait_pending(message_id)  # or: it waits for the recipient's keys
         try:
             await _connect(client, args.timeout)
         except CannotConnect as exc:
@@ -361,9 +374,11 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
         except TimeoutError:
             return _queued(message_id, f"the server was not reached within {args.timeout:g}s")
         try:
-            result = await asyncio.wait_for(acked, max(0.0, deadline - loop.time()))
+            result = await sent_or_pending(acked, pending, max(0.0, deadline - loop.time()))
         except (TimeoutError, ConnectionLost):
             return _queued(message_id, f"the server did not store it within {args.timeout:g}s")
+        if isinstance(result, str):
+            return _queued(message_id, result)
         out = {
             "message_id": result.message_id,
             "conversation": result.conv,
@@ -412,12 +427,49 @@ async def _send_handed(args: argparse.Namespace, path: str, message_id: str) -> 
     }
     response = _check(await asyncio.wait_for(local.request(path, request), args.timeout + HANDOFF_WAIT))
     if response["status"] == "queued":
-        return _queued(message_id, f"the server did not store it within {args.timeout:g}s")
+        why = response.get("reason") or f"the server did not store it within {args.timeout:g}s"
+        return _queued(message_id, str(why))
     out = {k: response[k] for k in ("message_id", "conversation", "seq", "ts", "status")}
     if "error" in response:
         out["error"] = response["error"]
     _emit(out)
     return EXIT_WAIT_TIMED_OUT if "error" in out else 0
+
+
+async def _safety_number(args: argparse.Namespace) -> int:
+    async def own(client: Client) -> int:
+        try:
+            await _connect(client, args.timeout)
+            if args.verify:
+                await client.safety_number(args.peer)  # their key must be known first
+                client.mark_verified(args.peer)
+            return _print_safety(local.safety_json(await client.safety_number(args.peer)))
+        finally:
+            await _finish(client)
+
+    async def handed(path: str) -> int:
+        request = {"op": "safety", "with": args.peer, "verify": args.verify}
+        return _print_safety(_check(await asyncio.wait_for(local.request(path, request), args.timeout)))
+
+    return await _owned_or_handed(args, own, handed)
+
+
+def _print_safety(number: dict[str, Any]) -> int:
+    """The number (12 groups of 5 digits) on its own line, then what it means."""
+    user = number["user"]
+    print(number["safety_number"])
+    if number["verified"]:
+        state = "verified"
+    elif number["changed"]:
+        state = f"NOT verified: {user}'s key changed since it was first seen"
+    else:
+        state = "not verified"
+    print(
+        f"safety number with {user}: {state}. Compare it with the one {user} sees (in person or over"
+        f" a channel you trust); if they match, run with --verify.",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def message_json(m: Message) -> dict[str, Any]:

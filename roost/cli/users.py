@@ -46,7 +46,7 @@ def register(users: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     for cmd, text in (
         ("disable", "the account cannot log in and its connection closes; messages to it still queue"),
         ("enable", "undo disable"),
-        ("remove", "delete the account for good: out of every group, inbox deleted, name never reused"),
+        ("remove", "delete the account for good: out of every group, inbox and keys gone, name never reused"),
     ):
         p = users.add_parser(cmd, help=text)
         p.add_argument("name")

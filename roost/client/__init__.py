@@ -1,5 +1,6 @@
 """The Python SDK: ``from roost.client import Client``."""
 
+from roost.client.blobs import BlobTransferError
 from roost.client.client import (
     CannotConnect,
     Client,
@@ -10,44 +11,60 @@ from roost.client.client import (
     InvalidMessage,
     MessageTooLarge,
     RoostError,
+    SafetyNumber,
     SendResult,
 )
 from roost.client.events import (
     Connected,
     Consumed,
+    DecryptionFailed,
     Disconnected,
     ErrorEvent,
     Event,
+    IdentityChanged,
+    KeysLow,
     LocalSend,
     Membership,
     Message,
+    Pending,
     PresenceEvent,
     ReceiptEvent,
     Sent,
     TypingEvent,
 )
+from roost.client.keys import DeviceBundle, KeyCounts, KeyUpload, PreKeyBundle
 from roost.client.state import StateInUse
 
 __all__ = [
+    "BlobTransferError",
     "CannotConnect",
     "Client",
     "Connected",
     "ConnectionLost",
     "Consumed",
+    "DecryptionFailed",
+    "DeviceBundle",
     "Disconnected",
     "EmptyMessage",
     "ErrorEvent",
     "Event",
     "GroupInfo",
+    "IdentityChanged",
     "InvalidArgument",
     "InvalidMessage",
+    "KeyCounts",
+    "KeyUpload",
+    "KeysLow",
     "LocalSend",
     "Membership",
     "Message",
     "MessageTooLarge",
+    "Pending",
+    "PreKeyBundle",
     "PresenceEvent",
     "ReceiptEvent",
     "RoostError",
+    "SafetyNumber",
     "SendResult",
     "Sent",
     "StateInUse",

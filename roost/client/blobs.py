@@ -77,6 +77,7 @@ async def upload_blob(
     kind: str,
     progress: Progress | None = None,
     resume: str | None = None,
+    on_slot: Callable[[str], None] | None = None,
 ) -> str:
     source = Path(source)
     size = source.stat().st_size
@@ -94,6 +95,8 @@ async def upload_blob(
     else:
         slot: f.BlobSlot = await client._request(f.BlobNew(size=size, kind=kind))  # type: ignore[arg-type]
         blob, part_size = slot.blob, slot.part_size
+        if on_slot is not None:
+            on_slot(blob)  # before any byte moves: a caller that records it can resume after a crash
     plan = _plan(size, part_size)
     todo = [item for item in plan if item[0] not in etags]
     sent = sum(length for part, _, length in plan if part in etags)
@@ -151,7 +154,16 @@ async def _upload_batch(
                 log.info("part %d of %s failed (%s); retrying", part, blob, problem)
             raise BlobTransferError(f"part {part} of blob {blob} failed: {problem}")
 
-    await asyncio.gather(*(one(*item) for item in batch))
+    tasks = [asyncio.ensure_future(one(*item)) for item in batch]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # One part failed (or the caller gave up): stop the others, leave no
+        # upload running behind the caller's back; a resume finishes the blob.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return etags
 
 

@@ -42,20 +42,24 @@ from typing import Any, Literal, overload
 import aiohttp
 import msgspec
 
+from roost.client.crypto import E2EE_CT, E2ee
 from roost.client.events import (
     Connected,
     Consumed,
     Disconnected,
     ErrorEvent,
     Event,
+    KeysLow,
     LocalSend,
     Membership,
     Message,
+    Pending,
     PresenceEvent,
     ReceiptEvent,
     Sent,
     TypingEvent,
 )
+from roost.client.keys import KeyCounts, KeyUpload, PreKeyBundle, bundle_of, upload_frames
 from roost.client.local import LocalEndpoint
 from roost.client.ordering import ConversationOrder
 from roost.client.state import ClientState, OutboxItem, default_state_path
@@ -130,6 +134,19 @@ class SendResult:
     seq: int
     ts: int
     duplicate: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class SafetyNumber:
+    user: str
+    digits: str  # 60 digits
+    verified: bool  # the user marked it verified (``mark_verified``)
+    changed: bool  # their key changed since it was first seen, not verified since
+
+    @property
+    def groups(self) -> str:
+        """The digits in twelve groups of five, as Signal shows them."""
+        return " ".join(self.digits[i : i + 5] for i in range(0, len(self.digits), 5))
 
 
 @dataclass(slots=True, frozen=True)
@@ -301,17 +318,24 @@ class Client:
         on_retry: Callable[[str, str, float], None] | None = None,
         ca_file: str | Path | None = None,
         ssl: ssl.SSLContext | None = None,
+        e2ee: bool = True,
     ) -> None:
         """``on_retry(url, reason, delay)`` is called after each failed
         connection attempt that will be retried in ``delay`` seconds.
         https/wss servers are verified against the system's CAs plus
-        ``ca_file`` (a private CA), or against the ``ssl`` context if given."""
+        ``ca_file`` (a private CA), or against the ``ssl`` context if given.
+        ``e2ee``: tell the server this client keeps end-to-end keys, so it
+        says after every welcome (a ``KeysLow`` event) when it holds few or
+        none. The SDK always encrypts (``roost.client.crypto``) and refills
+        its keys on ``KeysLow``; False only spares a client that will never
+        publish keys of that reminder."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise InvalidArgument("at least one URL is needed")
         if not token.strip():
             raise InvalidArgument("the token is empty")
         self.token = token
+        self.e2ee = e2ee
         self.tls = tls_context(ca_file, ssl)
         self.on_retry = on_retry
         # url -> (why its last attempt failed, whether that is final); emptied on connecting.
@@ -372,6 +396,11 @@ class Client:
         # showing them yet (see ``take_unconsumed``).
         self._claimed: set[tuple[str, int]] = set()
         self._unconsumed_waiters: list[asyncio.Future[None]] = []
+        # message id -> future resolved with the reason once it is pending (no keys yet)
+        self._pending_waiters: dict[str, asyncio.Future[str]] = {}
+        # End-to-end encryption: every message is sealed before it leaves and
+        # opened before it is stored or shown (roost.client.crypto).
+        self.crypto = E2ee(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -409,6 +438,7 @@ class Client:
         return "; ".join(f"{url}: {reason}" for url, (reason, _) in self.failures.items())
 
     async def close(self) -> None:
+        await self.crypto.close()  # first: a key upload under way may finish
         self._closing = True
         if self._local is not None:
             await self._local.close()
@@ -451,8 +481,9 @@ class Client:
 
     async def drain_outbox(self, timeout: float = 5.0) -> bool:
         """Wait (up to ``timeout``) for the ✓ of everything in the outbox,
-        including what earlier runs queued; True if it is empty."""
-        waits = [self.wait_sent(mid) for mid in list(self._outbox)]
+        including what earlier runs queued, except what is pending for a
+        recipient's keys (it cannot go soon); True if the outbox is empty."""
+        waits = [self.wait_sent(mid) for mid, item in list(self._outbox.items()) if item.pending is None]
         if waits:
             with contextlib.suppress(TimeoutError, RoostError):
                 await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
@@ -532,7 +563,7 @@ class Client:
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
         ) as ws:
             self.connected_url = ws_url(url)
-            auth = encode(f.Auth(token=self.token, client=self.instance))
+            auth = encode(f.Auth(token=self.token, client=self.instance, e2ee=self.e2ee))
             await ws.send_frame(auth, aiohttp.WSMsgType.TEXT)  # text only (docs/protocol.md)
             first = await ws.receive(timeout=15.0)
             if first.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
@@ -572,9 +603,12 @@ class Client:
             return ws.close_code
 
     def _on_connected(self) -> None:
-        # Everything not acked is resent, oldest first, before any new send.
+        # Everything not acked is resent, oldest first, before any new send;
+        # what still waits to be encrypted goes to the encryption pump.
         for item in list(self._outbox.values()):
-            self._send_item(item)
+            if item.ready:
+                self._send_item(item)
+        self.crypto.on_connected()
         self._dacked.clear()
         for conv in self._orders:
             self._dack_due.add(conv)
@@ -606,7 +640,44 @@ class Client:
                     await ws.send_frame(self._out.popleft(), aiohttp.WSMsgType.TEXT)
 
     def _send_item(self, item: OutboxItem) -> None:
-        self._write(encode(f.Send(id=item.id, body=item.body, ct=item.ct, to=item.to, conv=item.conv)))
+        """Send the sealed (encrypted) item: never a plaintext body."""
+        assert item.wire_body is not None and item.wire_ct is not None
+        self._write(
+            encode(f.Send(id=item.id, body=item.wire_body, ct=item.wire_ct, to=item.to, conv=item.conv))
+        )
+
+    def _queue(self, item: OutboxItem, *, commit: bool = True) -> None:
+        """Into the durable outbox, sealed now if that needs no network (the
+        session state joins the same transaction), and sent if sealed."""
+        item = self.crypto.seal_now(item)
+        self.state.outbox_add(item, commit=commit)
+        self._outbox[item.id] = item
+        if item.ready:
+            self._send_item(item)
+        else:
+            self.crypto.wake()
+
+    def _fail_item(self, message_id: str, code: str, message: str) -> None:
+        """An outbox item that can never go (unknown user, not a member): removed, its sender told."""
+        self._on_send_error(f.Error(code=code, message=message, ref=message_id))
+
+    def _on_pending(self, message_id: str, to: str | None, conv: str | None, reason: str) -> None:
+        self._emit(Pending(message_id, to, conv, reason))
+        fut = self._pending_waiters.pop(message_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reason)
+
+    def wait_pending(self, message_id: str) -> Awaitable[str]:
+        """Resolves with the reason once ``message_id`` is pending in the outbox
+        for something other than the connection (the recipient has no keys yet)."""
+        fut = self._pending_waiters.get(message_id)
+        if fut is None:
+            fut = self._pending_waiters[message_id] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieved)
+        item = self._outbox.get(message_id)
+        if item is not None and item.pending is not None and not fut.done():
+            fut.set_result(item.pending)
+        return asyncio.shield(fut)
 
     # -- sending -------------------------------------------------------------
 
@@ -692,12 +763,10 @@ class Client:
         if future is not None:
             self._ack_waiters[item.id] = future
         if item.id not in self._outbox:
-            self.state.outbox_add(item)
-            self._outbox[item.id] = item
+            self._queue(item)
             if announce:
                 self._announced.add(item.id)
                 self._emit(LocalSend(item.id, item.to, item.conv, item.ct, item.body, item.created))
-            self._send_item(item)
         if future is None:
             return item.id
         return await future
@@ -722,13 +791,16 @@ class Client:
         item = self._outbox.pop(frame.id, None)
         if item is not None:
             self.state.outbox_remove(frame.id)
-            self.state.store_message(
-                frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts, consumed=True
-            )
+            if not item.control:  # the local copy: history, and what a retry request resends
+                self.state.store_message(
+                    frame.conv, frame.seq, frame.id, self.user or "", item.ct, item.body, frame.ts,
+                    consumed=True, encrypted=item.wire_ct == E2EE_CT,
+                )  # fmt: skip
         self._accept(frame.conv, frame.seq, None)
         self.state.commit()
         self._announced.discard(frame.id)
-        if item is not None:
+        self._pending_waiters.pop(frame.id, None)
+        if item is not None and not item.control:
             self._emit(Sent(frame.id, frame.conv, frame.seq, frame.ts))
         waiter = self._ack_waiters.pop(frame.id, None)
         if waiter is not None and not waiter.done():
@@ -740,9 +812,11 @@ class Client:
             return False
         if frame.code in RETRYABLE:
             return True  # stays in the outbox; resent after the reconnect
-        self._outbox.pop(frame.ref)
+        item = self._outbox.pop(frame.ref)
         self.state.outbox_remove(frame.ref)
         self.state.commit()
+        if item.control:
+            return True  # a protocol message to someone gone: nobody to tell
         waiter = self._ack_waiters.pop(frame.ref, None)
         awaited = False
         if waiter is not None and not waiter.done():
@@ -781,6 +855,13 @@ class Client:
             )
         elif isinstance(frame, f.BlobSlot | f.BlobUrls | f.BlobState | f.BlobUrl):
             self._resolve_request(frame.ref, frame)
+        elif isinstance(frame, f.KeysState):
+            self._resolve_request(frame.ref, KeyCounts(frame.ec, frame.kem, frame.has_identity))
+        elif isinstance(frame, f.KeysBundle):
+            self._resolve_request(frame.ref, bundle_of(frame))
+        elif isinstance(frame, f.KeysLow):
+            self._emit(KeysLow(frame.ec, frame.kem))
+            self.crypto.keys_low()
         elif isinstance(frame, f.Error):
             if self._on_send_error(frame):
                 return
@@ -800,8 +881,10 @@ class Client:
     ) -> None:
         if sender == self.user:
             # Sent by this account from another state (a gap fill brings it):
-            # it belongs in the local history, and the user has seen it.
-            self.state.store_message(conv, seq, message_id, sender, ct, body, ts, consumed=True)
+            # it belongs in the local history, and the user has seen it; an
+            # encrypted one was sealed for the others and cannot be read here.
+            if ct != E2EE_CT:
+                self.state.store_message(conv, seq, message_id, sender, ct, body, ts, consumed=True)
             self._accept(conv, seq, None)
             return
         item: Message | Membership
@@ -826,13 +909,24 @@ class Client:
             return
         for _seq, item in released:
             if isinstance(item, Message):
-                self.state.store_message(conv, item.seq, item.id, item.sender, item.ct, item.body, item.ts)
-                self._wake_unconsumed_waiters()
+                # Decrypted in seq order, the session or sender-key state
+                # written in this transaction with the message and the cursor.
+                self._show(self.crypto.open(item) if item.ct == E2EE_CT else [item])
+                continue
+            if isinstance(item, Membership):
+                self.crypto.on_membership(item)
             if item is not None:
                 self._emit(item)
         self.state.save_have(conv, self._orders[conv].have)
         self._dack_due.add(conv)
         self._schedule_dacks()
+
+    def _show(self, messages: list[Message]) -> None:
+        """Store received messages (in the open transaction), then emit them."""
+        for m in messages:
+            self.state.store_message(m.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts, encrypted=m.encrypted)
+            self._wake_unconsumed_waiters()
+            self._emit(m)
 
     def _schedule_dacks(self) -> None:
         if not self._dack_scheduled:
@@ -874,11 +968,20 @@ class Client:
             return
         self._resolve_request(
             frame.ref,
-            (
-                [Message(frame.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts) for m in frame.messages],
-                frame.last_seq,
-            ),
+            ([self._readable(frame.conv, m) for m in frame.messages], frame.last_seq),
         )
+
+    def _readable(self, conv: str, m: f.HistoryMessage) -> Message:
+        """A history page's message as this device can show it: a ciphertext
+        can be decrypted only once, so it is the local copy (or, if this device
+        never had it, an empty body under the encrypted content type)."""
+        if m.ct != E2EE_CT:
+            return Message(conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts)
+        local = self.state.stored_message(conv, m.seq)
+        if local is not None:
+            mid, sender, ct, body, ts = local
+            return Message(conv, m.seq, mid, sender, ct, body, ts, encrypted=True)
+        return Message(conv, m.seq, m.id, m.sender, E2EE_CT, b"", m.ts, encrypted=True)
 
     def _on_receipt(self, frame: f.Receipt) -> None:
         view = self._receipts.setdefault(frame.conv, _ReceiptView())
@@ -988,19 +1091,27 @@ class Client:
         kind: str,
         progress: Callable[[int, int], None] | None = None,
         resume: str | None = None,
+        on_slot: Callable[[str], None] | None = None,
     ) -> str:
         """Upload ``source``'s bytes as they are (the caller encrypted them) in
         parts; with ``resume``, finish that blob's upload (only the parts the
         store lacks are sent). Returns the blob id, complete.
-        ``progress(bytes_done, total)`` is called as parts finish."""
+        ``progress(bytes_done, total)`` is called as parts finish;
+        ``on_slot(blob)`` once a new upload has its id, before any byte is
+        sent (record it to resume after a crash)."""
         from roost.client.blobs import upload_blob
 
-        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume)
+        return await upload_blob(self, source, kind=kind, progress=progress, resume=resume, on_slot=on_slot)
 
     async def download_blob(
         self, blob: str, dest: Path, *, progress: Callable[[int, int], None] | None = None
     ) -> None:
-        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range)."""
+        """Download a complete blob to ``dest``, resuming what ``dest`` already holds (Range).
+
+        ``dest`` must hold nothing but a prefix of this very blob (name it after
+        the blob id): its bytes are trusted as they are, and a file already of
+        the blob's size counts as done. The caller's digest check is what proves
+        the whole file right."""
         from roost.client.blobs import download_blob
 
         await download_blob(self, blob, dest, progress=progress)
@@ -1023,6 +1134,30 @@ class Client:
 
     async def group_info(self, group: str) -> GroupInfo:
         return await self._group_request(f.GroupInfo(group=group))
+
+    # -- the key directory (transport only: roost.e2ee makes the keys) ----------
+
+    async def put_keys(self, upload: KeyUpload) -> KeyCounts:
+        """Publish this device's keys (more than 100 one-time keys of a kind
+        go out as several frames, in order). Raises ``RoostError`` with the
+        server's code (bad_key, bad_signature, too_many_keys,
+        duplicate_key_id, invalid, rate_limited): a refused frame changed
+        nothing, the frames before it stay stored."""
+        counts: KeyCounts | None = None
+        for frame in upload_frames(upload):
+            counts = await self._request(frame)
+        assert counts is not None
+        return counts
+
+    async def key_counts(self) -> KeyCounts:
+        counts: KeyCounts = await self._request(f.KeysCount())
+        return counts
+
+    async def fetch_bundle(self, user: str) -> PreKeyBundle:
+        """``user``'s prekey bundle; hands out one of its one-time keys of each
+        kind. Raises ``RoostError`` (no_keys, unknown_user, rate_limited)."""
+        bundle: PreKeyBundle = await self._request(f.KeysGet(user=user))
+        return bundle
 
     async def history(
         self, conv: str, *, before: int | None = None, after: int | None = None, limit: int = 50
@@ -1131,12 +1266,33 @@ class Client:
             if not fut.done():
                 fut.set_result(None)
 
+    # -- end-to-end encryption: the user's view of a contact's key ---------------
+
+    async def safety_number(self, user: str) -> SafetyNumber:
+        """Signal's 60-digit safety number with ``user`` (the same on both
+        sides when no one is in between), and whether the user verified it.
+        Fetches their keys (starting a session) if this device never saw them;
+        raises ``RoostError`` (``no_keys``, ``unknown_user``) if it cannot."""
+        if self.state.identity(user) is None:
+            await self.crypto.ensure_session(user)
+        number = self.crypto.safety_number(user)
+        seen = self.state.identity(user)
+        assert number is not None and seen is not None
+        return SafetyNumber(user, number, verified=seen[1], changed=seen[2])
+
+    def mark_verified(self, user: str, verified: bool = True) -> None:
+        """The user compared safety numbers with ``user`` (or withdraws that):
+        kept in the state until their identity key changes."""
+        if self.state.identity(user) is None:
+            raise InvalidArgument(f"no key seen for {user} yet")
+        self.state.set_identity_verified(user, verified)
+
     def local_history(self, conv: str, limit: int = 50, before: int | None = None) -> list[Message]:
         """Stored messages of ``conv``, oldest first: the newest ``limit``, or
         the ``limit`` just older than seq ``before`` (paging back)."""
         return [
-            Message(conv, seq, mid, sender, ct, body, ts)
-            for seq, mid, sender, ct, body, ts in self.state.local_history(conv, limit, before)
+            Message(conv, seq, mid, sender, ct, body, ts, encrypted)
+            for seq, mid, sender, ct, body, ts, encrypted in self.state.local_history(conv, limit, before)
         ]
 
     def search_local(self, text: str, limit: int = 50) -> list[Message]:

@@ -15,10 +15,49 @@ class Message:
     ct: str
     body: bytes
     ts: int  # server time (ms); for display only, order is by seq
+    # True: it came end-to-end encrypted and was decrypted on this device
+    # (``ct``/``body`` are the sender's own); False: the server saw it as is.
+    encrypted: bool = False
 
     @property
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True, frozen=True)
+class IdentityChanged:
+    """``user``'s identity key is not the one seen before (they reinstalled,
+    or someone is in the middle): the safety number changed and any
+    verification is void. The application must show it; messages keep
+    flowing with the new key, as Signal does."""
+
+    user: str
+    old_identity: bytes
+    new_identity: bytes
+    was_verified: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Pending:
+    """One of this client's messages waits in the outbox for a reason other
+    than the connection (the recipient has no keys yet): it goes out by itself."""
+
+    message_id: str
+    to: str | None
+    conv: str | None
+    reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class DecryptionFailed:
+    """A received ciphertext could not be decrypted; a retry request went to
+    its sender, whose answer, if it comes, is shown as the message itself."""
+
+    conv: str
+    seq: int
+    message_id: str
+    sender: str
+    reason: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +159,15 @@ class TypingEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class KeysLow:
+    """The server holds few (or none) of this device's one-time keys: upload more
+    (``Client.put_keys``). ``ec``/``kem``: how many of each kind are left."""
+
+    ec: int
+    kem: int
+
+
+@dataclass(slots=True, frozen=True)
 class Connected:
     user: str
 
@@ -147,7 +195,11 @@ Event = (
     | ReceiptEvent
     | PresenceEvent
     | TypingEvent
+    | KeysLow
     | Connected
     | Disconnected
     | ErrorEvent
+    | IdentityChanged
+    | Pending
+    | DecryptionFailed
 )

@@ -14,7 +14,8 @@ The protocol is one request per connection, JSON objects one per line:
 * ``{"op": "send", "id", "to" | "group", "text", "wait": "sent"|"delivered"|"read", "timeout"}``
   -> ``{"ok": true, "message_id", "conversation", "seq", "ts", "status"}``;
   ``status`` is ``queued`` (``conversation``/``seq``/``ts`` null) when the
-  server did not store it within ``timeout``: it stays in the running client's
+  server did not store it within ``timeout``, or (with ``reason``) when it
+  waits for the recipient's encryption keys: it stays in the running client's
   outbox. The requester picks the message id, so retrying a send is safe;
 * ``{"op": "listen", "max", "wait", "read"}`` -> ``{"ok": true, "messages": [...]}``
   with up to ``max`` received messages not yet shown to the user (fewer if
@@ -25,6 +26,8 @@ The protocol is one request per connection, JSON objects one per line:
   first they stay unconsumed;
 * ``{"op": "group", "action": "create"|"add"|"remove"|"leave"|"info", "group", "name", "members"}``
   -> ``{"ok": true, "group": {"group", "name", "members", "admins", "last_seq"}}``;
+* ``{"op": "safety", "with", "verify"}`` -> ``{"ok": true, "user", "safety_number", "verified", "changed"}``
+  (``verify``: mark the contact verified first);
 * an error is ``{"ok": false, "code", "message"}``; ``owner_closed`` means the
   running client stopped during the request (the requester may open the state
   itself now).
@@ -51,11 +54,32 @@ from typing import TYPE_CHECKING, Any
 from roost.client.events import Message
 
 if TYPE_CHECKING:
-    from roost.client.client import Client, GroupInfo
+    from roost.client.client import Client, GroupInfo, SafetyNumber, SendResult
 
 
 # Seconds a requester has to send its request line once connected.
 REQUEST_WAIT = 10.0
+
+
+async def sent_or_pending(
+    acked: Awaitable[SendResult], pending: Awaitable[str], timeout: float | None
+) -> SendResult | str:
+    """The ✓ (``acked``, from ``wait_sent``) or the reason the message is
+    pending (``pending``, from ``wait_pending``: the recipient has no keys yet),
+    whichever comes first; ``TimeoutError`` if neither comes in time."""
+    ack = asyncio.ensure_future(acked)
+    why = asyncio.ensure_future(pending)
+    try:
+        done, _ = await asyncio.wait({ack, why}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in (ack, why):
+            if not fut.done():
+                fut.cancel()
+    if ack in done:
+        return ack.result()
+    if why in done:
+        return why.result()
+    raise TimeoutError
 
 
 def owner_only_socket(path: str | os.PathLike[str]) -> socket.socket:
@@ -112,6 +136,15 @@ def message_json(m: Message) -> dict[str, Any]:
     if not m.ct.startswith("text/"):
         out["body_b64"] = base64.b64encode(m.body).decode()
     return out
+
+
+def safety_json(number: SafetyNumber) -> dict[str, Any]:
+    return {
+        "user": number.user,
+        "safety_number": number.groups,
+        "verified": number.verified,
+        "changed": number.changed,
+    }
 
 
 def group_json(info: GroupInfo) -> dict[str, Any]:
@@ -230,8 +263,18 @@ class LocalEndpoint:
         elif op == "group":
             info = await self._group(request)
             await _write(writer, {"ok": True, "group": group_json(info)})
+        elif op == "safety":
+            await _write(writer, await self._safety(request))
         else:
             raise ValueError(f"unknown op {op!r}")
+
+    async def _safety(self, request: dict[str, Any]) -> dict[str, Any]:
+        user = _text(request, "with")
+        if request.get("verify"):
+            await self.client.safety_number(user)  # the key must be known first
+            self.client.mark_verified(user)
+        number = await self.client.safety_number(user)
+        return {"ok": True, **safety_json(number)}
 
     async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         client = self.client
@@ -250,11 +293,15 @@ class LocalEndpoint:
             announce=True,
         )
         acked = client.wait_sent(message_id)
+        pending = client.wait_pending(message_id)
         out: dict[str, Any] = {"ok": True, "message_id": message_id}
         try:
-            result = await asyncio.wait_for(acked, timeout)
+            result = await sent_or_pending(acked, pending, timeout)
         except TimeoutError:
             out.update(conversation=None, seq=None, ts=None, status="queued")
+            return out
+        if isinstance(result, str):  # waits for the recipient's keys: goes out by itself
+            out.update(conversation=None, seq=None, ts=None, status="queued", reason=result)
             return out
         out.update(conversation=result.conv, seq=result.seq, ts=result.ts, status="sent")
         if wait in ("delivered", "read"):

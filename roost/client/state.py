@@ -18,6 +18,7 @@ stored consumed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -69,6 +70,67 @@ CREATE TABLE IF NOT EXISTS chat_groups (
     name TEXT NOT NULL
 );
 """
+# End-to-end encryption (roost.client.crypto). Private keys, sessions and
+# sender keys live here and nowhere else: the file is created 0600.
+E2EE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS e2ee_local (
+    k INTEGER PRIMARY KEY CHECK (k = 1),
+    keys BLOB NOT NULL                     -- LocalKeys.to_bytes()
+);
+CREATE TABLE IF NOT EXISTS e2ee_sessions (
+    user TEXT NOT NULL,
+    device INTEGER NOT NULL,
+    session BLOB NOT NULL,                 -- msgpack list of Session.to_bytes(): current first
+    PRIMARY KEY (user, device)
+);
+-- Peers' identity keys as first seen (trust on first use), for key-change
+-- warnings; verified: the user compared safety numbers; changed: a new key
+-- replaced the one seen before (cleared when the user verifies the new one).
+CREATE TABLE IF NOT EXISTS e2ee_identities (
+    user TEXT PRIMARY KEY,
+    identity BLOB NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER NOT NULL
+);
+-- This device's sending sender key per group, and who was given it.
+CREATE TABLE IF NOT EXISTS e2ee_own_sender_keys (
+    conv TEXT PRIMARY KEY,
+    record BLOB NOT NULL,
+    skdm BLOB NOT NULL,
+    members TEXT NOT NULL                  -- JSON list: members sent the distribution message
+);
+-- Other members' sender keys, per distribution id (an old one still opens
+-- messages sent before the sender rotated).
+CREATE TABLE IF NOT EXISTS e2ee_sender_keys (
+    conv TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    dist TEXT NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (conv, sender, dist)
+);
+-- Received ciphertexts not decrypted (yet): a group message before its
+-- sender key, or one that failed (a retry request went to the sender).
+CREATE TABLE IF NOT EXISTS e2ee_held (
+    conv TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    body BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    reason TEXT NOT NULL,                  -- no_sender_key | failed | behind | gave_up
+    retried INTEGER NOT NULL DEFAULT 0,    -- when (ms) a retry request was queued; 0 never
+    PRIMARY KEY (conv, seq)
+);
+"""
+# Outbox columns added for encryption (migrated onto older state files).
+OUTBOX_E2EE_COLUMNS = {
+    "wire_ct": "TEXT",  # what goes on the wire once encrypted (NULL while waiting)
+    "wire_body": "BLOB",
+    "pending": "TEXT",  # why it waits (no keys yet, ...), NULL otherwise
+    "control": "INTEGER NOT NULL DEFAULT 0",  # 1: protocol message, never shown or kept in history
+}
+
 # After the migration below, so an old state file has the column first.
 INDEXES = "CREATE INDEX IF NOT EXISTS messages_unconsumed ON messages (conv, seq) WHERE consumed = 0;"
 
@@ -77,12 +139,25 @@ CHAT_CURRENT_KEY = "chat_current"  # meta: the chat `roost chat` had open
 
 @dataclass(slots=True, frozen=True)
 class OutboxItem:
+    """A message to send. ``ct``/``body`` are the plaintext (the local copy);
+    ``wire_ct``/``wire_body`` what the server gets, set once when it is
+    encrypted, so a resend sends the same bytes; None while it waits
+    (``pending`` says why)."""
+
     id: str
     to: str | None
     conv: str | None
     ct: str
     body: bytes
     created: int
+    wire_ct: str | None = None
+    wire_body: bytes | None = None
+    pending: str | None = None
+    control: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.wire_body is not None
 
 
 @dataclass(slots=True, frozen=True)
@@ -132,6 +207,13 @@ def _lock(path: str) -> int | None:
     return fd
 
 
+def _private(path: str) -> None:
+    """The state holds the device's private keys: owner-only, created so."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
 class ClientState:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
@@ -139,18 +221,25 @@ class ClientState:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock(self.path)
+            _private(self.path)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # A process crash loses nothing with WAL at NORMAL; only power loss
         # could drop the last commits, which a phone-side client accepts.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(SCHEMA + E2EE_SCHEMA)
         self._migrate()
         self.db.executescript(INDEXES)
         self._in_tx = False
+        if self.path != ":memory:":
+            for suffix in ("-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.chmod(self.path + suffix, 0o600)
 
     def _migrate(self) -> None:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "encrypted" not in columns:
+            self.db.execute("ALTER TABLE messages ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0")
         if "consumed" not in columns:
             # Messages of an older state were all shown already (or lost to
             # the old behaviour); they count as consumed.
@@ -159,6 +248,10 @@ class ClientState:
         # shown per chat); unread is now what is unconsumed, which the chat
         # marks as it shows a message, so the table says nothing more.
         self.db.execute("DROP TABLE IF EXISTS chat_seen")
+        outbox_columns = {row[1] for row in self.db.execute("PRAGMA table_info(outbox)")}
+        for name, decl in OUTBOX_E2EE_COLUMNS.items():
+            if name not in outbox_columns:
+                self.db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.commit()
@@ -184,23 +277,216 @@ class ClientState:
 
     # outbox ----------------------------------------------------------------
 
-    def outbox_add(self, item: OutboxItem) -> None:
+    def outbox_add(self, item: OutboxItem, *, commit: bool = True) -> None:
+        """Queue ``item``; ``commit=False`` leaves it in the open transaction
+        (with the session state that encrypted it, say)."""
         self._begin()
         self.db.execute(
-            "INSERT OR IGNORE INTO outbox (id, to_user, conv, ct, body, created) VALUES (?,?,?,?,?,?)",
-            (item.id, item.to, item.conv, item.ct, item.body, item.created),
+            "INSERT OR IGNORE INTO outbox (id, to_user, conv, ct, body, created, wire_ct, wire_body,"
+            " pending, control) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                item.id,
+                item.to,
+                item.conv,
+                item.ct,
+                item.body,
+                item.created,
+                item.wire_ct,
+                item.wire_body,
+                item.pending,
+                int(item.control),
+            ),
         )
+        if commit:
+            self.commit()
+
+    def outbox_set_wire(self, message_id: str, wire_ct: str, wire_body: bytes) -> None:
+        """The item's ciphertext, in the open transaction (committed with the
+        session or sender-key state that produced it)."""
+        self._begin()
+        self.db.execute(
+            "UPDATE outbox SET wire_ct=?, wire_body=?, pending=NULL WHERE id=?",
+            (wire_ct, wire_body, message_id),
+        )
+
+    def outbox_set_pending(self, message_id: str, reason: str | None) -> None:
+        self._begin()
+        self.db.execute("UPDATE outbox SET pending=? WHERE id=?", (reason, message_id))
         self.commit()
 
     def outbox(self) -> list[OutboxItem]:
         rows = self.db.execute(
-            "SELECT id, to_user, conv, ct, body, created FROM outbox ORDER BY n"
+            "SELECT id, to_user, conv, ct, body, created, wire_ct, wire_body, pending, control"
+            " FROM outbox ORDER BY n"
         ).fetchall()
-        return [OutboxItem(i, t, c, ct, bytes(b), cr) for i, t, c, ct, b, cr in rows]
+        return [
+            OutboxItem(i, t, c, ct, bytes(b), cr, wct, None if wb is None else bytes(wb), p, bool(ctl))
+            for i, t, c, ct, b, cr, wct, wb, p, ctl in rows
+        ]
 
     def outbox_remove(self, message_id: str) -> None:
         self._begin()
         self.db.execute("DELETE FROM outbox WHERE id=?", (message_id,))
+
+    # end-to-end encryption: every write joins the open transaction; the
+    # caller commits it together with the message it concerns.
+
+    def e2ee_local_keys(self) -> bytes | None:
+        row = self.db.execute("SELECT keys FROM e2ee_local WHERE k=1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_e2ee_local_keys(self, keys: bytes) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO e2ee_local (k, keys) VALUES (1, ?) ON CONFLICT (k) DO UPDATE SET keys=excluded.keys",
+            (keys,),
+        )
+
+    def session(self, user: str, device: int) -> bytes | None:
+        row = self.db.execute(
+            "SELECT session FROM e2ee_sessions WHERE user=? AND device=?", (user, device)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_session(self, user: str, device: int, session: bytes) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO e2ee_sessions (user, device, session) VALUES (?,?,?)"
+            " ON CONFLICT (user, device) DO UPDATE SET session=excluded.session",
+            (user, device, session),
+        )
+
+    def drop_sessions(self, user: str) -> None:
+        self._begin()
+        self.db.execute("DELETE FROM e2ee_sessions WHERE user=?", (user,))
+
+    def identity(self, user: str) -> tuple[bytes, bool, bool] | None:
+        """(identity key, verified, changed) as last seen for ``user``."""
+        row = self.db.execute(
+            "SELECT identity, verified, changed FROM e2ee_identities WHERE user=?", (user,)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), bool(row[1]), bool(row[2]))
+
+    def save_identity(self, user: str, identity: bytes, *, changed: bool, now: int) -> None:
+        """A (new) identity key for ``user``: not verified any more."""
+        self._begin()
+        self.db.execute(
+            "INSERT INTO e2ee_identities (user, identity, verified, changed, seen) VALUES (?,?,0,?,?)"
+            " ON CONFLICT (user) DO UPDATE SET identity=excluded.identity, verified=0,"
+            " changed=excluded.changed, seen=excluded.seen",
+            (user, identity, int(changed), now),
+        )
+
+    def set_identity_verified(self, user: str, verified: bool) -> None:
+        self._begin()
+        self.db.execute(
+            "UPDATE e2ee_identities SET verified=?, changed=0 WHERE user=?", (int(verified), user)
+        )
+        self.commit()
+
+    def own_sender_key(self, conv: str) -> tuple[bytes, bytes, list[str]] | None:
+        row = self.db.execute(
+            "SELECT record, skdm, members FROM e2ee_own_sender_keys WHERE conv=?", (conv,)
+        ).fetchone()
+        if row is None:
+            return None
+        return bytes(row[0]), bytes(row[1]), list(json.loads(row[2]))
+
+    def save_own_sender_key(self, conv: str, record: bytes, skdm: bytes, members: list[str]) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO e2ee_own_sender_keys (conv, record, skdm, members) VALUES (?,?,?,?)"
+            " ON CONFLICT (conv) DO UPDATE SET record=excluded.record, skdm=excluded.skdm,"
+            " members=excluded.members",
+            (conv, record, skdm, json.dumps(sorted(members))),
+        )
+
+    def drop_own_sender_key(self, conv: str) -> None:
+        self._begin()
+        self.db.execute("DELETE FROM e2ee_own_sender_keys WHERE conv=?", (conv,))
+
+    def sender_key(self, conv: str, sender: str, dist: str) -> bytes | None:
+        row = self.db.execute(
+            "SELECT record FROM e2ee_sender_keys WHERE conv=? AND sender=? AND dist=?", (conv, sender, dist)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_sender_key(self, conv: str, sender: str, dist: str, record: bytes) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT INTO e2ee_sender_keys (conv, sender, dist, record) VALUES (?,?,?,?)"
+            " ON CONFLICT (conv, sender, dist) DO UPDATE SET record=excluded.record",
+            (conv, sender, dist, record),
+        )
+
+    def hold(
+        self, conv: str, seq: int, message_id: str, sender: str, body: bytes, ts: int, reason: str
+    ) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT OR IGNORE INTO e2ee_held (conv, seq, id, sender, body, ts, reason)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (conv, seq, message_id, sender, body, ts, reason),
+        )
+
+    def held(
+        self, conv: str | None = None, sender: str | None = None
+    ) -> list[tuple[str, int, str, str, bytes, int, str, int]]:
+        """Held ciphertexts ``(conv, seq, id, sender, body, ts, reason, retried)`` in seq order."""
+        where, params = "1=1", []
+        if conv is not None:
+            where += " AND conv=?"
+            params.append(conv)
+        if sender is not None:
+            where += " AND sender=?"
+            params.append(sender)
+        rows = self.db.execute(
+            f"SELECT conv, seq, id, sender, body, ts, reason, retried FROM e2ee_held WHERE {where}"
+            " ORDER BY conv, seq",
+            params,
+        ).fetchall()
+        return [(c, s, i, snd, bytes(b), ts, r, rt) for c, s, i, snd, b, ts, r, rt in rows]
+
+    def held_by_id(self, conv: str, message_id: str, sender: str) -> tuple[int, int, str] | None:
+        """(seq, ts, reason) of the held message ``message_id`` from ``sender`` in ``conv``."""
+        row = self.db.execute(
+            "SELECT seq, ts, reason FROM e2ee_held WHERE conv=? AND id=? AND sender=?",
+            (conv, message_id, sender),
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), str(row[2]))
+
+    def held_blocking(self, conv: str) -> bool:
+        """True while a message of ``conv`` waits to be readable (its later ones wait behind it)."""
+        row = self.db.execute(
+            "SELECT 1 FROM e2ee_held WHERE conv=? AND reason IN ('no_sender_key', 'failed') LIMIT 1", (conv,)
+        ).fetchone()
+        return row is not None
+
+    def set_held_reason(self, conv: str, seq: int, reason: str) -> None:
+        self._begin()
+        self.db.execute("UPDATE e2ee_held SET reason=? WHERE conv=? AND seq=?", (reason, conv, seq))
+
+    def mark_held_retried(self, conv: str, seq: int, now: int) -> None:
+        self._begin()
+        self.db.execute("UPDATE e2ee_held SET retried=? WHERE conv=? AND seq=?", (now, conv, seq))
+
+    def unhold(self, conv: str, seq: int) -> None:
+        self._begin()
+        self.db.execute("DELETE FROM e2ee_held WHERE conv=? AND seq=?", (conv, seq))
+
+    def sent_copy(self, conv: str, message_id: str, sender: str) -> tuple[str, bytes] | None:
+        """(ct, body) of our own message ``message_id``, as stored at its ✓."""
+        row = self.db.execute(
+            "SELECT ct, body FROM messages WHERE conv=? AND id=? AND sender=?", (conv, message_id, sender)
+        ).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def stored_message(self, conv: str, seq: int) -> tuple[str, str, str, bytes, int] | None:
+        """(id, sender, ct, body, ts) of the local copy of ``(conv, seq)``."""
+        row = self.db.execute(
+            "SELECT id, sender, ct, body, ts FROM messages WHERE conv=? AND seq=?", (conv, seq)
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]), bytes(row[3]), int(row[4]))
 
     # conversations -----------------------------------------------------------
 
@@ -226,13 +512,15 @@ class ClientState:
         ts: int,
         *,
         consumed: bool = False,
+        encrypted: bool = False,
     ) -> None:
-        """Store a message once; a received one (``consumed=False``) waits to be shown."""
+        """Store a message once; a received one (``consumed=False``) waits to be shown.
+        ``encrypted``: it crossed the server end-to-end encrypted."""
         self._begin()
         self.db.execute(
-            "INSERT OR IGNORE INTO messages (conv, seq, id, sender, ct, body, ts, consumed)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            (conv, seq, message_id, sender, ct, body, ts, int(consumed)),
+            "INSERT OR IGNORE INTO messages (conv, seq, id, sender, ct, body, ts, consumed, encrypted)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
+            (conv, seq, message_id, sender, ct, body, ts, int(consumed), int(encrypted)),
         )
 
     def receipts(self) -> dict[str, tuple[int, int]]:
@@ -262,35 +550,38 @@ class ClientState:
 
     def local_history(
         self, conv: str, limit: int = 50, before: int | None = None
-    ) -> list[tuple[int, str, str, str, bytes, int]]:
+    ) -> list[tuple[int, str, str, str, bytes, int, bool]]:
         """The newest ``limit`` stored messages of ``conv`` (older than seq
         ``before`` if given), oldest first: a page to show, paged back by
         passing the oldest seq of the previous page."""
         rows = self.db.execute(
-            "SELECT seq, id, sender, ct, body, ts FROM messages WHERE conv=? AND seq < ?"
+            "SELECT seq, id, sender, ct, body, ts, encrypted FROM messages WHERE conv=? AND seq < ?"
             " ORDER BY seq DESC LIMIT ?",
             (conv, before if before is not None else 2**62, limit),
         ).fetchall()
         rows.reverse()
-        return [(s, i, snd, ct, bytes(b), ts) for s, i, snd, ct, b, ts in rows]
+        return [(s, i, snd, ct, bytes(b), ts, bool(e)) for s, i, snd, ct, b, ts, e in rows]
 
     # shown to the user ----------------------------------------------------------
 
     def unconsumed(
         self, conv: str | None = None, limit: int | None = None
-    ) -> list[tuple[str, int, str, str, str, bytes, int]]:
+    ) -> list[tuple[str, int, str, str, str, bytes, int, bool]]:
         """Received messages not yet shown to the user, oldest first (in
         arrival order; within a conversation that is seq order).
 
-        Rows are ``(conv, seq, id, sender, ct, body, ts)``; ``conv`` limits it
+        Rows are ``(conv, seq, id, sender, ct, body, ts, encrypted)``; ``conv`` limits it
         to one conversation. ``len(unconsumed(conv))`` is that chat's unread count.
         """
         where, params = ("consumed = 0", ()) if conv is None else ("consumed = 0 AND conv = ?", (conv,))
-        sql = f"SELECT conv, seq, id, sender, ct, body, ts FROM messages WHERE {where} ORDER BY rowid"
+        sql = (
+            "SELECT conv, seq, id, sender, ct, body, ts, encrypted FROM messages"
+            f" WHERE {where} ORDER BY rowid"
+        )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         rows = self.db.execute(sql, params).fetchall()
-        return [(c, s, i, snd, ct, bytes(b), ts) for c, s, i, snd, ct, b, ts in rows]
+        return [(c, s, i, snd, ct, bytes(b), ts, bool(e)) for c, s, i, snd, ct, b, ts, e in rows]
 
     def unconsumed_counts(self) -> dict[str, int]:
         """conv -> how many received messages in it were not shown yet (unread)."""

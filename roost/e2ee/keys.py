@@ -122,8 +122,20 @@ def sign(private: bytes, message: bytes) -> bytes:
     return sign_with_scalar(signing_scalar(private), message)
 
 
-def verify(public: bytes, message: bytes, signature: bytes) -> bool:
-    """Verify an XEdDSA signature by a serialised EC public key (33 bytes)."""
+def edwards_publics(public: bytes) -> tuple[bytes, bytes]:
+    """The Edwards forms (sign bit 0, sign bit 1) of a serialised EC public key, for verify()."""
+    try:
+        even = bytes(xeddsa.curve25519_pub_to_ed25519_pub(public[1:], False))
+        odd = bytes(xeddsa.curve25519_pub_to_ed25519_pub(public[1:], True))
+    except xeddsa.XEdDSAException as exc:
+        raise DecryptError("invalid signing key") from exc
+    return even, odd
+
+
+def verify(
+    public: bytes, message: bytes, signature: bytes, edwards: tuple[bytes, bytes] | None = None
+) -> bool:
+    """Verify an XEdDSA signature by a serialised EC public key (33 bytes); `edwards`: edwards_publics()."""
     if len(public) != EC_PUBLIC_LEN or public[0] != EC_TYPE or len(signature) != SIGNATURE_LEN:
         return False
     # libsignal stores the Edwards sign bit in the signature's top bit; the
@@ -135,7 +147,10 @@ def verify(public: bytes, message: bytes, signature: bytes) -> bool:
     if s_and_r[63] & 0xE0:  # s must be reduced: same check as libsignal
         return False
     try:
-        ed_public = xeddsa.curve25519_pub_to_ed25519_pub(public[1:], sign_bit)
+        if edwards is None:
+            ed_public = xeddsa.curve25519_pub_to_ed25519_pub(public[1:], sign_bit)
+        else:
+            ed_public = edwards[sign_bit]
         return bool(xeddsa.ed25519_verify(bytes(s_and_r), ed_public, message))
     except xeddsa.XEdDSAException:
         return False

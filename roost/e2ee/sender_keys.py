@@ -20,6 +20,7 @@ from roost.e2ee import protobuf
 from roost.e2ee.errors import DecryptError, DuplicateMessage, E2eeError, InvalidSignature
 from roost.e2ee.keys import (
     SIGNATURE_LEN,
+    edwards_publics,
     generate_private,
     public_raw,
     serialize_ec,
@@ -71,6 +72,7 @@ class _State(msgspec.Struct, array_like=True):
     iteration: int  # of chain_key: the next message's iteration
     chain_key: bytes
     signing_public: bytes  # 33
+    signing_edwards: tuple[bytes, bytes]  # its Edwards forms: saves a conversion per verified message
     signing_scalar: bytes | None  # only in the sender's own record: XEdDSA's signing scalar of the key
     skipped: list[tuple[int, bytes]]  # (iteration, seed), oldest first
 
@@ -140,6 +142,7 @@ class SenderKeyRecord:
             iteration=0,
             chain_key=os.urandom(32),
             signing_public=serialize_ec(public_raw(signing_private)),
+            signing_edwards=edwards_publics(serialize_ec(public_raw(signing_private))),
             signing_scalar=signing_scalar(signing_private),
             skipped=[],
         )
@@ -164,6 +167,7 @@ class SenderKeyRecord:
             _uint(fields.get(3)),
             chain_key,
             signing,
+            edwards_publics(signing),
             None,
             [],
         )
@@ -218,7 +222,9 @@ class SenderKeyRecord:
         parsed = parse_message(message)
         if parsed.distribution_id.bytes != state.distribution_id or parsed.chain_id != state.chain_id:
             raise DecryptError("no sender key for this distribution id and chain id")
-        if not verify(state.signing_public, message[:-SIGNATURE_LEN], message[-SIGNATURE_LEN:]):
+        if not verify(
+            state.signing_public, message[:-SIGNATURE_LEN], message[-SIGNATURE_LEN:], state.signing_edwards
+        ):
             raise InvalidSignature("sender key message signature does not verify")
         if parsed.iteration < state.iteration:
             return self._decrypt_skipped(parsed)

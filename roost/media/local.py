@@ -94,6 +94,8 @@ class LocalBlobStore:
         self.public_url = public_url.rstrip("/")
         self.clock = clock
         self.downloads: Counter[str] = Counter()  # blob -> downloads running now
+        self._completing: dict[str, asyncio.Lock] = {}  # one join per blob at a time
+        self._completers: Counter[str] = Counter()  # blob -> blob_complete calls under way
 
     async def start(self) -> None:
         if isinstance(self._key_source, Path):
@@ -148,11 +150,20 @@ class LocalBlobStore:
         return found
 
     async def complete(self, rec: BlobRecord, parts: list[tuple[int, str]]) -> None:
-        if self.blob_path(rec.blob).exists():
-            return  # completed before (a retried blob_complete)
-        stored = await self.parts_done(rec)
-        check_parts(rec, stored, parts)
-        await asyncio.to_thread(self._join, rec, stored)
+        lock = self._completing.setdefault(rec.blob, asyncio.Lock())
+        self._completers[rec.blob] += 1
+        try:
+            async with lock:  # a repeated blob_complete waits for the first, then finds the blob
+                if self.blob_path(rec.blob).exists():
+                    return  # completed before (a retried blob_complete)
+                stored = await self.parts_done(rec)
+                check_parts(rec, stored, parts)
+                await asyncio.to_thread(self._join, rec, stored)
+        finally:
+            self._completers[rec.blob] -= 1
+            if self._completers[rec.blob] <= 0:
+                del self._completers[rec.blob]
+                self._completing.pop(rec.blob, None)
 
     def _join(self, rec: BlobRecord, stored: dict[int, StoredPart]) -> None:
         """Concatenate the parts into a temporary file, fsync, rename, drop the parts."""
@@ -314,6 +325,9 @@ class LocalBlobStore:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start + 1
         await response.prepare(request)
+        if request.method == "HEAD":  # headers only (a body would corrupt a kept-alive connection)
+            await response.write_eof()
+            return response
         pos = start
         while pos <= end:
             chunk = os.pread(fd, min(CHUNK, end + 1 - pos), pos)

@@ -119,15 +119,33 @@ class S3BlobStore:
 
     async def complete(self, rec: BlobRecord, parts: list[tuple[int, str]]) -> None:
         stored = await self.parts_done(rec)
+        if not stored and await self._object_size(rec) == rec.size:
+            return  # completed by an earlier request (perhaps on another gateway)
         check_parts(rec, stored, parts)
-        await self._client.complete_multipart_upload(
-            Bucket=self.location.bucket,
-            Key=self._key(rec.blob),
-            UploadId=rec.upload_id,
-            MultipartUpload={
-                "Parts": [{"PartNumber": p, "ETag": f'"{stored[p].etag}"'} for p in range(1, rec.parts + 1)]
-            },
-        )
+        try:
+            await self._client.complete_multipart_upload(
+                Bucket=self.location.bucket,
+                Key=self._key(rec.blob),
+                UploadId=rec.upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": p, "ETag": f'"{stored[p].etag}"'} for p in range(1, rec.parts + 1)
+                    ]
+                },
+            )
+        except ClientError as exc:
+            if _code(exc) == "NoSuchUpload" and await self._object_size(rec) == rec.size:
+                return  # another request completed it meanwhile
+            raise
+
+    async def _object_size(self, rec: BlobRecord) -> int | None:
+        try:
+            head = await self._client.head_object(Bucket=self.location.bucket, Key=self._key(rec.blob))
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return int(head["ContentLength"])
 
     async def get_url(self, rec: BlobRecord, expires: int) -> str:
         url = await self._client.generate_presigned_url(

@@ -18,8 +18,12 @@ from msgspec import Meta
 
 PROTOCOL_VERSION = 1
 
-MAX_BODY_BYTES = 64 * 1024
-MAX_FRAME_BYTES = 128 * 1024  # a 64 KiB body is ~87 KiB as base64, plus envelope
+MAX_BODY_BYTES = 64 * 1024  # what a user may send: the plaintext
+# What a send's body may be on the wire: an end-to-end encrypted 64 KiB
+# message grows by its envelope (a PreKey message carries a 1,568-byte ML-KEM
+# ciphertext, keys, a MAC; a group message a 64-byte signature) and padding.
+MAX_WIRE_BODY_BYTES = MAX_BODY_BYTES + 8 * 1024
+MAX_FRAME_BYTES = 128 * 1024  # a 72 KiB body is ~96 KiB as base64, plus envelope
 MAX_HISTORY_PAGE = 200
 MAX_PRESENCE_USERS = 256
 MAX_GROUP_NAME = 128
@@ -39,7 +43,7 @@ ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
 RequestRef = Annotated[str, Meta(max_length=64)]
 Seq = Annotated[int, Meta(ge=0, le=2**53)]
 ContentType = Annotated[str, Meta(min_length=1, max_length=100)]
-Body = Annotated[bytes, Meta(max_length=MAX_BODY_BYTES)]
+Body = Annotated[bytes, Meta(max_length=MAX_WIRE_BODY_BYTES)]
 GroupName = Annotated[str, Meta(min_length=1, max_length=MAX_GROUP_NAME)]
 MemberList = Annotated[list[UserName], Meta(max_length=4096)]
 KeyId = Annotated[int, Meta(gt=0, lt=2**24)]
@@ -471,7 +475,7 @@ class DeviceKeys(msgspec.Struct):
     keys are gone; ``kem`` is the last-resort key (``kem_last_resort``) once
     its one-time KEM keys are."""
 
-    device: DeviceId
+    device: Annotated[int, Meta(ge=1)]  # not DeviceId: a client must read later devices too
     registration: RegistrationId
     signed: SignedPreKey
     prekey: PreKey | None

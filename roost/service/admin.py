@@ -111,8 +111,8 @@ async def remove_user(store: Store, notifier: Notifier, name: str, now: int) -> 
     running it again): the account is marked removed (its token stops
     working), its connection is closed, it is removed from every group (the
     usual ``removed`` event, actor ``""``: the administrator; receipts the
-    removal completes go out), then its member rows (its inbox) and pending
-    receipts are deleted. Messages it sent stay in the others' histories.
+    removal completes go out), then its member rows (its inbox), pending
+    receipts and published keys are deleted. Messages it sent stay in the others' histories.
     """
     check_name(name)
     await store.set_user_state(name, REMOVED)

@@ -48,6 +48,8 @@ class MediaService:
         self.clock = clock
         self.part_size = max(config.part_size, blobs.min_part_size)
         self._uploads: dict[str, TokenBucket] = {}
+        # blob -> (lock, requests using it): one blob_complete per blob at a time
+        self._completing: dict[str, tuple[asyncio.Lock, int]] = {}
         self._background: set[asyncio.Future[Any]] = set()
 
     def handlers(self) -> dict[type, Callable[[Session, Any], None]]:
@@ -184,14 +186,17 @@ class MediaService:
         self._spawn(session, frame.ref, self._complete(session.user, frame))
 
     async def _complete(self, user: str, frame: f.BlobComplete) -> f.BlobState:
-        rec = await self._own(user, frame.blob, frame.ref)
-        if rec.state == PENDING:
-            try:
-                await self.blobs.complete(rec, [(p, e) for p, e in frame.parts])
-            except ProtocolError as exc:
-                exc.ref = frame.ref
-                raise
-            await self.store.blob_complete(rec.blob, int(self.clock() * 1000))
+        lock, users = self._completing.get(frame.blob) or (asyncio.Lock(), 0)
+        self._completing[frame.blob] = (lock, users + 1)
+        try:
+            async with lock:  # a repeat waits for the first, then finds the blob complete
+                rec = await self._finish(user, frame)
+        finally:
+            lock, users = self._completing[frame.blob]
+            if users > 1:
+                self._completing[frame.blob] = (lock, users - 1)
+            else:
+                del self._completing[frame.blob]
         done = list(range(1, rec.parts + 1))
         return f.BlobState(
             ref=frame.ref,
@@ -201,6 +206,17 @@ class MediaService:
             complete=True,
             part_size=rec.part_size,
         )
+
+    async def _finish(self, user: str, frame: f.BlobComplete) -> BlobRecord:
+        rec = await self._own(user, frame.blob, frame.ref)
+        if rec.state == PENDING:
+            try:
+                await self.blobs.complete(rec, [(p, e) for p, e in frame.parts])
+            except ProtocolError as exc:
+                exc.ref = frame.ref
+                raise
+            await self.store.blob_complete(rec.blob, int(self.clock() * 1000))
+        return rec
 
     # -- blob_get ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roost.client import Client, Disconnected, Membership, Message, ReceiptEvent, Sent
+from roost.client import Client, DecryptionFailed, Disconnected, Membership, Message, ReceiptEvent, Sent
 from roost.client.events import Event
 from roost.verify.history import SYSTEM
 
@@ -87,6 +87,13 @@ class RecordingClient(Client):
             marks = {user: list(mark) for user, mark in event.marks.items()}
             every = [event.all_delivered, event.all_read]
             self.log.write({"k": "receipt", "conv": event.conv, "marks": marks, "all": every, "t": now})
+        elif isinstance(event, DecryptionFailed):
+            # Counted per run next to loss and duplicates (goal: 0); the SDK
+            # asks the sender again, so the message itself is not lost.
+            self.log.write(
+                {"k": "undecryptable", "conv": event.conv, "seq": event.seq, "from": event.sender,
+                 "id": event.message_id, "why": event.reason, "t": now}
+            )  # fmt: skip
         elif isinstance(event, Disconnected):
             self.log.write({"k": "disconnected", "code": event.code, "final": event.final, "t": now})
         super()._emit(event)

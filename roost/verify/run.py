@@ -93,6 +93,8 @@ class VerifyResult:
     converged: bool = True
     stuck: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, int] = field(default_factory=dict)  # calls the storage shim failed, restarts
+    # Received ciphertexts a client could not decrypt (end-to-end encryption; goal 0).
+    decryption_failures: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -116,6 +118,7 @@ class VerifyResult:
             "invariants_broken": _by_invariant(self.report),
             "storage_faults": self.storage,
             "redisplayed_after_crash": self.redisplayed_after_crash,
+            "decryption_failures": self.decryption_failures,
             "not_converged": self.stuck,
         }
 
@@ -259,6 +262,13 @@ def collect(
         for s in history.sent
     ]  # fmt: skip
     return history, redisplayed
+
+
+def count_undecryptable(users: dict[str, UserConfig]) -> int:
+    """Received messages the users' clients could not decrypt (from their logs)."""
+    return sum(
+        1 for user in users.values() for r in read_log(Path(user.log)) if r.get("k") == "undecryptable"
+    )
 
 
 def _add_state(
@@ -484,6 +494,7 @@ async def verify(config: VerifyConfig, keep: bool = False, progress: Progress | 
         converged = await run.heal_and_converge()
         progress.phase("collecting the history")
         history, redisplayed = await run.finish()
+        undecryptable = count_undecryptable(run.users)
     finally:
         progress.close()
         await run.close()
@@ -494,7 +505,7 @@ async def verify(config: VerifyConfig, keep: bool = False, progress: Progress | 
     storage = run.target.storage_report() if isinstance(run.target, EmbeddedTarget) else {}
     return VerifyResult(
         config.mode, report, run.faults, time.monotonic() - started, config.seed,
-        quiet, faulty, redisplayed, converged, run.stuck, storage,
+        quiet, faulty, redisplayed, converged, run.stuck, storage, undecryptable,
     )  # fmt: skip
 
 
@@ -522,6 +533,7 @@ def format_report(result: VerifyResult) -> str:
         line("outside faults", result.latency_quiet_ms),
         line("during faults", result.latency_faulty_ms),
         f"shown again after a client crash (not kept before it): {result.redisplayed_after_crash}",
+        f"decryption failures (end-to-end encryption, goal 0): {result.decryption_failures}",
         *(
             ["storage calls failed: " + ", ".join(f"{k} {v}" for k, v in result.storage.items())]
             if result.storage
@@ -557,6 +569,9 @@ def run_cli(args: Any) -> int:
 def exit_code(result: VerifyResult, nemeses_wanted: bool) -> int:
     r = result.report
     if r.violations:
+        return 1
+    if result.decryption_failures:
+        print(f"{result.decryption_failures} messages could not be decrypted", file=sys.stderr)
         return 1
     if not result.converged:
         print("did not converge: something was still missing when the wait ran out", file=sys.stderr)

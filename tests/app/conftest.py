@@ -179,7 +179,10 @@ def make_app(server: ServerProcess, tokens: Any, tmp_path: Path) -> Iterator[Any
             app.stop()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while sync_playwright() is open it keeps an event
+# loop running in the main thread, and every later asyncio test of the suite
+# then fails with "Cannot run the event loop while another loop is running".
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")

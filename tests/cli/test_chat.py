@@ -51,6 +51,7 @@ from roost.client import (
 )
 from roost.client.state import ChatSummary, ClientState
 from tests.cli_subprocess import run_roost
+from tests.e2e.helpers import publish_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 DM = "d:alice:bob"
@@ -675,6 +676,8 @@ async def test_chat_in_tmux_shows_sent_then_read_tick(tmp_path: Path) -> None:
     alice_token = srv.add_user("alice")
     bob_token = srv.add_user("bob")
     srv.start()
+    # bob has run a client (his keys are on the server): alice's message goes out at once.
+    await publish_keys(srv, {"bob": (bob_token, tmp_path / "bob.sqlite")})
     tmux = Tmux(tmp_path)
     err = tmp_path / "chat.stderr"
     try:
@@ -768,6 +771,7 @@ async def test_ticks_unread_and_open_chat_survive_a_restart(tmp_path: Path) -> N
     srv.data_dir.mkdir()
     tokens = {name: srv.add_user(name) for name in ("alice", "bob", "carol")}
     srv.start()
+    await publish_keys(srv, {n: (tokens[n], tmp_path / f"{n}.sqlite") for n in ("bob", "carol")})
     state = tmp_path / "alice.sqlite"
     try:
         chat = RealChat(srv.url, tokens["alice"], state)
@@ -908,6 +912,7 @@ async def test_chat_in_tmux_list_keys_group_names_bell_and_escaped_text(tmp_path
     srv.data_dir.mkdir()
     tokens = {name: srv.add_user(name) for name in ("alice", "bob", "carol")}
     srv.start()
+    await publish_keys(srv, {n: (tokens[n], tmp_path / f"{n}.sqlite") for n in ("bob", "carol")})
     tmux = Tmux(tmp_path)
     err = tmp_path / "chat.stderr"
 

@@ -309,6 +309,21 @@ async def connect(srv: AnyServer, token: str, state: Path, **kwargs: Any) -> Cli
     return client
 
 
+async def publish_keys(srv: AnyServer, users: dict[str, tuple[str, Path]], timeout: float = 20.0) -> None:
+    """Run each user's client (name -> (token, state file)) once, until its
+    end-to-end keys are on the server: a message to a user who never ran a
+    client waits in the sender's outbox until they do."""
+
+    async def one(token: str, state: Path) -> None:
+        client = await connect(srv, token, state)
+        try:
+            await asyncio.wait_for(client.crypto.published.wait(), timeout)
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(one(token, state) for token, state in users.values()))
+
+
 async def close_all(*clients: Client | RawWS | None) -> None:
     for c in clients:
         if c is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cli_subprocess import REPO, ROOST, run_roost
-from tests.e2e.helpers import add_users, connect
+from tests.e2e.helpers import add_users, connect, publish_keys
 from tests.e2e.server import ServerProcess, free_port
 
 GROUP_ID = re.compile(r"^g:[0-9a-f]{16}$")
@@ -63,6 +63,9 @@ def json_lines(out: str) -> list[dict[str, Any]]:
 def users(server: ServerProcess, tmp_path: Path) -> dict[str, list[str]]:
     """name -> the client flags (url, token, own state file) of alice, bob, carol."""
     tokens = add_users(server, ["alice", "bob", "carol"])
+    # Each has run a client once: their keys are on the server, so a message
+    # to them is encrypted and sent at once (to a user without keys it waits).
+    asyncio.run(publish_keys(server, {n: (t, tmp_path / f"{n}.state") for n, t in tokens.items()}))
     return {n: client_args(server, t, tmp_path / f"{n}.state") for n, t in tokens.items()}
 
 
@@ -76,7 +79,9 @@ def test_user_add_prints_token_as_last_line(server: ServerProcess, tmp_path: Pat
     bob_token = roost(tmp_path, "user", "add", "bob", *store).stdout.strip().splitlines()[-1]
     assert bob_token != alice_token
 
-    # The printed token authenticates against the running server.
+    # The printed token authenticates against the running server (bob has
+    # run a client first: his keys are there, the message is sent at once).
+    asyncio.run(publish_keys(server, {"bob": (bob_token, tmp_path / "b.state")}))
     sent = roost(
         tmp_path, "send", *client_args(server, alice_token, tmp_path / "a.state"), "--to", "bob", "hi"
     )

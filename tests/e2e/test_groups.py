@@ -15,6 +15,7 @@ from tests.e2e.helpers import RawWS, add_users, b64, close_all, collect, connect
 from tests.e2e.server import ServerProcess
 
 MEMBERSHIP_CT = "application/vnd.roost.membership+json"
+E2EE_CT = "application/vnd.roost.e2ee"
 
 
 async def gather_receipt_marks(
@@ -61,12 +62,15 @@ async def test_group_of_1024_members(make_server, tmp_path: Path) -> None:
         online_names = others[:20]
         for name in online_names:
             online.append(await connect(srv, tokens[name], tmp_path / f"{name}.state"))
+        for client in online:  # their keys are on the server: the admin's sender key reaches them
+            await asyncio.wait_for(client.crypto.published.wait(), 30)
         for client in online:
             created = await next_of(client, Membership)
             assert (created.seq, created.action, created.actor) == (1, "created", admin_name)
             assert len(created.users) == 1024
 
-        sent = await asyncio.wait_for(admin.send("hello 1024", group=group), 10)
+        # The first send hands the admin's sender key to every member that has keys.
+        sent = await asyncio.wait_for(admin.send("hello 1024", group=group), 60)
         assert (sent.conv, sent.seq) == (group, 2)
         for name, client in zip(online_names, online, strict=True):
             msg = await next_of(client, Message)
@@ -94,7 +98,8 @@ async def test_group_of_1024_members(make_server, tmp_path: Path) -> None:
                             frames.append(frame)
                     assert [f["seq"] for f in frames] == [1, 2], name
                     assert frames[0]["ct"] == MEMBERSHIP_CT and frames[0]["sender"] == ""
-                    assert unb64(frames[1]["body"]) == b"hello 1024"
+                    # One ciphertext for all, fanned out as is: a raw client sees no plaintext.
+                    assert frames[1]["ct"] == E2EE_CT and b"hello 1024" not in unb64(frames[1]["body"])
                     await raw.send({"type": "dack", "conv": group, "seq": 2})
                     await raw.roundtrip()
                 finally:

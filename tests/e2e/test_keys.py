@@ -6,14 +6,19 @@ Keys are made with ``xeddsa`` and ``cryptography`` (tests/keys_material.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
+import sqlite3
 from typing import Any
 
 import pytest
 
 from roost.core.prekeys import verify_signature
+from roost.store.sqlite import database_path
+from tests.cli_subprocess import run_roost
+from tests.e2e.cluster import ClusterServer, run_sync
 from tests.e2e.helpers import RawWS, add_users, close_all
 from tests.keys_material import Identity, b64, ec_public, kem_public, upload
 
@@ -332,5 +337,64 @@ async def test_both_xeddsa_signature_forms_are_accepted(server: Any, standard: b
         for part in (frame["signed"], frame["kem_prekeys"][0], frame["last_resort"]):
             part["sig"] = b64(sign(unb64(part["key"])))
         assert await put(alice, frame) == state(0, 1)
+    finally:
+        await close_all(alice)
+
+
+async def _key_rows(server: Any, user: str) -> int:
+    """Rows of ``user`` in the key tables, read straight from the store."""
+    tables = ("key_devices", "key_prekeys", "key_kem_prekeys")
+    if isinstance(server, ClusterServer):
+        import asyncpg
+
+        async def count() -> int:
+            conn = await asyncpg.connect(server.dsn)
+            try:
+                return sum(
+                    [
+                        await conn.fetchval(f"SELECT count(*) FROM {t} WHERE user_name = $1", user)
+                        for t in tables
+                    ]
+                )
+            finally:
+                await conn.close()
+
+        return run_sync(count)
+    conn = sqlite3.connect(database_path(server.data_dir))
+    try:
+        return sum(
+            conn.execute(f"SELECT count(*) FROM {t} WHERE user = ?", (user,)).fetchone()[0] for t in tables
+        )
+    finally:
+        conn.close()
+
+
+async def test_removing_an_account_deletes_its_keys(server: Any) -> None:
+    tokens = add_users(server, ["alice", "bob"])
+    alice = await RawWS.open(server, tokens["alice"])
+    bob = await RawWS.open(server, tokens["bob"])
+    try:
+        await put(alice, upload(Identity.generate()))
+        await put(bob, upload(Identity.generate()))
+        assert await _key_rows(server, "alice") == 11  # the device row, 5 + 5 one-time keys
+        out = await asyncio.to_thread(run_roost, "user", "remove", "alice", *server.admin_args)
+        assert out.returncode == 0, out.stderr
+        assert await _key_rows(server, "alice") == 0
+        assert await _key_rows(server, "bob") == 11
+        assert (await fetch(bob, "alice"))["code"] == "unknown_user"
+    finally:
+        await close_all(alice, bob)
+
+
+async def test_a_connection_s_key_frames_are_answered_in_order(server: Any) -> None:
+    """A keys_count sent right after a keys_put (whose signatures take a
+    while to check) sees the upload."""
+    tokens = add_users(server, ["alice"])
+    alice = await RawWS.open(server, tokens["alice"])
+    try:
+        await alice.send(upload(Identity.generate(), ec_ids=range(1, 101), kem_ids=range(1, 101)))
+        await alice.send({"type": "keys_count", "ref": "count"})
+        answers = [fr for fr in await alice.drain(2.0) if fr["type"] != "keys_low"]
+        assert answers == [state(100, 100), {**state(100, 100), "ref": "count"}]
     finally:
         await close_all(alice)

@@ -56,6 +56,10 @@ def main() -> None:
     def sender_key() -> None:
         member.decrypt(own.encrypt(payload))
 
+    sender, skdm2 = SenderKeyRecord.create(uuid.uuid4())
+    queued = iter([sender.encrypt(payload) for _ in range(rounds * 5)])
+    receiver = SenderKeyRecord.from_distribution(skdm2)
+
     def persist_session() -> None:
         Session.from_bytes(bob.to_bytes())
 
@@ -64,6 +68,9 @@ def main() -> None:
         "1:1 encrypt+decrypt, DH ratchet step": per_call_us(with_dh_step, rounds),
         "sender key encrypt+decrypt (group)": per_call_us(sender_key, rounds),
         "sender key encrypt only": per_call_us(lambda: own.encrypt(payload), rounds),
+        "sender key decrypt only (each group member)": per_call_us(
+            lambda: receiver.decrypt(next(queued)), rounds
+        ),
         "Session to_bytes+from_bytes (no skipped keys)": per_call_us(persist_session, rounds),
     }
 

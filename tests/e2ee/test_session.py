@@ -172,13 +172,32 @@ def test_a_prekey_message_of_another_session_raises_unknown_session() -> None:
 
 def test_a_message_further_ahead_than_the_bound_is_refused_unchanged() -> None:
     alice, bob = talking()
-    messages = [alice.encrypt(b"%d" % i) for i in range(ratchet.MAX_SKIP + 2)]
+    messages = [alice.encrypt(b"%d" % i) for i in range(ratchet.MAX_SKIP + 3)]
+    # A new chain (Bob has not seen Alice's current ratchet key): the DH-step path.
     before = bob.to_bytes()
     with pytest.raises(DecryptError, match="ahead"):
-        bob.decrypt(messages[-1])  # needs MAX_SKIP + 1 skipped keys
+        bob.decrypt(messages[ratchet.MAX_SKIP + 1])  # would skip MAX_SKIP + 1 keys
     assert bob.to_bytes() == before
-    assert bob.decrypt(messages[-2]) == b"%d" % ratchet.MAX_SKIP  # exactly MAX_SKIP skipped: fine
     assert bob.decrypt(messages[0]) == b"0"
+    # The same chain, once known.
+    before = bob.to_bytes()
+    with pytest.raises(DecryptError, match="ahead"):
+        bob.decrypt(messages[ratchet.MAX_SKIP + 2])  # would skip keys 1 .. MAX_SKIP + 1
+    assert bob.to_bytes() == before
+    assert bob.decrypt(messages[ratchet.MAX_SKIP + 1]) == b"%d" % (ratchet.MAX_SKIP + 1)  # exactly MAX_SKIP
+    assert bob.decrypt(messages[1]) == b"1"
+
+
+def test_an_out_of_order_message_decrypts_once_then_is_a_duplicate() -> None:
+    alice, bob = talking()
+    first, second = alice.encrypt(b"first"), alice.encrypt(b"second")
+    assert bob.decrypt(second) == b"second"
+    assert bob.decrypt(first) == b"first"  # from the skipped keys
+    before = bob.to_bytes()
+    for message in (first, second):
+        with pytest.raises(DuplicateMessage):
+            bob.decrypt(message)
+    assert bob.to_bytes() == before
 
 
 def test_skipped_keys_are_bounded_oldest_dropped() -> None:
@@ -216,7 +235,7 @@ def test_is_prekey_message() -> None:
 # -- properties ----------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_conversation_in_any_order_with_drops_duplicates_and_crashes(data: st.DataObject) -> None:
     """Both sides send; messages are delivered in any order, some dropped, some twice; either side may

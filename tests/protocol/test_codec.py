@@ -220,14 +220,14 @@ def test_user_name_with_trailing_newline_is_bad_frame(obj: dict[str, typing.Any]
     assert decode_error(json.dumps(obj)).code is ErrorCode.BAD_FRAME
 
 
-def test_body_over_64_kib_is_too_large() -> None:
-    # exactly the limit is fine
-    ok = f.Send(id="big", body=b"x" * f.MAX_BODY_BYTES, to="bob")
+def test_body_over_the_wire_limit_is_too_large() -> None:
+    # exactly the limit (64 KiB of plaintext plus the encryption's 8 KiB) is fine
+    ok = f.Send(id="big", body=b"x" * f.MAX_WIRE_BODY_BYTES, to="bob")
     data = encode(ok)
     assert len(data) <= f.MAX_FRAME_BYTES
     assert decode_client(data) == ok
     # one byte more is too large, and the error names the message
-    over = encode(f.Send(id="big", body=b"x" * (f.MAX_BODY_BYTES + 1), to="bob"))
+    over = encode(f.Send(id="big", body=b"x" * (f.MAX_WIRE_BODY_BYTES + 1), to="bob"))
     assert len(over) <= f.MAX_FRAME_BYTES  # so it is the body check that fires
     err = decode_error(over)
     assert err.code is ErrorCode.TOO_LARGE
