@@ -99,6 +99,7 @@ class AppBridge:
         self._typing_sent: dict[str, float] = {}
         self._subscribed: set[str] = set()
         self._tasks: set[asyncio.Future[None]] = set()
+        self.stopped = False
 
     @property
     def me(self) -> str | None:
@@ -185,8 +186,21 @@ class AppBridge:
 
     # -- snapshot ------------------------------------------------------------------
 
+    def stop(self, reason: str) -> None:
+        """The client gave up for good (a refused token) and closed its state."""
+        self.stopped = True
+        self.connection, self.connection_detail = "offline", reason
+
     def snapshot(self) -> dict[str, Any]:
         """Everything the chat list shows, from the client state."""
+        if self.stopped:
+            return {
+                "type": "snapshot",
+                "me": None,
+                "connection": self.connection,
+                "detail": self.connection_detail,
+                "chats": [],
+            }
         state = self.client.state
         chats: dict[str, dict[str, Any]] = {}
         for group, name in state.chat_groups().items():
@@ -324,6 +338,8 @@ class AppBridge:
         handler = self.COMMANDS.get(op if isinstance(op, str) else "")
         if handler is None:
             return {"ok": False, "error": f"unknown command {op!r}"}
+        if self.stopped:
+            return {"ok": False, "error": f"not connected: {self.connection_detail}"}
         try:
             result: dict[str, Any] = await handler(self, request)
         except CommandError as exc:
@@ -336,6 +352,9 @@ class AppBridge:
             return {"ok": False, "error": f"{exc.code}: {exc.message}"}
         except TimeoutError:
             return {"ok": False, "error": "the server did not answer in time"}
+        except Exception as exc:  # a bug, or the client closed for good: the page hears of it
+            log.exception("command %s failed", op)
+            return {"ok": False, "error": f"internal error: {exc!r}"}
         return {"ok": True, **result}
 
     async def cmd_snapshot(self, _r: dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +391,7 @@ class AppBridge:
         if conv in self.left:
             raise CommandError("you are no longer a member of this group")
         mid = uuid.uuid4().hex
+        self._typing_sent.pop(conv, None)  # the next keystroke says "typing" again
         if is_group_id(conv):
             await self.client.send(text, group=conv, message_id=mid, wait=False)
         else:

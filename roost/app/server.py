@@ -86,7 +86,7 @@ class AppServer:
 
     def _gave_up(self, reason: str) -> None:
         """The client will not connect (a refused token, a replaced session)."""
-        self.bridge.connection, self.bridge.connection_detail = "offline", reason
+        self.bridge.stop(reason)
         self.broadcast({"type": "connection", "state": "offline", "detail": reason, "me": None})
 
     async def close(self) -> None:

@@ -208,7 +208,7 @@ def open_page(browser: Any) -> Iterator[Any]:
         context = browser.new_context(
             viewport={"width": width, "height": height}, color_scheme="dark" if dark else "light"
         )
-        context.set_default_timeout(10_000)
+        context.set_default_timeout(20_000)  # a loaded CI machine; a pass takes far less
         contexts.append(context)
         page = context.new_page()
         page.goto(app.url)

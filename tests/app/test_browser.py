@@ -10,6 +10,7 @@ import pytest
 from tests.app.conftest import screenshot
 
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
+expect.set_options(timeout=20_000)  # as the pages' default timeout (tests/app/conftest.py)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +34,7 @@ def ticks(page: Any, text: str) -> Any:
     return page.locator(".msg.own", has_text=text).locator(".tick")
 
 
-def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page: Any) -> None:
+def test_one_to_one_ticks_typing_presence_keyboard_only_phone_and_dark(make_app: Any, open_page: Any) -> None:
     alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
 
@@ -59,9 +60,24 @@ def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page
     # presence: each sees the other online (dot in the list, word in the header)
     alice.locator("#conv-status", has_text="online").wait_for()
     chat_item(alice, "bob").locator(".dot").wait_for()
+    send(bob, "hi alice, how are you?")
+    alice.locator(".msg.in", has_text="how are you").wait_for()
     # typing: bob types, alice's header says so
-    bob.locator("#composer-input").press_sequentially("typing now")
+    bob.locator("#composer-input").press_sequentially("great, and")
     alice.locator("#conv-status[data-typing=true]", has_text="typing…").wait_for()
+    screenshot(alice, "conversation")
+
+    # phone width, dark theme: one pane at a time
+    phone = open_page(bob_app, dark=True, width=390, height=740)
+    expect(phone.locator("#conversation")).to_be_hidden()
+    assert phone.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(15, 20, 24)"  # dark --bg
+    chat_item(phone, "alice").click()
+    expect(phone.locator(".sidebar")).to_be_hidden()
+    phone.locator(".msg.in", has_text="hello bob").wait_for()
+    screenshot(phone, "conversation-dark-phone")
+    phone.get_by_role("button", name="Back to the chat list").click()
+    expect(phone.locator(".sidebar")).to_be_visible()
+    expect(chat_item(phone, "alice")).to_be_focused()
 
     # markup from a peer stays text
     hostile = '<img src=x onerror="window.__pwned=1"><b>bold</b>'
@@ -72,9 +88,6 @@ def test_one_to_one_ticks_typing_presence_keyboard_only(make_app: Any, open_page
     assert shown.inner_text() == hostile
     assert bob.locator(".msg img, .msg b").count() == 0
     assert bob.evaluate("window.__pwned") is None
-
-    screenshot(alice, "conversation")
-    screenshot(bob, "chat-list")
 
 
 def send(page: Any, text: str) -> None:
@@ -89,17 +102,26 @@ def texts(page: Any, selector: str = ".msg .text") -> list[str]:
 def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
     apps = dict(zip(("alice", "bob", "carol"), make_app("alice", "bob", "carol"), strict=True))
     pages = {user: open_page(app) for user, app in apps.items()}
-    alice = pages["alice"]
+    alice, carol = pages["alice"], pages["carol"]
+    bob = pages["bob"]
+    bob.locator("#new-chat-button").click()
+    bob.locator("#new-chat-user").fill("carol")
+    bob.locator("#new-chat-user").press("Enter")
+    send(bob, "are you coming on Saturday?")
     alice.locator("#new-group-button").click()
     alice.locator("#new-group-name").fill("Hikers")
     alice.locator("#new-group-members").fill("bob, carol")
     alice.locator("#new-group-name").press("Enter")
     expect(alice.locator("#conv-title")).to_have_text("Hikers")
+    expect(alice.locator("#conv-status")).to_have_text("bob, carol, you")
     send(alice, "Saturday at eight?")
     for user in ("bob", "carol"):
         item = chat_item(pages[user], "Hikers")
         item.locator(".badge").filter(has_text="1").wait_for()
         assert item.locator(".chat-preview").inner_text() == "alice: Saturday at eight?"
+    expect(carol.locator("#chat-list")).to_contain_text("are you coming")
+    chat_item(carol, "bob").locator(".badge").filter(has_text="1").wait_for()
+    screenshot(carol, "chat-list")
     # delivered to both: ✓✓; read by bob only: still not blue; by carol too: blue
     ticks(alice, "Saturday").and_(alice.locator("[data-tick=delivered]")).wait_for()
     chat_item(pages["bob"], "Hikers").click()
@@ -126,7 +148,6 @@ def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
     alice.locator("#group-dialog").get_by_role("button", name="Close").click()
     pages["carol"].locator(".msg.system", has_text="alice removed you").wait_for()
     # bob leaves
-    bob = pages["bob"]
     bob.locator("#group-info-button").click()
     bob.locator("#group-leave").click()
     expect(bob.locator("#conv-status")).to_have_text("you left this group")
@@ -207,80 +228,42 @@ def test_messages_written_offline_go_out_on_reconnect_once(
     assert texts(alice) == expected
 
 
-def test_roost_send_hands_over_to_the_running_app(
+def test_roost_send_hands_over_to_the_running_app_and_history_pages_back(
     server: Any, make_app: Any, tokens: Any, open_page: Any
 ) -> None:
     import subprocess
     import sys
 
     alice_app, bob_app = make_app("alice", "bob")
-    alice, bob = open_page(alice_app), open_page(bob_app)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "roost.cli.main",
-            "send",
-            "--url",
-            server.url,
-            "--token",
-            tokens("alice"),
-            "--state",
-            str(alice_app.state),
-            "--to",
-            "bob",
-            "from the terminal",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
+    alice = open_page(alice_app)
+    command = [sys.executable, "-m", "roost.cli.main", "send", "--url", server.url]
+    command += [
+        "--token",
+        tokens("alice"),
+        "--state",
+        str(alice_app.state),
+        "--to",
+        "bob",
+        "from the terminal",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr  # handed to the running app: no second connection
     chat_item(alice, "bob").click()
     ticks(alice, "from the terminal").and_(alice.locator("[data-tick=delivered]")).wait_for()
-    chat_item(bob, "alice").locator(".badge").filter(has_text="1").wait_for()
-    # local search finds it on both sides
+    for i in range(1, 56):
+        send(alice, f"note {i}")
+    ticks(alice, "note 55").and_(alice.locator("[data-tick=delivered]")).wait_for()
+
+    bob = open_page(bob_app)
+    expect(chat_item(bob, "alice").locator(".badge")).to_have_text("56")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="note 55").wait_for()
+    expect(bob.locator("#messages .msg")).to_have_count(50)  # one page from the local state
+    bob.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
+    expect(bob.locator("#messages .msg")).to_have_count(56)
+    assert texts(bob) == ["from the terminal"] + [f"note {i}" for i in range(1, 56)]
+    assert bob.locator("#messages .day").all_inner_texts() == ["Today"]
+    # the local search finds it
     bob.locator("#search-input").fill("TERMINAL")
     bob.locator("#search-input").press("Enter")
     bob.locator("#search-list .result-item", has_text="alice: from the terminal").wait_for()
-
-
-def test_phone_width_shows_one_pane_at_a_time_in_the_dark_theme(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice", "bob")
-    alice = open_page(alice_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
-    send(alice, "see you at the trailhead")
-    bob = open_page(bob_app, dark=True, width=390, height=740)
-    expect(bob.locator("#conversation")).to_be_hidden()
-    background = bob.evaluate("getComputedStyle(document.body).backgroundColor")
-    assert background == "rgb(15, 20, 24)"  # the dark theme's --bg
-    chat_item(bob, "alice").click()
-    expect(bob.locator(".sidebar")).to_be_hidden()
-    bob.locator(".msg.in", has_text="trailhead").wait_for()
-    send(bob, "on my way")
-    screenshot(bob, "conversation-dark-phone")
-    bob.get_by_role("button", name="Back to the chat list").click()
-    expect(bob.locator(".sidebar")).to_be_visible()
-    expect(chat_item(bob, "alice")).to_be_focused()
-
-
-def test_history_pages_back_on_scroll(make_app: Any, open_page: Any) -> None:
-    alice_app, bob_app = make_app("alice", "bob")
-    alice = open_page(alice_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
-    for i in range(1, 61):
-        send(alice, f"note {i}")
-    ticks(alice, "note 60").and_(alice.locator("[data-tick=delivered]")).wait_for()
-    bob = open_page(bob_app)
-    expect(chat_item(bob, "alice").locator(".badge")).to_have_text("60")
-    chat_item(bob, "alice").click()
-    bob.locator(".msg.in", has_text="note 60").wait_for()
-    expect(bob.locator("#messages .msg")).to_have_count(50)  # one page from the local state
-    bob.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
-    expect(bob.locator("#messages .msg")).to_have_count(60)
-    assert texts(bob) == [f"note {i}" for i in range(1, 61)]
-    assert bob.locator("#messages .day").all_inner_texts() == ["Today"]

@@ -115,3 +115,75 @@ def test_only_the_secret_itself_passes(candidate: str) -> None:
         )
         is None
     )
+
+
+def test_bad_commands_get_an_error_reply_and_change_nothing(make_app: Any) -> None:
+    in_own_loop(bad_commands(make_app("alice")))
+
+
+async def bad_commands(app: AppProcess) -> None:
+    cookie = f"{cookie_name(app.port)}={_secret(app)}"
+    headers = {"Origin": app.origin, "Cookie": cookie}
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.ws_connect(f"ws://127.0.0.1:{app.port}/ws", headers=headers) as ws,
+    ):
+        assert (await ws.receive_json(timeout=10))["type"] == "snapshot"
+        bad: list[Any] = [
+            "not json",
+            "[1, 2]",
+            {"op": "no such op"},
+            {"op": "send", "conv": 5, "text": "x"},
+            {"op": "send", "conv": "d:bob:carol", "text": "not my chat"},
+            {"op": "send", "conv": "../etc", "text": "x"},
+            {"op": "send", "conv": "g:0011223344556677", "text": ""},
+            {"op": "send", "conv": "g:0011223344556677", "text": "x" * 70_000},
+            {"op": "read", "conv": "g:0011223344556677", "seq": "7"},
+            {"op": "read", "conv": "g:0011223344556677", "seq": True},
+            {"op": "history", "conv": "g:0011223344556677", "before": "x"},
+            {"op": "new_chat", "user": "<script>"},
+            {"op": "new_group", "name": "", "members": []},
+            {"op": "group_add", "conv": "d:alice:bob", "members": ["carol"]},
+            {"op": "group_add", "conv": "g:0011223344556677", "members": "carol"},
+            {"op": "search", "text": 3},
+        ]
+        for i, command in enumerate(bad):
+            if isinstance(command, dict):
+                await ws.send_json({**command, "ref": str(i)})
+            else:
+                await ws.send_str(command)
+            reply = await _reply(ws)
+            assert reply["ok"] is False and reply["error"], (command, reply)
+        # nothing was queued, and the app still answers
+        await ws.send_json({"op": "history", "conv": "g:0011223344556677", "ref": "last"})
+        reply = await _reply(ws)
+        assert reply["ok"] is True and reply["messages"] == []
+        await ws.send_json({"op": "snapshot", "ref": "snap"})
+        reply = await _reply(ws)
+        assert reply["snapshot"]["chats"] == []
+
+
+async def _reply(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    while True:  # skip live events (connection state) until the reply
+        event = await ws.receive_json(timeout=10)
+        if event["type"] == "reply":
+            return event  # type: ignore[no-any-return]
+
+
+def test_a_refused_token_shows_offline_and_the_page_still_answers(
+    server: Any, tmp_path: Any, open_page: Any, browser: Any
+) -> None:
+    app = AppProcess(server.url, "rt_not_a_token", tmp_path / "nobody.sqlite").start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(app.url)
+        page.wait_for_selector("#connection[data-state=offline]", timeout=20_000)
+        assert "token" in (page.locator("#connection").get_attribute("title") or "")
+        page.locator("#new-chat-button").click()
+        page.locator("#new-chat-user").fill("bob")
+        page.locator("#new-chat-user").press("Enter")
+        page.locator("#new-chat-error", has_text="not connected").wait_for()
+        context.close()
+    finally:
+        app.stop()

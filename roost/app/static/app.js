@@ -310,8 +310,19 @@ async function openChat(conv, focusComposer = false) {
   renderHeader();
   renderChatList();
   renderMessages();
+  if (chat.group) loadMembers(conv);
   await loadHistory(conv);
   if (focusComposer) $("composer-input").focus();
+}
+
+async function loadMembers(conv) {
+  try {
+    const { group } = await request("group_info", { conv });
+    Object.assign(ensureChat(conv), { name: group.name, members: group.members });
+    if (conv === state.current) renderHeader();
+  } catch {
+    // offline, or no longer a member: the header keeps what it had
+  }
 }
 
 async function loadHistory(conv) {
@@ -416,8 +427,13 @@ function renderHeader() {
   }
   status.dataset.typing = "false";
   if (chat.left) setText(status, "you left this group");
-  else if (chat.group) setText(status, "group");
+  else if (chat.group) setText(status, chat.members ? memberList(chat.members) : "group");
   else setText(status, presenceText(state.presence.get(chat.peer)));
+}
+
+function memberList(members) {
+  const others = members.filter((u) => u !== state.me).sort();
+  return [...others, ...(members.includes(state.me) ? ["you"] : [])].join(", ");
 }
 
 function presenceText(p) {
@@ -450,6 +466,7 @@ async function send() {
   if (!conv || !text.trim()) return;
   // Cleared now, not at the reply: what is typed meanwhile is the next message.
   input.value = "";
+  state.typingSent.delete(conv); // the next keystroke says "typing" again
   try {
     const reply = await request("send", { conv, text });
     // The page may hear the "message" event before this reply: store() merges by id.
@@ -554,7 +571,7 @@ $("group-info-button").addEventListener("click", async () => {
 
 function renderGroup(info) {
   state.group = info;
-  const chat = ensureChat(info.group, { name: info.name });
+  const chat = ensureChat(info.group, { name: info.name, members: info.members });
   setText($("group-dialog-title"), info.name);
   if (info.group === state.current) renderHeader();
   const admin = info.admins.includes(state.me);
