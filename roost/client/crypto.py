@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from roost.client.events import DecryptionFailed, IdentityChanged, Membership, Message
+from roost.client.events import DecryptionFailed, IdentityChanged, Membership, Message, ProtocolMessage
 from roost.client.keys import KeyUpload
 from roost.client.state import OutboxItem
 from roost.e2ee import (
@@ -621,6 +621,7 @@ class E2ee:
             return []
         if content.kind == "msg":
             return [self._message(m, content)]
+        self.client._emit(ProtocolMessage(m.conv, m.seq, m.sender, outgoing=False))
         if content.kind == "skdm":
             self._on_skdm(m.sender, content, unblocked)
         elif content.kind == "retry":

@@ -11,7 +11,6 @@ from roost.client import Client, Connected, Disconnected, Message
 from tests.e2e.helpers import (
     Closed,
     RawWS,
-    add_users,
     assert_taken_over,
     b64,
     close_all,
@@ -19,6 +18,7 @@ from tests.e2e.helpers import (
     connect,
     healthz,
     server_rss_kib,
+    users_with_keys,
     wait_for_event,
 )
 from tests.e2e.server import ServerProcess
@@ -33,7 +33,7 @@ async def test_a_stale_attempt_of_the_same_client_does_not_stop_it(
     auth, handled late, takes the user over. Because it names the same client
     run, the live connection is superseded (4007), not replaced (4003): the
     SDK reconnects instead of stopping for good."""
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     # Raw: same client run -> 4007; the newer socket works.
     first = await RawWS.open(server, tokens["bob"], client="run-1")
     second = await RawWS.open(server, tokens["bob"], client="run-1")
@@ -60,7 +60,7 @@ async def test_a_stale_attempt_of_the_same_client_does_not_stop_it(
 
 
 async def test_second_connection_replaces_the_first(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     # Raw: the superseded socket is closed with 4003.
     first = await RawWS.open(server, tokens["bob"])
     second = await RawWS.open(server, tokens["bob"])
@@ -92,7 +92,7 @@ async def test_second_connection_replaces_the_first(server: ServerProcess, tmp_p
 async def test_messages_in_flight_to_a_replaced_connection_are_not_lost(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob1 = await connect(server, tokens["bob"], tmp_path / "b1.state")
     bob2 = None
@@ -142,7 +142,7 @@ async def test_messages_in_flight_to_a_replaced_connection_are_not_lost(
 async def test_new_device_catches_up_on_large_messages(server: ServerProcess, tmp_path: Path) -> None:
     """A second device of bob (fresh state) is pushed a new message and fills the
     gap before it from history; with large messages that fill must still work."""
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob1 = await connect(server, tokens["bob"], tmp_path / "b1.state")
     bob2 = None
@@ -168,7 +168,7 @@ async def test_new_device_catches_up_on_large_messages(server: ServerProcess, tm
 
 
 async def test_graceful_shutdown(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state", backoff_cap=0.5)
     raw = await RawWS.open(server, tokens["bob"])
     try:
@@ -292,7 +292,7 @@ async def test_reconnect_to_a_backlog_of_large_messages(server: ServerProcess, t
     (The first inbox drain of a fresh connection pushes up to ``window`` = 128
     messages at once; that burst must not trip the slow-consumer limit of the
     connection's own outgoing queue.)"""
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     n, size = 200, 60 * 1024
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     try:
@@ -309,7 +309,7 @@ async def test_reconnect_to_a_backlog_of_large_messages(server: ServerProcess, t
 async def test_slow_consumer_is_cut_off_and_memory_stays_bounded(make_server, tmp_path: Path) -> None:
     # A peer that does not answer pings is dropped after ~1.5x the heartbeat.
     srv = make_server("--heartbeat", "3")
-    tokens = add_users(srv, ["alice", "bob"])
+    tokens = await users_with_keys(srv, ["alice", "bob"], tmp_path)
     n, size = 3000, 60 * 1024
     slow, growth_mb = await _flood_slow_consumer(srv, tokens, n, size)
     try:
@@ -334,7 +334,7 @@ async def test_overflowing_queue_closes_a_socket_that_does_not_read(
     Past the connection's queue limit the server must really close that socket
     (4004, or drop it), although the peer reads nothing (default heartbeat, so
     not the ping timeout); memory stays bounded and nothing is lost."""
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     n, size = 20, 60 * 1024
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     try:
@@ -385,7 +385,7 @@ async def test_overflowing_queue_closes_a_socket_that_does_not_read(
 
 async def test_rate_limit_slows_down_but_drops_nothing(make_server, tmp_path: Path) -> None:
     srv = make_server("--rate-limit", "20")
-    tokens = add_users(srv, ["alice", "bob"])
+    tokens = await users_with_keys(srv, ["alice", "bob"], tmp_path)
     alice = await connect(srv, tokens["alice"], tmp_path / "a.state")
     bob = await connect(srv, tokens["bob"], tmp_path / "b.state")
     try:
