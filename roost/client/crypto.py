@@ -80,7 +80,7 @@ HELD_FAILED = "failed"  # could not be decrypted; a retry request asks for it ag
 HELD_BEHIND = "behind"  # decrypted, waits behind an earlier held message of its conversation
 HELD_GAVE_UP = "gave_up"  # failed for good; a late resend is still shown
 # Retry requests per sender per minute (a peer sending garbage must not make us flood it).
-RETRIES_PER_MINUTE = 20
+RETRIES_PER_MINUTE = 120
 FETCH_CONCURRENCY = 16  # bundle fetches in flight when handing a sender key to a group
 MAX_SESSIONS = 5  # per peer device: the current one and four previous ones
 
