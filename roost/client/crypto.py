@@ -69,6 +69,7 @@ SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients 
 KEYS_POLL_FIRST = 1.0
 KEYS_POLL_CAP = 15.0
 RATE_LIMITED_WAIT = 5.0
+KEYGEN_BATCH = 10
 CLOSE_PUBLISH_WAIT = 5.0  # s a closing client waits for its keys' upload
 
 # A group message whose sender key has not come within this long gets a retry request.
@@ -231,8 +232,14 @@ class E2ee:
     async def _upload(self, ec: int, kem: int, *, full: bool = False, rotate: bool = False) -> None:
         del full  # a full upload is a full batch; every upload carries the whole identity
         signed = self._signed_prekey(rotate=rotate)
-        prekeys = self.keys.new_prekeys(ec) if ec else []
-        kem_prekeys = self.keys.new_kem_prekeys(kem) if kem else []
+        # In small batches, yielding between them: generating 200 keys takes
+        # a while, and the connection (and other clients in this process) go on.
+        prekeys: list[tuple[int, bytes]] = []
+        kem_prekeys: list[tuple[int, bytes, bytes]] = []
+        for start in range(0, max(ec, kem), KEYGEN_BATCH):
+            prekeys += self.keys.new_prekeys(min(KEYGEN_BATCH, max(0, ec - start)))
+            kem_prekeys += self.keys.new_kem_prekeys(min(KEYGEN_BATCH, max(0, kem - start)))
+            await asyncio.sleep(0)
         # Always sent (the same key again): if another install of the account
         # replaced the identity meanwhile, this upload replaces it back whole.
         last_resort = self.keys.last_resort_kem()
