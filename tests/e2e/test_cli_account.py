@@ -185,6 +185,7 @@ def test_send_while_the_server_is_down_is_queued_and_sent_by_the_next_client(
     assert "queued" in out.stderr
 
     srv.start()
+    asyncio.run(publish_keys(srv, {"bob": (tokens["bob"], tmp_path / "bob.state")}))  # bob has keys now
     # Any later client of alice's sends it: here a listen that prints nothing.
     later = roost(tmp_path, "listen", *alice, "--timeout", "1")
     assert later.returncode == 0, later.stderr
