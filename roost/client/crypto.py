@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from roost.client.events import DecryptionFailed, IdentityChanged, Membership, Message
+from roost.client.events import DecryptionFailed, IdentityChanged, Membership, Message, ProtocolMessage
 from roost.client.keys import KeyUpload
 from roost.client.state import OutboxItem
 from roost.e2ee import (
@@ -69,6 +69,7 @@ SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients 
 KEYS_POLL_FIRST = 1.0
 KEYS_POLL_CAP = 15.0
 RATE_LIMITED_WAIT = 5.0
+KEYGEN_BATCH = 10
 CLOSE_PUBLISH_WAIT = 5.0  # s a closing client waits for its keys' upload
 
 # A group message whose sender key has not come within this long gets a retry request.
@@ -80,7 +81,7 @@ HELD_FAILED = "failed"  # could not be decrypted; a retry request asks for it ag
 HELD_BEHIND = "behind"  # decrypted, waits behind an earlier held message of its conversation
 HELD_GAVE_UP = "gave_up"  # failed for good; a late resend is still shown
 # Retry requests per sender per minute (a peer sending garbage must not make us flood it).
-RETRIES_PER_MINUTE = 20
+RETRIES_PER_MINUTE = 120
 FETCH_CONCURRENCY = 16  # bundle fetches in flight when handing a sender key to a group
 MAX_SESSIONS = 5  # per peer device: the current one and four previous ones
 
@@ -231,8 +232,14 @@ class E2ee:
     async def _upload(self, ec: int, kem: int, *, full: bool = False, rotate: bool = False) -> None:
         del full  # a full upload is a full batch; every upload carries the whole identity
         signed = self._signed_prekey(rotate=rotate)
-        prekeys = self.keys.new_prekeys(ec) if ec else []
-        kem_prekeys = self.keys.new_kem_prekeys(kem) if kem else []
+        # In small batches, yielding between them: generating 200 keys takes
+        # a while, and the connection (and other clients in this process) go on.
+        prekeys: list[tuple[int, bytes]] = []
+        kem_prekeys: list[tuple[int, bytes, bytes]] = []
+        for start in range(0, max(ec, kem), KEYGEN_BATCH):
+            prekeys += self.keys.new_prekeys(min(KEYGEN_BATCH, max(0, ec - start)))
+            kem_prekeys += self.keys.new_kem_prekeys(min(KEYGEN_BATCH, max(0, kem - start)))
+            await asyncio.sleep(0)
         # Always sent (the same key again): if another install of the account
         # replaced the identity meanwhile, this upload replaces it back whole.
         last_resort = self.keys.last_resort_kem()
@@ -621,6 +628,7 @@ class E2ee:
             return []
         if content.kind == "msg":
             return [self._message(m, content)]
+        self.client._emit(ProtocolMessage(m.conv, m.seq, m.sender, outgoing=False))
         if content.kind == "skdm":
             self._on_skdm(m.sender, content, unblocked)
         elif content.kind == "retry":

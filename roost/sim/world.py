@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from roost.client import Client, Membership, Message, ReceiptEvent, Sent
+from roost.client import Client, Membership, Message, ProtocolMessage, ReceiptEvent, Sent
 from roost.client.events import ErrorEvent
 from roost.core.tokens import hash_token
 from roost.service.chat import ServiceConfig
@@ -270,6 +270,8 @@ class SimUser:
             )
         elif isinstance(event, Sent):
             world.acked[(self.name, event.message_id)] = (event.conv, event.seq, now)
+        elif isinstance(event, ProtocolMessage):  # an encryption protocol message: its seq is no gap
+            history.protocol[(self.name, event.conv)].add(event.seq)
         elif isinstance(event, ReceiptEvent):
             history.receipts.append(ReceiptSeen(self.name, event.conv, dict(event.marks), now))
         elif isinstance(event, ErrorEvent):
