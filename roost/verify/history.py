@@ -81,6 +81,9 @@ class History:
     members: dict[str, dict[str, tuple[int, int | None]]] = field(default_factory=dict)
     # What the server's store holds after the run, when the checker can read it.
     stored: StoreView | None = None
+    # (conv, seq) of the end-to-end protocol's own messages (sender keys,
+    # retry requests, resends): no app shows them, so they count as held.
+    protocol: set[tuple[str, int]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -242,6 +245,9 @@ def check(history: History) -> Report:
     own: dict[tuple[str, str], set[int]] = defaultdict(set)
     for s in by_slot.values():
         own[(s.sender, s.conv)].add(s.seq)
+    protocol: dict[str, set[int]] = defaultdict(set)
+    for conv, seq in history.protocol:
+        protocol[conv].add(seq)
     for (recipient, conv), views in shown_by.items():
         seqs = [sh.seq for sh in views]
         for earlier, later in itertools.pairwise(seqs):
@@ -251,7 +257,7 @@ def check(history: History) -> Report:
         span = _members_of(history, conv).get(recipient)
         if span is None:
             continue
-        held = set(seqs) | own[(recipient, conv)]
+        held = set(seqs) | own[(recipient, conv)] | protocol[conv]
         start = span[0] + 1
         top = max(held)
         missing = [s for s in range(start, top + 1) if s not in held]
