@@ -21,9 +21,11 @@ recorded history goes through the same checker as ``roost verify``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import shutil
+import ssl
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,6 +50,11 @@ from roost.verify.history import Sent as SentRecord
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 BIG_SHARE = 0.15  # the share of runs drawn as a bigger world
 SETTLE_SECONDS = 20.0  # virtual time after the workload for everything to heal and drain
+# One-time prekeys of each kind per simulated client (the SDK keeps 100): each
+# is an ML-KEM key generation and a signature, most of a run's CPU at 100, and
+# at most 7 peers start a session with a simulated user; spent, the bundle
+# falls back to the last-resort KEM key and the refill path runs, as on a device.
+SIM_PREKEY_BATCH = 20
 
 
 def _rng(seed: int, name: str) -> random.Random:
@@ -211,6 +218,11 @@ class _FakeHttp:
         """No real session to close."""
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
 def _quiet(fut: asyncio.Future[Any]) -> None:
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -238,7 +250,9 @@ class SimUser:
             state_path=self.state_path,
             backoff_base=0.05,
             backoff_cap=1.0,
+            ssl=_tls(),  # never used (no TLS in the simulated network); the system's CAs load once
         )
+        client.crypto.prekey_batch = SIM_PREKEY_BATCH
         client._rng = _rng(world.seed, f"backoff/{self.name}/{self.generation}")
         client._dack_due = _OrderedSet()  # type: ignore[assignment]
         client._http = _FakeHttp(world, self)  # type: ignore[assignment]
