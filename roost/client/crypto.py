@@ -62,7 +62,6 @@ DEVICE = 1  # this device (multi-device later: the ids are already on the wire a
 
 # Key stock: uploaded in full on a new identity, refilled below a third.
 PREKEY_BATCH = 100
-REFILL_BELOW = PREKEY_BATCH // 3
 SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients do
 
 # Polling for the keys of a user who has none yet: 1 s, 2 s, ... capped.
@@ -125,6 +124,11 @@ class E2ee:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.state = client.state
+        # One-time keys of each kind kept on the server. Each is an ML-KEM
+        # key generation and a signature: a test world of many short-lived
+        # clients (roost simulate) keeps fewer; spent, a bundle falls back to
+        # the last-resort KEM key, as on any device that ran out.
+        self.prekey_batch = PREKEY_BATCH
         raw = self.state.e2ee_local_keys()
         if raw is None:
             self.keys = LocalKeys.generate(DEVICE)
@@ -203,12 +207,13 @@ class E2ee:
         counts = await self.client.key_counts()
         uploaded = self.state.get_meta(_META_UPLOADED) == self.keys.identity_public.hex()
         if not counts.has_identity or not uploaded:
-            await self._upload(PREKEY_BATCH, PREKEY_BATCH, full=True)
+            await self._upload(self.prekey_batch, self.prekey_batch, full=True)
             self.state.set_meta(_META_UPLOADED, self.keys.identity_public.hex())
             return
         rotate = self.keys.signed_prekey_age(time.time()) > SIGNED_PREKEY_MAX_AGE
-        ec = PREKEY_BATCH - counts.ec if counts.ec < REFILL_BELOW else 0
-        kem = PREKEY_BATCH - counts.kem if counts.kem < REFILL_BELOW else 0
+        batch, below = self.prekey_batch, self.prekey_batch // 3
+        ec = batch - counts.ec if counts.ec < below else 0
+        kem = batch - counts.kem if counts.kem < below else 0
         if rotate or ec or kem:
             await self._upload(ec, kem, rotate=rotate)
 
@@ -224,8 +229,9 @@ class E2ee:
     async def refill(self) -> None:
         """On ``keys_low``: top the stock up to a full batch."""
         counts = await self.client.key_counts()
-        ec = max(0, PREKEY_BATCH - counts.ec) if counts.ec < REFILL_BELOW * 2 else 0
-        kem = max(0, PREKEY_BATCH - counts.kem) if counts.kem < REFILL_BELOW * 2 else 0
+        batch, below = self.prekey_batch, self.prekey_batch // 3
+        ec = max(0, batch - counts.ec) if counts.ec < below * 2 else 0
+        kem = max(0, batch - counts.kem) if counts.kem < below * 2 else 0
         if ec or kem or not counts.has_identity:
             await self._upload(ec, kem, full=not counts.has_identity)
 
