@@ -31,9 +31,11 @@ from roost.client import (
 from roost.client.events import (
     Connected,
     Consumed,
+    DecryptionFailed,
     Disconnected,
     ErrorEvent,
     Event,
+    IdentityChanged,
     LocalSend,
     Membership,
     Message,
@@ -182,7 +184,13 @@ class AppBridge:
             peer = pair[1] if pair[0] == self.me else pair[0]
             chat["peer"] = peer
             chat["name"] = peer
+            chat.update(self._identity_json(peer))
         return chat
+
+    def _identity_json(self, user: str) -> dict[str, Any]:
+        """Whether ``user``'s key changed since first seen (unverified since) or is verified."""
+        seen = self.client.state.identity(user)
+        return {"key_changed": bool(seen and seen[2]), "verified": bool(seen and seen[1])}
 
     # -- snapshot ------------------------------------------------------------------
 
@@ -296,6 +304,25 @@ class AppBridge:
             else:
                 self.connection, self.connection_detail = "reconnecting", event.reason
             return [self._connection_json()]
+        if isinstance(event, IdentityChanged):
+            # Never a silent key switch: every page shows it in that user's chat.
+            out = {"type": "identity", "user": event.user, "was_verified": event.was_verified}
+            return [{**out, **self._identity_json(event.user)}]
+        if isinstance(event, DecryptionFailed):
+            who = event.sender
+            text = f"A message from {who} could not be decrypted; {who} was asked to send it again"
+            system = {
+                "kind": "system",
+                "conv": event.conv,
+                "seq": event.seq,
+                "id": f"failed:{event.message_id}",
+            }
+            return [
+                {
+                    "type": "message",
+                    "message": {**system, "sender": "", "text": text, "ts": int(self.clock() * 1000)},
+                }
+            ]
         if isinstance(event, ErrorEvent):
             return [{"type": "error", "code": event.code, "message": event.message, "ref": event.ref}]
         return []
@@ -482,6 +509,26 @@ class AppBridge:
         marks = self.client.receipt_marks(conv)
         return {"marks": {user: {"delivered": d, "read": rd} for user, (d, rd) in marks.items()}}
 
+    async def cmd_safety_number(self, r: dict[str, Any]) -> dict[str, Any]:
+        peer = self._peer(_conv(r))
+        number = await self.client.safety_number(peer)
+        return {
+            "user": peer,
+            "groups": number.groups.split(" "),
+            "verified": number.verified,
+            "changed": number.changed,
+        }
+
+    async def cmd_verify(self, r: dict[str, Any]) -> dict[str, Any]:
+        conv = _conv(r)
+        verified = r.get("verified")
+        if not isinstance(verified, bool):
+            raise CommandError("verified must be true or false")
+        peer = self._peer(conv)
+        self.client.mark_verified(peer, verified)
+        self.broadcast({"type": "identity", "user": peer, "was_verified": False, **self._identity_json(peer)})
+        return {"chat": self.chat_json(conv)}
+
     def _group_json(self, info: Any) -> dict[str, Any]:
         return {"group": info.group, "name": info.name, "members": info.members, "admins": info.admins}
 
@@ -505,6 +552,8 @@ class AppBridge:
         "group_leave": cmd_group_leave,
         "search": cmd_search,
         "receipts": cmd_receipts,
+        "safety_number": cmd_safety_number,
+        "verify": cmd_verify,
     }
 
 

@@ -112,6 +112,12 @@ function handle(ev) {
     case "typing":
       onTyping(ev);
       break;
+    case "identity":
+      for (const chat of state.chats.values()) {
+        if (chat.peer === ev.user) Object.assign(chat, { key_changed: ev.key_changed, verified: ev.verified });
+      }
+      renderHeader();
+      break;
     case "error":
       onError(ev);
       break;
@@ -307,6 +313,7 @@ async function openChat(conv, focusComposer = false) {
   $("app").classList.add("chat-open");
   $("composer").hidden = false;
   $("group-info-button").hidden = !chat.group;
+  $("safety-button").hidden = chat.group;
   renderHeader();
   renderChatList();
   renderMessages();
@@ -417,6 +424,9 @@ function renderHeader() {
   if (!conv) return;
   const chat = state.chats.get(conv);
   setText($("conv-title"), chat.name);
+  // Never a silent key switch: the banner stays until the number is verified again.
+  $("key-banner").hidden = !chat.key_changed;
+  if (chat.key_changed) setText($("key-banner-text"), `${chat.name}'s safety number changed: they reinstalled, or someone is in between.`);
   const status = $("conv-status");
   const now = Date.now();
   const typers = [...(state.typing.get(conv) || new Map())].filter(([, until]) => until > now).map(([u]) => u);
@@ -634,6 +644,42 @@ async function showInfo(m) {
     list.replaceChildren(el("li", {}, err.message));
   }
 }
+
+async function showSafetyNumber() {
+  const conv = state.current;
+  const chat = state.chats.get(conv);
+  setText($("safety-error"), "");
+  setText($("safety-intro"), `Compare these numbers with ${chat.name}'s, in person or over a call. If they match, no one is in between.`);
+  $("safety-digits").replaceChildren();
+  $("safety-dialog").showModal();
+  try {
+    const r = await request("safety_number", { conv });
+    $("safety-digits").replaceChildren(...r.groups.map((g) => el("span", {}, g)));
+    renderSafetyState(r.verified);
+  } catch (err) {
+    setText($("safety-error"), err.message);
+  }
+}
+
+function renderSafetyState(verified) {
+  setText($("safety-state"), verified ? "Verified" : "Not verified");
+  setText($("safety-verify"), verified ? "Clear verification" : "Mark as verified");
+  $("safety-verify").dataset.verified = String(verified);
+}
+
+$("safety-button").addEventListener("click", showSafetyNumber);
+$("key-banner-button").addEventListener("click", showSafetyNumber);
+$("safety-verify").addEventListener("click", async () => {
+  const verified = $("safety-verify").dataset.verified !== "true";
+  try {
+    const r = await request("verify", { conv: state.current, verified });
+    ensureChat(r.chat.conv, r.chat);
+    renderSafetyState(r.chat.verified);
+    renderHeader();
+  } catch (err) {
+    setText($("safety-error"), err.message);
+  }
+});
 
 // -- search -------------------------------------------------------------------------------------------
 
