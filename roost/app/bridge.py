@@ -36,6 +36,7 @@ from roost.client.events import (
     ErrorEvent,
     Event,
     IdentityChanged,
+    Pending,
     LocalSend,
     Membership,
     Message,
@@ -308,6 +309,8 @@ class AppBridge:
             # Never a silent key switch: every page shows it in that user's chat.
             out = {"type": "identity", "user": event.user, "was_verified": event.was_verified}
             return [{**out, **self._identity_json(event.user)}]
+        if isinstance(event, Pending):  # in the outbox for a reason other than the connection
+            return [{"type": "waiting", "id": event.message_id, "reason": event.reason}]
         if isinstance(event, DecryptionFailed):
             who = event.sender
             text = f"A message from {who} could not be decrypted; {who} was asked to send it again"

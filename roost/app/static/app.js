@@ -112,6 +112,15 @@ function handle(ev) {
     case "typing":
       onTyping(ev);
       break;
+    case "waiting":
+      for (const [conv, map] of state.messages) {
+        const msg = map.get(ev.id);
+        if (msg) {
+          msg.waiting = ev.reason;
+          if (conv === state.current) renderMessages();
+        }
+      }
+      break;
     case "identity":
       for (const chat of state.chats.values()) {
         if (chat.peer === ev.user) Object.assign(chat, { key_changed: ev.key_changed, verified: ev.verified });
@@ -240,7 +249,7 @@ function onError(ev) {
 
 function tickOf(msg, chat) {
   if (msg.failed) return ["failed", "✗", `not sent: ${msg.failed}`];
-  if (msg.seq === null) return ["pending", "…", "waiting to be sent"];
+  if (msg.seq === null) return ["pending", "…", msg.waiting ? `waiting: ${msg.waiting}` : "waiting to be sent"];
   if (chat.read >= msg.seq) return ["read", "✓✓", "read"];
   if (chat.delivered >= msg.seq) return ["delivered", "✓✓", "delivered"];
   return ["sent", "✓", "sent"];
