@@ -21,4 +21,5 @@ SCENARIOS: dict[str, str] = {
     "baseline": "roost.bench.baseline",
     "idle-connections": "roost.bench.idle",
     "reconnect-storm": "roost.bench.storm",
+    "media": "roost.bench.media",
 }

@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import logging
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -34,8 +35,16 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
+from roost.client.attachments import (
+    ATTACHMENT_CT,
+    AttachmentRef,
+    BlobTampered,
+    InvalidAttachment,
+    parse_reference,
+)
 from roost.client.client import Client, ConnectionLost, GroupInfo, InvalidMessage, RoostError, message_payload
 from roost.client.events import (
     Connected,
@@ -62,6 +71,14 @@ TYPING_INTERVAL = 2.0  # send at most one typing frame per conversation this oft
 HISTORY_LIMIT = 50
 BELL_INTERVAL = 1.0  # at most one bell a second: a reconnect can bring many messages at once
 HOME = ""  # the chat key of the pane shown while no chat is open
+OPENERS = ("xdg-open", "open")  # /open: the desktop's viewer (Linux, macOS)
+
+
+def default_save_dir() -> Path:
+    """Where /save puts files without a DIR: ~/Downloads if there is one, else the working directory."""
+    downloads = Path.home() / "Downloads"
+    return downloads if downloads.is_dir() else Path.cwd()
+
 
 Fragments = list[tuple[str, str]]
 
@@ -74,6 +91,9 @@ HELP = [
     "/remove USER...        remove members from the open group",
     "/leave                 leave the open group",
     "/history               load older messages of the open chat from the server",
+    "/file PATH [CAPTION]   send a file to the open chat (encrypted; photos, videos, anything)",
+    "/save N [DIR]          save the file of media message #N (default: ~/Downloads, else here)",
+    "/open N                save media message #N to a cache and open it with the desktop's viewer",
     "/help                  this list",
     "/quit                  exit (also Ctrl-C)",
     "anything else is sent to the open chat (start with // to send a line beginning with /)",
@@ -82,7 +102,21 @@ HELP = [
     "ticks: … pending, ✓ sent, ✓✓ delivered, ✓✓ read (blue) = read; the bell rings for news in other chats",
     "🔒 end-to-end encrypted: only the chat's members can read it; a ⚠ line says a contact's key changed",
 ]
-COMMANDS = ("to", "group", "newgroup", "members", "add", "remove", "leave", "history", "help", "quit")
+COMMANDS = (
+    "to",
+    "group",
+    "newgroup",
+    "members",
+    "add",
+    "remove",
+    "leave",
+    "history",
+    "file",
+    "save",
+    "open",
+    "help",
+    "quit",
+)
 CHAT_LIST_KEYS = "Alt-↑/↓ switch"
 
 
@@ -109,6 +143,40 @@ def safe_text(text: str) -> str:
 
 
 # -- ticks and presence ------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
+
+
+def attachment_text(ref: AttachmentRef, number: int | None = None) -> str:
+    """``[image #3: photo.jpg, 1.2 MiB, 640x480] caption``: what a media message shows."""
+    label = ref.kind if number is None else f"{ref.kind} #{number}"
+    details = [ref.name, human_size(ref.size)]
+    if ref.width and ref.height:
+        details.append(f"{ref.width}x{ref.height}")
+    if ref.duration_ms is not None:
+        details.append(f"{ref.duration_ms / 1000:.0f} s")
+    text = f"[{label}: {', '.join(details)}]"
+    return f"{text} {ref.caption}" if ref.caption else text
+
+
+def body_text(ct: str, body: bytes, number: int | None = None) -> str:
+    """A message body as the chat shows it (before ``safe_text``): text as is,
+    an attachment by kind, name and size, anything else by its type and size."""
+    if ct.startswith("text/"):
+        return body.decode("utf-8", errors="replace")
+    if ct == ATTACHMENT_CT:
+        try:
+            return attachment_text(parse_reference(body), number)
+        except InvalidAttachment:
+            return "[invalid attachment]"
+    return f"[{ct}, {len(body)} bytes]"
 
 
 class Tick(Enum):
@@ -274,6 +342,7 @@ class ChatView:
         self.history_loaded: set[str] = set()
         self._seqs: dict[str, set[int]] = {}
         self._own: dict[str, Line] = {}  # message id -> own line
+        self.media: list[Message] = []  # media message #N is media[N - 1] (/save N, /open N)
 
     # keys and conversations ----------------------------------------------------
 
@@ -390,9 +459,7 @@ class ChatView:
     def _preview_text(summary: ChatSummary) -> str:
         if summary.sender == SYSTEM_SENDER and summary.ct == MEMBERSHIP_CT:
             return "(membership change)"
-        if summary.ct.startswith("text/"):
-            return safe_text(summary.body.decode("utf-8", errors="replace"))
-        return safe_text(f"[{summary.ct}, {len(summary.body)} bytes]")  # the sender chose ct too
+        return safe_text(body_text(summary.ct, summary.body))  # the sender chose ct too
 
     def system(self, text: str, chat: str | None = None, kind: str = "system") -> Line:
         """A notice line in ``chat`` (default: the open chat)."""
@@ -456,8 +523,7 @@ class ChatView:
             return self.update_receipts(event.conv, event.all_delivered, event.all_read)
         if isinstance(event, LocalSend):  # `roost send` of this account, handed to this client
             key = self.key_of(event.conv) if event.conv else (event.to or HOME)
-            text = event.text if event.ct.startswith("text/") else f"[{event.ct}, {len(event.body)} bytes]"
-            return self.add_pending(key, event.message_id, text, event.created)
+            return self.add_pending(key, event.message_id, body_text(event.ct, event.body), event.created)
         if isinstance(event, Sent):
             return self.acked(event.message_id, event.conv, event.seq, event.ts)
         if isinstance(event, PresenceEvent):
@@ -525,7 +591,7 @@ class ChatView:
             return self.acked(msg.id, msg.conv, msg.seq, msg.ts)
         if msg.seq in self._seqs.get(key, ()):
             return Changes()
-        text = safe_text(msg.text if msg.ct.startswith("text/") else f"[{msg.ct}, {len(msg.body)} bytes]")
+        text = safe_text(body_text(msg.ct, msg.body, self._media_number(msg)))
         line = Line(key, "own" if own else "in", text, msg.sender, msg.seq, msg.ts, msg.id if own else None)
         line.encrypted = msg.encrypted and not own
         if own:
@@ -542,6 +608,23 @@ class ChatView:
             self.unread[key] = self.unread.get(key, 0) + 1
             changes.status = changes.bell = True
         return changes
+
+    def _media_number(self, msg: Message) -> int | None:
+        """The number ``/save`` and ``/open`` know a valid media message by."""
+        if msg.ct != ATTACHMENT_CT:
+            return None
+        try:
+            parse_reference(msg.body)
+        except InvalidAttachment:
+            return None
+        self.media.append(msg)
+        return len(self.media)
+
+    def media_message(self, number: str) -> Message | None:
+        if not number.lstrip("#").isdigit():
+            return None
+        n = int(number.lstrip("#"))
+        return self.media[n - 1] if 0 < n <= len(self.media) else None
 
     def add_membership(self, m: Membership, live: bool = True) -> Changes:
         key = self.key_of(m.conv)
@@ -830,6 +913,9 @@ def parse_command(line: str) -> tuple[str, list[str]] | None:
         return name, [u for u in re.split(r"[,\s]+", rest) if u]
     if name == "group":  # /group NAME WITH SPACES
         return name, [" ".join(tokens)] if tokens else []
+    if name in ("file", "save") and len(tokens) > 1:  # /file PATH CAPTION WITH SPACES, /save N DIR
+        first, _, more = rest.strip().partition(" ")
+        return name, [first, more.strip()]
     return name, tokens
 
 
@@ -904,14 +990,19 @@ class ChatController:
         restored = self.client.pending_outbox()
         for item in restored:
             key = item.to or item.conv or HOME
-            text = item.body.decode("utf-8", errors="replace") if item.ct.startswith("text/") else item.ct
-            self.view.add_pending(key, item.id, text, item.created)
+            self.view.add_pending(key, item.id, body_text(item.ct, item.body), item.created)
             # The SDK resends it on connect; this only waits for its ack (same id).
             self.spawn(
                 self._deliver(item.id, body=item.body, ct=item.ct, to=item.to, group=item.conv), "send"
             )
-        if restored:
-            self.view.system(f"{len(restored)} unsent message(s) from the last session will be sent.")
+        uploads = self.client.pending_uploads()
+        for upload in uploads:
+            key = upload.to or upload.conv or HOME
+            self.view.add_pending(key, upload.id, body_text(ATTACHMENT_CT, upload.ref), upload.created)
+            self.spawn(self._await_sent(upload.id), "send")
+        if restored or uploads:
+            count = len(restored) + len(uploads)
+            self.view.system(f"{count} unsent message(s) from the last session will be sent.")
         self.spawn(self._connect(), "connect")
         self._events_task = asyncio.ensure_future(self._event_loop())
 
@@ -1088,7 +1179,91 @@ class ChatController:
             self.view.acked(result.message_id, result.conv, result.seq, result.ts)
         self.invalidate()
 
+    async def _await_sent(self, mid: str) -> None:
+        """The ✓ of a file send left from an earlier run (the SDK resumes its upload)."""
+        try:
+            result = await self.client.wait_sent(mid)
+        except ConnectionLost:
+            return
+        except RoostError as exc:
+            self.view.send_failed(mid, f"{exc.code}: {exc.message}")
+        else:
+            self.view.acked(result.message_id, result.conv, result.seq, result.ts)
+        self.invalidate()
+
+    async def _deliver_file(self, mid: str, path: Path, caption: str, key: str) -> None:
+        group, to = (key, None) if is_group_id(key) else (None, key)
+        try:
+            result = await self.client.send_file(
+                path, to=to, group=group, caption=caption or None, message_id=mid
+            )
+        except ConnectionLost:
+            return
+        except RoostError as exc:
+            self.view.send_failed(mid, f"{exc.code}: {exc.message}")
+        except (ValueError, OSError) as exc:
+            self.view.send_failed(mid, str(exc) or type(exc).__name__)
+        else:
+            assert not isinstance(result, str)
+            if self.view.me is None:
+                self.view.me = self.client.user
+            self.view.acked(result.message_id, result.conv, result.seq, result.ts)
+        self.invalidate()
+
     # commands ------------------------------------------------------------------------
+
+    def cmd_file(self, path: str, caption: str = "") -> None:
+        key = self.view.current
+        if not key:
+            self.view.error("no chat open: /to USER or /group NAME first")
+            return
+        source = Path(path).expanduser()
+        if not source.is_file():
+            self.view.error(f"not sent: {path} is not a file", key)
+            return
+        mid = uuid.uuid4().hex
+        text = f"[file: {source.name}, {human_size(source.stat().st_size)}] {caption}".rstrip()
+        self.view.add_pending(key, mid, safe_text(text), int(self.clock() * 1000))
+        self.spawn(self._deliver_file(mid, source, caption, key), "send file")
+
+    def cmd_save(self, number: str, directory: str = "") -> None:
+        msg = self.view.media_message(number)
+        if msg is None:
+            self.view.error(f"no media message #{number.lstrip('#')}")
+            return
+        folder = Path(directory).expanduser() if directory else default_save_dir()
+        self.spawn(self._save(msg, folder, open_it=False), "save")
+
+    def cmd_open(self, number: str) -> None:
+        msg = self.view.media_message(number)
+        if msg is None:
+            self.view.error(f"no media message #{number.lstrip('#')}")
+            return
+        self.spawn(self._save(msg, self.client.media_folder() / "opened", open_it=True), "open")
+
+    async def _save(self, msg: Message, folder: Path, open_it: bool) -> None:
+        key = self.view.key_of(msg.conv)
+        self.view.system("downloading…", key)
+        self.invalidate()
+        try:
+            path = await self.client.download(msg, folder)
+        except (InvalidAttachment, BlobTampered) as exc:
+            self.view.error(f"not saved: {exc}", key)
+            return
+        self.view.system(f"saved to {safe_text(str(path))}", key)
+        if open_it:
+            opener = next((o for o in OPENERS if shutil.which(o)), None)
+            if opener is None:
+                self.view.error(f"no viewer found ({', '.join(OPENERS)}); the file is at {path}", key)
+                return
+            await asyncio.create_subprocess_exec(
+                opener,
+                str(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # the viewer outlives the chat; its output stays off the screen
+            )
 
     def _open(self, key: str) -> None:
         prev = self.view.current

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from roost.cli.errors import EXIT_FAILED, EXIT_QUEUED, EXIT_USAGE, EXIT_WAIT_TIMED_OUT, UsageError
@@ -29,7 +30,7 @@ from roost.cli.profiles import (
     save_profile,
     split_urls,
 )
-from roost.cli.progress import RetryLine
+from roost.cli.progress import Progress, RetryLine, on_terminal
 from roost.client import (
     CannotConnect,
     Client,
@@ -40,6 +41,7 @@ from roost.client import (
     StateInUse,
     local,
 )
+from roost.client.attachments import MAX_CAPTION_CHARS
 from roost.client.client import authenticate, message_payload, tls_context
 from roost.client.local import OwnerUnavailable, sent_or_pending, socket_path
 from roost.client.state import ClientState, default_state_path
@@ -49,6 +51,8 @@ from roost.client.state import ClientState, default_state_path
 HANDOFF_WAIT = 5.0
 _BACKLOG_ALL = 1_000_000
 LISTEN_POLL = 5.0  # s: one handed-over listen request waits this long for a message
+SEND_TIMEOUT = 30.0  # s: roost send's default --timeout
+FILE_SEND_TIMEOUT = 600.0  # s: with --file, the upload counts too
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -81,15 +85,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     target.add_argument("--to", help="user name (1:1 chat)")
     target.add_argument("--group", help="group id (g:...)")
     p.add_argument("--wait", choices=["sent", "delivered", "read"], default="sent")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("text")
-    p.set_defaults(func=lambda a: _run(_send, a))
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds to wait (default {SEND_TIMEOUT:g}; --file: {FILE_SEND_TIMEOUT:g}, upload included)",
+    )
+    p.add_argument(
+        "--file",
+        default=None,
+        help="send this file (encrypted, uploaded to the media store); TEXT is then an optional caption",
+    )
+    p.add_argument("text", nargs="?", default=None)
+    p.set_defaults(func=_send_command)
 
     p = sub.add_parser("listen", help="print received messages as JSON lines (acked)")
     _common(p)
     p.add_argument("--count", type=int, default=None, help="exit after this many messages")
     p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
     p.add_argument("--read", action="store_true", help="also mark each message read")
+    p.add_argument(
+        "--save-dir",
+        default=None,
+        help="save received files here (never replacing a file); the JSON line says where ('saved')",
+    )
     p.set_defaults(func=lambda a: _run(_listen, a))
 
     p = sub.add_parser("group", help="create and manage groups")
@@ -340,8 +359,35 @@ def _queued(message_id: str, why: str) -> int:
     return EXIT_QUEUED
 
 
+def _check_send_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot be sent before anything is queued (exit 2)."""
+    if args.timeout is None:
+        args.timeout = FILE_SEND_TIMEOUT if args.file else SEND_TIMEOUT
+    if args.file is None:
+        if args.text is None:
+            raise UsageError("give the message TEXT, or --file PATH")
+        message_payload(args.text, None)  # an empty or too large text
+        return
+    path = Path(args.file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--file {args.file}: no such file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"--file {args.file}: not readable")
+    args.file = str(path.resolve())  # absolute: a running client may send it from another directory
+    if args.text is not None and len(args.text) > MAX_CAPTION_CHARS:
+        raise UsageError(f"the caption is over {MAX_CAPTION_CHARS} characters")
+
+
+def _send_command(args: argparse.Namespace) -> int:
+    try:  # what the command line itself gets wrong is said before the profile is looked up
+        _check_send_args(args)
+    except (UsageError, InvalidArgument) as exc:
+        print(f"roost send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run(_send, args)
+
+
 async def _send(args: argparse.Namespace) -> int:
-    message_payload(args.text, None)  # an empty or too large text is refused before anything else
     # Chosen here, so a send handed to a running client can be retried safely.
     message_id = uuid.uuid4().hex
     return await _owned_or_handed(
@@ -356,7 +402,19 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
     deadline = loop.time() + args.timeout
     try:
         # Durable first: if the server cannot be reached it is already queued.
-        await client.send(args.text, to=args.to, group=args.group, message_id=message_id, wait=False)
+        if args.file is not None:
+            bar = Progress("roost send", on_terminal())
+            await client.send_file(
+                args.file,
+                to=args.to,
+                group=args.group,
+                caption=args.text,
+                message_id=message_id,
+                wait=False,
+                progress=_byte_progress(bar, Path(args.file).name),
+            )
+        else:
+            await client.send(args.text, to=args.to, group=args.group, message_id=message_id, wait=False)
         acked = client.wait_sent(message_id)  # before connecting: the ✓ may come during connect()
         pending = client.wait_pending(message_id)  # or: it waits for the recipient's keys
         try:
@@ -403,6 +461,22 @@ async def _send_own(args: argparse.Namespace, client: Client, message_id: str) -
         await _finish(client, max(0.5, min(5.0, deadline - loop.time())))
 
 
+def _byte_progress(bar: Progress, name: str) -> Callable[[int, int], None]:
+    """An upload's ``progress(done, total)`` moving one byte bar (a terminal only)."""
+    shown = 0
+
+    def report(done: int, total: int) -> None:
+        nonlocal shown
+        if bar.enabled and not bar.showing and done < total:
+            bar.phase(f"uploading {name}", total=total, unit="B", scale=True)
+        bar.advance(max(0, done - shown))
+        shown = done
+        if done >= total:
+            bar.close()
+
+    return report
+
+
 def _discard(state_path: str, message_id: str) -> None:
     """Take a refused message back out of the outbox of a closed client's state."""
     try:
@@ -411,6 +485,7 @@ def _discard(state_path: str, message_id: str) -> None:
         return
     try:
         state.outbox_remove(message_id)
+        state.upload_remove(message_id)
     finally:
         state.close()
 
@@ -425,6 +500,8 @@ async def _send_handed(args: argparse.Namespace, path: str, message_id: str) -> 
         "wait": args.wait,
         "timeout": args.timeout,
     }
+    if args.file is not None:
+        request["path"] = args.file
     response = _check(await asyncio.wait_for(local.request(path, request), args.timeout + HANDOFF_WAIT))
     if response["status"] == "queued":
         why = response.get("reason") or f"the server did not store it within {args.timeout:g}s"
@@ -513,7 +590,10 @@ async def _listen_own(args: argparse.Namespace, client: Client, progress: _Liste
     async def show(m: Message) -> None:
         # Printed, then marked consumed: a message is never lost between two
         # runs; only a kill between the two steps could print it again.
-        _emit(message_json(m))
+        out = message_json(m)
+        if args.save_dir is not None:
+            out.update(await local.save_attachment(client, m, args.save_dir))
+        _emit(out)
         client.consume([m])
         progress.received += 1
         if args.read:
@@ -548,6 +628,8 @@ async def _listen_handed(args: argparse.Namespace, path: str, progress: _Listeni
         remaining = progress.remaining()
         wait = LISTEN_POLL if remaining is None else min(LISTEN_POLL, remaining)
         request = {"op": "listen", "max": progress.left() or 100, "wait": wait, "read": args.read}
+        if args.save_dir is not None:
+            request["save_dir"] = str(Path(args.save_dir).resolve())
         _check(await local.request(path, request, show))
     return 0
 

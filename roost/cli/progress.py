@@ -38,8 +38,15 @@ class Progress:
         self._lock = threading.Lock()
 
     def phase(
-        self, name: str, *, total: float | None = None, unit: str = "it", seconds: float | None = None
+        self,
+        name: str,
+        *,
+        total: float | None = None,
+        unit: str = "it",
+        seconds: float | None = None,
+        scale: bool = False,
     ) -> None:
+        """``scale``: show counts as k/M/G (binary, for bytes)."""
         self._end_phase()
         if not self.enabled:
             return
@@ -57,6 +64,8 @@ class Progress:
             leave=False,
             dynamic_ncols=True,
             bar_format=bar_format,
+            unit_scale=scale,
+            unit_divisor=1024 if scale else 1000,
         )
         if seconds is not None or total is None:
             self._stop.clear()
@@ -94,6 +103,11 @@ class Progress:
 
     def close(self) -> None:
         self._end_phase()
+
+    @property
+    def showing(self) -> bool:
+        """A bar is on the terminal now."""
+        return self._bar is not None
 
     def __enter__(self) -> Progress:
         return self

@@ -1,5 +1,6 @@
 """The Python SDK: ``from roost.client import Client``."""
 
+from roost.client.attachments import ATTACHMENT_CT, AttachmentRef, BlobTampered, InvalidAttachment
 from roost.client.blobs import BlobTransferError
 from roost.client.client import (
     CannotConnect,
@@ -36,6 +37,9 @@ from roost.client.keys import DeviceBundle, KeyCounts, KeyUpload, PreKeyBundle
 from roost.client.state import StateInUse
 
 __all__ = [
+    "ATTACHMENT_CT",
+    "AttachmentRef",
+    "BlobTampered",
     "BlobTransferError",
     "CannotConnect",
     "Client",
@@ -51,6 +55,7 @@ __all__ = [
     "GroupInfo",
     "IdentityChanged",
     "InvalidArgument",
+    "InvalidAttachment",
     "InvalidMessage",
     "KeyCounts",
     "KeyUpload",

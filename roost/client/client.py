@@ -42,6 +42,7 @@ from typing import Any, Literal, overload
 import aiohttp
 import msgspec
 
+from roost.client.attachments import ATTACHMENT_CT, MAX_CAPTION_CHARS
 from roost.client.crypto import E2EE_CT, E2ee
 from roost.client.events import (
     Connected,
@@ -61,8 +62,10 @@ from roost.client.events import (
 )
 from roost.client.keys import KeyCounts, KeyUpload, PreKeyBundle, bundle_of, upload_frames
 from roost.client.local import LocalEndpoint
+from roost.client.media import Progress, Uploader
+from roost.client.media import download as download_attachment
 from roost.client.ordering import ConversationOrder
-from roost.client.state import ClientState, OutboxItem, default_state_path
+from roost.client.state import ClientState, OutboxItem, UploadItem, default_state_path
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_server, encode
 from roost.protocol.errors import RETRYABLE, CloseCode, ErrorCode
@@ -401,6 +404,8 @@ class Client:
         # End-to-end encryption: every message is sealed before it leaves and
         # opened before it is stored or shown (roost.client.crypto).
         self.crypto = E2ee(self)
+        # File sends waiting for their blob (send_file), uploaded in order by one task.
+        self._uploader = Uploader(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -420,6 +425,7 @@ class Client:
         self._http = aiohttp.ClientSession()
         self._first_result = asyncio.get_running_loop().create_future()
         self._run_task = asyncio.create_task(self._run())
+        self._uploader.start()
         try:
             await asyncio.wait_for(asyncio.shield(self._first_result), timeout)
         except CannotConnect:
@@ -440,6 +446,7 @@ class Client:
     async def close(self) -> None:
         await self.crypto.close()  # first: a key upload under way may finish
         self._closing = True
+        await self._uploader.stop()
         if self._local is not None:
             await self._local.close()
         if self._ws is not None:
@@ -479,15 +486,21 @@ class Client:
     def pending_outbox(self) -> list[OutboxItem]:
         return list(self._outbox.values())
 
+    def pending_uploads(self) -> list[UploadItem]:
+        """File sends whose blob is not complete yet (their message is not in the outbox yet)."""
+        return list(self._uploader.pending.values())
+
     async def drain_outbox(self, timeout: float = 5.0) -> bool:
-        """Wait (up to ``timeout``) for the ✓ of everything in the outbox,
-        including what earlier runs queued, except what is pending for a
-        recipient's keys (it cannot go soon); True if the outbox is empty."""
-        waits = [self.wait_sent(mid) for mid, item in list(self._outbox.items()) if item.pending is None]
+        """Wait (up to ``timeout``) for the ✓ of everything in the outbox and
+        of the file sends uploading, including what earlier runs queued,
+        except what is pending for a recipient's keys (it cannot go soon);
+        True if none is left."""
+        waits = [self.wait_sent(mid) for mid in self._uploader.pending]
+        waits += [self.wait_sent(mid) for mid, item in list(self._outbox.items()) if item.pending is None]
         if waits:
             with contextlib.suppress(TimeoutError, RoostError):
                 await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
-        return not self._outbox
+        return not self._outbox and not self._uploader.pending
 
     # -- the connection loop -------------------------------------------------
 
@@ -776,7 +789,7 @@ class Client:
         by an earlier run), to await; raises ``RoostError`` if the server
         refuses it. Registered at the call, so an answer that arrives before
         the caller awaits it is not missed."""
-        if message_id not in self._outbox:
+        if message_id not in self._outbox and message_id not in self._uploader.pending:
             raise KeyError(f"{message_id} is not in the outbox")
         fut = self._ack_waiters.get(message_id)
         if fut is None or fut.done():
@@ -786,6 +799,93 @@ class Client:
         waiter = asyncio.shield(fut)
         waiter.add_done_callback(_retrieved)  # a caller that gave up (queued) does not await it
         return waiter
+
+    # -- files -------------------------------------------------------------------
+
+    async def send_file(
+        self,
+        path: str | Path,
+        *,
+        to: str | None = None,
+        group: str | None = None,
+        conv: str | None = None,
+        caption: str | None = None,
+        progress: Progress | None = None,
+        message_id: str | None = None,
+        wait: bool = True,
+        announce: bool = False,
+    ) -> SendResult | str:
+        """Send the file at ``path`` to a user (``to``) or a conversation.
+
+        The file is encrypted with a fresh key into the state's media dir and
+        the send is durable when this returns or raises (but for
+        ``InvalidArgument``/``OSError``, raised with nothing queued): the blob
+        is uploaded in parts, resumed after a reconnect or a restart on the
+        same state, and the message carrying the reference goes out only once
+        the blob is complete, exactly once. ``progress(done, total)`` reports
+        uploaded bytes (this run only). With ``wait`` it returns the
+        ``SendResult`` at ✓; without, the message id at once; ``wait_sent`` works on it.
+        ``announce`` emits a ``LocalSend`` event (its body the reference, blob id still empty)."""
+        target_conv = group or conv
+        if (to is None) == (target_conv is None):
+            raise ValueError("give exactly one of to= and group=/conv=")
+        source = Path(path)
+        if not source.is_file():
+            raise InvalidArgument(f"{source} is not a file")
+        if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+            raise InvalidMessage(f"the caption is over {MAX_CAPTION_CHARS} characters")
+        message_id = message_id or uuid.uuid4().hex
+        if progress is not None:
+            self._uploader.progress[message_id] = progress
+        future: asyncio.Future[SendResult] | None = None
+        if wait:
+            future = self._ack_waiters[message_id] = asyncio.get_running_loop().create_future()
+        if message_id not in self._outbox and message_id not in self._uploader.pending:
+            try:
+                item = await self._uploader.add(source, to, target_conv, caption, message_id)
+            except BaseException:
+                self._ack_waiters.pop(message_id, None)
+                self._uploader.progress.pop(message_id, None)
+                raise
+            if announce:
+                self._announced.add(item.id)
+                self._emit(LocalSend(item.id, item.to, item.conv, ATTACHMENT_CT, item.ref, item.created))
+        if future is None:
+            return message_id
+        return await future
+
+    async def download(
+        self, message: Message, dest_dir: str | Path, progress: Progress | None = None
+    ) -> Path:
+        """Save ``message``'s attachment in ``dest_dir``; the path written.
+
+        The name is the sender's file name made safe (no directory part) and
+        never replaces a file: ``name (1).ext`` and so on. Resumes a cut
+        download. ``InvalidAttachment`` if the message is not a valid
+        attachment, ``BlobTampered`` if the blob fails its digest or MAC
+        check (nothing is written then), ``RoostError`` if the server refuses."""
+        return await download_attachment(self, message, Path(dest_dir), progress)
+
+    def media_folder(self) -> Path:
+        """Where this client keeps encrypted uploads and partial downloads
+        (``STATE.media`` beside the state file; a temporary one for ``:memory:``)."""
+        return self._uploader.folder
+
+    def _queue_finished_upload(self, item: OutboxItem) -> None:
+        """A file send's blob is complete: its reference message replaces the
+        upload row in one transaction (sealed like any message) and is sent."""
+        self.state.upload_remove(item.id, commit=False)
+        self._queue(item)
+
+    def _fail_send(self, message_id: str, code: str, message: str) -> None:
+        """A send refused for good (already out of the state): tell whoever waits, else the events."""
+        waiter = self._ack_waiters.pop(message_id, None)
+        awaited = waiter is not None and not waiter.done()
+        if waiter is not None and awaited:
+            waiter.set_exception(RoostError(code, message))
+        if not awaited or message_id in self._announced:
+            self._emit(ErrorEvent(code, message, message_id))
+        self._announced.discard(message_id)
 
     def _on_ack(self, frame: f.SendAck) -> None:
         item = self._outbox.pop(frame.id, None)

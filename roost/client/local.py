@@ -11,19 +11,22 @@ The protocol is one request per connection, JSON objects one per line:
 
 * the requester writes one request line; the running client answers with one
   response line and closes;
-* ``{"op": "send", "id", "to" | "group", "text", "wait": "sent"|"delivered"|"read", "timeout"}``
+* ``{"op": "send", "id", "to" | "group", "text", "path", "wait": "sent"|"delivered"|"read", "timeout"}``
   -> ``{"ok": true, "message_id", "conversation", "seq", "ts", "status"}``;
+  with ``path`` (absolute) the file there is sent (``Client.send_file``) and
+  ``text``, optional then, is its caption;
   ``status`` is ``queued`` (``conversation``/``seq``/``ts`` null) when the
   server did not store it within ``timeout``, or (with ``reason``) when it
   waits for the recipient's encryption keys: it stays in the running client's
   outbox. The requester picks the message id, so retrying a send is safe;
-* ``{"op": "listen", "max", "wait", "read"}`` -> ``{"ok": true, "messages": [...]}``
+* ``{"op": "listen", "max", "wait", "read", "save_dir"}`` -> ``{"ok": true, "messages": [...]}``
   with up to ``max`` received messages not yet shown to the user (fewer if
   they would not fit one ``MAX_LINE``; the rest come with the next request),
-  waiting up to ``wait`` seconds for one. Once it has printed them the requester writes
-  ``{"op": "consumed"}`` and the running client marks them consumed (and read
-  with ``read``), then answers ``{"ok": true}``; if the requester goes away
-  first they stay unconsumed;
+  waiting up to ``wait`` seconds for one; with ``save_dir`` the running client
+  first saves their attachments there (``saved``/``save_error`` in each).
+  Once it has printed them the requester writes ``{"op": "consumed"}`` and
+  the running client marks them consumed (and read with ``read``), then
+  answers ``{"ok": true}``; if the requester goes away first they stay unconsumed;
 * ``{"op": "group", "action": "create"|"add"|"remove"|"leave"|"info", "group", "name", "members"}``
   -> ``{"ok": true, "group": {"group", "name", "members", "admins", "last_seq"}}``;
 * ``{"op": "safety", "with", "verify"}`` -> ``{"ok": true, "user", "safety_number", "verified", "changed"}``
@@ -51,6 +54,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roost.client.attachments import (
+    ATTACHMENT_CT,
+    AttachmentRef,
+    BlobTampered,
+    InvalidAttachment,
+    parse_reference,
+)
 from roost.client.events import Message
 
 if TYPE_CHECKING:
@@ -135,7 +145,37 @@ def message_json(m: Message) -> dict[str, Any]:
     }
     if not m.ct.startswith("text/"):
         out["body_b64"] = base64.b64encode(m.body).decode()
+    if m.ct == ATTACHMENT_CT:
+        try:
+            ref = parse_reference(m.body)
+        except InvalidAttachment as exc:
+            out["text"] = ""
+            out["attachment"] = {"invalid": str(exc)}
+        else:
+            out["text"] = ref.caption or ""
+            out["attachment"] = attachment_json(ref)
     return out
+
+
+def attachment_json(ref: AttachmentRef) -> dict[str, Any]:
+    """What ``roost listen`` says of an attachment (not its key)."""
+    fields = ("name", "size", "content_type", "kind", "width", "height", "duration_ms", "caption")
+    out = {k: getattr(ref, k) for k in fields if getattr(ref, k) is not None}
+    out["blob"] = ref.blob
+    return out
+
+
+async def save_attachment(client: Client, m: Message, save_dir: str) -> dict[str, Any]:
+    """``{"saved": path}`` once ``m``'s attachment is in ``save_dir``, ``{"save_error": why}``
+    if it could not be; nothing for a message that is no attachment."""
+    if m.ct != ATTACHMENT_CT:
+        return {}
+    try:
+        return {"saved": str(await client.download(m, save_dir))}
+    except (InvalidAttachment, BlobTampered) as exc:
+        return {"save_error": str(exc)}
+    except Exception as exc:  # RoostError (unknown_blob...), OSError: the message is still shown
+        return {"save_error": getattr(exc, "message", None) or str(exc) or type(exc).__name__}
 
 
 def safety_json(number: SafetyNumber) -> dict[str, Any]:
@@ -284,14 +324,26 @@ class LocalEndpoint:
         wait = request.get("wait", "sent")
         message_id = _text(request, "id")
         # Both before any await, so the ✓ cannot come before its waiter exists.
-        await client.send(
-            _text(request, "text"),
-            to=_optional_text(request, "to"),
-            group=_optional_text(request, "group"),
-            message_id=message_id,
-            wait=False,
-            announce=True,
-        )
+        path = _optional_text(request, "path")
+        if path is not None:
+            await client.send_file(
+                path,
+                to=_optional_text(request, "to"),
+                group=_optional_text(request, "group"),
+                caption=_optional_text(request, "text"),
+                message_id=message_id,
+                wait=False,
+                announce=True,
+            )
+        else:
+            await client.send(
+                _text(request, "text"),
+                to=_optional_text(request, "to"),
+                group=_optional_text(request, "group"),
+                message_id=message_id,
+                wait=False,
+                announce=True,
+            )
         acked = client.wait_sent(message_id)
         pending = client.wait_pending(message_id)
         out: dict[str, Any] = {"ok": True, "message_id": message_id}
@@ -326,6 +378,10 @@ class LocalEndpoint:
         shown = _fitting(messages)
         client.release(messages[len(shown) :])  # for the requester's next request
         messages = messages[: len(shown)]
+        save_dir = _optional_text(request, "save_dir")
+        if save_dir is not None:
+            for m, item in zip(messages, shown, strict=True):
+                item.update(await save_attachment(client, m, save_dir))
         try:
             await _write(writer, {"ok": True, "messages": shown})
             if not messages:

@@ -64,6 +64,22 @@ CREATE TABLE IF NOT EXISTS messages (
     consumed INTEGER NOT NULL DEFAULT 1,   -- 0: received, not yet shown to the user
     PRIMARY KEY (conv, seq)
 );
+-- File sends waiting for their blob (Client.send_file): the encrypted file
+-- is uploaded, then the message moves to the outbox in one transaction.
+CREATE TABLE IF NOT EXISTS uploads (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,   -- send order
+    id TEXT NOT NULL UNIQUE,               -- the id its message is sent with
+    to_user TEXT,
+    conv TEXT,
+    source TEXT NOT NULL,                  -- the file as given
+    temp TEXT NOT NULL,                    -- its encrypted blob, in the state's media dir
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,                 -- of the blob
+    ref BLOB NOT NULL,                     -- the reference, its blob id still empty
+    blob TEXT,                             -- the server's id, once it gave a slot
+    uploaded INTEGER NOT NULL DEFAULT 0,   -- bytes the server had at the last progress report
+    created INTEGER NOT NULL
+);
 -- `roost chat`: group names it learnt (membership events are not in messages).
 CREATE TABLE IF NOT EXISTS chat_groups (
     conv TEXT PRIMARY KEY,
@@ -158,6 +174,23 @@ class OutboxItem:
     @property
     def ready(self) -> bool:
         return self.wire_body is not None
+
+
+@dataclass(slots=True, frozen=True)
+class UploadItem:
+    """A file send whose blob is not complete yet (see ``Client.send_file``)."""
+
+    id: str
+    to: str | None
+    conv: str | None
+    source: str
+    temp: str
+    kind: str
+    size: int
+    ref: bytes
+    blob: str | None
+    uploaded: int
+    created: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -327,6 +360,59 @@ class ClientState:
     def outbox_remove(self, message_id: str) -> None:
         self._begin()
         self.db.execute("DELETE FROM outbox WHERE id=?", (message_id,))
+
+    # file sends waiting for their blob ------------------------------------------
+
+    def upload_add(self, item: UploadItem) -> None:
+        self._begin()
+        self.db.execute(
+            "INSERT OR IGNORE INTO uploads (id, to_user, conv, source, temp, kind, size, ref, blob,"
+            " uploaded, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                item.id,
+                item.to,
+                item.conv,
+                item.source,
+                item.temp,
+                item.kind,
+                item.size,
+                item.ref,
+                item.blob,
+                item.uploaded,
+                item.created,
+            ),
+        )
+        self.commit()
+
+    def uploads(self) -> list[UploadItem]:
+        rows = self.db.execute(
+            "SELECT id, to_user, conv, source, temp, kind, size, ref, blob, uploaded, created"
+            " FROM uploads ORDER BY n"
+        ).fetchall()
+        return [
+            UploadItem(i, to, conv, src, temp, kind, size, bytes(ref), blob, done, created)
+            for i, to, conv, src, temp, kind, size, ref, blob, done, created in rows
+        ]
+
+    def upload_set_blob(self, message_id: str, blob: str | None) -> None:
+        """Committed before a byte is uploaded, so a restarted client resumes this blob."""
+        self._begin()
+        self.db.execute("UPDATE uploads SET blob=?, uploaded=0 WHERE id=?", (blob, message_id))
+        self.commit()
+
+    def upload_progress(self, message_id: str, uploaded: int) -> None:
+        self._begin()
+        self.db.execute("UPDATE uploads SET uploaded=? WHERE id=?", (uploaded, message_id))
+        self.commit()
+
+    def upload_remove(self, message_id: str, *, commit: bool = True) -> None:
+        """``commit=False``: in the open transaction, which the upload's message
+        joins when its blob is complete (``Client._queue_finished_upload``), so
+        it is queued exactly once whenever the client stops."""
+        self._begin()
+        self.db.execute("DELETE FROM uploads WHERE id=?", (message_id,))
+        if commit:
+            self.commit()
 
     # end-to-end encryption: every write joins the open transaction; the
     # caller commits it together with the message it concerns.

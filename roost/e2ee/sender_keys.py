@@ -185,6 +185,17 @@ class SenderKeyRecord:
     def iteration(self) -> int:
         return self._state.iteration
 
+    def same_chain(self, skdm: bytes) -> bool:
+        """Whether a distribution message names this record's chain (then keep the record: replacing it
+        would let messages already read decrypt again)."""
+        other = SenderKeyRecord.from_distribution(skdm)._state
+        state = self._state
+        return (other.distribution_id, other.chain_id, other.signing_public) == (
+            state.distribution_id,
+            state.chain_id,
+            state.signing_public,
+        )
+
     def distribution_message(self) -> bytes:
         """The SKDM at the current iteration (for a member who joins later); own records only."""
         state = self._state

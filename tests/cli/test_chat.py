@@ -4,6 +4,8 @@ a fake SDK client, and one end-to-end run of ``roost chat`` inside tmux."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import re
 import shlex
@@ -49,6 +51,7 @@ from roost.client import (
     Sent,
     TypingEvent,
 )
+from roost.client.attachments import ATTACHMENT_CT, BlobTampered
 from roost.client.state import ChatSummary, ClientState
 from tests.cli_subprocess import run_roost
 from tests.e2e.helpers import publish_keys
@@ -405,6 +408,21 @@ class FakeClient:
 
     def pending_outbox(self) -> list[Any]:
         return []
+
+    def pending_uploads(self) -> list[Any]:
+        return []
+
+    async def send_file(self, path: Any, **kw: Any) -> SendResult:
+        self.calls.append(("send_file", str(path), kw.get("to"), kw.get("group"), kw.get("caption")))
+        fut = asyncio.get_running_loop().create_future()
+        self.sends[kw["message_id"]] = fut
+        return await fut
+
+    async def download(self, message: Message, dest_dir: Any, progress: Any = None) -> Path:
+        self.calls.append(("download", message.seq, str(dest_dir)))
+        if message.body == b"tampered":
+            raise BlobTampered("the blob's digest does not match its reference")
+        return Path(dest_dir) / "photo.jpg"
 
     async def connect(self, timeout: float | None = None) -> None:
         self.queue.put_nowait(Connected(self.user))
@@ -1036,3 +1054,91 @@ async def test_the_unread_counts_follow_a_listen_handed_to_the_running_chat(chat
     await settle()
     assert view.unread == {"carol": 1}
     assert "unread: carol 1" in view.status_text(T0)
+
+
+# -- media messages -----------------------------------------------------------------------
+
+
+def _attachment(**over: Any) -> bytes:
+    fields: dict[str, Any] = {
+        "blob": "b" * 32,
+        "key": base64.b64encode(bytes(64)).decode(),
+        "digest": base64.b64encode(bytes(32)).decode(),
+        "size": 1_300_000,
+        "content_type": "image/jpeg",
+        "name": "photo.jpg",
+        "kind": "image",
+        "width": 640,
+        "height": 480,
+        "caption": "sunset",
+    }
+    fields.update(over)
+    return json.dumps(fields).encode()
+
+
+def media(seq: int, body: bytes) -> Message:
+    return Message(DM, seq, f"m{seq}", "bob", ATTACHMENT_CT, body, T0 * 1000)
+
+
+async def test_media_messages_show_kind_name_size_and_save(chat: Any, tmp_path: Path) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line("/to bob")
+    client.queue.put_nowait(media(1, _attachment()))
+    client.queue.put_nowait(media(2, _attachment(name="evil\u202egpj.exe", kind="file", size=10)))
+    client.queue.put_nowait(media(3, b'{"blob": "../etc"}'))
+    await settle()
+    lines = view.render_text().splitlines()[-3:]
+    assert lines[0] == "[14:05] bob: [image #1: photo.jpg, 1.2 MiB, 640x480] sunset"
+    assert "\u202e" not in lines[1] and lines[1].startswith("[14:05] bob: [file #2: evil")
+    assert lines[2] == "[14:05] bob: [invalid attachment]"
+    ctrl.handle_line(f"/save 1 {tmp_path}")
+    await settle()
+    assert ("download", 1, str(tmp_path)) in client.calls
+    assert view.lines()[-1].text == f"saved to {tmp_path / 'photo.jpg'}"
+    ctrl.handle_line("/save 3")
+    assert view.lines()[-1].text == "no media message #3"
+    ctrl.handle_line("/open 9")
+    assert view.lines()[-1].text == "no media message #9"
+
+
+async def test_a_tampered_download_is_an_error_line(chat: Any, tmp_path: Path) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line("/to bob")
+    body = _attachment()
+    client.queue.put_nowait(media(1, body))
+    await settle()
+    view.media[0] = media(1, b"tampered")  # the fake refuses this one as the SDK would
+    ctrl.handle_line(f"/save 1 {tmp_path}")
+    await settle()
+    assert view.lines()[-1].text.startswith("not saved: the blob's digest does not match")
+
+
+def test_chat_list_preview_of_a_media_message() -> None:
+    view = ChatView(me="alice", tz=UTC)
+    view.restore(ChatSummary(DM, 4, "bob", ATTACHMENT_CT, _attachment(caption=None), T0 * 1000, 1))
+    assert view.preview("bob").endswith("[image: photo.jpg, 1.2 MiB, 640x480]")
+
+
+def test_parse_file_and_save_commands() -> None:
+    assert parse_command("/file ~/a.png a caption here") == ("file", ["~/a.png", "a caption here"])
+    assert parse_command("/file ~/a.png") == ("file", ["~/a.png"])
+    assert parse_command("/save 3 ~/My Pictures") == ("save", ["3", "~/My Pictures"])
+
+
+async def test_file_command_sends_a_file_to_the_open_chat(chat: Any, tmp_path: Path) -> None:
+    ctrl, client, view = chat
+    ctrl.handle_line(f"/file {tmp_path / 'nope.png'}")
+    assert view.lines()[-1].text.startswith("no chat open")
+    ctrl.handle_line("/to bob")
+    ctrl.handle_line(f"/file {tmp_path / 'nope.png'}")
+    assert view.lines()[-1].text.endswith("is not a file")
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(b"x" * 2048)
+    ctrl.handle_line(f"/file {photo} look at him")
+    await settle()
+    assert ("send_file", str(photo), "bob", None, "look at him") in client.calls
+    assert view.lines()[-1].text == "[file: cat.png, 2.0 KiB] look at him"
+    mid = next(iter(client.sends))
+    client.sends[mid].set_result(SendResult(mid, DM, 5, T0 * 1000))
+    await settle()
+    assert view.render_text().splitlines()[-1] == "[14:05] me: [file: cat.png, 2.0 KiB] look at him ✓"

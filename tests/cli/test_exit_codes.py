@@ -18,7 +18,8 @@ from tests.cli_subprocess import run_roost
         ),
         (("bench", "reconnect-storm", "--cluster", "1"), "roost bench: reconnect-storm needs a cluster"),
         (("bench", "reconnect-storm"), "roost bench: reconnect-storm needs a cluster"),
-        (("send", "--to", "bob"), "the following arguments are required: text"),
+        (("send", "--to", "bob"), "roost send: give the message TEXT, or --file PATH"),
+        (("send", "--to", "bob", "--file", "/no/such/file"), "roost send: --file /no/such/file: no such"),
         # A negative cap would refuse every connection; a deadline of 0 would close each at once.
         (("serve", "--max-unauthenticated", "-1"), "argument --max-unauthenticated: must be 0 or more"),
         (("serve", "--max-unauthenticated-per-address", "-3"), "must be 0 or more"),

@@ -45,6 +45,17 @@ def test_a_late_joiner_gets_the_current_iteration_and_cannot_read_earlier_messag
     assert late.decrypt(own.encrypt(b"now")) == b"now"
 
 
+def test_same_chain_tells_a_resent_distribution_message_from_a_new_chain() -> None:
+    own, member, _ = group(0)
+    own.encrypt(b"x")
+    assert member.same_chain(own.distribution_message())  # re-sent later: same chain
+    assert own.same_chain(own.distribution_message())
+    _, renewed_skdm = SenderKeyRecord.create(own.distribution_id)
+    assert not member.same_chain(renewed_skdm)
+    with pytest.raises(DecryptError):
+        member.same_chain(b"\x33")
+
+
 def test_a_member_record_cannot_encrypt_or_redistribute() -> None:
     _, member, _ = group(0)
     with pytest.raises(E2eeError):
