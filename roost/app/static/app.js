@@ -423,9 +423,21 @@ function messageNode(m, chat) {
     "div",
     { class: own ? "msg own" : "msg in", dataset: { id: m.id, seq: m.seq ?? "" } },
     chat.group && !own ? el("span", { class: "sender" }, m.sender) : null,
-    el("span", { class: "text", dir: "auto" }, m.text),
+    m.attachment ? attachmentNode(m) : null,
+    m.text || !m.attachment ? el("span", { class: "text", dir: "auto" }, m.text) : null,
     meta,
   );
+}
+
+const INLINE = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+
+function attachmentNode(m) {
+  const a = m.attachment;
+  const size = a.size >= 1048576 ? `${(a.size / 1048576).toFixed(1)} MB` : `${Math.ceil(a.size / 1024)} KB`;
+  if (m.seq === null) return el("span", { class: "file-link" }, `📎 ${a.name} (${size}, uploading…)`);
+  const url = `/media/${encodeURIComponent(m.conv)}/${m.seq}`;
+  if (INLINE.has(a.content_type)) return el("img", { class: "media", src: url, alt: a.name });
+  return el("a", { class: "file-link", href: url, download: a.name }, `📎 ${a.name} (${size})`);
 }
 
 function renderHeader() {
@@ -500,6 +512,28 @@ async function send() {
     toast(`not sent: ${err.message}`);
   }
 }
+
+$("file-input").addEventListener("change", async () => {
+  const input = $("file-input");
+  const file = input.files[0];
+  const conv = state.current;
+  input.value = "";
+  if (!file || !conv) return;
+  try {
+    const data = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result).split(",")[1] || "");
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+    const reply = await request("send_file", { conv, name: file.name, data });
+    if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+    store(reply.message);
+    renderMessages(true);
+  } catch (err) {
+    toast(`not sent: ${err.message}`);
+  }
+});
 
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
