@@ -15,11 +15,16 @@ document with ``textContent`` only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from mimetypes import guess_type
+from pathlib import Path
 from typing import Any
 
 from roost.client import (
@@ -28,15 +33,19 @@ from roost.client import (
     InvalidArgument,
     RoostError,
 )
+from roost.client.attachments import ATTACHMENT_CT, InvalidAttachment, parse_reference
 from roost.client.events import (
     Connected,
     Consumed,
+    DecryptionFailed,
     Disconnected,
     ErrorEvent,
     Event,
+    IdentityChanged,
     LocalSend,
     Membership,
     Message,
+    Pending,
     PresenceEvent,
     ReceiptEvent,
     Sent,
@@ -85,6 +94,19 @@ def membership_text(m: Membership, me: str | None) -> str:
     return "Y" + text[1:] if text.startswith("you ") else text
 
 
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a file picked in the page (it comes over the page socket)
+
+
+def attachment_json(body: bytes) -> dict[str, Any]:
+    """A file message as the page shows it: name, type, size, caption (not the key)."""
+    try:
+        ref = parse_reference(body)
+    except (InvalidAttachment, ValueError):
+        return {"text": "[a file that cannot be read]"}
+    info = {"name": ref.name, "content_type": ref.content_type, "kind": ref.kind, "size": ref.size}
+    return {"text": ref.caption or "", "attachment": info}
+
+
 class AppBridge:
     """One SDK client, shown to any number of browser pages (``broadcast``)."""
 
@@ -111,7 +133,7 @@ class AppBridge:
         if m.sender == SYSTEM_SENDER and m.ct == MEMBERSHIP_CT:
             ms = Membership.parse(m.conv, m.seq, m.body, m.ts)
             return self.membership_json(ms)
-        return {
+        out: dict[str, Any] = {
             "kind": "own" if m.sender == self.me else "in",
             "conv": m.conv,
             "seq": m.seq,
@@ -120,6 +142,9 @@ class AppBridge:
             "text": _text_of(m.ct, m.body),
             "ts": m.ts,
         }
+        if m.ct == ATTACHMENT_CT:
+            out.update(attachment_json(m.body))
+        return out
 
     def membership_json(self, m: Membership) -> dict[str, Any]:
         return {
@@ -154,7 +179,7 @@ class AppBridge:
         target = self._conv_of_item(to, conv)
         if target is None:
             return None
-        return {
+        out: dict[str, Any] = {
             "kind": "own",
             "conv": target,
             "seq": None,
@@ -163,6 +188,9 @@ class AppBridge:
             "text": _text_of(ct, body),
             "ts": created,
         }
+        if ct == ATTACHMENT_CT:
+            out.update(attachment_json(body))
+        return out
 
     def chat_json(self, conv: str, name: str | None = None) -> dict[str, Any]:
         pair = direct_members(conv)
@@ -182,7 +210,13 @@ class AppBridge:
             peer = pair[1] if pair[0] == self.me else pair[0]
             chat["peer"] = peer
             chat["name"] = peer
+            chat.update(self._identity_json(peer))
         return chat
+
+    def _identity_json(self, user: str) -> dict[str, Any]:
+        """Whether ``user``'s key changed since first seen (unverified since) or is verified."""
+        seen = self.client.state.identity(user)
+        return {"key_changed": bool(seen and seen[2]), "verified": bool(seen and seen[1])}
 
     # -- snapshot ------------------------------------------------------------------
 
@@ -296,6 +330,27 @@ class AppBridge:
             else:
                 self.connection, self.connection_detail = "reconnecting", event.reason
             return [self._connection_json()]
+        if isinstance(event, IdentityChanged):
+            # Never a silent key switch: every page shows it in that user's chat.
+            out = {"type": "identity", "user": event.user, "was_verified": event.was_verified}
+            return [{**out, **self._identity_json(event.user)}]
+        if isinstance(event, Pending):  # in the outbox for a reason other than the connection
+            return [{"type": "waiting", "id": event.message_id, "reason": event.reason}]
+        if isinstance(event, DecryptionFailed):
+            who = event.sender
+            text = f"A message from {who} could not be decrypted; {who} was asked to send it again"
+            system = {
+                "kind": "system",
+                "conv": event.conv,
+                "seq": event.seq,
+                "id": f"failed:{event.message_id}",
+            }
+            return [
+                {
+                    "type": "message",
+                    "message": {**system, "sender": "", "text": text, "ts": int(self.clock() * 1000)},
+                }
+            ]
         if isinstance(event, ErrorEvent):
             return [{"type": "error", "code": event.code, "message": event.message, "ref": event.ref}]
         return []
@@ -410,6 +465,64 @@ class AppBridge:
         self.broadcast({"type": "message", "message": pending, "chat": self.chat_json(conv)})
         return {"message": pending}
 
+    async def cmd_send_file(self, r: dict[str, Any]) -> dict[str, Any]:
+        """A file picked in the page: encrypted and uploaded by the SDK (durable
+        from here on), its message sent once the upload is complete."""
+        conv = _conv(r)
+        name, data = r.get("name"), r.get("data")
+        if not isinstance(name, str) or not isinstance(data, str):
+            raise CommandError("name and data (base64) are needed")
+        try:
+            content = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise CommandError("data is not base64") from None
+        if not content or len(content) > MAX_FILE_BYTES:
+            raise CommandError(f"a file must have 1 to {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+        safe = Path(name).name.strip() or "file"
+        folder = self.client.media_folder() / "app-outgoing" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        source = folder / safe
+        source.write_bytes(content)
+        mid = uuid.uuid4().hex
+        try:
+            if is_group_id(conv):
+                await self.client.send_file(source, group=conv, message_id=mid, wait=False)
+            else:
+                await self.client.send_file(source, to=self._peer(conv), message_id=mid, wait=False)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the SDK keeps its encrypted copy
+        pending = {
+            "kind": "own",
+            "conv": conv,
+            "seq": None,
+            "id": mid,
+            "sender": self.me or "",
+            "text": "",
+            "ts": int(self.clock() * 1000),
+            "attachment": {
+                "name": safe,
+                "content_type": guess_type(safe)[0] or "",
+                "kind": "file",
+                "size": len(content),
+            },
+        }
+        self.broadcast({"type": "message", "message": pending, "chat": self.chat_json(conv)})
+        return {"message": pending}
+
+    async def file_of(self, conv: str, seq: int, cache: Path) -> tuple[Path, str]:
+        """The decrypted file of the attachment at ``(conv, seq)``: downloaded
+        once into ``cache``; its path and content type."""
+        stored = self.client.local_history(conv, 1, seq + 1)
+        if not stored or stored[0].seq != seq or stored[0].ct != ATTACHMENT_CT:
+            raise CommandError("no such file")
+        ref = parse_reference(stored[0].body)
+        folder = cache / hashlib.sha256(f"{conv}/{seq}".encode()).hexdigest()[:24]
+        done = [p for p in folder.glob("*") if p.is_file()] if folder.exists() else []
+        if not done:
+            folder.mkdir(parents=True, exist_ok=True)
+            done = [await self.client.download(stored[0], folder)]
+        return done[0], ref.content_type
+
     async def cmd_read(self, r: dict[str, Any]) -> dict[str, Any]:
         conv = _conv(r)
         seq = r.get("seq")
@@ -482,6 +595,26 @@ class AppBridge:
         marks = self.client.receipt_marks(conv)
         return {"marks": {user: {"delivered": d, "read": rd} for user, (d, rd) in marks.items()}}
 
+    async def cmd_safety_number(self, r: dict[str, Any]) -> dict[str, Any]:
+        peer = self._peer(_conv(r))
+        number = await self.client.safety_number(peer)
+        return {
+            "user": peer,
+            "groups": number.groups.split(" "),
+            "verified": number.verified,
+            "changed": number.changed,
+        }
+
+    async def cmd_verify(self, r: dict[str, Any]) -> dict[str, Any]:
+        conv = _conv(r)
+        verified = r.get("verified")
+        if not isinstance(verified, bool):
+            raise CommandError("verified must be true or false")
+        peer = self._peer(conv)
+        self.client.mark_verified(peer, verified)
+        self.broadcast({"type": "identity", "user": peer, "was_verified": False, **self._identity_json(peer)})
+        return {"chat": self.chat_json(conv)}
+
     def _group_json(self, info: Any) -> dict[str, Any]:
         return {"group": info.group, "name": info.name, "members": info.members, "admins": info.admins}
 
@@ -505,6 +638,9 @@ class AppBridge:
         "group_leave": cmd_group_leave,
         "search": cmd_search,
         "receipts": cmd_receipts,
+        "send_file": cmd_send_file,
+        "safety_number": cmd_safety_number,
+        "verify": cmd_verify,
     }
 
 

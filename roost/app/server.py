@@ -13,11 +13,13 @@ import json
 import logging
 import socket
 from importlib import resources
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
-from roost.app.bridge import AppBridge
+from roost.app.bridge import AppBridge, CommandError
 from roost.app.guard import SECRET_PARAM, Guard, new_secret
 from roost.client import Client, RoostError
 
@@ -28,7 +30,9 @@ STATIC_FILES = {
     "dom.js": "text/javascript",
     "style.css": "text/css",
 }
-MAX_FRAME = 256 * 1024  # a command: a 64 KiB message, JSON-escaped, fits
+MAX_FRAME = 24 * 1024 * 1024  # a command: a 16 MiB file, base64 in JSON, fits
+# Shown in the page; any other type is offered as a download (never rendered: no HTML, no SVG).
+INLINE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 MAX_COMMANDS_IN_FLIGHT = 32  # per page socket; more are answered "busy"
 
 
@@ -68,6 +72,7 @@ class AppServer:
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._file)
         app.router.add_get("/ws", self._websocket)
+        app.router.add_get("/media/{conv}/{seq}", self._media)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
@@ -149,6 +154,24 @@ class AppServer:
         if content_type is None:
             raise web.HTTPNotFound()
         return web.Response(body=_static(name), content_type=content_type, charset="utf-8")
+
+    async def _media(self, request: web.Request) -> web.StreamResponse:
+        """A received or sent file, decrypted (downloaded once); images inline, the rest as downloads."""
+        conv = request.match_info["conv"]
+        try:
+            seq = int(request.match_info["seq"])
+            path, content_type = await self.bridge.file_of(conv, seq, self._media_cache())
+        except (ValueError, CommandError, RoostError, OSError) as exc:
+            raise web.HTTPNotFound(text=f"no such file: {exc}") from None
+        inline = content_type in INLINE_TYPES
+        response = web.FileResponse(path)
+        response.content_type = content_type if inline else "application/octet-stream"
+        if not inline:
+            response.headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(path.name)}"
+        return response
+
+    def _media_cache(self) -> Path:
+        return self.client.media_folder() / "app-downloads"
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=30.0)

@@ -49,7 +49,7 @@ class AppProcess:
         self.port = 0
         self.log_path = state.with_suffix(".log")
 
-    def start(self, timeout: float = 15.0) -> AppProcess:
+    def start(self, timeout: float = 60.0) -> AppProcess:
         return self.launch().wait_url(timeout)
 
     def launch(self) -> AppProcess:
@@ -64,7 +64,7 @@ class AppProcess:
         )
         return self
 
-    def wait_url(self, timeout: float = 15.0) -> AppProcess:
+    def wait_url(self, timeout: float = 60.0) -> AppProcess:
         assert self.proc is not None and self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

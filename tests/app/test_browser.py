@@ -267,3 +267,74 @@ def test_roost_send_hands_over_to_the_running_app_and_history_pages_back(
     bob.locator("#search-input").fill("TERMINAL")
     bob.locator("#search-input").press("Enter")
     bob.locator("#search-list .result-item", has_text="alice: from the terminal").wait_for()
+
+
+def safety_digits(page: Any) -> str:
+    page.locator("#safety-button").click()
+    digits = page.locator("#safety-digits span")
+    expect(digits).to_have_count(12)
+    text = " ".join(digits.all_inner_texts())
+    return text
+
+
+def test_safety_numbers_match_and_a_changed_key_shows_a_banner(
+    make_app: Any, open_page: Any, tmp_path: Any
+) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    send(alice, "hi bob")
+    chat_item(bob, "alice").click()
+    bob.locator(".msg.in", has_text="hi bob").wait_for()
+    number = safety_digits(alice)
+    assert number == safety_digits(bob)  # the same on both sides: no one in between
+    assert len(number.replace(" ", "")) == 60
+    alice.locator("#safety-verify").click()
+    expect(alice.locator("#safety-state")).to_have_text("Verified")
+    alice.locator("#safety-dialog").get_by_role("button", name="Close").click()
+    expect(alice.locator("#key-banner")).to_be_hidden()
+
+    # bob reinstalls: a new state, so a new identity key
+    bob_app.stop()
+    for path in tmp_path.glob("bob.sqlite*"):
+        path.unlink()
+    bob = open_page(make_app("bob"))
+    bob.locator("#new-chat-button").click()
+    bob.locator("#new-chat-user").fill("alice")
+    bob.locator("#new-chat-user").press("Enter")
+    send(bob, "new phone, same bob")
+    alice.locator(".msg.in", has_text="new phone").wait_for()
+    banner = alice.locator("#key-banner")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("bob's safety number changed")
+    assert safety_digits(alice) != number
+    expect(alice.locator("#safety-state")).to_have_text("Not verified")
+
+
+# A 2x2 red PNG.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000002000000020802000000fdd49a73"
+    "0000001649444154789c63f8cfc0f01f0c181818fe03000d8102fd4b4a8e3f0000000049454e44ae426082"
+)
+
+
+def test_an_image_sent_is_shown_to_the_peer(make_app: Any, open_page: Any) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+    alice.locator("#new-chat-button").click()
+    alice.locator("#new-chat-user").fill("bob")
+    alice.locator("#new-chat-user").press("Enter")
+    send(alice, "a picture follows")
+    alice.locator("#file-input").set_input_files({"name": "red.png", "mimeType": "image/png", "buffer": PNG})
+    chat_item(bob, "alice").click()
+    image = bob.locator(".msg.in img.media")
+    image.wait_for()
+    assert image.get_attribute("alt") == "red.png"
+    for _ in range(100):
+        if image.evaluate("img => img.complete && img.naturalWidth") == 2:
+            break
+        bob.wait_for_timeout(100)
+    assert image.evaluate("img => img.naturalWidth") == 2  # decrypted and served whole
+    alice.locator(".msg.own img.media").wait_for()  # the sender sees it too, once stored

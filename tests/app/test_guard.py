@@ -146,6 +146,8 @@ async def bad_commands(app: AppProcess) -> None:
             {"op": "group_add", "conv": "d:alice:bob", "members": ["carol"]},
             {"op": "group_add", "conv": "g:0011223344556677", "members": "carol"},
             {"op": "search", "text": 3},
+            {"op": "send_file", "conv": "g:0011223344556677", "name": "a.txt", "data": "not base64!"},
+            {"op": "send_file", "conv": "g:0011223344556677", "name": "a.txt", "data": ""},
         ]
         for i, command in enumerate(bad):
             if isinstance(command, dict):

@@ -112,6 +112,21 @@ function handle(ev) {
     case "typing":
       onTyping(ev);
       break;
+    case "waiting":
+      for (const [conv, map] of state.messages) {
+        const msg = map.get(ev.id);
+        if (msg) {
+          msg.waiting = ev.reason;
+          if (conv === state.current) renderMessages();
+        }
+      }
+      break;
+    case "identity":
+      for (const chat of state.chats.values()) {
+        if (chat.peer === ev.user) Object.assign(chat, { key_changed: ev.key_changed, verified: ev.verified });
+      }
+      renderHeader();
+      break;
     case "error":
       onError(ev);
       break;
@@ -234,7 +249,7 @@ function onError(ev) {
 
 function tickOf(msg, chat) {
   if (msg.failed) return ["failed", "✗", `not sent: ${msg.failed}`];
-  if (msg.seq === null) return ["pending", "…", "waiting to be sent"];
+  if (msg.seq === null) return ["pending", "…", msg.waiting ? `waiting: ${msg.waiting}` : "waiting to be sent"];
   if (chat.read >= msg.seq) return ["read", "✓✓", "read"];
   if (chat.delivered >= msg.seq) return ["delivered", "✓✓", "delivered"];
   return ["sent", "✓", "sent"];
@@ -307,6 +322,7 @@ async function openChat(conv, focusComposer = false) {
   $("app").classList.add("chat-open");
   $("composer").hidden = false;
   $("group-info-button").hidden = !chat.group;
+  $("safety-button").hidden = chat.group;
   renderHeader();
   renderChatList();
   renderMessages();
@@ -407,9 +423,21 @@ function messageNode(m, chat) {
     "div",
     { class: own ? "msg own" : "msg in", dataset: { id: m.id, seq: m.seq ?? "" } },
     chat.group && !own ? el("span", { class: "sender" }, m.sender) : null,
-    el("span", { class: "text", dir: "auto" }, m.text),
+    m.attachment ? attachmentNode(m) : null,
+    m.text || !m.attachment ? el("span", { class: "text", dir: "auto" }, m.text) : null,
     meta,
   );
+}
+
+const INLINE = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+
+function attachmentNode(m) {
+  const a = m.attachment;
+  const size = a.size >= 1048576 ? `${(a.size / 1048576).toFixed(1)} MB` : `${Math.ceil(a.size / 1024)} KB`;
+  if (m.seq === null) return el("span", { class: "file-link" }, `📎 ${a.name} (${size}, uploading…)`);
+  const url = `/media/${encodeURIComponent(m.conv)}/${m.seq}`;
+  if (INLINE.has(a.content_type)) return el("img", { class: "media", src: url, alt: a.name });
+  return el("a", { class: "file-link", href: url, download: a.name }, `📎 ${a.name} (${size})`);
 }
 
 function renderHeader() {
@@ -417,6 +445,9 @@ function renderHeader() {
   if (!conv) return;
   const chat = state.chats.get(conv);
   setText($("conv-title"), chat.name);
+  // Never a silent key switch: the banner stays until the number is verified again.
+  $("key-banner").hidden = !chat.key_changed;
+  if (chat.key_changed) setText($("key-banner-text"), `${chat.name}'s safety number changed: they reinstalled, or someone is in between.`);
   const status = $("conv-status");
   const now = Date.now();
   const typers = [...(state.typing.get(conv) || new Map())].filter(([, until]) => until > now).map(([u]) => u);
@@ -481,6 +512,28 @@ async function send() {
     toast(`not sent: ${err.message}`);
   }
 }
+
+$("file-input").addEventListener("change", async () => {
+  const input = $("file-input");
+  const file = input.files[0];
+  const conv = state.current;
+  input.value = "";
+  if (!file || !conv) return;
+  try {
+    const data = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result).split(",")[1] || "");
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+    const reply = await request("send_file", { conv, name: file.name, data });
+    if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+    store(reply.message);
+    renderMessages(true);
+  } catch (err) {
+    toast(`not sent: ${err.message}`);
+  }
+});
 
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
@@ -634,6 +687,42 @@ async function showInfo(m) {
     list.replaceChildren(el("li", {}, err.message));
   }
 }
+
+async function showSafetyNumber() {
+  const conv = state.current;
+  const chat = state.chats.get(conv);
+  setText($("safety-error"), "");
+  setText($("safety-intro"), `Compare these numbers with ${chat.name}'s, in person or over a call. If they match, no one is in between.`);
+  $("safety-digits").replaceChildren();
+  $("safety-dialog").showModal();
+  try {
+    const r = await request("safety_number", { conv });
+    $("safety-digits").replaceChildren(...r.groups.map((g) => el("span", {}, g)));
+    renderSafetyState(r.verified);
+  } catch (err) {
+    setText($("safety-error"), err.message);
+  }
+}
+
+function renderSafetyState(verified) {
+  setText($("safety-state"), verified ? "Verified" : "Not verified");
+  setText($("safety-verify"), verified ? "Clear verification" : "Mark as verified");
+  $("safety-verify").dataset.verified = String(verified);
+}
+
+$("safety-button").addEventListener("click", showSafetyNumber);
+$("key-banner-button").addEventListener("click", showSafetyNumber);
+$("safety-verify").addEventListener("click", async () => {
+  const verified = $("safety-verify").dataset.verified !== "true";
+  try {
+    const r = await request("verify", { conv: state.current, verified });
+    ensureChat(r.chat.conv, r.chat);
+    renderSafetyState(r.chat.verified);
+    renderHeader();
+  } catch (err) {
+    setText($("safety-error"), err.message);
+  }
+});
 
 // -- search -------------------------------------------------------------------------------------------
 
