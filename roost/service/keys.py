@@ -9,8 +9,10 @@ per loop pass on PostgreSQL), answered after the inbox is offered.
   has no user field). Its signatures (~0.1 ms each, up to 101 per frame) are
   checked on one worker thread, not the event loop (libsodium releases the
   GIL), then the store writes the upload whole or refuses it whole.
-* ``keys_get`` is rate-limited per requester (draining someone's one-time
-  keys is an attack): a token bucket per user on this gateway.
+* ``keys_get`` is rate-limited (draining someone's one-time keys is an
+  attack): token buckets on this gateway per requester and target (10, then
+  one a minute) and per requester (1,100, then 5 a second: a whole group's
+  sessions at once).
 * ``keys_low`` goes to the owner wherever it is connected (the registry
   routes it like a typing frame) when a fetch leaves fewer than
   ``LOW_WATER`` one-time keys of a kind, and after welcome when it has few
@@ -45,8 +47,15 @@ MAX_BUCKETS = 10_000  # requesters remembered before idle (full) buckets are dro
 
 @dataclass(slots=True)
 class KeyLimits:
-    fetch_rate: float = 0.5  # bundle fetches per second per requester (30 a minute)
-    fetch_burst: float = 30.0
+    # Per requester and target user: draining one user's one-time keys takes
+    # many fetches of that user, while a device fetches a user's bundle once
+    # per session it starts (a first message, a retry, a reinstall).
+    pair_rate: float = 1 / 60  # one more a minute
+    pair_burst: float = 10.0
+    # Per requester, all targets: a sender key for a group of 1,024 needs a
+    # session with every member, so one burst covers a whole group.
+    fetch_rate: float = 5.0
+    fetch_burst: float = 1100.0
     upload_rate: float = 1 / 6  # keys_put per second per user (10 a minute)
     upload_burst: float = 20.0
 
@@ -125,6 +134,7 @@ class KeyDirectory:
         self.registry = registry
         self._spawn = spawn
         self._fetches = _Buckets(limits.fetch_rate, limits.fetch_burst)
+        self._pair_fetches = _Buckets(limits.pair_rate, limits.pair_burst)
         self._uploads = _Buckets(limits.upload_rate, limits.upload_burst)
         # One thread: a flood of uploads costs at most one core's worth.
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="roost-keys")
@@ -146,7 +156,12 @@ class KeyDirectory:
 
     def on_get(self, session: Session, frame: f.KeysGet) -> None:
         # Charged when asked, answered or not: a refusal costs the asker too.
-        if not self._fetches.allow(session.user, time.monotonic()):
+        now = time.monotonic()
+        if not self._pair_fetches.allow(f"{session.user}\0{frame.user}", now):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"too many fetches of {frame.user}'s keys; retry later", frame.ref
+            )
+        if not self._fetches.allow(session.user, now):
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many key bundle fetches; retry later", frame.ref)
         self._in_order(session, frame.ref, lambda: self._get(session, frame))
 

@@ -266,20 +266,22 @@ async def test_bundle_fetches_are_rate_limited_per_requester(server: Any) -> Non
     carol = await RawWS.open(server, tokens["carol"])
     try:
         assert await put(alice, upload(Identity.generate(), ec_ids=range(1, 51), kem_ids=[])) == state(50, 0)
-        for i in range(30):  # the burst
+        for i in range(10):  # the burst of one requester for one target
             await bob.send({"type": "keys_get", "user": "alice", "ref": f"b{i}"})
         await bob.send({"type": "keys_get", "user": "alice", "ref": "over"})
         answers = {}
-        while len(answers) < 31:
+        while len(answers) < 11:
             fr = await bob.recv()
             if fr.get("ref"):
                 answers[fr["ref"]] = fr
-        assert all(answers[f"b{i}"]["type"] == "keys_bundle" for i in range(30))
+        assert all(answers[f"b{i}"]["type"] == "keys_bundle" for i in range(10))
         assert (answers["over"]["type"], answers["over"]["code"]) == ("error", "rate_limited")
-        # The refused fetch handed nothing out; another requester is not limited.
-        assert (await counts(alice))["ec"] == 20
+        # The refused fetch handed nothing out; another requester is not limited,
+        # nor is the same requester for another target (carol has no keys: no_keys, not rate_limited).
+        assert (await counts(alice))["ec"] == 40
         dev = (await fetch(carol, "alice"))["devices"][0]
-        assert dev["prekey"]["id"] == 31
+        assert dev["prekey"]["id"] == 11
+        assert (await fetch(bob, "carol", "other"))["code"] == "no_keys"
     finally:
         await close_all(alice, bob, carol)
 
