@@ -62,6 +62,10 @@ DEVICE = 1  # this device (multi-device later: the ids are already on the wire a
 
 # Key stock: uploaded in full on a new identity, refilled below a third.
 PREKEY_BATCH = 100
+# A failed key upload is tried again after 0.5, 1, 2, ... s (at most 30 s apart), 8 times.
+PUBLISH_ATTEMPTS = 8
+PUBLISH_RETRY_BASE = 0.5
+PUBLISH_RETRY_CAP = 30.0
 SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients do
 
 # Polling for the keys of a user who has none yet: 1 s, 2 s, ... capped.
@@ -199,8 +203,22 @@ class E2ee:
 
     async def _publish_keys(self) -> None:
         self.published.clear()
-        await self._ensure_published()
-        self.published.set()
+        # A transient server error (a store fault answered `unavailable`) must
+        # not leave this device without keys until its next reconnect: every
+        # message to it would wait in its senders' outboxes (roost simulate
+        # seed 22). A lost connection ends the attempts; the next connect
+        # starts over.
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self._ensure_published()
+            except Exception as exc:
+                if _is_connection_error(exc) or attempt == PUBLISH_ATTEMPTS - 1:
+                    raise
+                log.info("key upload failed (%r); trying again", exc)
+                await asyncio.sleep(min(PUBLISH_RETRY_BASE * 2**attempt, PUBLISH_RETRY_CAP))
+                continue
+            self.published.set()
+            return
 
     async def _ensure_published(self) -> None:
         counts = await self.client.key_counts()
