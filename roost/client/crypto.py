@@ -71,6 +71,7 @@ SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients 
 # Polling for the keys of a user who has none yet: 1 s, 2 s, ... capped.
 KEYS_POLL_FIRST = 1.0
 KEYS_POLL_CAP = 15.0
+UNAVAILABLE_WAIT = 1.0  # s: a key fetch the server answered `unavailable` (a store fault) is tried again
 RATE_LIMITED_WAIT = 5.0
 CLOSE_PUBLISH_WAIT = 5.0  # s a closing client waits for its keys' upload
 
@@ -501,6 +502,11 @@ class E2ee:
         elif exc.code == "rate_limited":
             self._blocked[item.to] = loop.time() + RATE_LIMITED_WAIT
             self._why_blocked[item.to] = "key fetches are rate-limited by the server; retrying"
+            self._set_pending(item, self._why_blocked[item.to])
+        elif exc.code == "unavailable":
+            # The server's store failed for a moment: not the message's fault.
+            self._blocked[item.to] = loop.time() + UNAVAILABLE_WAIT
+            self._why_blocked[item.to] = "the server could not read keys for a moment; retrying"
             self._set_pending(item, self._why_blocked[item.to])
         elif exc.code == "connection_lost":
             raise exc

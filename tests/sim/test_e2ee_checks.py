@@ -25,3 +25,12 @@ def test_a_failed_first_key_upload_is_tried_again() -> None:
     result = run_seed(22)
     assert result.ok, result.violations
     assert result.report.acked == result.report.sent > 0
+
+
+def test_a_key_fetch_answered_unavailable_is_tried_again() -> None:
+    """Seed 31: alice's fetch of carol's bundle meets a store fault
+    (``unavailable``); the message failed for good and stayed in the outbox."""
+    from roost.sim.world import run_seed
+
+    result = run_seed(31)
+    assert result.ok, result.violations
