@@ -115,6 +115,8 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
     known: list[int] = []  # only violations of documented gaps
     first: Any = None
     totals = {"sent": 0, "acked": 0, "delivered": 0, "faults": 0}
+    # Violation kinds summed over the runs, end-to-end ones beside the delivery ones (goal: 0 each).
+    kinds = {kind: 0 for kind in ("lost", "duplicate", "reordered", "gap", "undecryptable", "plaintext")}
     began = time.perf_counter()
     cpu = time.process_time()
     for seed in range(start, start + count):
@@ -123,6 +125,9 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
         totals["acked"] += result.report.acked
         totals["delivered"] += result.report.delivered
         totals["faults"] += sum(result.faults.values())
+        for v in result.unexplained:
+            if v.kind in kinds:
+                kinds[v.kind] += 1
         if _failed(result, strict):
             failing.append(seed)
             if first is None:
@@ -141,6 +146,7 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
         f"messages sent {totals['sent']}, acked {totals['acked']}, delivered (message x recipient)"
         f" {totals['delivered']}, faults injected {totals['faults']}"
     )
+    print("violations (goal 0 each): " + ", ".join(f"{kind} {n}" for kind, n in kinds.items()))
     print(f"fault kinds: {','.join(faults) or 'none'}")
     print(f"failing seeds: {len(failing)}" + (f" {failing[:20]}" if failing else ""))
     if known:
@@ -157,6 +163,7 @@ def _many(start: int, count: int, faults: tuple[str, ...], json_path: str | None
             "cpu_s": cpu,
             "failing": failing,
             "known_gaps": known,
+            "violations": kinds,
             **totals,
         }
         Path(json_path).write_text(json.dumps(summary, indent=2))

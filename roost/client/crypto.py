@@ -62,11 +62,16 @@ DEVICE = 1  # this device (multi-device later: the ids are already on the wire a
 
 # Key stock: uploaded in full on a new identity, refilled below a third.
 PREKEY_BATCH = 100
+# A failed key upload is tried again after 0.5, 1, 2, ... s (at most 30 s apart), 8 times.
+PUBLISH_ATTEMPTS = 8
+PUBLISH_RETRY_BASE = 0.5
+PUBLISH_RETRY_CAP = 30.0
 SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients do
 
 # Polling for the keys of a user who has none yet: 1 s, 2 s, ... capped.
 KEYS_POLL_FIRST = 1.0
 KEYS_POLL_CAP = 15.0
+UNAVAILABLE_WAIT = 1.0  # s: a key fetch the server answered `unavailable` (a store fault) is tried again
 RATE_LIMITED_WAIT = 5.0
 KEYGEN_BATCH = 10
 CLOSE_PUBLISH_WAIT = 5.0  # s a closing client waits for its keys' upload
@@ -200,8 +205,22 @@ class E2ee:
 
     async def _publish_keys(self) -> None:
         self.published.clear()
-        await self._ensure_published()
-        self.published.set()
+        # A transient server error (a store fault answered `unavailable`) must
+        # not leave this device without keys until its next reconnect: every
+        # message to it would wait in its senders' outboxes (roost simulate
+        # seed 22). A lost connection ends the attempts; the next connect
+        # starts over.
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self._ensure_published()
+            except Exception as exc:
+                if _is_connection_error(exc) or attempt == PUBLISH_ATTEMPTS - 1:
+                    raise
+                log.info("key upload failed (%r); trying again", exc)
+                await asyncio.sleep(min(PUBLISH_RETRY_BASE * 2**attempt, PUBLISH_RETRY_CAP))
+                continue
+            self.published.set()
+            return
 
     async def _ensure_published(self) -> None:
         counts = await self.client.key_counts()
@@ -490,6 +509,11 @@ class E2ee:
         elif exc.code == "rate_limited":
             self._blocked[item.to] = loop.time() + RATE_LIMITED_WAIT
             self._why_blocked[item.to] = "key fetches are rate-limited by the server; retrying"
+            self._set_pending(item, self._why_blocked[item.to])
+        elif exc.code == "unavailable":
+            # The server's store failed for a moment: not the message's fault.
+            self._blocked[item.to] = loop.time() + UNAVAILABLE_WAIT
+            self._why_blocked[item.to] = "the server could not read keys for a moment; retrying"
             self._set_pending(item, self._why_blocked[item.to])
         elif exc.code == "connection_lost":
             raise exc
