@@ -22,4 +22,5 @@ SCENARIOS: dict[str, str] = {
     "idle-connections": "roost.bench.idle",
     "reconnect-storm": "roost.bench.storm",
     "media": "roost.bench.media",
+    "e2ee": "roost.bench.e2ee",
 }

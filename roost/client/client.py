@@ -56,6 +56,7 @@ from roost.client.events import (
     Message,
     Pending,
     PresenceEvent,
+    ProtocolMessage,
     ReceiptEvent,
     Sent,
     TypingEvent,
@@ -902,6 +903,8 @@ class Client:
         self._pending_waiters.pop(frame.id, None)
         if item is not None and not item.control:
             self._emit(Sent(frame.id, frame.conv, frame.seq, frame.ts))
+        elif item is not None:
+            self._emit(ProtocolMessage(frame.conv, frame.seq, self.user or "", outgoing=True))
         waiter = self._ack_waiters.pop(frame.id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(SendResult(frame.id, frame.conv, frame.seq, frame.ts, frame.duplicate))

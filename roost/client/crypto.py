@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from roost.client.events import DecryptionFailed, IdentityChanged, Membership, Message
+from roost.client.events import DecryptionFailed, IdentityChanged, Membership, Message, ProtocolMessage
 from roost.client.keys import KeyUpload
 from roost.client.state import OutboxItem
 from roost.e2ee import (
@@ -62,13 +62,13 @@ DEVICE = 1  # this device (multi-device later: the ids are already on the wire a
 
 # Key stock: uploaded in full on a new identity, refilled below a third.
 PREKEY_BATCH = 100
-REFILL_BELOW = PREKEY_BATCH // 3
 SIGNED_PREKEY_MAX_AGE = 7 * 24 * 3600.0  # s: rotated weekly, as Signal clients do
 
 # Polling for the keys of a user who has none yet: 1 s, 2 s, ... capped.
 KEYS_POLL_FIRST = 1.0
 KEYS_POLL_CAP = 15.0
 RATE_LIMITED_WAIT = 5.0
+KEYGEN_BATCH = 10
 CLOSE_PUBLISH_WAIT = 5.0  # s a closing client waits for its keys' upload
 
 # A group message whose sender key has not come within this long gets a retry request.
@@ -80,7 +80,7 @@ HELD_FAILED = "failed"  # could not be decrypted; a retry request asks for it ag
 HELD_BEHIND = "behind"  # decrypted, waits behind an earlier held message of its conversation
 HELD_GAVE_UP = "gave_up"  # failed for good; a late resend is still shown
 # Retry requests per sender per minute (a peer sending garbage must not make us flood it).
-RETRIES_PER_MINUTE = 20
+RETRIES_PER_MINUTE = 120
 FETCH_CONCURRENCY = 16  # bundle fetches in flight when handing a sender key to a group
 MAX_SESSIONS = 5  # per peer device: the current one and four previous ones
 
@@ -124,6 +124,11 @@ class E2ee:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.state = client.state
+        # One-time keys of each kind kept on the server. Each is an ML-KEM
+        # key generation and a signature: a test world of many short-lived
+        # clients (roost simulate) keeps fewer; spent, a bundle falls back to
+        # the last-resort KEM key, as on any device that ran out.
+        self.prekey_batch = PREKEY_BATCH
         raw = self.state.e2ee_local_keys()
         if raw is None:
             self.keys = LocalKeys.generate(DEVICE)
@@ -202,12 +207,13 @@ class E2ee:
         counts = await self.client.key_counts()
         uploaded = self.state.get_meta(_META_UPLOADED) == self.keys.identity_public.hex()
         if not counts.has_identity or not uploaded:
-            await self._upload(PREKEY_BATCH, PREKEY_BATCH, full=True)
+            await self._upload(self.prekey_batch, self.prekey_batch, full=True)
             self.state.set_meta(_META_UPLOADED, self.keys.identity_public.hex())
             return
         rotate = self.keys.signed_prekey_age(time.time()) > SIGNED_PREKEY_MAX_AGE
-        ec = PREKEY_BATCH - counts.ec if counts.ec < REFILL_BELOW else 0
-        kem = PREKEY_BATCH - counts.kem if counts.kem < REFILL_BELOW else 0
+        batch, below = self.prekey_batch, self.prekey_batch // 3
+        ec = batch - counts.ec if counts.ec < below else 0
+        kem = batch - counts.kem if counts.kem < below else 0
         if rotate or ec or kem:
             await self._upload(ec, kem, rotate=rotate)
 
@@ -223,16 +229,23 @@ class E2ee:
     async def refill(self) -> None:
         """On ``keys_low``: top the stock up to a full batch."""
         counts = await self.client.key_counts()
-        ec = max(0, PREKEY_BATCH - counts.ec) if counts.ec < REFILL_BELOW * 2 else 0
-        kem = max(0, PREKEY_BATCH - counts.kem) if counts.kem < REFILL_BELOW * 2 else 0
+        batch, below = self.prekey_batch, self.prekey_batch // 3
+        ec = max(0, batch - counts.ec) if counts.ec < below * 2 else 0
+        kem = max(0, batch - counts.kem) if counts.kem < below * 2 else 0
         if ec or kem or not counts.has_identity:
             await self._upload(ec, kem, full=not counts.has_identity)
 
     async def _upload(self, ec: int, kem: int, *, full: bool = False, rotate: bool = False) -> None:
         del full  # a full upload is a full batch; every upload carries the whole identity
         signed = self._signed_prekey(rotate=rotate)
-        prekeys = self.keys.new_prekeys(ec) if ec else []
-        kem_prekeys = self.keys.new_kem_prekeys(kem) if kem else []
+        # In small batches, yielding between them: generating 200 keys takes
+        # a while, and the connection (and other clients in this process) go on.
+        prekeys: list[tuple[int, bytes]] = []
+        kem_prekeys: list[tuple[int, bytes, bytes]] = []
+        for start in range(0, max(ec, kem), KEYGEN_BATCH):
+            prekeys += self.keys.new_prekeys(min(KEYGEN_BATCH, max(0, ec - start)))
+            kem_prekeys += self.keys.new_kem_prekeys(min(KEYGEN_BATCH, max(0, kem - start)))
+            await asyncio.sleep(0)
         # Always sent (the same key again): if another install of the account
         # replaced the identity meanwhile, this upload replaces it back whole.
         last_resort = self.keys.last_resort_kem()
@@ -621,6 +634,7 @@ class E2ee:
             return []
         if content.kind == "msg":
             return [self._message(m, content)]
+        self.client._emit(ProtocolMessage(m.conv, m.seq, m.sender, outgoing=False))
         if content.kind == "skdm":
             self._on_skdm(m.sender, content, unblocked)
         elif content.kind == "retry":

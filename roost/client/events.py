@@ -49,6 +49,18 @@ class Pending:
 
 
 @dataclass(slots=True, frozen=True)
+class ProtocolMessage:
+    """A seq of a 1:1 conversation taken by an encryption protocol message
+    (a sender key hand-out, a retry request, a resend), sent (``outgoing``,
+    at its ✓) or received: never shown, but the seq is accounted for."""
+
+    conv: str
+    seq: int
+    sender: str
+    outgoing: bool
+
+
+@dataclass(slots=True, frozen=True)
 class DecryptionFailed:
     """A received ciphertext could not be decrypted; a retry request went to
     its sender, whose answer, if it comes, is shown as the message itself."""
@@ -202,4 +214,5 @@ Event = (
     | IdentityChanged
     | Pending
     | DecryptionFailed
+    | ProtocolMessage
 )

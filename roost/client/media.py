@@ -110,7 +110,7 @@ class Uploader:
         self.client = client
         self.pending: dict[str, UploadItem] = {u.id: u for u in client.state.uploads()}
         self.progress: dict[str, Progress] = {}
-        self._wake = asyncio.Event()
+        self._running = False  # between the client's connect() and close()
         self._task: asyncio.Task[None] | None = None
         # An in-memory state gets a temporary folder, made on first use, removed on stop.
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
@@ -138,11 +138,17 @@ class Uploader:
                     p.unlink()
 
     def start(self) -> None:
-        if self._task is None:
+        """The client runs: upload what is pending (the task ends when nothing is,
+        so an idle client holds no task; ``add`` starts it again)."""
+        self._running = True
+        self._ensure_task()
+
+    def _ensure_task(self) -> None:
+        if self._running and self.pending and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run())
-        self._wake.set()
 
     async def stop(self) -> None:
+        self._running = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -159,16 +165,12 @@ class Uploader:
         item = await asyncio.to_thread(prepare_upload, path, self.folder, message_id, to, conv, caption)
         self.client.state.upload_add(item)
         self.pending[item.id] = item
-        self._wake.set()
+        self._ensure_task()
         return item
 
     async def _run(self) -> None:
         attempt = 0
-        while True:
-            if not self.pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+        while self.pending:
             await self.client.wait_connected()
             item = next(iter(self.pending.values()))
             try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from roost.core.presence import PresenceChange
@@ -41,6 +42,18 @@ from roost.sim.store import SimStore
 from roost.store.base import ReceiptState, StoredMessage
 
 AUTH_TIMEOUT = 10.0
+
+
+class _InlineExecutor(Executor):
+    """An executor that runs each call at once, on the loop's own thread."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
 
 
 class Router:
@@ -288,6 +301,11 @@ class Gateway:
         self.registry = GatewayRegistry(self, self.router)
         view: Any = StoreView(self.store, self)
         self.service = ChatService(view, self.registry, self.config)  # type: ignore[arg-type]
+        # The key directory checks upload signatures on a thread; on the
+        # virtual clock a thread's answer lands at a real-time instant (runs
+        # no longer replay) or never (a stalled loop). Check them inline.
+        self.service.keys.stop()
+        self.service.keys._verifier = _InlineExecutor()  # type: ignore[assignment]
         self.service.start()
         self.trace("gateway-up", "", self.name)
 

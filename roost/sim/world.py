@@ -21,9 +21,11 @@ recorded history goes through the same checker as ``roost verify``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import shutil
+import ssl
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,8 +34,8 @@ from typing import Any
 
 import aiohttp
 
-from roost.client import Client, Membership, Message, ReceiptEvent, Sent
-from roost.client.events import ErrorEvent
+from roost.client import Client, Membership, Message, ProtocolMessage, ReceiptEvent, Sent
+from roost.client.events import DecryptionFailed, ErrorEvent
 from roost.core.tokens import hash_token
 from roost.service.chat import ServiceConfig
 from roost.sim.cluster import Gateway, Router
@@ -48,6 +50,11 @@ from roost.verify.history import Sent as SentRecord
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 BIG_SHARE = 0.15  # the share of runs drawn as a bigger world
 SETTLE_SECONDS = 20.0  # virtual time after the workload for everything to heal and drain
+# One-time prekeys of each kind per simulated client (the SDK keeps 100): each
+# is an ML-KEM key generation and a signature, most of a run's CPU at 100, and
+# at most 7 peers start a session with a simulated user; spent, the bundle
+# falls back to the last-resort KEM key and the refill path runs, as on a device.
+SIM_PREKEY_BATCH = 20
 
 
 def _rng(seed: int, name: str) -> random.Random:
@@ -211,6 +218,11 @@ class _FakeHttp:
         """No real session to close."""
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
 def _quiet(fut: asyncio.Future[Any]) -> None:
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -238,7 +250,9 @@ class SimUser:
             state_path=self.state_path,
             backoff_base=0.05,
             backoff_cap=1.0,
+            ssl=_tls(),  # never used (no TLS in the simulated network); the system's CAs load once
         )
+        client.crypto.prekey_batch = SIM_PREKEY_BATCH
         client._rng = _rng(world.seed, f"backoff/{self.name}/{self.generation}")
         client._dack_due = _OrderedSet()  # type: ignore[assignment]
         client._http = _FakeHttp(world, self)  # type: ignore[assignment]
@@ -270,10 +284,24 @@ class SimUser:
             )
         elif isinstance(event, Sent):
             world.acked[(self.name, event.message_id)] = (event.conv, event.seq, now)
+        elif isinstance(event, ProtocolMessage):  # an encryption protocol message: its seq is no gap
+            history.protocol[(self.name, event.conv)].add(event.seq)
         elif isinstance(event, ReceiptEvent):
             history.receipts.append(ReceiptSeen(self.name, event.conv, dict(event.marks), now))
         elif isinstance(event, ErrorEvent):
             world.record("error", self.name, f"{event.code} {event.message} ref={request_ref(event.ref)}")
+        elif isinstance(event, DecryptionFailed):
+            # Goal 0: the SDK asks the sender again, but a failure means a
+            # session or sender key went wrong somewhere.
+            world.undecryptable.append(
+                Violation(
+                    "undecryptable",
+                    event.conv,
+                    event.seq,
+                    f"{self.name} could not decrypt {event.message_id!r} from {event.sender}: {event.reason}",
+                )
+            )
+            world.record("undecryptable", self.name, f"{event.conv}#{event.seq} {event.reason}")
         # Connected / Disconnected: the network traces connections itself.
 
     def crash(self) -> None:
@@ -310,9 +338,11 @@ class SimUser:
         self.sent += 1
         target = action.to or action.group
         world.record("send", self.name, f"id={message_id} to={target}")
+        text = f"{message_id} to {target}"
+        world.plaintexts.append(text.encode())
         task = asyncio.get_running_loop().create_task(
             client.send(
-                f"{message_id} to {target}",
+                text,
                 to=action.to,
                 group=action.group,
                 message_id=message_id,
@@ -434,6 +464,8 @@ class World:
         self.read_rng = _rng(self.seed, "reads")
         self.faults: dict[str, int] = {}
         self.errors: list[str] = []
+        self.undecryptable: list[Violation] = []
+        self.plaintexts: list[bytes] = []  # every text sent: none may reach the store as is
         self.conn_ids = 0
         self.finished = False  # the verdict is in; tearing down is not part of the run
         self.store = SimStore(_rng(self.seed, "store"), self.record)
@@ -558,6 +590,18 @@ class World:
 
     # -- the verdict -----------------------------------------------------------
 
+    def _stored_messages(self) -> list[tuple[str, int, str, str, bytes]]:
+        """(conv, seq, sender, client id, body) of every committed message."""
+        rows = self.store.connection.execute(
+            "SELECT conv, seq, sender, client_id, body FROM messages ORDER BY conv, seq"
+        ).fetchall()
+        return [(c, q, s, i, bytes(b)) for c, q, s, i, b in rows]
+
+    def _plaintext_in_store(self, stored: list[tuple[str, int, str, str, bytes]]) -> list[Violation]:
+        """Every message crossed the server as ciphertext: no stored body
+        holds a text the simulated users typed."""
+        return _plaintext_hits(stored, self.plaintexts)[:20]
+
     def _result(self) -> SimResult:
         history = self.history
         history.sent = [
@@ -567,8 +611,9 @@ class World:
             for s in history.sent
         ]
         history.members = self.store.membership()
+        stored = self._stored_messages()
         report = check(history)
-        extra: list[Violation] = []
+        extra: list[Violation] = [*self.undecryptable[:20], *self._plaintext_in_store(stored)]
         for user in self.users.values():
             if user.client is not None and user.client.pending_outbox():
                 ids = [item.id for item in user.client.pending_outbox()]
@@ -586,6 +631,17 @@ class World:
             history.members,
             known_gaps([*report.violations, *extra], self),
         )
+
+
+def _plaintext_hits(
+    stored: list[tuple[str, int, str, str, bytes]], plaintexts: list[bytes]
+) -> list[Violation]:
+    found: list[Violation] = []
+    for conv, seq, sender, _cid, body in stored:
+        hit = next((text for text in plaintexts if text in body), None)
+        if hit is not None:
+            found.append(Violation("plaintext", conv, seq, f"the store holds {hit!r} from {sender} as is"))
+    return found
 
 
 def _expected(error: str) -> bool:

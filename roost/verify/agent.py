@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roost.client import Client, DecryptionFailed, Disconnected, Membership, Message, ReceiptEvent, Sent
+from roost.client import (
+    Client,
+    DecryptionFailed,
+    Disconnected,
+    Membership,
+    Message,
+    ProtocolMessage,
+    ReceiptEvent,
+    Sent,
+)
 from roost.client.events import Event
 from roost.verify.history import SYSTEM
 
@@ -87,6 +96,8 @@ class RecordingClient(Client):
             marks = {user: list(mark) for user, mark in event.marks.items()}
             every = [event.all_delivered, event.all_read]
             self.log.write({"k": "receipt", "conv": event.conv, "marks": marks, "all": every, "t": now})
+        elif isinstance(event, ProtocolMessage):
+            self.log.write({"k": "protocol", "conv": event.conv, "seq": event.seq, "t": now})
         elif isinstance(event, DecryptionFailed):
             # Counted per run next to loss and duplicates (goal: 0); the SDK
             # asks the sender again, so the message itself is not lost.

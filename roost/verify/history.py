@@ -81,6 +81,9 @@ class History:
     members: dict[str, dict[str, tuple[int, int | None]]] = field(default_factory=dict)
     # What the server's store holds after the run, when the checker can read it.
     stored: StoreView | None = None
+    # (user, conv) -> seqs that user sent or received as encryption protocol
+    # messages: never shown, but no gap.
+    protocol: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
 
 
 @dataclass(slots=True)
@@ -251,7 +254,7 @@ def check(history: History) -> Report:
         span = _members_of(history, conv).get(recipient)
         if span is None:
             continue
-        held = set(seqs) | own[(recipient, conv)]
+        held = set(seqs) | own[(recipient, conv)] | history.protocol.get((recipient, conv), set())
         start = span[0] + 1
         top = max(held)
         missing = [s for s in range(start, top + 1) if s not in held]

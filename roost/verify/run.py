@@ -244,6 +244,8 @@ def collect(
                     redisplayed += 1
                     continue
                 history.shown.append(Shown(name, r["conv"], r["seq"], r["from"], r["id"], r["t"]))
+            elif kind == "protocol":
+                history.protocol[(name, r["conv"])].add(r["seq"])
             elif kind == "receipt":
                 # A receipt frame names the members whose marks moved; its
                 # aggregate (everyone has delivered/read up to ...) speaks for

@@ -324,6 +324,15 @@ async def publish_keys(srv: AnyServer, users: dict[str, tuple[str, Path]], timeo
     await asyncio.gather(*(one(token, state) for token, state in users.values()))
 
 
+async def users_with_keys(srv: AnyServer, names: list[str], tmp_path: Path) -> dict[str, str]:
+    """``add_users``, then each user's client publishes its keys once, on the
+    state file ``tmp_path / "<initial>.state"`` (alice: a.state) the test
+    goes on with: messages to them are encrypted and sent at once."""
+    tokens = add_users(srv, names)
+    await publish_keys(srv, {n: (tokens[n], tmp_path / f"{n[0]}.state") for n in names})
+    return tokens
+
+
 async def close_all(*clients: Client | RawWS | None) -> None:
     for c in clients:
         if c is not None:

@@ -27,6 +27,7 @@ from tests.e2e.helpers import (
     collect,
     connect,
     next_of,
+    users_with_keys,
     wait_for_event,
 )
 from tests.e2e.server import ServerProcess
@@ -35,7 +36,7 @@ CONV = "d:alice:bob"
 
 
 async def test_three_ticks(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = None
     try:
@@ -89,7 +90,7 @@ async def test_three_ticks(server: ServerProcess, tmp_path: Path) -> None:
 async def test_offline_recipient_gets_all_once_in_order_and_receipts_are_durable(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     ids = [f"offline-{i:02d}" for i in range(50)]
     results = await asyncio.wait_for(
@@ -146,7 +147,7 @@ async def test_offline_recipient_gets_all_once_in_order_and_receipts_are_durable
 
 
 async def test_idempotent_send_raw(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     raw = await RawWS.open(server, tokens["alice"])
     bob = None
     try:
@@ -190,7 +191,7 @@ async def test_idempotent_send_raw(server: ServerProcess, tmp_path: Path) -> Non
 
 
 async def test_history_paging(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     try:
@@ -230,7 +231,7 @@ async def test_history_paging(server: ServerProcess, tmp_path: Path) -> None:
 async def test_history_of_large_messages(server: ServerProcess, tmp_path: Path) -> None:
     """A history page of a few maximum-size messages reaches the SDK (it must not
     be one frame bigger than what the client accepts, which drops the socket)."""
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     try:
@@ -257,7 +258,7 @@ async def test_history_of_large_messages(server: ServerProcess, tmp_path: Path) 
 
 
 async def test_pipelined_sends_arrive_in_send_order(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     try:
@@ -290,6 +291,9 @@ async def test_presence_online_offline_and_flap(make_server, tmp_path: Path) -> 
     srv = make_server("--presence-debounce", "0.5")
     tokens = add_users(srv, ["alice", "bob"])
     alice = await connect(srv, tokens["alice"], tmp_path / "a.state")
+    await asyncio.wait_for(
+        alice.crypto.published.wait(), 20
+    )  # key generation done: timings below are presence's
     bob = None
     try:
         await alice.subscribe_presence(["bob"])
@@ -361,7 +365,7 @@ async def test_presence_online_offline_and_flap(make_server, tmp_path: Path) -> 
 
 
 async def test_typing_reaches_the_other_member_only(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     carol = await connect(server, tokens["carol"], tmp_path / "c.state")
@@ -408,7 +412,7 @@ async def test_healthz(server: ServerProcess) -> None:
 
 
 async def test_sdk_message_bodies_and_content_types(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     try:
@@ -432,7 +436,7 @@ async def test_client_close_emits_no_spurious_disconnect_for_peer(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     """One user's disconnect affects nobody else's connection."""
-    tokens = add_users(server, ["alice", "bob"])
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     try:

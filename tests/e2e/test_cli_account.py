@@ -24,7 +24,7 @@ import pytest
 from roost.client import Client, Disconnected, LocalSend, Sent
 from roost.client.local import socket_path
 from roost.client.state import ClientState
-from tests.e2e.helpers import add_users
+from tests.e2e.helpers import add_users, publish_keys
 from tests.e2e.server import ServerProcess
 from tests.e2e.test_cli import client_args, finish, json_lines, roost, roost_bg
 
@@ -35,6 +35,9 @@ EXIT_QUEUED = 4
 def flags(server: ServerProcess, tmp_path: Path) -> dict[str, list[str]]:
     """name -> the client flags (url, token, own state file) of alice, bob, carol."""
     tokens = add_users(server, ["alice", "bob", "carol"])
+    # Each has run a client once: their keys are on the server (a message to
+    # a user without keys waits in the sender's outbox).
+    asyncio.run(publish_keys(server, {n: (t, tmp_path / f"{n}.state") for n, t in tokens.items()}))
     return {n: client_args(server, t, tmp_path / f"{n}.state") for n, t in tokens.items()}
 
 
@@ -182,6 +185,7 @@ def test_send_while_the_server_is_down_is_queued_and_sent_by_the_next_client(
     assert "queued" in out.stderr
 
     srv.start()
+    asyncio.run(publish_keys(srv, {"bob": (tokens["bob"], tmp_path / "bob.state")}))  # bob has keys now
     # Any later client of alice's sends it: here a listen that prints nothing.
     later = roost(tmp_path, "listen", *alice, "--timeout", "1")
     assert later.returncode == 0, later.stderr
@@ -210,6 +214,12 @@ def test_a_send_the_server_refuses_is_not_left_queued(server: ServerProcess, fla
             held.close()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="with end-to-end encryption another state of an account is another install: its new identity"
+    " key replaces this one's, and what it sent was sealed for the recipient only (multi-device is out of"
+    " scope, docs/security.md)",
+)
 def test_own_messages_sent_from_another_state_join_the_history(
     server: ServerProcess, flags, tmp_path: Path
 ) -> None:
@@ -227,7 +237,7 @@ def test_own_messages_sent_from_another_state_join_the_history(
     try:
         history = [
             (seq, sender, bytes(body).decode())
-            for seq, _i, sender, _ct, body, _ts in state.local_history("d:alice:bob")
+            for seq, _i, sender, _ct, body, _ts, _encrypted in state.local_history("d:alice:bob")
         ]
         assert history == [(1, "alice", "from here"), (2, "alice", "from elsewhere"), (3, "bob", "reply")]
         assert state.unconsumed() == []

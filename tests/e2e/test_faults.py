@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from roost.client import Client, Message
-from tests.e2e.helpers import collect
+from tests.e2e.helpers import collect, publish_keys
 from tests.e2e.server import ServerProcess
 from tests.e2e.users import add_users
 
@@ -57,6 +57,7 @@ async def test_kill9_mid_stream_loses_nothing_acked(server: ServerProcess, tmp_p
 
 async def test_every_ack_survives_immediate_kill9(server: ServerProcess, tmp_path: Path) -> None:
     a_token, b_token = server.add_user("alice"), server.add_user("bob")
+    await publish_keys(server, {"bob": (b_token, tmp_path / "b.state")})  # so alice's sends go at once
     acked: dict[str, int] = {}
     for round_ in range(3):
         alice = Client(server.url, a_token, state_path=tmp_path / "a.state", reconnect=False)
@@ -140,6 +141,11 @@ async def test_many_clients_reconnect_after_restart(server: ServerProcess, tmp_p
     await asyncio.gather(*(c.connect() for c in clients))
     sender = Client(server.url, tokens["u0"], state_path=tmp_path / "u0.state", backoff_cap=0.5)
     await sender.connect()
+    # Each of them starts the encrypted session with u0 (one key fetch each:
+    # the directory limits how many bundles one requester fetches a minute).
+    await asyncio.wait_for(sender.crypto.published.wait(), 30)
+    await asyncio.gather(*(c.send("hi u0", to="u0") for c in clients))
+    assert len(await collect(sender, n, 60, Message)) == n
     server.kill9()
     # Sent while the server is down: kept in the sender's outbox.
     pending = [asyncio.ensure_future(sender.send(f"to p{i}", to=f"p{i}")) for i in range(n)]

@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 
 from roost.client import Client, ErrorEvent, Membership, Message, ReceiptEvent, RoostError
-from tests.e2e.helpers import RawWS, add_users, b64, close_all, collect, connect, next_of, unb64
+from tests.e2e.helpers import (
+    RawWS,
+    add_users,
+    b64,
+    close_all,
+    collect,
+    connect,
+    next_of,
+    unb64,
+    users_with_keys,
+)
 from tests.e2e.server import ServerProcess
 
 MEMBERSHIP_CT = "application/vnd.roost.membership+json"
@@ -126,7 +136,7 @@ async def test_group_of_1024_members(make_server, tmp_path: Path) -> None:
 async def test_all_delivered_and_all_read_wait_for_every_member(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol", "dave"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol", "dave"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     carol = await connect(server, tokens["carol"], tmp_path / "c.state")
@@ -164,7 +174,7 @@ async def test_all_delivered_and_all_read_wait_for_every_member(
 
 
 async def test_late_member_does_not_get_earlier_messages(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     carol_raw = None
     carol = None
@@ -212,7 +222,7 @@ async def test_late_member_does_not_get_earlier_messages(server: ServerProcess, 
 
 
 async def test_removed_member_sees_removal_and_nothing_after(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol", "dave"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol", "dave"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     carol = await connect(server, tokens["carol"], tmp_path / "c.state")
@@ -264,7 +274,8 @@ async def test_removed_member_sees_removal_and_nothing_after(server: ServerProce
 
         # dave was removed while offline: he gets up to his removal and stops there.
         dave_raw = await RawWS.open(server, tokens["dave"])
-        frames = [fr for fr in await dave_raw.drain(1.0) if fr["type"] == "msg"]
+        # (alice's sender key came to him in their 1:1 chat)
+        frames = [fr for fr in await dave_raw.drain(1.0) if fr["type"] == "msg" and fr["conv"] == group]
         assert [fr["seq"] for fr in frames] == [1, 2, 3]
         assert json.loads(unb64(frames[-1]["body"]))["action"] == "removed"
         await dave_raw.send({"type": "dack", "conv": group, "seq": 4})
@@ -289,7 +300,7 @@ async def test_removed_member_sees_removal_and_nothing_after(server: ServerProce
 
 
 async def test_only_admins_change_membership(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol", "dave"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol", "dave"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     dave = await connect(server, tokens["dave"], tmp_path / "d.state")
@@ -324,7 +335,7 @@ async def test_only_admins_change_membership(server: ServerProcess, tmp_path: Pa
 
 
 async def test_leave_and_admin_handover(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     carol = await connect(server, tokens["carol"], tmp_path / "c.state")
@@ -363,7 +374,7 @@ async def _next_membership(client: Client, action: str) -> tuple[Membership, lis
 
 
 async def test_group_info(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob", "carol"])
+    tokens = await users_with_keys(server, ["alice", "bob", "carol"], tmp_path)
     alice = await connect(server, tokens["alice"], tmp_path / "a.state")
     bob = await connect(server, tokens["bob"], tmp_path / "b.state")
     try:

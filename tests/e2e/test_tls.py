@@ -153,6 +153,12 @@ async def test_client_without_the_ca_refuses_the_certificate(
     assert "TLS certificate not accepted" in str(refused.value)
     assert "certificate verify failed" in str(refused.value)
 
+    # bob has run a client (over TLS, trusting the CA): his keys are on the server.
+    bob = Client(server.url, tokens["bob"], state_path=tmp_path / "b.state", ca_file=pki.ca_file)
+    await bob.connect(timeout=10)
+    await asyncio.wait_for(bob.crypto.published.wait(), 20)
+    await bob.close()
+
     # The CLI says the same in its one error line; with --ca-file it sends.
     send = [sys.executable, "-m", "roost.cli.main", "send", "--url", server.url, "--token", tokens["alice"],
             "--state", str(tmp_path / "cli.state"), "--to", "bob", "hi"]  # fmt: skip

@@ -186,3 +186,16 @@ def test_a_message_shown_twice_breaks_shown_once() -> None:
     h = clean()
     h.shown.append(h.shown[0])
     assert invariants(h)["duplicate"] == "shown once"
+
+
+def test_protocol_slot_is_not_a_gap() -> None:
+    """A seq the E2EE protocol used for itself (a sender key, a retry) is shown
+    by nobody: declared, it is no gap; undeclared, it is one."""
+    h = History()
+    for i, seq in enumerate((1, 3)):
+        h.sent.append(Sent("alice", f"m{i}", i, t=float(i), acked=True, conv=CONV, seq=seq, t_ack=i + 0.01))
+        h.shown.append(Shown("bob", CONV, seq, "alice", f"m{i}", t=i + 0.05))
+    h.receipts.append(ReceiptSeen("alice", CONV, {"bob": (3, 0)}, t=5.0))
+    assert kinds(h) == {"gap"}
+    h.protocol[("bob", CONV)].add(2)
+    assert check(h).ok, check(h).violations

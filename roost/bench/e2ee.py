@@ -1,0 +1,237 @@
+"""What end-to-end encryption costs: client CPU per message and sender-key redistribution.
+
+Two views side by side:
+
+* ``protocol``: roost.e2ee alone, in this process (CPU time, no I/O): a 1:1
+  message in steady state and the first PQXDH message, one sender-key
+  encrypt and one member's decrypt in a group, and the redistribution after
+  a member leaves a group of ``--members``: the sender's new sender key
+  sealed over each remaining member's pairwise session, and each member's
+  work to read again (open that message, install the key, decrypt the next
+  group message).
+* ``sdk``: two SDK clients (``roost.client.Client``) in this process against
+  a real server (a separate process): this process's CPU time divided by
+  messages, so it holds both ends' SDK work per message (encrypt, the state
+  file's transactions, framing, decrypt) beside the protocol's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roost.bench.target import Target, make_target
+from roost.e2ee import LocalKeys, SenderKeyRecord, Session
+
+PAYLOAD = b"x" * 100  # a short chat message
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--members", type=int, default=1024, help="group size for the redistribution")
+    parser.add_argument("--messages", type=int, default=300, help="messages per protocol timing loop")
+    parser.add_argument("--sdk-messages", type=int, default=200, help="1:1 messages through the SDK")
+    parser.add_argument("--no-sdk", action="store_true", help="the protocol figures only (no server)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"protocol": protocol_costs(args.messages)}
+    results["redistribution"] = redistribution(args.members)
+    if not args.no_sdk:
+        target = make_target(args)
+        target.start()
+        try:
+            results["sdk"] = asyncio.run(sdk_costs(target, args.sdk_messages))
+            results["target"] = target.describe()
+        finally:
+            target.stop()
+    _print(results)
+    return results
+
+
+# -- the protocol alone ---------------------------------------------------------------
+
+
+@dataclass
+class _Bundle:
+    """The fields of a published device bundle that ``Session.initiate`` reads."""
+
+    device: int
+    registration: int
+    signed_id: int
+    signed_key: bytes
+    signed_sig: bytes
+    prekey_id: int | None
+    prekey_key: bytes | None
+    kem_id: int
+    kem_key: bytes
+    kem_sig: bytes
+    kem_last_resort: bool
+
+
+def _publish(local: LocalKeys) -> _Bundle:
+    signed_id, signed_key, signed_sig = local.new_signed_prekey(0.0)
+    prekey_id, prekey_key = local.new_prekeys(1)[0]
+    kem_id, kem_key, kem_sig = local.new_kem_prekeys(1)[0]
+    return _Bundle(
+        local.device,
+        local.registration,
+        signed_id,
+        signed_key,
+        signed_sig,
+        prekey_id,
+        prekey_key,
+        kem_id,
+        kem_key,
+        kem_sig,
+        False,
+    )
+
+
+def _pair(sender: LocalKeys, member: LocalKeys, name: str) -> tuple[Session, Session]:
+    """A pairwise session past its first exchange (both sides have sent)."""
+    outgoing = Session.initiate(sender, name, member.identity_public, _publish(member))
+    incoming, _ = Session.respond(member, "sender", outgoing.encrypt(b"hi"))
+    outgoing.decrypt(incoming.encrypt(b"hello"))
+    return outgoing, incoming
+
+
+def _cpu_us(run: Callable[[], object], rounds: int) -> float:
+    """CPU µs per call: the lowest of 3 loops (others on the machine count less)."""
+    samples = []
+    for _ in range(3):
+        start = time.process_time()
+        for _ in range(rounds):
+            run()
+        samples.append((time.process_time() - start) / rounds * 1e6)
+    return min(samples)
+
+
+def protocol_costs(rounds: int) -> dict[str, float]:
+    rounds = max(rounds, 10)
+    alice, bob = _pair(LocalKeys.generate(), LocalKeys.generate(), "bob")
+    own, distribution = SenderKeyRecord.create(uuid.uuid4())
+    member = SenderKeyRecord.from_distribution(distribution)
+    queued = iter([own.encrypt(PAYLOAD) for _ in range(rounds * 3)])
+    firsts = [(LocalKeys.generate(), LocalKeys.generate()) for _ in range(max(rounds // 10, 5) * 3)]
+    prepared = iter([(a, b, _publish(b)) for a, b in firsts])
+
+    def first_message() -> None:
+        a, b, bundle = next(prepared)
+        session = Session.initiate(a, "bob", b.identity_public, bundle)
+        Session.respond(b, "alice", session.encrypt(PAYLOAD))
+
+    return {
+        "one_to_one_us": _cpu_us(lambda: bob.decrypt(alice.encrypt(PAYLOAD)), rounds),
+        "first_pqxdh_us": _cpu_us(first_message, max(rounds // 10, 5)),
+        "group_encrypt_us": _cpu_us(lambda: own.encrypt(PAYLOAD), rounds),
+        "group_member_decrypt_us": _cpu_us(lambda: member.decrypt(next(queued)), rounds),
+    }
+
+
+def redistribution(members: int) -> dict[str, float]:
+    """After a member leaves a group of ``members``: the sender's new sender key
+    sealed for each other remaining member (``members - 2`` pairwise
+    messages), and each one's work to read again."""
+    sender = LocalKeys.generate()
+    remaining = members - 2  # the sender and the member who left are not sent to
+    setup = time.perf_counter()
+    pairs = [_pair(sender, LocalKeys.generate(), f"m{i}") for i in range(remaining)]
+    setup_s = time.perf_counter() - setup
+
+    start = time.process_time()
+    own, distribution = SenderKeyRecord.create(uuid.uuid4())
+    sealed = [outgoing.encrypt(distribution) for outgoing, _ in pairs]
+    first = own.encrypt(PAYLOAD)
+    sender_s = time.process_time() - start
+
+    start = time.process_time()
+    for (_, incoming), message in zip(pairs, sealed, strict=True):
+        record = SenderKeyRecord.from_distribution(incoming.decrypt(message))
+        record.decrypt(first)
+    members_s = time.process_time() - start
+    cores = os.cpu_count() or 1
+    return {
+        "members": members,
+        "pairwise_messages": remaining,
+        "setup_s": setup_s,
+        "sender_cpu_ms": sender_s * 1000,
+        "member_cpu_us": members_s / remaining * 1e6,
+        "members_cpu_ms": members_s * 1000,
+        # Every member reads in parallel on its own device: the sender's
+        # work, then one member's (the server's fan-out is not in it).
+        "readable_after_ms": (sender_s + members_s / remaining) * 1000,
+        # The same members all on this machine's cores (a bench, not a phone).
+        "readable_after_ms_here": (sender_s + members_s / cores) * 1000,
+        "cores": cores,
+    }
+
+
+# -- through the SDK -----------------------------------------------------------------
+
+
+async def sdk_costs(target: Target, messages: int) -> dict[str, Any]:
+    from roost.client import Client, Message
+
+    tag = uuid.uuid4().hex[:6]
+    names = [f"{tag}a", f"{tag}b"]
+    tokens = await target.add_users(names)
+    url = target.urls[0]
+    with tempfile.TemporaryDirectory(prefix="roost-bench-e2ee-") as root:
+        alice = Client(url, tokens[names[0]], state_path=Path(root) / "a.state")
+        bob = Client(url, tokens[names[1]], state_path=Path(root) / "b.state")
+        async with alice, bob:
+            await asyncio.sleep(1.0)  # both publish their keys first (not part of a message)
+
+            async def receive(count: int) -> None:
+                got = 0
+                while got < count:
+                    event = await bob.next_event(timeout=60.0)
+                    if isinstance(event, Message) and event.sender == names[0]:
+                        assert event.encrypted, "the SDK sent a message in the clear"
+                        got += 1
+
+            cpu, wall = time.process_time(), time.perf_counter()
+            await alice.send("first", to=names[1])  # fetches bob's bundle: PQXDH
+            await receive(1)
+            first_cpu, first_wall = time.process_time() - cpu, time.perf_counter() - wall
+
+            cpu, wall = time.process_time(), time.perf_counter()
+            for i in range(messages):
+                await alice.send(f"message {i}", to=names[1], wait=False)
+            await receive(messages)
+            steady_cpu, steady_wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {
+        "messages": messages,
+        "first_message_cpu_ms": first_cpu * 1000,
+        "first_message_wall_ms": first_wall * 1000,
+        "per_message_cpu_us": steady_cpu / messages * 1e6,
+        "per_message_wall_ms": steady_wall / messages * 1000,
+    }
+
+
+def _print(results: dict[str, Any]) -> None:
+    p = results["protocol"]
+    print("roost.e2ee alone (CPU per message, encrypt + decrypt):")
+    print(f"  1:1 steady state              {p['one_to_one_us']:9.1f} µs")
+    print(f"  1:1 first message (PQXDH)     {p['first_pqxdh_us']:9.1f} µs")
+    print(f"  group: sender-key encrypt     {p['group_encrypt_us']:9.1f} µs (once per message)")
+    print(f"  group: decrypt, each member   {p['group_member_decrypt_us']:9.1f} µs")
+    r = results["redistribution"]
+    print(f"sender-key redistribution after a member leaves a group of {r['members']}:")
+    print(f"  sender CPU for {r['pairwise_messages']} pairwise messages {r['sender_cpu_ms']:9.1f} ms")
+    print(f"  each member to read again     {r['member_cpu_us']:9.1f} µs CPU")
+    print(f"  readable again after (devices in parallel) {r['readable_after_ms']:9.1f} ms of CPU")
+    print(f"  readable again after (all on {r['cores']} cores here) {r['readable_after_ms_here']:9.1f} ms")
+    if "sdk" in results:
+        s = results["sdk"]
+        print(f"through the SDK, 2 clients in one process, {s['messages']} messages:")
+        print(f"  CPU per 1:1 message, both ends {s['per_message_cpu_us']:9.1f} µs")
+        print(f"  first message (bundle fetch, PQXDH) {s['first_message_cpu_ms']:9.1f} ms CPU")
