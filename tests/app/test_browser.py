@@ -338,3 +338,14 @@ def test_an_image_sent_is_shown_to_the_peer(make_app: Any, open_page: Any) -> No
         bob.wait_for_timeout(100)
     assert image.evaluate("img => img.naturalWidth") == 2  # decrypted and served whole
     alice.locator(".msg.own img.media").wait_for()  # the sender sees it too, once stored
+    # any other file is a download, never rendered by the app's origin
+    html = b"<script>window.__pwned = 1</script>"
+    alice.locator("#file-input").set_input_files(
+        {"name": "page.html", "mimeType": "text/html", "buffer": html}
+    )
+    link = bob.locator(".msg.in a.file-link", has_text="page.html")
+    link.wait_for()
+    response = bob.request.get(bob.url.rstrip("/") + link.get_attribute("href"))
+    assert response.status == 200 and response.body() == html
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["content-disposition"].startswith("attachment;")

@@ -196,7 +196,10 @@ function ensureChat(conv, fields = {}) {
 function store(msg) {
   // Merge by message id: a pending own message becomes the stored one.
   let map = state.messages.get(msg.conv);
-  if (!map) return; // not loaded: its history brings it when opened
+  // Not loaded: its history brings it when opened; but membership notes are
+  // not in the local history, so they are kept from the start.
+  if (!map && msg.kind === "system") state.messages.set(msg.conv, (map = new Map()));
+  if (!map) return;
   const old = map.get(msg.id);
   if (old) {
     if (msg.seq !== null) Object.assign(old, { seq: msg.seq, ts: msg.ts });
