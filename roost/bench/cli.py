@@ -93,11 +93,29 @@ def mark_saturation(results: dict[str, Any]) -> bool:
     return saturated
 
 
+def pin_cpus(server_cpus: str | None) -> None:
+    """Servers started from here on run on ``server_cpus`` (``taskset -c`` list);
+    this process and its load-generator workers on the other CPUs."""
+    if not server_cpus:
+        return
+    import os
+
+    from roost.devcluster.embedded import SERVER_CPUS_ENV, parse_cpu_list
+
+    server = parse_cpu_list(server_cpus)
+    rest = set(os.sched_getaffinity(0)) - server
+    if not rest:
+        raise SystemExit(f"roost bench: --server-cpus {server_cpus} leaves no CPU for the load generator")
+    os.environ[SERVER_CPUS_ENV] = server_cpus
+    os.sched_setaffinity(0, rest)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from roost.bench.stats import machine
     from roost.cli.progress import Progress, on_terminal
 
     module = importlib.import_module(args.bench_module)
+    pin_cpus(getattr(args, "server_cpus", None))
     started = datetime.now(UTC)
     t0 = time.monotonic()
     progress = Progress(f"roost bench {args.scenario}", on_terminal(args.json))

@@ -37,7 +37,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from roost.bench.target import Target, new_token
-from roost.devcluster.embedded import stop_process
+from roost.devcluster.embedded import pinned, stop_process
 from roost.devcluster.postgres import free_port
 from roost.devcluster.run import wait_healthy
 from roost.protocol import frames as f
@@ -159,7 +159,7 @@ class RelayTarget(Target):
         url = f"http://127.0.0.1:{port}"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "roost.bench.relay", "--port", str(port)],
+                pinned([sys.executable, "-m", "roost.bench.relay", "--port", str(port)]),
                 stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
         wait_healthy(url, self.proc)

@@ -45,6 +45,13 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--server-arg", action="append", default=[], help="extra flag for started servers (repeatable)"
     )
+    group.add_argument(
+        "--server-cpus",
+        default=None,
+        metavar="LIST",
+        help="pin started servers (and the relay) to these CPUs, e.g. 0, and the load generator "
+        "to the others (taskset); CPU time per message then compares across runs of a shared machine",
+    )
 
 
 # Kept under their old names for the bench modules that import them.

@@ -12,6 +12,28 @@ from pathlib import Path
 from roost.devcluster.postgres import free_port
 from roost.devcluster.run import wait_healthy
 
+# Set by ``roost bench --server-cpus``: servers started here run pinned to
+# these CPUs (``taskset -c``), apart from the load generator.
+SERVER_CPUS_ENV = "ROOST_BENCH_SERVER_CPUS"
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """``0``, ``0,2`` or ``0-3`` (taskset's list syntax) as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pinned(command: list[str]) -> list[str]:
+    """``command`` under ``taskset -c`` when the bench asked for pinned servers."""
+    cpus = os.environ.get(SERVER_CPUS_ENV)
+    if not cpus:
+        return command
+    parse_cpu_list(cpus)  # a bad list fails here, not in taskset
+    return ["taskset", "-c", cpus, *command]
+
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     """SIGTERM (the server's clean shutdown), then SIGKILL if it takes too long."""
@@ -55,10 +77,10 @@ class EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [
+                pinned([
                     sys.executable, "-m", "roost.cli.main", "serve", "--data-dir", str(self.data_dir),
                     "--port", str(self.port), *self.extra_args,
-                ],
+                ]),
                 stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )  # fmt: skip
         wait_healthy(self.url, self.proc)

@@ -38,6 +38,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from roost.core.metrics import Metrics
 from roost.gateway.admission import Admission, AdmissionLimits
 from roost.gateway.connection import Connection
+from roost.gateway.direct import PAUSED, DirectWebSocketResponse
 from roost.gateway.readiness import Readiness
 from roost.gateway.tls import ServerTLS
 from roost.logs import new_connection_id
@@ -52,6 +53,7 @@ from roost.registry.memory import MemoryRegistry
 from roost.service.admin import AdminServer
 from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
 from roost.service.media import MediaService
+from roost.service.session import Session
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import SqliteStore, database_path
 
@@ -133,6 +135,7 @@ class Gateway:
         self.sweeper = Sweeper(self.store, self.blobs, config.media.limits, config.media.sweep_interval)
         self.service = ChatService(self.store, self.registry, config.service, self.metrics, self.media)
         self.connections: set[Connection] = set()
+        self._direct_handler = self._handle_direct  # one bound method for every connection
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self._metrics_runner: web.AppRunner | None = None
         self.admin_port: int | None = None
@@ -291,7 +294,7 @@ class Gateway:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if self.stopping:
             return web.json_response({"status": "stopping"}, status=503)
-        ws = web.WebSocketResponse(
+        ws = DirectWebSocketResponse(
             heartbeat=self.config.heartbeat,
             max_msg_size=WS_HARD_LIMIT,
             compress=False,
@@ -392,25 +395,45 @@ class Gateway:
     ) -> None:
         session = await self.service.connect(user, conn, client, started, e2ee)
         log.info("connected", extra={"user": user})
+        # Text frames are handled as aiohttp parses them while nothing waits
+        # in the queue (roost/gateway/direct.py); this loop takes the rest.
+        queue = ws.direct_queue if isinstance(ws, DirectWebSocketResponse) else None
+        if queue is not None:
+            queue.target = session
         try:
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
+            while True:
+                if queue is not None and not queue._buffer:
+                    queue.handle = self._direct_handler
+                msg = await ws.receive()
+                if msg is PAUSED and queue is not None:
+                    # Over the rate: stop reading for a while. TCP pushes
+                    # back on the client; nothing is dropped or reordered.
+                    await asyncio.sleep(queue.pause)
+                elif msg.type == WSMsgType.BINARY:
                     conn.push(error_frame(ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)))
                 elif msg.type == WSMsgType.TEXT:
                     if conn.closed:
                         break
                     pause = self.service.handle(session, msg.data)
                     if pause:
-                        # Over the rate: stop reading for a while. TCP pushes
-                        # back on the client; nothing is dropped or reordered.
                         await asyncio.sleep(pause)
                 elif msg.type == WSMsgType.ERROR:
                     exc = ws.exception()
                     log.info("socket error", extra={"user": user, "error": str(exc)})
                     break
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
         finally:
+            if queue is not None:
+                queue.handle = queue.target = None
             self.service.disconnect(session)
             log.info("disconnected", extra={"user": user, "code": ws.close_code})
+
+    def _handle_direct(self, session: Session, data: bytes | str) -> float:
+        """A text frame handled as it is parsed; the seconds to stop reading."""
+        if session.sink.closed:
+            return 0.0  # closing: what the peer sends now is not acted on
+        return self.service.handle(session, data)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
