@@ -1017,7 +1017,11 @@ class Client:
                 self._show(self.crypto.open(item) if item.ct == E2EE_CT else [item])
                 continue
             if isinstance(item, Membership):
+                # The sender-key consequences at once (a removal rotates our
+                # key before the next send); the event itself in seq order.
                 self.crypto.on_membership(item)
+                if self.crypto.hold_membership(item):
+                    continue
             if item is not None:
                 self._emit(item)
         self.state.save_have(conv, self._orders[conv].have)
@@ -1027,6 +1031,9 @@ class Client:
     def _show(self, messages: list[Message]) -> None:
         """Store received messages (in the open transaction), then emit them."""
         for m in messages:
+            if m.sender == f.SYSTEM_SENDER and m.ct == f.MEMBERSHIP_CT:  # a membership event held behind
+                self._emit(Membership.parse(m.conv, m.seq, m.body, m.ts))
+                continue
             self.state.store_message(m.conv, m.seq, m.id, m.sender, m.ct, m.body, m.ts, encrypted=m.encrypted)
             self._wake_unconsumed_waiters()
             self._emit(m)

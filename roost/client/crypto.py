@@ -51,6 +51,7 @@ from roost.e2ee import (
     Session,
     safety_number,
 )
+from roost.protocol import frames as f
 
 if TYPE_CHECKING:
     from roost.client.client import Client
@@ -134,6 +135,10 @@ class E2ee:
         # clients (roost simulate) keeps fewer; spent, a bundle falls back to
         # the last-resort KEM key, as on any device that ran out.
         self.prekey_batch = PREKEY_BATCH
+        # Wall clock (s) of the held-message timers (retry after HOLD_GRACE,
+        # give up after GIVE_UP), compared with server timestamps; the
+        # simulator, whose loop runs on virtual time, replaces it.
+        self.wall_clock: Callable[[], float] = time.time
         raw = self.state.e2ee_local_keys()
         if raw is None:
             self.keys = LocalKeys.generate(DEVICE)
@@ -474,13 +479,25 @@ class E2ee:
                 self._poll_delay.pop(item.to, None)
                 self._seal_and_send(item, self._seal_direct)
             elif item.conv is not None:
+                if self._blocked.get(item.conv, 0.0) > loop.time():
+                    continue
                 try:
                     await self._prepare_group(item.conv)
                 except RoostError as exc:
-                    if exc.code in ("connection_lost", "rate_limited"):
+                    if exc.code == "connection_lost":
                         raise
+                    if exc.code in ("rate_limited", "unavailable"):
+                        # Not the message's fault: the pump tries the group
+                        # again when this runs out (it wakes on _blocked).
+                        wait = RATE_LIMITED_WAIT if exc.code == "rate_limited" else UNAVAILABLE_WAIT
+                        self._blocked[item.conv] = loop.time() + wait
+                        self._set_pending(
+                            item, f"the server could not answer for the group ({exc.code}); retrying"
+                        )
+                        continue
                     self.client._fail_item(item.id, exc.code, exc.message)
                     continue
+                self._blocked.pop(item.conv, None)
                 self._seal_and_send(item, self._seal_group)
 
     def _seal_and_send(self, item: OutboxItem, seal: Callable[[OutboxItem], OutboxItem]) -> None:
@@ -723,13 +740,23 @@ class E2ee:
     def _held_up(self, conv: str) -> bool:
         return self.state.held_blocking(conv)
 
+    def hold_membership(self, event: Membership) -> bool:
+        """Hold a group's membership event behind a message of that group still
+        unreadable (no sender key yet, or a retry out): the user sees the
+        group in seq order. False when nothing holds the group up: show it."""
+        if not self._held_up(event.conv):
+            return False
+        held = Message(event.conv, event.seq, "", f.SYSTEM_SENDER, f.MEMBERSHIP_CT, event.to_body(), event.ts)
+        self._hold_behind(held)
+        return True
+
     def _hold_behind(self, message: Message) -> None:
         body = _encode(Content("msg", message.ct, message.body))
         self.state.hold(message.conv, message.seq, message.id, message.sender, body, message.ts, HELD_BEHIND)
 
     def _flush(self, conv: str, out: list[Message]) -> None:
         """What waits in ``conv`` up to the first message still unreadable, into ``out``."""
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.wall_clock() * 1000)
         for _c, seq, mid, sender, body, ts, reason, retried in self.state.held(conv):
             m = Message(conv, seq, mid, sender, E2EE_CT, body, ts)
             if reason == HELD_BEHIND:
@@ -810,7 +837,7 @@ class E2ee:
         if len(times) >= RETRIES_PER_MINUTE:
             return False
         times.append(now)
-        self.state.mark_held_retried(conv, seq, int(time.time() * 1000))
+        self.state.mark_held_retried(conv, seq, int(self.wall_clock() * 1000))
         self.queue_control(sender, Content("retry", conv=conv, id=message_id))
         return True
 
@@ -820,7 +847,7 @@ class E2ee:
         conversations held up past GIVE_UP move on."""
         if not self.client.connected:
             return
-        cutoff = int((time.time() - HOLD_GRACE) * 1000)
+        cutoff = int((self.wall_clock() - HOLD_GRACE) * 1000)
         convs: set[str] = set()
         for conv, seq, mid, sender, _body, ts, reason, retried in self.state.held():
             if reason in (HELD_NO_KEY, HELD_FAILED) and not retried and ts <= cutoff:

@@ -103,6 +103,18 @@ class Membership:
         except (ValueError, AttributeError, TypeError):
             return cls(conv, seq, "unknown", "", (), "", ts)
 
+    def to_body(self) -> bytes:
+        """The system message body ``parse`` reads (to keep an event held in the state)."""
+        data: dict[str, object] = {
+            "action": self.action,
+            "actor": self.actor,
+            "users": list(self.users),
+            "name": self.name,
+        }
+        if self.returning:
+            data["returning"] = dict(self.returning)
+        return json.dumps(data).encode()
+
 
 @dataclass(slots=True, frozen=True)
 class Sent:

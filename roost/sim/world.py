@@ -27,6 +27,7 @@ import re
 import shutil
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,10 @@ class SimUser:
             ssl=_tls(),  # never used (no TLS in the simulated network); the system's CAs load once
         )
         client.crypto.prekey_batch = SIM_PREKEY_BATCH
+        # Held-message timers on the run's virtual time: seconds of virtual
+        # time pass in milliseconds of wall time, and server timestamps are
+        # wall time, so virtual seconds are added to the wall clock at start.
+        client.crypto.wall_clock = world.virtual_wall_clock
         client._rng = _rng(world.seed, f"backoff/{self.name}/{self.generation}")
         client._dack_due = _OrderedSet()  # type: ignore[assignment]
         client._http = _FakeHttp(world, self)  # type: ignore[assignment]
@@ -476,9 +481,14 @@ class World:
             for i in range(scenario.gateways)
         }
         self.users = {u: SimUser(u, self, root / f"{u}.sqlite") for u in scenario.users}
+        self.wall_at_start = time.time()
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def virtual_wall_clock(self) -> float:
+        """The wall clock at the run's start plus the virtual time since."""
+        return self.wall_at_start + self.now()
 
     def record(self, kind: str, who: str, detail: str | bytes) -> None:
         if not self.finished:
