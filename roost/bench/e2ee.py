@@ -24,11 +24,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from roost.bench.target import Target, make_target
+from roost.client.keys import DeviceBundle
 from roost.e2ee import LocalKeys, SenderKeyRecord, Session
 
 PAYLOAD = b"x" * 100  # a short chat message
@@ -59,28 +59,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # -- the protocol alone ---------------------------------------------------------------
 
 
-@dataclass
-class _Bundle:
-    """The fields of a published device bundle that ``Session.initiate`` reads."""
-
-    device: int
-    registration: int
-    signed_id: int
-    signed_key: bytes
-    signed_sig: bytes
-    prekey_id: int | None
-    prekey_key: bytes | None
-    kem_id: int
-    kem_key: bytes
-    kem_sig: bytes
-    kem_last_resort: bool
-
-
-def _publish(local: LocalKeys) -> _Bundle:
+def _publish(local: LocalKeys) -> DeviceBundle:
     signed_id, signed_key, signed_sig = local.new_signed_prekey(0.0)
     prekey_id, prekey_key = local.new_prekeys(1)[0]
     kem_id, kem_key, kem_sig = local.new_kem_prekeys(1)[0]
-    return _Bundle(
+    return DeviceBundle(
         local.device,
         local.registration,
         signed_id,
