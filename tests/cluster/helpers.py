@@ -161,3 +161,20 @@ def abort_socket(client: Client) -> None:
     assert ws is not None, "not connected"
     transport = ws._writer.transport  # aiohttp keeps no public handle on it
     transport.abort()
+
+
+async def publish_keys(
+    cluster: DevCluster, users: dict[str, tuple[str, Path]], timeout: float = 30.0
+) -> None:
+    """Run each user's client (name -> (token, state file)) once, until its
+    end-to-end keys are on the server: a message to a user who never ran a
+    client waits in the sender's outbox until they do (as tests/e2e's helper)."""
+
+    async def one(token: str, state: Path) -> None:
+        client = await connect(cluster, 0, token, state)
+        try:
+            await asyncio.wait_for(client.crypto.published.wait(), timeout)
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(one(token, state) for token, state in users.values()))

@@ -21,6 +21,7 @@ from tests.cluster.helpers import (
     collect,
     connect,
     per_sender_in_order,
+    publish_keys,
     raw,
     route_of,
     wait_until,
@@ -201,6 +202,7 @@ async def test_second_connection_on_another_gateway_replaces_the_first(
 async def test_offline_inbox_drains_on_any_gateway(cluster, names, tmp_path: Path) -> None:
     a, b = names("alice", "bob")
     tokens = await add_users(cluster, [a, b])
+    await publish_keys(cluster, {a: (tokens[a], tmp_path / "a.state"), b: (tokens[b], tmp_path / "b.state")})
     alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)
     bob = None
     try:

@@ -15,6 +15,7 @@ from tests.cluster.helpers import (
     close_all,
     collect,
     connect,
+    publish_keys,
     raw,
 )
 from tests.e2e.helpers import b64, unb64, wait_for_event
@@ -29,6 +30,7 @@ def direct(a: str, b: str) -> str:
 async def test_offline_drain_of_50_and_durable_receipts(pair, names, tmp_path: Path) -> None:
     a, b = names("alice", "bob")
     tokens = await add_users(pair, [a, b])
+    await publish_keys(pair, {a: (tokens[a], tmp_path / "a.state"), b: (tokens[b], tmp_path / "b.state")})
     conv = direct(a, b)
     alice = await connect(pair, 0, tokens[a], tmp_path / "a.state", only=True)
     ids = [f"offline-{i:02d}" for i in range(50)]

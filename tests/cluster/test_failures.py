@@ -27,6 +27,7 @@ from tests.cluster.helpers import (
     collect,
     connect,
     per_sender_in_order,
+    publish_keys,
     raw,
     redis_client,
     route_of,
@@ -300,6 +301,8 @@ async def test_redis_restart_delivery_and_presence_recover(
 ) -> None:
     a, b, c, w, e = names("alice", "bob", "carol", "watcher", "erin")
     tokens = await add_users(cluster, [a, b, c, w, e])
+    states = dict(zip((a, b, c, w, e), "abcwe", strict=True))
+    await publish_keys(cluster, {u: (tokens[u], tmp_path / f"{s}.state") for u, s in states.items()})
     alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)
     bob = await connect(cluster, 1, tokens[b], tmp_path / "b.state", only=True)
     watcher = await connect(cluster, 0, tokens[w], tmp_path / "w.state", only=True)
@@ -417,6 +420,7 @@ async def test_postgres_restart_sdk_resends_and_nothing_acked_is_lost(
     (The recipient connects afterwards; an online one is the next test.)"""
     a, b = names("alice", "bob")
     tokens = await add_users(cluster, [a, b])
+    await publish_keys(cluster, {a: (tokens[a], tmp_path / "a.state"), b: (tokens[b], tmp_path / "b.state")})
     pids = gateway_pids(cluster)
     alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)
     bob = None
@@ -476,6 +480,7 @@ async def test_online_recipient_keeps_receiving_after_postgres_restart(
     checks all 201 messages arrive once, in order, on the one connection."""
     a, b = names("alice", "bob")
     tokens = await add_users(cluster, [a, b])
+    await publish_keys(cluster, {a: (tokens[a], tmp_path / "a.state"), b: (tokens[b], tmp_path / "b.state")})
     alice = await connect(cluster, 0, tokens[a], tmp_path / "a.state", only=True)
     bob = await connect(cluster, 1, tokens[b], tmp_path / "b.state", only=True)
     assert cluster.pg is not None
