@@ -52,8 +52,12 @@ def one_line(text: str) -> str:
 
 
 @pytest.fixture
-def alice(server: ServerProcess) -> str:
+def alice(server: ServerProcess, tmp_path: Path) -> str:
     tokens = add_users(server, ["alice", "bob"])
+    # bob's first client publishes his end-to-end keys: a message to a user
+    # who never ran a client waits in the sender's outbox (exit 4) by design.
+    published = roost(tmp_path, "listen", *flags(server, tokens["bob"], tmp_path, "bob"), "--timeout", "1")
+    assert published.returncode == 0, published.stderr
     return tokens["alice"]
 
 
@@ -76,7 +80,10 @@ def test_too_large_and_empty_messages_are_refused_at_once(
         assert empty.returncode == 2, repr(text)
         assert "empty" in one_line(empty.stderr)
     assert time.monotonic() - start < 15
-    # Nothing was queued: the next send is seq 1 and bob gets only it.
+    # Nothing was queued: the next send is seq 1 and bob gets only it (once
+    # his first client published his keys).
+    published = roost(tmp_path, "listen", *flags(server, bob["bob2"], tmp_path, "bob2"), "--timeout", "1")
+    assert published.returncode == 0, published.stderr
     at_limit = roost(tmp_path, "send", *flags(server, alice, tmp_path), *target, "y" * MAX_BODY_BYTES)
     assert at_limit.returncode == 0, at_limit.stderr
     assert json.loads(at_limit.stdout)["seq"] == 1
