@@ -17,8 +17,8 @@ from tests.keys_material import Identity, upload
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 GATEWAYS = 4
-REQUESTERS_PER_GATEWAY = 2
-FETCHES = 25  # per requester, all sent at once (within the burst of 30)
+REQUESTERS_PER_GATEWAY = 5
+FETCHES = 10  # per requester, all sent at once (within the per-target burst of 10)
 EC_STOCK = 100  # fewer than the 200 fetches: drained, each key once
 KEM_STOCK = 300  # more than the fetches: every fetch gets its own
 
