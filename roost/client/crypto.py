@@ -139,6 +139,9 @@ class E2ee:
         # give up after GIVE_UP), compared with server timestamps; the
         # simulator, whose loop runs on virtual time, replaces it.
         self.wall_clock: Callable[[], float] = time.time
+        # Ids of control messages and sender-key distributions: random; the
+        # simulator draws them from its seed so a run replays exactly.
+        self.new_uuid: Callable[[], uuid.UUID] = uuid.uuid4
         raw = self.state.e2ee_local_keys()
         if raw is None:
             self.keys = LocalKeys.generate(DEVICE)
@@ -435,7 +438,7 @@ class E2ee:
     def queue_control(self, to: str, content: Content) -> None:
         """A protocol message to ``to``, through the durable outbox (joins the open transaction)."""
         item = OutboxItem(
-            uuid.uuid4().hex, to, None, E2EE_CT, _encode(content), int(time.time() * 1000), control=True
+            self.new_uuid().hex, to, None, E2EE_CT, _encode(content), int(time.time() * 1000), control=True
         )
         self.client._queue(item, commit=False)
         self.wake()
@@ -566,7 +569,7 @@ class E2ee:
             self._members[conv] = set(info.members)
         own = self.state.own_sender_key(conv)
         if own is None:
-            record, skdm = SenderKeyRecord.create(uuid.uuid4())
+            record, skdm = SenderKeyRecord.create(self.new_uuid())
             self.state.save_own_sender_key(conv, record.to_bytes(), skdm, [])
             self.state.commit()
             own = self.state.own_sender_key(conv)

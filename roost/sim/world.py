@@ -28,6 +28,7 @@ import shutil
 import ssl
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +259,8 @@ class SimUser:
         # time pass in milliseconds of wall time, and server timestamps are
         # wall time, so virtual seconds are added to the wall clock at start.
         client.crypto.wall_clock = world.virtual_wall_clock
+        ids = _rng(world.seed, f"uuids/{self.name}/{self.generation}")
+        client.crypto.new_uuid = lambda: uuid.UUID(int=ids.getrandbits(128), version=4)
         client._rng = _rng(world.seed, f"backoff/{self.name}/{self.generation}")
         client._dack_due = _OrderedSet()  # type: ignore[assignment]
         client._http = _FakeHttp(world, self)  # type: ignore[assignment]
