@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from roost.sim.faults import DEFAULT_FAULTS, FAULT_KINDS
 from roost.sim.world import draw_scenario, run_seed
 from tests.cli_subprocess import run_roost
@@ -19,6 +21,8 @@ def _simulate(*args: str, hash_seed: str = "random") -> subprocess.CompletedProc
     return run_roost("simulate", *args, env=env, timeout=600)
 
 
+# 300 encrypted runs take ~100 s of CPU (0.32 s each; 28 ms before encryption).
+@pytest.mark.timeout(600)
 def test_a_fixed_budget_of_seeds_passes() -> None:
     done = _simulate("--seeds", str(CI_SEEDS))
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
