@@ -57,6 +57,12 @@ class DirectQueue(_Queue):  # type: ignore[misc]
     def feed_data(self, data: Any, size: int) -> None:
         handle = self.handle
         if handle is None or data[0] is not _TEXT or self._buffer:
+            # Queued: every later frame queues behind it until the
+            # connection's task has taken *and handled* it (it sets
+            # ``handle`` again at the top of its loop). Checking only the
+            # buffer let a frame arriving between that task's receive() and
+            # its handling overtake the frame just taken.
+            self.handle = None
             super().feed_data(data, size)
             return
         try:
