@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hypothesis import strategies as st
 
+from roost.client.keys import DeviceBundle as Bundle
 from roost.e2ee import LocalKeys
-
-
-@dataclass
-class Bundle:
-    """The fields of roost.client.keys.DeviceBundle that Session.initiate reads."""
-
-    device: int
-    registration: int
-    signed_id: int
-    signed_key: bytes
-    signed_sig: bytes
-    prekey_id: int | None
-    prekey_key: bytes | None
-    kem_id: int
-    kem_key: bytes
-    kem_sig: bytes
-    kem_last_resort: bool
 
 
 def publish(local: LocalKeys, one_time_ec: bool = True, last_resort: bool = False) -> Bundle:
