@@ -792,6 +792,12 @@ class PostgresStore:
         self._receipts: PassBatcher[str, list[ReceiptState]] = PassBatcher(
             self._pending_receipts_of, list, USER_BATCH
         )
+        # Key uploads and handouts are transactions that can wait on a
+        # user's lock and on a commit; at most half the read pool at once, so
+        # logins and inbox reads always find a connection (150 devices
+        # publishing their first keys at once starved the logins of one
+        # gateway past the client's 10 s connect timeout).
+        self._key_slots = asyncio.Semaphore(max(1, pool_size // 2))
         self._key_stocks: PassBatcher[tuple[str, int], KeyStock] = PassBatcher(
             self._key_stocks_of, lambda: KeyStock(0, 0, False), USER_BATCH
         )
@@ -1261,8 +1267,12 @@ class PostgresStore:
         pool = self._pool
         if pool is None or self._closing:
             raise StoreUnavailable("store is closed")
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
+            await asyncio.wait_for(self._key_slots.acquire(), self.connect_timeout)
+        except TimeoutError:
+            raise StoreUnavailable("key directory busy: no free slot in time") from None
+        try:
             async with pool.acquire(timeout=self.connect_timeout) as conn:
                 self.metrics.pool_wait["read"].observe(time.perf_counter() - started)
                 return await fn(conn)
@@ -1272,6 +1282,8 @@ class PostgresStore:
             if not _storage_error(exc):
                 raise
             raise StoreUnavailable(f"storage error: {exc}") from exc
+        finally:
+            self._key_slots.release()
 
     # -- reads ---------------------------------------------------------------
 

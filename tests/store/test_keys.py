@@ -195,3 +195,37 @@ async def test_a_schema_5_database_gets_the_key_directory(pg_empty_database: str
         assert (await store.take_keys("alice"))[0].prekey is not None
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_key_uploads_waiting_on_a_lock_leave_connections_for_logins(pg_database: str) -> None:
+    """Key writes block on a user's lock and on commits; however many are in
+    flight, a token lookup (a login) still gets a pooled connection."""
+    import asyncpg
+
+    from roost.store.postgres import PostgresStore
+    from roost.store.postgres_keys import KEYS_LOCK_CLASS
+
+    store = PostgresStore(pg_database, connect_timeout=2.0)
+    await store.open()
+    holder = await asyncpg.connect(pg_database)
+    try:
+        await store.add_user("alice", token_hash("alice"), NOW)
+        await store.add_user("bob", token_hash("bob"), NOW)
+        # What every upload for alice needs, held elsewhere: they all wait inside PostgreSQL.
+        await holder.execute("SELECT pg_advisory_lock($1, hashtext('alice'))", KEYS_LOCK_CLASS)
+        ident = Identity.generate()
+        uploads = [
+            asyncio.ensure_future(store.put_keys(keys_of("alice", ident))) for _ in range(2 * store.pool_size)
+        ]
+        await asyncio.sleep(0.3)
+        assert not any(u.done() for u in uploads)
+        assert await asyncio.wait_for(store.user_by_token(token_hash("bob")), 1.5) == "bob"
+        await holder.execute("SELECT pg_advisory_unlock($1, hashtext('alice'))", KEYS_LOCK_CLASS)
+        results = await asyncio.gather(*uploads, return_exceptions=True)
+        # Each either stored (the same keys again are refused as a duplicate) or
+        # was refused in time for want of a slot: none hangs, none is lost unanswered.
+        assert any(isinstance(r, KeyStock) for r in results)
+    finally:
+        await holder.close()
+        await store.close()
