@@ -174,7 +174,10 @@ class E2ee:
         self._publishing.add_done_callback(self._task_done)
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.create_task(self._pump())
-        self._sweep_held()
+        # Soon, not now: the client marks itself connected only after this
+        # returns, and a sweep that finds it disconnected does nothing (a held
+        # message whose timer fired while offline then waited for good).
+        asyncio.get_running_loop().call_soon(self._sweep_held)
         self.wake()
 
     async def close(self) -> None:
@@ -849,7 +852,7 @@ class E2ee:
         whose retry request was rate-limited: ask their senders (again); and
         conversations held up past GIVE_UP move on."""
         if not self.client.connected:
-            return
+            return  # the next connect sweeps
         cutoff = int((self.wall_clock() - HOLD_GRACE) * 1000)
         convs: set[str] = set()
         for conv, seq, mid, sender, _body, ts, reason, retried in self.state.held():

@@ -63,3 +63,14 @@ def test_a_group_send_answered_unavailable_is_tried_again() -> None:
 
     result = run_seed(9)
     assert result.ok, result.violations
+
+
+def test_a_held_message_whose_timer_fired_offline_is_asked_for_on_reconnect() -> None:
+    """Seed 348: frank's group message, sealed before carol joined, reached
+    carol without its sender key; its retry timer fired while carol was
+    offline, and the sweep on reconnect ran before the client counted itself
+    connected, so it did nothing: the message stayed held for good."""
+    from roost.sim.world import run_seed
+
+    result = run_seed(348)
+    assert result.ok, result.violations
