@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roost.client.crypto")
 
-E2EE_CT = "application/vnd.roost.e2ee"
+E2EE_CT = f.E2EE_CT
 DEVICE = 1  # this device (multi-device later: the ids are already on the wire and in the state)
 
 # Key stock: uploaded in full on a new identity, refilled below a third.

@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     NO_KEYS = "no_keys"  # the user has published no keys yet
     RATE_LIMITED = "rate_limited"  # too many bundle fetches or uploads started; retry later
     INTERNAL = "internal"
+    ENCRYPTION_REQUIRED = "encryption_required"  # a message whose ct is not the end-to-end envelope
     # Media (blob_* frames)
     QUOTA_EXCEEDED = "quota_exceeded"  # the user's stored blobs would pass its byte quota
     UNKNOWN_BLOB = "unknown_blob"  # no such blob (or not complete, for blob_get)

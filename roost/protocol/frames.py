@@ -89,16 +89,24 @@ class Auth(Frame, tag="auth"):
     e2ee: bool = False
 
 
+# The content type of every message a client sends: an end-to-end encrypted
+# envelope (docs/security.md). The server refuses any other, so no plaintext
+# reaches it through Roost's protocol; the field stays for what may come
+# (linked devices, sealed sender) without a new frame.
+E2EE_CT = "application/vnd.roost.e2ee"
+
+
 class Send(Frame, tag="send"):
     """Send a message. ``id`` is the sender-generated id that makes a retry idempotent.
 
     Exactly one of ``to`` (a user, for a 1:1 chat) or ``conv`` (an existing
-    conversation id, e.g. a group) is given.
+    conversation id, e.g. a group) is given. ``body`` is the sealed envelope;
+    ``ct`` must be ``E2EE_CT`` (refused with ``encryption_required`` otherwise).
     """
 
     id: ClientMsgId
     body: Body
-    ct: ContentType = "text/plain"
+    ct: ContentType = E2EE_CT
     to: UserName | None = None
     conv: ConvId | None = None
 

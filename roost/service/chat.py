@@ -329,6 +329,12 @@ class ChatService:
     def _on_send(self, session: Session, frame: f.Send) -> None:
         if (frame.to is None) == (frame.conv is None):
             raise ProtocolError(ErrorCode.BAD_FRAME, "give exactly one of 'to' and 'conv'", frame.id)
+        if frame.ct != f.E2EE_CT:
+            raise ProtocolError(
+                ErrorCode.ENCRYPTION_REQUIRED,
+                f"messages must be end-to-end encrypted (ct {f.E2EE_CT}), not {frame.ct}",
+                frame.id,
+            )
         fut = self.store.append(
             session.user,
             frame.id,

@@ -479,3 +479,13 @@ async def test_invalid_dack_does_not_cancel_an_earlier_valid_one(server: ServerP
 async def close_all_raw(*raws: RawWS) -> None:
     for raw in raws:
         await raw.close()
+
+
+async def test_a_message_that_is_not_end_to_end_encrypted_is_refused(world) -> None:
+    """No plaintext path in the server: a send whose content type is not the
+    end-to-end envelope is refused, named by its id, and stores nothing."""
+    alice, _ = world
+    for ct in ("text/plain", "application/json", "application/vnd.roost.membership+json"):
+        frame = {"type": "send", "id": f"plain-{ct}", "to": "bob", "ct": ct, "body": b64("secret words")}
+        await alice.expect_error(frame, "encryption_required", ref=f"plain-{ct}")
+    await alice.check_unchanged()

@@ -103,7 +103,7 @@ def test_every_client_frame_round_trips(frame: f.Frame) -> None:
 def test_defaults_are_filled_in() -> None:
     frame = decode_client(b'{"type":"send","id":"x","body":"aGk=","to":"bob"}')
     assert frame == f.Send(id="x", body=b"hi", to="bob")
-    assert frame.ct == "text/plain"
+    assert frame.ct == f.E2EE_CT  # the only content type a server accepts
     assert frame.conv is None
     hist = decode_client(b'{"type":"history","conv":"d:a:b"}')
     assert isinstance(hist, f.HistoryRequest)
