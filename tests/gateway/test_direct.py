@@ -110,3 +110,32 @@ async def test_text_frames_skip_the_queue_once_a_handler_is_set() -> None:
         await runner.cleanup()
     assert closed
     assert seen == ["one", "two", "three"]
+
+
+async def test_a_text_frame_waits_until_the_frame_taken_before_it_is_handled() -> None:
+    """Once a frame queues, later text frames queue too until the connection's
+    task has taken *and handled* it and re-armed direct handling: a text frame
+    that arrives after the task took the queued frame from the buffer, but
+    before it handled it, must not be handled first (the buffer is empty in
+    that window, so the buffer alone cannot tell)."""
+    from types import SimpleNamespace
+
+    from aiohttp.http import WSMessage
+
+    protocol = SimpleNamespace(_reading_paused=False, pause_reading=lambda: None)
+    queue = DirectQueue(protocol, 2**16, loop=asyncio.get_running_loop())
+    handled: list[object] = []
+
+    def arm() -> None:  # what the gateway's loop does at its top when the buffer is empty
+        queue.handle = lambda _target, data: handled.append(data) or 0.0
+
+    arm()
+    queue.feed_data(WSMessage(WSMsgType.TEXT, "one", None), 3)  # handled on the spot
+    queue.feed_data(WSMessage(WSMsgType.BINARY, b"two", None), 3)  # takes the queue
+    taken = await queue.read()  # the task takes it; the buffer is empty now
+    queue.feed_data(WSMessage(WSMsgType.TEXT, "three", None), 5)  # arrives before it is handled
+    handled.append(taken.data)  # the task handles it
+    assert handled == ["one", b"two"]
+    # The task re-arms only with its buffer empty; "three" waits in it, in order.
+    handled.append((await queue.read()).data)
+    assert handled == ["one", b"two", "three"]
