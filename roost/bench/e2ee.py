@@ -57,7 +57,7 @@ BENCH_PREKEY_BATCH = LOW_WATER + 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--members", type=int, default=1024, help="group size for the redistribution")
+    parser.add_argument("--members", type=int, default=1024, help="group size for the redistribution in roost.e2ee alone")
     parser.add_argument("--messages", type=int, default=300, help="messages per protocol timing loop")
     parser.add_argument("--sdk-messages", type=int, default=200, help="1:1 messages through the SDK")
     parser.add_argument("--no-sdk", action="store_true", help="the protocol figures only (no server)")
@@ -76,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.sdk_members and not args.no_sdk and args.sdk_members < 3:
+        raise UsageError("--sdk-members needs a sender, a member who leaves and a reader (>= 3), or 0")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
     results: dict[str, Any] = {"protocol": protocol_costs(args.messages)}
     results["redistribution"] = redistribution(args.members)
     if not args.no_sdk:
@@ -84,8 +88,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             results["sdk"] = asyncio.run(sdk_costs(target, args.sdk_messages))
             if args.sdk_members:
-                if args.sdk_members < 3:
-                    raise UsageError("--sdk-members needs a sender, a member who leaves and a reader (>= 3)")
                 run = sdk_redistribution(target, args.sdk_members, max(1, args.workers), args.timeout)
                 results["sdk_redistribution"] = asyncio.run(asyncio.wait_for(run, args.timeout))
             results["target"] = target.describe()
@@ -329,7 +331,7 @@ async def _send_and_read(
         "sender_acked_ms": round(sent["acked_ms"], 1),
         "sender_cpu_ms": round(sent["cpu_ms"], 1),
         "members_read": len(read),
-        "all_read_ms": round(max(read, default=0.0), 1),
+        "all_read_ms": round(max(read, default=0.0), 3),
         **latency_summary(read, prefix="read_"),
         # every member process's CPU from the send until its last member read, per member
         "member_cpu_ms": round(members_cpu / max(1, len(read)) * 1000, 2),
