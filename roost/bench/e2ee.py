@@ -57,7 +57,9 @@ BENCH_PREKEY_BATCH = LOW_WATER + 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--members", type=int, default=1024, help="group size for the redistribution in roost.e2ee alone")
+    parser.add_argument(
+        "--members", type=int, default=1024, help="group size for the redistribution in roost.e2ee alone"
+    )
     parser.add_argument("--messages", type=int, default=300, help="messages per protocol timing loop")
     parser.add_argument("--sdk-messages", type=int, default=200, help="1:1 messages through the SDK")
     parser.add_argument("--no-sdk", action="store_true", help="the protocol figures only (no server)")
@@ -89,7 +91,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["sdk"] = asyncio.run(sdk_costs(target, args.sdk_messages))
             if args.sdk_members:
                 run = sdk_redistribution(target, args.sdk_members, max(1, args.workers), args.timeout)
-                results["sdk_redistribution"] = asyncio.run(asyncio.wait_for(run, args.timeout))
+                try:
+                    results["sdk_redistribution"] = asyncio.run(asyncio.wait_for(run, args.timeout))
+                except TimeoutError:
+                    # Its workers and temporary state files are gone by now (the
+                    # pool and the directory are closed on the way out).
+                    raise SystemExit(
+                        f"roost bench e2ee: the SDK redistribution did not finish within {args.timeout:g} s"
+                    ) from None
             results["target"] = target.describe()
         finally:
             target.stop()

@@ -73,7 +73,11 @@ class SdkWorker:
                 await client.connect(timeout=timeout)
                 await asyncio.wait_for(client.crypto.published.wait(), timeout)
 
-        await asyncio.gather(*(one(*u) for u in users))
+        # A task group: one failure cancels the rest, so that no client is
+        # still being made when ``close_all`` closes them.
+        async with asyncio.TaskGroup() as group:
+            for user in users:
+                group.create_task(one(*user))
         return {
             "started": len(users),
             "seconds": round(time.monotonic() - t0, 3),
