@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -26,15 +27,16 @@ class WorkerError(RuntimeError):
 
 
 class WorkerPool:
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, module: str = "roost.bench.worker") -> None:
         self.count = max(1, count)
+        self.module = module  # what the processes run (``python -m``)
         self.procs: list[asyncio.subprocess.Process] = []
         self._locks: list[asyncio.Lock] = []
 
     async def start(self) -> WorkerPool:
         for _ in range(self.count):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "roost.bench.worker",
+                sys.executable, "-m", self.module,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 30,
             )  # fmt: skip
@@ -60,7 +62,10 @@ class WorkerPool:
             raise WorkerError(f"worker {i} {cmd}: {reply['error']}")
         return reply
 
-    async def all(self, cmd: str, args: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    async def all(
+        self, cmd: str, args: Sequence[dict[str, Any] | None] | None = None
+    ) -> list[dict[str, Any]]:
+        """``cmd`` on every worker at once, with its own arguments (None: skip that worker)."""
         per_worker = args if args is not None else [{} for _ in self.procs]
         return list(
             await asyncio.gather(*(self.call(i, cmd, **a) for i, a in enumerate(per_worker) if a is not None))

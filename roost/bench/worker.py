@@ -21,6 +21,7 @@ import contextlib
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -539,8 +540,10 @@ class Worker:
         return closed
 
 
-async def serve(reader: asyncio.StreamReader, write: Any) -> None:
-    worker = Worker()
+async def serve(reader: asyncio.StreamReader, write: Any, make: Callable[[], Any] = Worker) -> None:
+    """Run commands from ``reader`` on a worker ``make()`` builds (its ``cmd_*``
+    coroutines; ``quit`` calls its ``cmd_close_all``) until ``quit`` or EOF."""
+    worker = make()
     while True:
         line = await reader.readline()
         if not line:
@@ -558,7 +561,7 @@ async def serve(reader: asyncio.StreamReader, write: Any) -> None:
         write(reply)
 
 
-async def _main() -> None:
+async def _main(make: Callable[[], Any]) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 30)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -568,16 +571,16 @@ async def _main() -> None:
         out.write(_json_encode(reply) + b"\n")
         out.flush()
 
-    await serve(reader, write)
+    await serve(reader, write, make)
 
 
-def main() -> None:
+def main(make: Callable[[], Any] = Worker) -> None:
     try:
         import uvloop  # the load generator may use the fastest loop: it is not what is measured
     except ImportError:
-        asyncio.run(_main())
+        asyncio.run(_main(make))
     else:
-        uvloop.run(_main())
+        uvloop.run(_main(make))
 
 
 if __name__ == "__main__":
