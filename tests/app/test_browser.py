@@ -366,6 +366,26 @@ DROP = """([name, type, bytes]) => {
 }"""
 
 
+RECORD_VIDEO = """async () => {
+  // Half a second of a 32x24 canvas, as the browser's own MediaRecorder encodes it.
+  const canvas = Object.assign(document.createElement("canvas"), { width: 32, height: 24 });
+  const g = canvas.getContext("2d");
+  const recorder = new MediaRecorder(canvas.captureStream(10), { mimeType: "video/webm" });
+  const chunks = [];
+  recorder.ondataavailable = (e) => chunks.push(e.data);
+  const done = new Promise((resolve) => (recorder.onstop = resolve));
+  recorder.start();
+  for (let i = 0; i < 5; i++) {
+    g.fillStyle = i % 2 ? "red" : "blue";
+    g.fillRect(0, 0, 32, 24);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  recorder.stop();
+  await done;
+  return [...new Uint8Array(await new Blob(chunks).arrayBuffer())];
+}"""
+
+
 def open_chat_with(page: Any, user: str) -> None:
     page.locator("#new-chat-button").click()
     page.locator("#new-chat-user").fill(user)
@@ -419,6 +439,7 @@ def test_files_picked_or_dropped_are_previewed_sent_with_progress_and_shown(
     # dropped: a voice note, played inline from bob's app (which decrypted it)
     note = wav()
     alice.evaluate(DROP, ["note.wav", "audio/wav", list(note)])
+    expect(preview).to_be_visible()
     expect(alice.locator("#attach-details")).to_contain_text("Audio")
     alice.keyboard.press("Enter")  # the focused Send button
     player = bob.locator(".msg.in audio")
@@ -432,6 +453,15 @@ def test_files_picked_or_dropped_are_previewed_sent_with_progress_and_shown(
     served = bob.request.get(bob.url.rstrip("/") + player.get_attribute("src"))
     assert served.body() == note  # decrypted whole, as a player's type, not a download
     assert served.headers["content-type"] == "audio/wav" and "content-disposition" not in served.headers
+
+    # a video, recorded by the browser itself (WebM), plays inline too
+    clip = alice.evaluate(RECORD_VIDEO)
+    alice.evaluate(DROP, ["clip.webm", "video/webm", clip])
+    expect(alice.locator("#attach-details")).to_contain_text("Video")
+    alice.locator("#attach-send").click()
+    video = bob.locator(".msg.in video")
+    video.wait_for()
+    assert wait_until(bob, video, "v => v.readyState >= 1 && v.videoWidth") == 32  # decoded: its frame size
 
     # any other file is a download, never rendered by the app's origin
     html = b"<script>window.__pwned = 1</script>"

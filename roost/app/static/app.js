@@ -300,7 +300,8 @@ function renderChatList() {
     const preview = [];
     if (last && last.kind === "own") preview.push(tickNode(last, chat), " ");
     if (last && chat.group && last.kind === "in") preview.push(`${last.sender}: `);
-    preview.push(last ? last.text : chat.group ? "Group" : "No messages yet");
+    const lastText = last && (last.text || (last.attachment ? `📎 ${last.attachment.name}` : ""));
+    preview.push(last ? lastText : chat.group ? "Group" : "No messages yet");
     const button = el(
       "button",
       {
