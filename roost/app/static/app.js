@@ -300,7 +300,7 @@ function renderChatList() {
     const preview = [];
     if (last && last.kind === "own") preview.push(tickNode(last, chat), " ");
     if (last && chat.group && last.kind === "in") preview.push(`${last.sender}: `);
-    const lastText = last && (last.text || (last.attachment ? `📎 ${last.attachment.name}` : ""));
+    const lastText = last && (last.text || (last.attachment ? `${kindText(last.attachment.content_type)}: ${last.attachment.name}` : ""));
     preview.push(last ? lastText : chat.group ? "Group" : "No messages yet");
     const button = el(
       "button",
@@ -341,8 +341,10 @@ async function openChat(conv, focusComposer = false) {
   renderChatList();
   renderMessages();
   if (chat.group) loadMembers(conv);
-  await loadHistory(conv);
+  // Before the history comes: focusing after it could take the focus from
+  // wherever the user went meanwhile (a file's preview, a dialog).
   if (focusComposer) $("composer-input").focus();
+  await loadHistory(conv);
 }
 
 async function loadMembers(conv) {
@@ -468,7 +470,8 @@ function attachmentNode(m) {
   const a = m.attachment;
   if (m.seq === null) return uploadNode(m);
   const url = `/media/${encodeURIComponent(m.conv)}/${m.seq}`;
-  const download = el("a", { class: "file-link download", href: url, download: a.name }, `📎 ${a.name} (${sizeText(a.size)})`);
+  const label = `${a.name} (${sizeText(a.size)})`;
+  const download = el("a", { class: "file-link download", href: url, download: a.name }, label);
   let media = mediaNodes.get(url);
   if (!media && IMAGES.has(a.content_type)) media = el("img", { class: "media", src: url, alt: a.name });
   else if (!media && PLAYABLE.has(a.content_type)) {
@@ -478,6 +481,7 @@ function attachmentNode(m) {
   }
   if (!media) return download;
   mediaNodes.set(url, media);
+  setText(download, `Download ${label}`);
   return el("div", { class: "attachment" }, media, download);
 }
 
@@ -487,7 +491,7 @@ function uploadNode(m) {
   const bar = el("progress", { max: 100, dataset: { upload: m.id }, "aria-label": `Uploading ${a.name}` });
   const label = el("span", { class: "upload-state", dataset: { uploadState: m.id } });
   showUpload(bar, label, p);
-  return el("div", { class: "upload" }, el("span", { class: "file-link" }, `📎 ${a.name} (${sizeText(a.size)})`), bar, label);
+  return el("div", { class: "upload" }, el("span", { class: "file-link" }, `${a.name} (${sizeText(a.size)})`), bar, label);
 }
 
 function showUpload(bar, label, p) {
@@ -832,7 +836,7 @@ $("group-leave").addEventListener("click", async () => {
 
 function showInfo(m) {
   state.info = m;
-  setText($("info-text"), m.attachment ? `📎 ${m.attachment.name}` : m.text);
+  setText($("info-text"), m.attachment ? `${kindText(m.attachment.content_type)}: ${m.attachment.name}` : m.text);
   $("info-list").replaceChildren();
   $("info-dialog").showModal();
   loadInfo(m);
