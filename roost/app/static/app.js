@@ -468,6 +468,7 @@ function kindText(type) {
 
 function attachmentNode(m) {
   const a = m.attachment;
+  if (m.seq === null && m.failed) return el("span", { class: "file-link" }, `${a.name} (${sizeText(a.size)}): not sent`);
   if (m.seq === null) return uploadNode(m);
   const url = `/media/${encodeURIComponent(m.conv)}/${m.seq}`;
   const label = `${a.name} (${sizeText(a.size)})`;
