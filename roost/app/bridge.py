@@ -15,17 +15,16 @@ document with ``textContent`` only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from mimetypes import guess_type
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from roost.client import (
     Client,
@@ -33,7 +32,7 @@ from roost.client import (
     InvalidArgument,
     RoostError,
 )
-from roost.client.attachments import ATTACHMENT_CT, InvalidAttachment, parse_reference
+from roost.client.attachments import ATTACHMENT_CT, AttachmentRef, InvalidAttachment, parse_reference
 from roost.client.events import (
     Connected,
     Consumed,
@@ -51,7 +50,7 @@ from roost.client.events import (
     Sent,
     TypingEvent,
 )
-from roost.client.state import OutboxItem
+from roost.client.state import OutboxItem, UploadItem
 from roost.core.ids import direct_conv_id, direct_members, is_group_id, is_valid_user_name
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 
@@ -94,14 +93,14 @@ def membership_text(m: Membership, me: str | None) -> str:
     return "Y" + text[1:] if text.startswith("you ") else text
 
 
-MAX_FILE_BYTES = 16 * 1024 * 1024  # a file picked in the page (it comes over the page socket)
+def attachment_json(body: bytes, *, own_pending: bool = False) -> dict[str, Any]:
+    """A file message as the page shows it: name, type, size, caption (not the key).
 
-
-def attachment_json(body: bytes) -> dict[str, Any]:
-    """A file message as the page shows it: name, type, size, caption (not the key)."""
+    ``own_pending``: the reference of a file this device is still uploading
+    (its blob id is still empty, so it is not a valid reference yet)."""
     try:
-        ref = parse_reference(body)
-    except (InvalidAttachment, ValueError):
+        ref = msgspec.json.decode(body, type=AttachmentRef) if own_pending else parse_reference(body)
+    except (InvalidAttachment, ValueError, msgspec.DecodeError):
         return {"text": "[a file that cannot be read]"}
     info = {"name": ref.name, "content_type": ref.content_type, "kind": ref.kind, "size": ref.size}
     return {"text": ref.caption or "", "attachment": info}
@@ -121,6 +120,7 @@ class AppBridge:
         self._typing_sent: dict[str, float] = {}
         self._subscribed: set[str] = set()
         self._tasks: set[asyncio.Future[None]] = set()
+        self._downloads: dict[str, asyncio.Lock] = {}
         self.stopped = False
 
     @property
@@ -164,8 +164,11 @@ class AppBridge:
             return None
         return direct_conv_id(self.me, to)
 
-    def pending_json(self, item: OutboxItem | LocalSend) -> dict[str, Any] | None:
-        if isinstance(item, LocalSend):
+    def pending_json(self, item: OutboxItem | LocalSend | UploadItem) -> dict[str, Any] | None:
+        if isinstance(item, UploadItem):
+            mid, to, conv, body, created = item.id, item.to, item.conv, item.ref, item.created
+            ct = ATTACHMENT_CT
+        elif isinstance(item, LocalSend):
             mid, to, conv, ct, body, created = (
                 item.message_id,
                 item.to,
@@ -189,8 +192,12 @@ class AppBridge:
             "ts": created,
         }
         if ct == ATTACHMENT_CT:
-            out.update(attachment_json(body))
+            out.update(attachment_json(body, own_pending=True))
         return out
+
+    def _pending_items(self) -> list[OutboxItem | UploadItem]:
+        """Own messages not stored by the server yet: file sends still uploading, then the outbox."""
+        return [*self.client.pending_uploads(), *self.client.pending_outbox()]
 
     def chat_json(self, conv: str, name: str | None = None) -> dict[str, Any]:
         pair = direct_members(conv)
@@ -247,7 +254,7 @@ class AppBridge:
             chat["delivered"], chat["read"] = receipts.get(s.conv, (0, 0))
             chat["last"] = self.message_json(Message(s.conv, s.seq, "", s.sender, s.ct, s.body, s.ts))
             chats[s.conv] = chat
-        for item in self.client.pending_outbox():
+        for item in self._pending_items():
             pending = self.pending_json(item)
             if pending is None:
                 continue
@@ -424,7 +431,7 @@ class AppBridge:
         stored = self.client.local_history(conv, limit, before)
         messages = [self.message_json(m) for m in stored]
         if before is None:
-            for item in self.client.pending_outbox():
+            for item in self._pending_items():
                 pending = self.pending_json(item)
                 if pending is not None and pending["conv"] == conv:
                     messages.append(pending)
@@ -465,47 +472,30 @@ class AppBridge:
         self.broadcast({"type": "message", "message": pending, "chat": self.chat_json(conv)})
         return {"message": pending}
 
-    async def cmd_send_file(self, r: dict[str, Any]) -> dict[str, Any]:
-        """A file picked in the page: encrypted and uploaded by the SDK (durable
-        from here on), its message sent once the upload is complete."""
-        conv = _conv(r)
-        name, data = r.get("name"), r.get("data")
-        if not isinstance(name, str) or not isinstance(data, str):
-            raise CommandError("name and data (base64) are needed")
-        try:
-            content = base64.b64decode(data, validate=True)
-        except ValueError:
-            raise CommandError("data is not base64") from None
-        if not content or len(content) > MAX_FILE_BYTES:
-            raise CommandError(f"a file must have 1 to {MAX_FILE_BYTES // (1024 * 1024)} MiB")
-        safe = Path(name).name.strip() or "file"
-        folder = self.client.media_folder() / "app-outgoing" / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        source = folder / safe
-        source.write_bytes(content)
+    async def send_file_at(self, conv_arg: object, source: Path) -> dict[str, Any]:
+        """Send the file at ``source`` (the page's upload, streamed to disk by
+        the server) to ``conv``: encrypted and uploaded by the SDK (durable from
+        here on), its message sent once the upload is complete. The upload's
+        progress goes to every page as ``progress`` events."""
+        if self.stopped:
+            raise CommandError(f"not connected: {self.connection_detail}")
+        conv = _conv({"conv": conv_arg})
+        if conv in self.left:
+            raise CommandError("you are no longer a member of this group")
         mid = uuid.uuid4().hex
-        try:
-            if is_group_id(conv):
-                await self.client.send_file(source, group=conv, message_id=mid, wait=False)
-            else:
-                await self.client.send_file(source, to=self._peer(conv), message_id=mid, wait=False)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)  # the SDK keeps its encrypted copy
-        pending = {
-            "kind": "own",
-            "conv": conv,
-            "seq": None,
-            "id": mid,
-            "sender": self.me or "",
-            "text": "",
-            "ts": int(self.clock() * 1000),
-            "attachment": {
-                "name": safe,
-                "content_type": guess_type(safe)[0] or "",
-                "kind": "file",
-                "size": len(content),
-            },
-        }
+
+        def progress(done: int, total: int) -> None:
+            self.broadcast({"type": "progress", "id": mid, "conv": conv, "done": done, "total": total})
+
+        if is_group_id(conv):
+            await self.client.send_file(source, group=conv, message_id=mid, wait=False, progress=progress)
+        else:
+            peer = self._peer(conv)
+            await self.client.send_file(source, to=peer, message_id=mid, wait=False, progress=progress)
+        # send_file returned with the upload committed and nothing awaited since: it is pending.
+        upload = next(u for u in self.client.pending_uploads() if u.id == mid)
+        pending = self.pending_json(upload)
+        assert pending is not None  # its conversation is known
         self.broadcast({"type": "message", "message": pending, "chat": self.chat_json(conv)})
         return {"message": pending}
 
@@ -516,11 +506,16 @@ class AppBridge:
         if not stored or stored[0].seq != seq or stored[0].ct != ATTACHMENT_CT:
             raise CommandError("no such file")
         ref = parse_reference(stored[0].body)
-        folder = cache / hashlib.sha256(f"{conv}/{seq}".encode()).hexdigest()[:24]
-        done = [p for p in folder.glob("*") if p.is_file()] if folder.exists() else []
-        if not done:
-            folder.mkdir(parents=True, exist_ok=True)
-            done = [await self.client.download(stored[0], folder)]
+        key = hashlib.sha256(f"{conv}/{seq}".encode()).hexdigest()[:24]
+        folder = cache / key
+        # One download per file: a player asks for ranges of it side by side,
+        # and the decryption's hidden temp file must not be taken for the file.
+        lock = self._downloads.setdefault(key, asyncio.Lock())
+        async with lock:
+            done = [p for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")]
+            if not done:
+                folder.mkdir(parents=True, exist_ok=True)
+                done = [await self.client.download(stored[0], folder)]
         return done[0], ref.content_type
 
     async def cmd_read(self, r: dict[str, Any]) -> dict[str, Any]:
@@ -591,9 +586,21 @@ class AppBridge:
         return {"results": [self.message_json(m) for m in found]}
 
     async def cmd_receipts(self, r: dict[str, Any]) -> dict[str, Any]:
+        """Each other member's marks in ``conv``; with ``seq`` (one of your
+        messages), also when each got it and read it (ms, or null)."""
         conv = _conv(r)
+        seq = r.get("seq")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
+            raise CommandError("seq must be a positive number")
         marks = self.client.receipt_marks(conv)
-        return {"marks": {user: {"delivered": d, "read": rd} for user, (d, rd) in marks.items()}}
+        out: dict[str, dict[str, int | None]] = {
+            user: {"delivered": d, "read": rd} for user, (d, rd) in marks.items()
+        }
+        if seq is not None:
+            for user, (delivered_at, read_at) in self.client.receipt_times(conv, seq).items():
+                mark = out.setdefault(user, {"delivered": 0, "read": 0})
+                mark.update(delivered_at=delivered_at, read_at=read_at)
+        return {"marks": out}
 
     async def cmd_safety_number(self, r: dict[str, Any]) -> dict[str, Any]:
         peer = self._peer(_conv(r))
@@ -638,7 +645,6 @@ class AppBridge:
         "group_leave": cmd_group_leave,
         "search": cmd_search,
         "receipts": cmd_receipts,
-        "send_file": cmd_send_file,
         "safety_number": cmd_safety_number,
         "verify": cmd_verify,
     }

@@ -11,8 +11,9 @@ request - pages, scripts, the WebSocket - must present that cookie.
 Two more checks stop a web page from using the user's browser against the
 app: the ``Host`` header must name the loopback address and port the app
 listens on (a DNS-rebinding page sends its own host name), and an ``Origin``
-header, when present, must be the app's own origin; the WebSocket must have
-one (a browser always sends it there).
+header, when present, must be the app's own origin; the WebSocket and any
+request that changes something (the file upload, a POST) must have one (a
+browser always sends it there).
 """
 
 from __future__ import annotations
@@ -65,17 +66,20 @@ class Guard:
         cookies: Mapping[str, str],
         query_secret: str | None,
         websocket: bool,
+        changes: bool = False,
     ) -> str | None:
         """Why a request is refused, or None if it may go on.
 
-        The query secret is accepted only for a page load (not the WebSocket),
-        so it is never needed past the first load."""
+        ``changes``: a request that acts (an upload): like the WebSocket, it
+        needs the app's Origin and the cookie. The query secret is accepted
+        only for a page load, so it is never needed past the first load."""
+        strict = websocket or changes
         if not self.host_ok(host):
             return "wrong Host (only this machine's loopback address is served)"
-        if not self.origin_ok(origin, required=websocket):
+        if not self.origin_ok(origin, required=strict):
             return "wrong Origin (only the app's own page may connect)"
         if self.matches(cookies.get(self.cookie)):
             return None
-        if not websocket and self.matches(query_secret):
+        if not strict and self.matches(query_secret):
             return None
         return "the app's secret is missing or wrong (open the URL roost app printed)"

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import socket
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from aiohttp import WSMsgType, web
 
 from roost.app.bridge import AppBridge, CommandError
 from roost.app.guard import SECRET_PARAM, Guard, new_secret
-from roost.client import Client, RoostError
+from roost.client import Client, InvalidArgument, RoostError
+from roost.client.attachments import safe_file_name
 
 log = logging.getLogger("roost.app")
 
@@ -30,9 +33,31 @@ STATIC_FILES = {
     "dom.js": "text/javascript",
     "style.css": "text/css",
 }
-MAX_FRAME = 24 * 1024 * 1024  # a command: a 16 MiB file, base64 in JSON, fits
-# Shown in the page; any other type is offered as a download (never rendered: no HTML, no SVG).
-INLINE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+MAX_FRAME = 1024 * 1024  # a command (a text message is at most 64 KiB); files come by POST /upload
+# The largest file the page may hand over: the media server's largest limit
+# (video, audio, files: 100 MiB by default). A server with lower limits
+# refuses the upload, and the message shows as not sent.
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+UPLOAD_CHUNK = 1024 * 1024
+# Shown in the page (images, players); any other type is offered as a download
+# (never rendered by the app's origin: no HTML, no SVG, no PDF).
+INLINE_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "audio/wav",
+    "audio/x-wav",
+    "audio/wave",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/webm",
+    "audio/mp4",
+    "audio/aac",
+    "video/mp4",
+    "video/webm",
+    "video/ogg",
+}
 MAX_COMMANDS_IN_FLIGHT = 32  # per page socket; more are answered "busy"
 
 
@@ -73,6 +98,7 @@ class AppServer:
         app.router.add_get("/static/{name}", self._file)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/media/{conv}/{seq}", self._media)
+        app.router.add_post("/upload", self._upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
@@ -118,6 +144,7 @@ class AppServer:
             cookies=request.cookies,
             query_secret=request.query.get(SECRET_PARAM) if request.path == "/" else None,
             websocket=request.path == "/ws",
+            changes=request.method not in ("GET", "HEAD"),
         )
         if why is not None:
             log.warning("refused %s %s: %s", request.method, request.path, why)
@@ -131,7 +158,8 @@ class AppServer:
             return
         ws_origins = f"ws://127.0.0.1:{self.port} ws://localhost:{self.port}"
         response.headers["Content-Security-Policy"] = (
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:;"
+            " media-src 'self';"
             f" connect-src 'self' {ws_origins}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         )
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -169,6 +197,32 @@ class AppServer:
         if not inline:
             response.headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(path.name)}"
         return response
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """A file the page hands over to send (``POST /upload?conv=C&name=N``,
+        the raw bytes as the body): streamed to a temp file in the state's
+        media folder, never held whole, then given to the SDK's ``send_file``
+        (which keeps its own encrypted copy). The reply: the pending message."""
+        name = safe_file_name(request.query.get("name", ""), "file")
+        if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
+            return _upload_error(413, f"a file may have at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+        folder = self.client.media_folder() / "app-outgoing" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            source = folder / name
+            size = await _receive(request, source)
+            if size is None:
+                return _upload_error(413, f"a file may have at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+            if size == 0:
+                return _upload_error(400, "the file is empty")
+            reply = await self.bridge.send_file_at(request.query.get("conv"), source)
+        except (CommandError, InvalidArgument) as exc:
+            return _upload_error(400, str(exc))
+        except RoostError as exc:
+            return _upload_error(502, f"{exc.code}: {exc.message}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return web.json_response({"ok": True, **reply})
 
     def _media_cache(self) -> Path:
         return self.client.media_folder() / "app-downloads"
@@ -212,6 +266,23 @@ class AppServer:
     def broadcast(self, event: dict[str, Any]) -> None:
         for page in list(self.pages):
             page.put(event)
+
+
+async def _receive(request: web.Request, dest: Path) -> int | None:
+    """Write the request body to ``dest`` a chunk at a time; its size, or
+    None if it went over ``MAX_UPLOAD_BYTES`` (the rest is not read)."""
+    size = 0
+    with open(dest, "wb") as out:
+        async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
+            size += len(chunk)
+            if size > MAX_UPLOAD_BYTES:
+                return None
+            out.write(chunk)
+    return size
+
+
+def _upload_error(status: int, error: str) -> web.Response:
+    return web.json_response({"ok": False, "error": error}, status=status)
 
 
 class _Page:

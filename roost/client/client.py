@@ -390,8 +390,9 @@ class Client:
         self._dack_scheduled = False
         self._filling: set[str] = set()
         self._read_marks: dict[str, int] = {}
+        marks = self.state.member_marks()
         self._receipts: dict[str, _ReceiptView] = {
-            conv: _ReceiptView(d, r) for conv, (d, r) in self.state.receipts().items()
+            conv: _ReceiptView(d, r, marks.get(conv, {})) for conv, (d, r) in self.state.receipts().items()
         }
         self._receipt_waiters: list[tuple[str, int, str, asyncio.Future[None]]] = []
         self._requests: dict[str, asyncio.Future[Any]] = {}
@@ -1097,9 +1098,15 @@ class Client:
         view = self._receipts.setdefault(frame.conv, _ReceiptView())
         view.all_delivered = max(view.all_delivered, frame.all_delivered)
         view.all_read = max(view.all_read, frame.all_read)
+        now = int(time.time() * 1000)
         for user, marks in frame.marks.items():
             old = view.marks.get(user, (0, 0))
             view.marks[user] = (max(old[0], marks.delivered), max(old[1], marks.read))
+            # Each advance is kept with the time it was heard (receipt_times).
+            if marks.delivered > old[0]:
+                self.state.save_member_mark(frame.conv, user, "delivered", marks.delivered, now)
+            if marks.read > old[1]:
+                self.state.save_member_mark(frame.conv, user, "read", marks.read, now)
         self.state.save_receipt(frame.conv, view.all_delivered, view.all_read)
         self.state.commit()
         self._write(encode(f.ReceiptAck(conv=frame.conv, rv=frame.rv)))
@@ -1142,10 +1149,17 @@ class Client:
         return view.all_delivered, view.all_read
 
     def receipt_marks(self, conv: str) -> dict[str, tuple[int, int]]:
-        """member -> (delivered seq, read seq) for ``conv`` as heard by this
-        run (per-member marks are not kept in the state; ``receipt_state`` is)."""
+        """member -> (delivered seq, read seq) for ``conv``: the marks of the
+        other members for this user's messages there (kept in the state)."""
         view = self._receipts.get(conv)
         return dict(view.marks) if view is not None else {}
+
+    def receipt_times(self, conv: str, seq: int) -> dict[str, tuple[int | None, int | None]]:
+        """member -> (delivered at, read at), ms, for this user's message
+        ``seq`` of ``conv``; None while that member has not. The time is when
+        this device heard the member's mark reach ``seq`` (the protocol's
+        marks carry no times; a connected client hears each at once)."""
+        return self.state.receipt_times(conv, seq)
 
     def _emit(self, event: Event) -> None:
         if self.keep_events:

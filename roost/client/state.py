@@ -80,6 +80,19 @@ CREATE TABLE IF NOT EXISTS uploads (
     uploaded INTEGER NOT NULL DEFAULT 0,   -- bytes the server had at the last progress report
     created INTEGER NOT NULL
 );
+-- When this device heard each member's receipt mark for our own messages
+-- advance (ms, this device's clock): a row per advance, so a message's
+-- delivered / read time per member is the first row whose seq reaches it.
+-- The protocol's marks carry no times; the server pushes each change at
+-- once to a connected sender, so for an online device this is when it happened.
+CREATE TABLE IF NOT EXISTS receipt_marks (
+    conv TEXT NOT NULL,
+    user TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('delivered', 'read')),
+    seq INTEGER NOT NULL,                  -- the member's mark from then on
+    at INTEGER NOT NULL,
+    PRIMARY KEY (conv, user, kind, seq)
+);
 -- `roost chat`: group names it learnt (membership events are not in messages).
 CREATE TABLE IF NOT EXISTS chat_groups (
     conv TEXT PRIMARY KEY,
@@ -621,6 +634,43 @@ class ClientState:
             " all_read=max(all_read, excluded.all_read)",
             (conv, all_delivered, all_read),
         )
+
+    def member_marks(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """conv -> member -> (delivered seq, read seq), the highest recorded."""
+        rows = self.db.execute(
+            "SELECT conv, user, kind, MAX(seq) FROM receipt_marks GROUP BY conv, user, kind"
+        ).fetchall()
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for conv, user, kind, seq in rows:
+            delivered, read = out.setdefault(conv, {}).get(user, (0, 0))
+            out[conv][user] = (seq, read) if kind == "delivered" else (delivered, seq)
+        return out
+
+    def save_member_mark(self, conv: str, user: str, kind: str, seq: int, at: int) -> None:
+        """``user``'s ``kind`` mark in ``conv`` reached ``seq`` at ``at`` (ms); in the open
+        transaction. A mark heard again (a replay on connect) keeps its first time."""
+        self._begin()
+        self.db.execute(
+            "INSERT OR IGNORE INTO receipt_marks (conv, user, kind, seq, at) VALUES (?,?,?,?,?)",
+            (conv, user, kind, seq, at),
+        )
+
+    def receipt_times(self, conv: str, seq: int) -> dict[str, tuple[int | None, int | None]]:
+        """member -> (delivered at, read at) in ms for the message ``seq`` of
+        ``conv``: when its mark first reached ``seq``; None while it has not.
+        Read implies delivered, so a delivered time is never after the read time."""
+        rows = self.db.execute(
+            "SELECT user, kind, MIN(at) FROM receipt_marks WHERE conv=? AND seq>=? GROUP BY user, kind",
+            (conv, seq),
+        ).fetchall()
+        out: dict[str, tuple[int | None, int | None]] = {}
+        for user, kind, at in rows:
+            delivered, read = out.get(user, (None, None))
+            out[user] = (at, read) if kind == "delivered" else (delivered, at)
+        return {
+            user: (read if delivered is None or (read is not None and read < delivered) else delivered, read)
+            for user, (delivered, read) in out.items()
+        }
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

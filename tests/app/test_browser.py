@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
+import os
 import re
+import struct
+import wave
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -131,11 +139,16 @@ def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
     assert ticks(alice, "Saturday").get_attribute("data-tick") == "delivered"
     chat_item(pages["carol"], "Hikers").click()
     ticks(alice, "Saturday").and_(alice.locator("[data-tick=read]")).wait_for()
-    # per-member marks on demand
+    # per-member delivered and read times on demand
     alice.locator(".msg.own", has_text="Saturday").get_by_role("button", name="Message info").click()
     info = alice.locator("#info-list")
-    info.locator("li", has_text="bob").filter(has_text="read").wait_for()
-    info.locator("li", has_text="carol").filter(has_text="read").wait_for()
+    for user in ("bob", "carol"):
+        row = info.locator(f"li[data-user={user}]")
+        row.locator("[data-kind=read] time").wait_for()
+        delivered = row.locator("[data-kind=delivered] time").get_attribute("datetime")
+        read = row.locator("[data-kind=read] time").get_attribute("datetime")
+        assert delivered is not None and read is not None and delivered <= read  # ISO times, same zone
+    expect(info.locator("li")).to_have_count(2)  # the other members, not alice
     alice.locator("#info-dialog").get_by_role("button", name="Close").click()
     screenshot(alice, "group")
     # group info: members and admin; remove carol; carol's app learns it
@@ -320,32 +333,169 @@ PNG = bytes.fromhex(
 )
 
 
-def test_an_image_sent_is_shown_to_the_peer(make_app: Any, open_page: Any) -> None:
+def wav(seconds: float = 0.5, rate: int = 8000) -> bytes:
+    """A real voice note: a 440 Hz tone, 16-bit mono PCM in a WAV file."""
+    samples = (int(8000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(int(seconds * rate)))
+    frames = b"".join(struct.pack("<h", v) for v in samples)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames)
+    return out.getvalue()
+
+
+RECORD_PROGRESS = """() => {
+  // Every value a progress bar of the page shows, as it changes.
+  window.__progress = [];
+  new MutationObserver(() => {
+    for (const bar of document.querySelectorAll("#attach-progress, #messages progress")) {
+      if (!bar.hidden && bar.hasAttribute("value")) window.__progress.push([bar.id || "message", bar.value]);
+    }
+  }).observe(document.body, { subtree: true, childList: true, attributes: true });
+}"""
+
+DROP = """([name, type, bytes]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], name, { type }));
+  const target = document.getElementById("messages");
+  for (const kind of ["dragenter", "dragover", "drop"]) {
+    target.dispatchEvent(new DragEvent(kind, { bubbles: true, cancelable: true, dataTransfer: data }));
+  }
+}"""
+
+
+RECORD_VIDEO = """async () => {
+  // Half a second of a 32x24 canvas, as the browser's own MediaRecorder encodes it.
+  const canvas = Object.assign(document.createElement("canvas"), { width: 32, height: 24 });
+  const g = canvas.getContext("2d");
+  const recorder = new MediaRecorder(canvas.captureStream(10), { mimeType: "video/webm" });
+  const chunks = [];
+  recorder.ondataavailable = (e) => chunks.push(e.data);
+  const done = new Promise((resolve) => (recorder.onstop = resolve));
+  recorder.start();
+  for (let i = 0; i < 5; i++) {
+    g.fillStyle = i % 2 ? "red" : "blue";
+    g.fillRect(0, 0, 32, 24);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  recorder.stop();
+  await done;
+  return [...new Uint8Array(await new Blob(chunks).arrayBuffer())];
+}"""
+
+
+def open_chat_with(page: Any, user: str) -> None:
+    page.locator("#new-chat-button").click()
+    page.locator("#new-chat-user").fill(user)
+    page.locator("#new-chat-user").press("Enter")
+
+
+def wait_until(page: Any, what: Any, script: str) -> Any:
+    """Poll ``script`` on ``what`` (a locator) until it is truthy, for up to 20 s; its last value."""
+    for _ in range(200):
+        value = what.evaluate(script)
+        if value:
+            return value
+        page.wait_for_timeout(100)
+    return what.evaluate(script)
+
+
+def test_files_picked_or_dropped_are_previewed_sent_with_progress_and_shown(
+    make_app: Any, open_page: Any
+) -> None:
     alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
+    open_chat_with(alice, "bob")
     send(alice, "a picture follows")
-    alice.locator("#file-input").set_input_files({"name": "red.png", "mimeType": "image/png", "buffer": PNG})
+    alice.evaluate(RECORD_PROGRESS)
+
+    # picked: a preview with a thumbnail, send / cancel; cancel sends nothing
+    picked = {"name": "red.png", "mimeType": "image/png", "buffer": PNG}
+    alice.locator("#file-input").set_input_files(picked)
+    preview = alice.locator("#attach-preview")
+    expect(preview).to_be_visible()
+    expect(alice.locator("#attach-name")).to_have_text("red.png")
+    expect(alice.locator("#attach-details")).to_contain_text("Image")
+    assert wait_until(alice, alice.locator("#attach-thumb"), "img => img.complete && img.naturalWidth") == 2
+    expect(alice.locator("#attach-send")).to_be_focused()  # keyboard: Enter sends, Esc cancels
+    alice.keyboard.press("Escape")
+    expect(preview).to_be_hidden()
+    assert alice.locator("#messages .msg").count() == 1
+    alice.locator("#file-input").set_input_files(picked)
+    alice.locator("#attach-send").click()
+    expect(preview).to_be_hidden()
     chat_item(bob, "alice").click()
     image = bob.locator(".msg.in img.media")
     image.wait_for()
     assert image.get_attribute("alt") == "red.png"
-    for _ in range(100):
-        if image.evaluate("img => img.complete && img.naturalWidth") == 2:
-            break
-        bob.wait_for_timeout(100)
-    assert image.evaluate("img => img.naturalWidth") == 2  # decrypted and served whole
+    # decrypted and served whole
+    assert wait_until(bob, image, "img => img.complete && img.naturalWidth") == 2
     alice.locator(".msg.own img.media").wait_for()  # the sender sees it too, once stored
+    shown = alice.evaluate("window.__progress")
+    assert ["attach-progress", 100] in shown and ["message", 100] in shown, shown
+
+    # dropped: a voice note, played inline from bob's app (which decrypted it)
+    note = wav()
+    alice.evaluate(DROP, ["note.wav", "audio/wav", list(note)])
+    expect(preview).to_be_visible()
+    expect(alice.locator("#attach-details")).to_contain_text("Audio")
+    alice.keyboard.press("Enter")  # the focused Send button
+    player = bob.locator(".msg.in audio")
+    player.wait_for()
+    seq = bob.locator(".msg.in", has=bob.locator("audio")).get_attribute("data-seq")
+    assert player.get_attribute("src") == f"/media/{quote('d:alice:bob')}/{seq}"  # the local app's
+    assert player.get_attribute("aria-label") == "Audio: note.wav"
+    assert wait_until(bob, player, "a => a.readyState >= 1") is True  # its metadata loaded: a real decode
+    assert abs(player.evaluate("a => a.duration") - 0.5) < 0.05
+    bob.locator(".msg.in a.download", has_text="note.wav").wait_for()
+    served = bob.request.get(bob.url.rstrip("/") + player.get_attribute("src"))
+    assert served.body() == note  # decrypted whole, as a player's type, not a download
+    assert served.headers["content-type"] == "audio/wav" and "content-disposition" not in served.headers
+
+    # a video, recorded by the browser itself (WebM), plays inline too
+    clip = alice.evaluate(RECORD_VIDEO)
+    alice.evaluate(DROP, ["clip.webm", "video/webm", clip])
+    expect(alice.locator("#attach-details")).to_contain_text("Video")
+    alice.locator("#attach-send").click()
+    video = bob.locator(".msg.in video")
+    video.wait_for()
+    assert wait_until(bob, video, "v => v.readyState >= 1 && v.videoWidth") == 32  # decoded: its frame size
+    screenshot(bob, "media")
+
     # any other file is a download, never rendered by the app's origin
     html = b"<script>window.__pwned = 1</script>"
-    alice.locator("#file-input").set_input_files(
-        {"name": "page.html", "mimeType": "text/html", "buffer": html}
-    )
+    page_file = {"name": "page.html", "mimeType": "text/html", "buffer": html}
+    alice.locator("#file-input").set_input_files(page_file)
+    alice.locator("#attach-send").click()
     link = bob.locator(".msg.in a.file-link", has_text="page.html")
     link.wait_for()
     response = bob.request.get(bob.url.rstrip("/") + link.get_attribute("href"))
     assert response.status == 200 and response.body() == html
     assert response.headers["content-type"] == "application/octet-stream"
     assert response.headers["content-disposition"].startswith("attachment;")
+
+
+def test_a_file_over_16_mib_goes_through_the_app(make_app: Any, open_page: Any, tmp_path: Path) -> None:
+    alice_app, bob_app = make_app("alice", "bob")
+    alice, bob = open_page(alice_app), open_page(bob_app)
+    open_chat_with(alice, "bob")
+    big = tmp_path / "big.bin"
+    content = os.urandom(16 * 1024 * 1024 + 4096)
+    big.write_bytes(content)
+    alice.evaluate(RECORD_PROGRESS)
+    alice.locator("#file-input").set_input_files(str(big))
+    expect(alice.locator("#attach-details")).to_contain_text("16.0 MB")
+    alice.locator("#attach-send").click()
+    ticks(alice, "big.bin").and_(alice.locator("[data-tick=delivered]")).wait_for(timeout=60_000)
+    shown = alice.evaluate("window.__progress")
+    # the bar in the message (the upload to the server, parts of 8 MiB): a partial step, then whole
+    uploads = [value for bar, value in shown if bar == "message"]
+    assert 100 in uploads and any(0 < v < 100 for v in uploads), shown
+    chat_item(bob, "alice").click()
+    link = bob.locator(".msg.in a.file-link", has_text="big.bin")
+    link.wait_for()
+    response = bob.request.get(bob.url.rstrip("/") + link.get_attribute("href"), timeout=60_000)
+    assert response.status == 200
+    assert hashlib.sha256(response.body()).digest() == hashlib.sha256(content).digest()

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roost.app.guard import Guard, cookie_name, new_secret
+from roost.app.server import MAX_UPLOAD_BYTES
 from tests.app.conftest import AppProcess
 
 
@@ -146,8 +147,7 @@ async def bad_commands(app: AppProcess) -> None:
             {"op": "group_add", "conv": "d:alice:bob", "members": ["carol"]},
             {"op": "group_add", "conv": "g:0011223344556677", "members": "carol"},
             {"op": "search", "text": 3},
-            {"op": "send_file", "conv": "g:0011223344556677", "name": "a.txt", "data": "not base64!"},
-            {"op": "send_file", "conv": "g:0011223344556677", "name": "a.txt", "data": ""},
+            {"op": "receipts", "conv": "g:0011223344556677", "seq": 0},
         ]
         for i, command in enumerate(bad):
             if isinstance(command, dict):
@@ -189,3 +189,67 @@ def test_a_refused_token_shows_offline_and_the_page_still_answers(
         context.close()
     finally:
         app.stop()
+
+
+def test_the_upload_route_needs_the_secret_and_the_apps_origin(make_app: Any) -> None:
+    in_own_loop(uploads(make_app("alice")))
+
+
+async def uploads(app: AppProcess) -> None:
+    secret = _secret(app)
+    cookie = f"{cookie_name(app.port)}={secret}"
+    url = app.origin + "/upload?conv=d:alice:bob&name=note.txt"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        refused: list[tuple[dict[str, str], str, str]] = [
+            ({"Origin": app.origin}, url, "secret"),  # no cookie
+            ({"Origin": app.origin, "Cookie": f"{cookie_name(app.port)}=nope"}, url, "secret"),
+            ({"Origin": app.origin}, url + f"&s={secret}", "secret"),  # the query secret opens the page only
+            ({"Cookie": cookie}, url, "Origin"),  # a POST must say where it comes from
+            ({"Cookie": cookie, "Origin": "http://evil.example"}, url, "Origin"),
+            ({"Cookie": cookie, "Origin": app.origin, "Host": f"evil.example:{app.port}"}, url, "Host"),
+        ]
+        for headers, target, why in refused:
+            async with http.post(target, data=b"hello", headers=headers) as resp:
+                assert resp.status == 403, headers
+                assert why in await resp.text()
+        ok_headers = {"Cookie": cookie, "Origin": app.origin}
+        bad = [
+            (app.origin + "/upload?conv=../etc&name=a.txt", b"x", 400),
+            (app.origin + "/upload?name=a.txt", b"x", 400),
+            (app.origin + "/upload?conv=d:bob:carol&name=a.txt", b"x", 400),  # not a chat of alice's
+            (url, b"", 400),
+        ]
+        for target, body, status in bad:
+            async with http.post(target, data=body, headers=ok_headers) as resp:
+                assert resp.status == status, target
+                assert (await resp.json())["ok"] is False
+        assert await _too_large_refused(app, cookie)
+        # nothing was queued or left behind
+        async with http.ws_connect(f"ws://127.0.0.1:{app.port}/ws", headers=ok_headers) as ws:
+            assert (await ws.receive_json(timeout=10))["type"] == "snapshot"
+            await ws.send_json({"op": "snapshot", "ref": "snap"})
+            assert (await _reply(ws))["snapshot"]["chats"] == []
+        outgoing = app.state.with_name(app.state.name + ".media") / "app-outgoing"
+        assert not outgoing.exists() or not any(outgoing.iterdir())
+        # with both, the file is taken: a pending own message in the chat with bob
+        async with http.post(url, data=b"hello", headers=ok_headers) as resp:
+            assert resp.status == 200
+            message = (await resp.json())["message"]
+        assert message["conv"] == "d:alice:bob" and message["seq"] is None
+        assert message["attachment"]["name"] == "note.txt" and message["attachment"]["size"] == 5
+
+
+async def _too_large_refused(app: AppProcess, cookie: str) -> bool:
+    """A body announced over the limit is refused before a byte of it is read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        head = (
+            f"POST /upload?conv=d:alice:bob&name=big.bin HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
+            f"Origin: {app.origin}\r\nCookie: {cookie}\r\nContent-Length: {MAX_UPLOAD_BYTES + 1}\r\n\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        return status.split()[1] == b"413"
+    finally:
+        writer.close()

@@ -3,7 +3,7 @@
 // rebuilds from a snapshot and history pages on every (re)connect and merges
 // what comes again by message id, so nothing shows twice.
 
-import { clear, dayKey, dayLabel, el, hhmm, setText, shortTime } from "./dom.js";
+import { dayKey, dayLabel, el, hhmm, setText, shortTime } from "./dom.js";
 
 const TYPING_TTL = 5000; // ms an incoming "typing" shows unless refreshed
 const TYPING_EVERY = 2000; // ms between two typing notices we send
@@ -23,6 +23,9 @@ const state = {
   readSent: new Map(), // conv -> highest seq we marked read
   typingSent: new Map(), // conv -> ms
   group: null, // the group info dialog's group
+  progress: new Map(), // own file message id -> {done, total} of its upload to the server
+  info: null, // the message the info dialog shows
+  attach: null, // the file in the preview: {file, url, xhr}
 };
 
 // -- the socket to the app ---------------------------------------------------------
@@ -94,8 +97,12 @@ function handle(ev) {
         renderChatList();
         if (ev.conv === state.current) renderMessages();
       }
+      if (state.info && state.info.conv === ev.conv && $("info-dialog").open) loadInfo(state.info);
       break;
     }
+    case "progress":
+      onProgress(ev);
+      break;
     case "unread": {
       const chat = state.chats.get(ev.conv);
       if (chat) {
@@ -293,7 +300,8 @@ function renderChatList() {
     const preview = [];
     if (last && last.kind === "own") preview.push(tickNode(last, chat), " ");
     if (last && chat.group && last.kind === "in") preview.push(`${last.sender}: `);
-    preview.push(last ? last.text : chat.group ? "Group" : "No messages yet");
+    const lastText = last && (last.text || (last.attachment ? `${kindText(last.attachment.content_type)}: ${last.attachment.name}` : ""));
+    preview.push(last ? lastText : chat.group ? "Group" : "No messages yet");
     const button = el(
       "button",
       {
@@ -319,7 +327,10 @@ function renderChatList() {
 async function openChat(conv, focusComposer = false) {
   const chat = state.chats.get(conv);
   if (!chat) return;
-  if (state.current !== conv) state.loadingOlder = false;
+  if (state.current !== conv) {
+    state.loadingOlder = false;
+    if (state.attach && !state.attach.xhr) closePreview(); // a file picked for another chat
+  }
   state.current = conv;
   chat.unread = 0;
   $("app").classList.add("chat-open");
@@ -330,8 +341,10 @@ async function openChat(conv, focusComposer = false) {
   renderChatList();
   renderMessages();
   if (chat.group) loadMembers(conv);
-  await loadHistory(conv);
+  // Before the history comes: focusing after it could take the focus from
+  // wherever the user went meanwhile (a file's preview, a dialog).
   if (focusComposer) $("composer-input").focus();
+  await loadHistory(conv);
 }
 
 async function loadMembers(conv) {
@@ -418,7 +431,7 @@ function messageNode(m, chat) {
   const meta = el("span", { class: "meta" }, el("time", { datetime: new Date(m.ts).toISOString() }, hhmm(m.ts)));
   if (own) {
     meta.append(tickNode(m, chat));
-    if (chat.group && m.seq !== null) {
+    if (m.seq !== null) {
       meta.append(el("button", { type: "button", class: "info", "aria-label": "Message info", title: "Message info", onclick: () => showInfo(m) }, "i"));
     }
   }
@@ -432,15 +445,73 @@ function messageNode(m, chat) {
   );
 }
 
-const INLINE = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+// Shown in the page; the app serves only these for display (roost/app/server.py INLINE_TYPES).
+const IMAGES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+const PLAYABLE = new Set([
+  "audio/wav", "audio/x-wav", "audio/wave", "audio/mpeg", "audio/ogg", "audio/webm", "audio/mp4", "audio/aac",
+  "video/mp4", "video/webm", "video/ogg",
+]);
+// Media nodes by URL, reused across renders: a player keeps playing, an image is not fetched again.
+const mediaNodes = new Map();
+
+function sizeText(bytes) {
+  if (bytes >= 1048576) return `${(bytes / 1048576).toFixed(1)} MB`;
+  return `${Math.max(1, Math.ceil(bytes / 1024))} KB`;
+}
+
+function kindText(type) {
+  if (type.startsWith("image/")) return "Image";
+  if (type.startsWith("video/")) return "Video";
+  if (type.startsWith("audio/")) return "Audio";
+  return "File";
+}
 
 function attachmentNode(m) {
   const a = m.attachment;
-  const size = a.size >= 1048576 ? `${(a.size / 1048576).toFixed(1)} MB` : `${Math.ceil(a.size / 1024)} KB`;
-  if (m.seq === null) return el("span", { class: "file-link" }, `📎 ${a.name} (${size}, uploading…)`);
+  if (m.seq === null && m.failed) return el("span", { class: "file-link" }, `${a.name} (${sizeText(a.size)}): not sent`);
+  if (m.seq === null) return uploadNode(m);
   const url = `/media/${encodeURIComponent(m.conv)}/${m.seq}`;
-  if (INLINE.has(a.content_type)) return el("img", { class: "media", src: url, alt: a.name });
-  return el("a", { class: "file-link", href: url, download: a.name }, `📎 ${a.name} (${size})`);
+  const label = `${a.name} (${sizeText(a.size)})`;
+  const download = el("a", { class: "file-link download", href: url, download: a.name }, label);
+  let media = mediaNodes.get(url);
+  if (!media && IMAGES.has(a.content_type)) media = el("img", { class: "media", src: url, alt: a.name });
+  else if (!media && PLAYABLE.has(a.content_type)) {
+    // Fed by the local app, which downloads and decrypts it: the page never sees a key.
+    const tag = a.content_type.startsWith("video/") ? "video" : "audio";
+    media = el(tag, { class: "media", src: url, controls: true, preload: "metadata", "aria-label": `${kindText(a.content_type)}: ${a.name}` });
+  }
+  if (!media) return download;
+  mediaNodes.set(url, media);
+  setText(download, `Download ${label}`);
+  return el("div", { class: "attachment" }, media, download);
+}
+
+function uploadNode(m) {
+  const a = m.attachment;
+  const p = state.progress.get(m.id);
+  const bar = el("progress", { max: 100, dataset: { upload: m.id }, "aria-label": `Uploading ${a.name}` });
+  const label = el("span", { class: "upload-state", dataset: { uploadState: m.id } });
+  showUpload(bar, label, p);
+  return el("div", { class: "upload" }, el("span", { class: "file-link" }, `${a.name} (${sizeText(a.size)})`), bar, label);
+}
+
+function showUpload(bar, label, p) {
+  if (p && p.total > 0) {
+    const percent = Math.floor((100 * p.done) / p.total);
+    bar.value = percent;
+    setText(label, p.done >= p.total ? "uploaded, sending…" : `uploading… ${percent}%`);
+  } else {
+    bar.removeAttribute("value"); // indeterminate until the first part is in
+    setText(label, "uploading…");
+  }
+}
+
+function onProgress(ev) {
+  state.progress.set(ev.id, { done: ev.done, total: ev.total });
+  // Only the bar changes: no re-render (players elsewhere in the chat keep playing).
+  const bar = document.querySelector(`progress[data-upload="${CSS.escape(ev.id)}"]`);
+  const label = document.querySelector(`[data-upload-state="${CSS.escape(ev.id)}"]`);
+  if (bar && label) showUpload(bar, label, state.progress.get(ev.id));
 }
 
 function renderHeader() {
@@ -516,26 +587,118 @@ async function send() {
   }
 }
 
-$("file-input").addEventListener("change", async () => {
+// -- files: pick or drop, preview, send with progress ------------------------------------------------
+
+$("file-input").addEventListener("change", () => {
   const input = $("file-input");
   const file = input.files[0];
-  const conv = state.current;
   input.value = "";
-  if (!file || !conv) return;
-  try {
-    const data = await new Promise((resolve, reject) => {
-      const reader = new FileReader();
-      reader.onload = () => resolve(String(reader.result).split(",")[1] || "");
-      reader.onerror = () => reject(reader.error);
-      reader.readAsDataURL(file);
+  if (file) showPreview(file);
+});
+
+function showPreview(file) {
+  if (!state.current) return;
+  closePreview();
+  const url = file.type.startsWith("image/") ? URL.createObjectURL(file) : null;
+  state.attach = { file, url, xhr: null, conv: state.current };
+  const thumb = $("attach-thumb");
+  thumb.hidden = !url;
+  if (url) Object.assign(thumb, { src: url, alt: `Preview of ${file.name}` });
+  setText($("attach-name"), file.name);
+  setText($("attach-details"), `${kindText(file.type)} · ${sizeText(file.size)}${file.type ? ` · ${file.type}` : ""}`);
+  setText($("attach-error"), "");
+  $("attach-progress").hidden = true;
+  $("attach-send").disabled = false;
+  $("attach-preview").hidden = false;
+  $("attach-send").focus();
+}
+
+function closePreview() {
+  const a = state.attach;
+  if (!a) return;
+  if (a.xhr) a.xhr.abort();
+  if (a.url) URL.revokeObjectURL(a.url);
+  state.attach = null;
+  $("attach-thumb").removeAttribute("src");
+  $("attach-preview").hidden = true;
+}
+
+// The raw bytes over HTTP to the local app (streamed to disk there), not base64 in a socket frame.
+function upload(a, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    a.xhr = xhr;
+    xhr.open("POST", `/upload?conv=${encodeURIComponent(a.conv)}&name=${encodeURIComponent(a.file.name)}`);
+    xhr.responseType = "json";
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) onProgress(e.loaded, e.total);
     });
-    const reply = await request("send_file", { conv, name: file.name, data });
-    if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+    xhr.addEventListener("load", () => {
+      const r = xhr.response;
+      if (xhr.status === 200 && r && r.ok) resolve(r);
+      else reject(new Error((r && r.error) || `the app answered ${xhr.status}`));
+    });
+    xhr.addEventListener("error", () => reject(new Error("the app is not reachable")));
+    xhr.addEventListener("abort", () => reject(new Error("cancelled")));
+    xhr.send(a.file);
+  });
+}
+
+async function sendAttachment() {
+  const a = state.attach;
+  if (!a || a.xhr) return;
+  const bar = $("attach-progress");
+  bar.value = 0;
+  bar.hidden = false;
+  $("attach-send").disabled = true;
+  try {
+    const reply = await upload(a, (done, total) => (bar.value = Math.floor((100 * done) / total)));
+    bar.value = 100;
+    if (!state.messages.has(a.conv)) state.messages.set(a.conv, new Map());
     store(reply.message);
-    renderMessages(true);
+    a.xhr = null;
+    closePreview();
+    if (a.conv === state.current) {
+      renderMessages(true);
+      $("composer-input").focus();
+    }
   } catch (err) {
-    toast(`not sent: ${err.message}`);
+    if (state.attach !== a) return; // cancelled
+    a.xhr = null;
+    bar.hidden = true;
+    $("attach-send").disabled = false;
+    setText($("attach-error"), `not sent: ${err.message}`);
   }
+}
+
+$("attach-send").addEventListener("click", sendAttachment);
+$("attach-cancel").addEventListener("click", () => {
+  closePreview();
+  $("composer-input").focus();
+});
+$("attach-preview").addEventListener("keydown", (e) => {
+  if (e.key === "Escape") {
+    closePreview();
+    $("composer-input").focus();
+  }
+});
+
+// Drop a file anywhere on the open conversation; elsewhere a drop does nothing
+// (the browser would otherwise leave the app to show the file).
+const hasFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+for (const type of ["dragover", "drop"]) document.addEventListener(type, (e) => hasFiles(e) && e.preventDefault());
+$("conversation").addEventListener("dragover", (e) => {
+  if (!hasFiles(e) || !state.current) return;
+  e.dataTransfer.dropEffect = "copy";
+  $("conversation").classList.add("dropping");
+});
+$("conversation").addEventListener("dragleave", (e) => {
+  if (!$("conversation").contains(e.relatedTarget)) $("conversation").classList.remove("dropping");
+});
+$("conversation").addEventListener("drop", (e) => {
+  $("conversation").classList.remove("dropping");
+  const file = e.dataTransfer && e.dataTransfer.files[0];
+  if (file && state.current) showPreview(file);
 });
 
 $("composer").addEventListener("submit", (e) => {
@@ -672,19 +835,44 @@ $("group-leave").addEventListener("click", async () => {
   }
 });
 
-async function showInfo(m) {
-  const list = $("info-list");
-  clear(list);
+function showInfo(m) {
+  state.info = m;
+  setText($("info-text"), m.attachment ? `${kindText(m.attachment.content_type)}: ${m.attachment.name}` : m.text);
+  $("info-list").replaceChildren();
   $("info-dialog").showModal();
+  loadInfo(m);
+}
+
+function whenNode(kind, label, at, reached) {
+  if (at) {
+    const text = dayKey(at) === dayKey(Date.now()) ? hhmm(at) : `${shortTime(at)} ${hhmm(at)}`;
+    return el("span", { dataset: { kind } }, `${label} `, el("time", { datetime: new Date(at).toISOString() }, text));
+  }
+  return el("span", { dataset: { kind } }, reached ? `${label} (time not known)` : `Not ${label.toLowerCase()} yet`);
+}
+
+async function loadInfo(m) {
+  const list = $("info-list");
   try {
-    const { marks } = await request("receipts", { conv: m.conv });
+    const { marks } = await request("receipts", { conv: m.conv, seq: m.seq });
+    if (state.info !== m) return;
     const rows = Object.entries(marks)
       .filter(([user]) => user !== state.me)
-      .sort()
+      .sort(([a], [b]) => a.localeCompare(b))
       .map(([user, mark]) =>
-        el("li", {}, el("span", {}, user), el("span", {}, mark.read >= m.seq ? "read" : mark.delivered >= m.seq ? "delivered" : "not delivered yet")),
+        el(
+          "li",
+          { dataset: { user } },
+          el("span", { class: "who" }, user),
+          el(
+            "span",
+            { class: "when" },
+            whenNode("delivered", "Delivered", mark.delivered_at, mark.delivered >= m.seq),
+            whenNode("read", "Read", mark.read_at, mark.read >= m.seq),
+          ),
+        ),
       );
-    if (!rows.length) rows.push(el("li", {}, "No receipts heard yet in this session."));
+    if (!rows.length) rows.push(el("li", {}, "No receipts yet."));
     list.replaceChildren(...rows);
   } catch (err) {
     list.replaceChildren(el("li", {}, err.message));
