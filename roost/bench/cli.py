@@ -187,7 +187,10 @@ def _print_section(title: str, data: dict[str, Any], out: Any, indent: str = "")
             print(f"{indent}  {key}: {_fmt(value)}", file=out)
 
 
-def print_report(report: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_report(report: dict[str, Any], out: Any = None) -> None:
+    # sys.stdout looked up per call: a default bound at import time kept the
+    # stream of whoever imported this module first (a closed capture in tests).
+    out = sys.stdout if out is None else out
     m = report["machine"]
     print(
         f"roost bench {report['scenario']}  ({m['cores']} cores, {m['memory_mib']:,} MiB, "
