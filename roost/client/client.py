@@ -66,7 +66,7 @@ from roost.client.local import LocalEndpoint
 from roost.client.media import Progress, Uploader
 from roost.client.media import download as download_attachment
 from roost.client.ordering import ConversationOrder
-from roost.client.state import ClientState, OutboxItem, UploadItem, default_state_path
+from roost.client.state import ClientState, Outbox, OutboxItem, UploadItem, default_state_path
 from roost.protocol import frames as f
 from roost.protocol.codec import decode_server, encode
 from roost.protocol.errors import RETRYABLE, CloseCode, ErrorCode
@@ -375,7 +375,7 @@ class Client:
         self._fatal: RoostError | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         # outbox: id -> item, in send order; waiters for acks
-        self._outbox: dict[str, OutboxItem] = {item.id: item for item in self.state.outbox()}
+        self._outbox = Outbox(self.state.outbox())
         self._out: deque[bytes] = deque()
         self._out_ready = asyncio.Event()
         self._ack_waiters: dict[str, asyncio.Future[SendResult]] = {}

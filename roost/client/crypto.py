@@ -398,10 +398,7 @@ class E2ee:
         sender key exists, and nothing older to the same chat waits), else as is.
         The state writes join the open transaction; the caller commits them
         with the outbox row."""
-        if any(
-            not other.ready and (other.to, other.conv) == (item.to, item.conv)
-            for other in self.client._outbox.values()
-        ):
+        if self.client._outbox.waiting(item.to, item.conv):
             return item
         if item.to is not None and self._session(item.to) is not None:
             return self._seal_direct(item)

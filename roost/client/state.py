@@ -21,8 +21,11 @@ import hashlib
 import json
 import os
 import sqlite3
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 try:
     import fcntl
@@ -187,6 +190,55 @@ class OutboxItem:
     @property
     def ready(self) -> bool:
         return self.wire_body is not None
+
+
+class Outbox(dict[str, OutboxItem]):
+    """The client's outbox in memory (id -> item, in send order) that also
+    counts, per chat, the items not sealed yet: whether a new message must
+    wait behind an older one to the same chat is then one lookup, not a scan
+    of the outbox (a sender key handed to 1,023 members queued 1,023 items,
+    and each one scanned all the others: a third of the sender's CPU)."""
+
+    __slots__ = ("_unsealed",)
+
+    def __init__(self, items: Iterable[OutboxItem] = ()) -> None:
+        super().__init__()
+        self._unsealed: Counter[tuple[str | None, str | None]] = Counter()
+        for item in items:
+            self[item.id] = item
+
+    def __setitem__(self, key: str, item: OutboxItem) -> None:
+        self._forget(super().get(key))
+        super().__setitem__(key, item)
+        if not item.ready:
+            self._unsealed[(item.to, item.conv)] += 1
+
+    def __delitem__(self, key: str) -> None:
+        self._forget(super().get(key))
+        super().__delitem__(key)
+
+    @overload  # type: ignore[override]
+    def pop(self, key: str, /) -> OutboxItem: ...
+    @overload
+    def pop(self, key: str, default: None, /) -> OutboxItem | None: ...
+    def pop(self, key: str, *default: None) -> OutboxItem | None:
+        self._forget(super().get(key))
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        self._unsealed.clear()
+        super().clear()
+
+    def waiting(self, to: str | None, conv: str | None) -> bool:
+        """Some item to this chat is not sealed yet."""
+        return self._unsealed[(to, conv)] > 0
+
+    def _forget(self, item: OutboxItem | None) -> None:
+        if item is not None and not item.ready:
+            chat = (item.to, item.conv)
+            self._unsealed[chat] -= 1
+            if self._unsealed[chat] <= 0:
+                del self._unsealed[chat]
 
 
 @dataclass(slots=True, frozen=True)
