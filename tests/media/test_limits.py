@@ -7,6 +7,7 @@ blob of a file at the limit, roost/core/blobsize.py)."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,12 @@ def test_a_plain_size_that_does_not_make_the_blob_is_invalid() -> None:
 
 
 @pytest.fixture
-async def limited(tmp_path: Path) -> MediaHarness:
+async def limited(tmp_path: Path) -> AsyncIterator[MediaHarness]:
     harness = await start_gateway(tmp_path, "local", None, file_bytes=LIMIT)
-    yield harness  # type: ignore[misc]
-    await stop_harness(harness)
+    try:
+        yield harness
+    finally:
+        await stop_harness(harness)
 
 
 async def state_client(media: MediaHarness, name: str, tmp_path: Path) -> Client:
