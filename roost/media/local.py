@@ -195,8 +195,11 @@ class LocalBlobStore:
     # -- BlobStore -------------------------------------------------------------
 
     async def create(self, blob: str) -> str:
-        self._parts_dir(blob).mkdir(parents=True, exist_ok=False)
+        await self._run(self._make_parts_dir, blob)
         return ""
+
+    def _make_parts_dir(self, blob: str) -> None:
+        self._parts_dir(blob).mkdir(parents=True, exist_ok=False)
 
     async def put_urls(self, rec: BlobRecord, parts: list[int], expires: int) -> list[PartUrl]:
         urls = []
@@ -229,7 +232,7 @@ class LocalBlobStore:
         self._completers[rec.blob] += 1
         try:
             async with lock:  # a repeated blob_complete waits for the first, then finds the blob
-                if self.blob_path(rec.blob).exists():
+                if await self._run(self.blob_path(rec.blob).exists):
                     return  # completed before (a retried blob_complete)
                 stored = await self.parts_done(rec)
                 check_parts(rec, stored, parts)
