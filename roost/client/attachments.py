@@ -34,10 +34,12 @@ from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from roost.core.blobsize import IV_BYTES as IV_BYTES
+from roost.core.blobsize import MAC_BYTES as MAC_BYTES
+from roost.core.blobsize import blob_size, plain_size_range
+
 ATTACHMENT_CT = "application/vnd.roost.attachment+json"
 KEY_BYTES = 64  # AES-256 key || HMAC-SHA256 key
-IV_BYTES = 16
-MAC_BYTES = 32
 DIGEST_BYTES = 32
 CHUNK = 1 << 20  # streamed 1 MiB at a time
 MAX_THUMBNAIL_BYTES = 8 * 1024
@@ -46,6 +48,8 @@ MAX_NAME_CHARS = 255
 MAX_CAPTION_CHARS = 4096
 MAX_DIMENSION = 1 << 16
 KINDS = ("image", "video", "audio", "file")
+# The blob size of a file (roost/core/blobsize.py: the server uses the same arithmetic).
+encrypted_size = blob_size
 # Blob ids are the server's (128-bit random, url-safe); a reference naming
 # anything else is refused before a request is made with it.
 _BLOB_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -58,11 +62,6 @@ class BlobTampered(Exception):
 
 class InvalidAttachment(ValueError):
     """A reference message that is not a well-formed attachment reference."""
-
-
-def encrypted_size(plain_size: int) -> int:
-    """The blob size for a file of ``plain_size`` bytes (PKCS7 always adds 1..16)."""
-    return IV_BYTES + (plain_size // 16 + 1) * 16 + MAC_BYTES
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,7 +127,7 @@ def _read_range(f: Any, end: int, each: Callable[[bytes], None]) -> None:
 def verify_blob(f: Any, size: int, key: bytes, digest: bytes) -> None:
     """Digest first, then MAC, over the open blob ``f`` (``size`` bytes); else ``BlobTampered``."""
     _, mac_key = _split_key(key)
-    if size < IV_BYTES + 16 + MAC_BYTES or (size - IV_BYTES - MAC_BYTES) % 16:
+    if plain_size_range(size) is None:
         raise BlobTampered(f"a blob of {size} bytes cannot be an attachment")
     sha = hashlib.sha256()
     mac = crypto_hmac.HMAC(mac_key, hashes.SHA256())

@@ -95,11 +95,15 @@ def prepare_upload(
     )
 
 
-async def new_blob(client: Client, size: int, kind: str) -> str:
-    """A blob slot of ``size`` bytes from the server (``blob_new``); its id."""
+async def new_blob(client: Client, size: int, kind: str, plain_size: int | None = None) -> str:
+    """A blob slot of ``size`` bytes from the server (``blob_new``); its id.
+
+    ``plain_size``: the attachment's file size, so that the server checks its
+    limit against what the user sees (``too_large`` says it in those terms)."""
     if kind not in att.KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(att.KINDS)}")
-    slot: f.BlobSlot = await client._request(f.BlobNew(size=size, kind=cast(f.BlobKind, kind)))
+    frame = f.BlobNew(size=size, kind=cast(f.BlobKind, kind), plain_size=plain_size)
+    slot: f.BlobSlot = await client._request(frame)
     return slot.blob
 
 
@@ -192,7 +196,8 @@ class Uploader:
         client = self.client
         blob = item.blob
         if blob is None:
-            blob = await new_blob(client, item.size, item.kind)
+            plain_size = msgspec.json.decode(item.ref, type=att.AttachmentRef).size
+            blob = await new_blob(client, item.size, item.kind, plain_size)
             client.state.upload_set_blob(item.id, blob)
             item = self.pending[item.id] = _with_blob(item, blob)
         try:

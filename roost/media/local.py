@@ -17,6 +17,12 @@ and no database read, so they cost the chat path nothing:
   with an ETag and a Cache-Control that lets a CDN or an nginx cache keep it
   until the URL expires (the bytes are ciphertext and never change).
 
+Every disk operation of the routes (open, write, fsync, rename, read) runs on
+the store's own few I/O threads, never on the event loop: the chat path shares
+that loop, and a write into a full page cache, an fsync or a read from a cold
+disk can take a long time. A request whose disk work waits its turn reads no
+more of its socket meanwhile, so TCP slows its sender.
+
 A download holds the file open from the start; the sweeper does not delete a
 blob while a download of it runs here (``delete`` answers False and the next
 sweep retries), and an unlink would not cut an open file anyway.
@@ -32,10 +38,13 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar, TypeVarTuple, Unpack
 
 from aiohttp import web
 
@@ -47,6 +56,10 @@ from roost.store.blobmeta import BlobRecord
 log = logging.getLogger("roost.media")
 
 CHUNK = 256 * 1024
+WRITE_BATCH = 1024 * 1024  # received bytes handed to an I/O thread at once
+IO_THREADS = 4  # disk operations of the media routes at once (per gateway)
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 _PART_NAME = re.compile(r"^p(\d{5})-([0-9a-f]{32})$")
 _BLOB = r"[0-9a-f]{32}"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -81,6 +94,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _PartFile:
+    """A part being received: a temporary file and the MD5 of its bytes.
+
+    Its methods block (disk I/O) and run on the store's I/O threads; a lock
+    orders them, as two may run on two threads (a write, then the discard of
+    a cut request)."""
+
+    def __init__(self, parts_dir: Path, part: int) -> None:
+        self.parts_dir = parts_dir
+        self.part = part
+        self.tmp = parts_dir / f".tmp-{part}-{secrets.token_hex(6)}"
+        self._lock = threading.Lock()
+        self._digest = hashlib.md5(usedforsecurity=False)
+        # Open across calls (closed by ``finish`` or ``discard``); FileNotFoundError: the upload is gone.
+        self._out = open(self.tmp, "xb")  # noqa: SIM115
+
+    def write(self, chunks: list[bytes]) -> None:
+        with self._lock:
+            for chunk in chunks:
+                self._out.write(chunk)
+                self._digest.update(chunk)
+
+    def finish(self) -> str:
+        """fsync, close and rename into place (dropping an earlier upload of the part); the etag."""
+        with self._lock:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+            etag = self._digest.hexdigest()
+            name = f"p{self.part:05d}-{etag}"
+            os.rename(self.tmp, self.parts_dir / name)
+            for entry in os.scandir(self.parts_dir):  # an earlier upload of the same part, other bytes
+                if entry.name.startswith(f"p{self.part:05d}-") and entry.name != name:
+                    os.unlink(entry.path)
+            _fsync_dir(self.parts_dir)
+            return etag
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing, once ``finish`` renamed it)."""
+        with self._lock:
+            self._out.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+
+def _open_blob(path: Path) -> tuple[int, int] | None:
+    """(fd, size) of a complete blob; None if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    return fd, os.fstat(fd).st_size
+
+
 class LocalBlobStore:
     min_part_size = LOCAL_MIN_PART
 
@@ -96,6 +163,13 @@ class LocalBlobStore:
         self.downloads: Counter[str] = Counter()  # blob -> downloads running now
         self._completing: dict[str, asyncio.Lock] = {}  # one join per blob at a time
         self._completers: Counter[str] = Counter()  # blob -> blob_complete calls under way
+        # The routes' disk work, off the event loop (the chat path shares it),
+        # and bounded: a burst of uploads queues here rather than taking every thread.
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="roost-media-io")
+
+    def _run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> asyncio.Future[T]:
+        """``fn(*args)`` on an I/O thread."""
+        return asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     async def start(self) -> None:
         if isinstance(self._key_source, Path):
@@ -104,7 +178,8 @@ class LocalBlobStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     async def close(self) -> None:
-        return None
+        # Work already running finishes on its thread (a part is renamed only when whole).
+        self._io.shutdown(wait=False, cancel_futures=True)
 
     # -- paths ----------------------------------------------------------------
 
@@ -120,8 +195,11 @@ class LocalBlobStore:
     # -- BlobStore -------------------------------------------------------------
 
     async def create(self, blob: str) -> str:
-        self._parts_dir(blob).mkdir(parents=True, exist_ok=False)
+        await self._run(self._make_parts_dir, blob)
         return ""
+
+    def _make_parts_dir(self, blob: str) -> None:
+        self._parts_dir(blob).mkdir(parents=True, exist_ok=False)
 
     async def put_urls(self, rec: BlobRecord, parts: list[int], expires: int) -> list[PartUrl]:
         urls = []
@@ -134,7 +212,7 @@ class LocalBlobStore:
         return urls
 
     async def parts_done(self, rec: BlobRecord) -> dict[int, StoredPart]:
-        return await asyncio.to_thread(self._list_parts, rec.blob)
+        return await self._run(self._list_parts, rec.blob)
 
     def _list_parts(self, blob: str) -> dict[int, StoredPart]:
         found: dict[int, StoredPart] = {}
@@ -154,11 +232,11 @@ class LocalBlobStore:
         self._completers[rec.blob] += 1
         try:
             async with lock:  # a repeated blob_complete waits for the first, then finds the blob
-                if self.blob_path(rec.blob).exists():
+                if await self._run(self.blob_path(rec.blob).exists):
                     return  # completed before (a retried blob_complete)
                 stored = await self.parts_done(rec)
                 check_parts(rec, stored, parts)
-                await asyncio.to_thread(self._join, rec, stored)
+                await self._run(self._join, rec, stored)
         finally:
             self._completers[rec.blob] -= 1
             if self._completers[rec.blob] <= 0:
@@ -194,7 +272,7 @@ class LocalBlobStore:
     async def delete(self, rec: BlobRecord) -> bool:
         if self.downloads[rec.blob] > 0:
             return False  # a download holds it: the next sweep deletes it
-        await asyncio.to_thread(self._remove, rec.blob)
+        await self._run(self._remove, rec.blob)
         return True
 
     def _remove(self, blob: str) -> None:
@@ -204,7 +282,7 @@ class LocalBlobStore:
 
     async def raw(self, rec: BlobRecord) -> bytes | None:
         try:
-            return self.blob_path(rec.blob).read_bytes()
+            return await self._run(self.blob_path(rec.blob).read_bytes)
         except FileNotFoundError:
             return None
 
@@ -239,48 +317,53 @@ class LocalBlobStore:
         if request.content_length != size:
             return web.Response(status=403, text=f"Content-Length must be {size}\n")
         self._on_authorized(request)
-        parts_dir = self._parts_dir(blob)
-        if not parts_dir.is_dir():
+        try:
+            sink = await self._run(_PartFile, self._parts_dir(blob), part)
+        except FileNotFoundError:
             return web.Response(status=404, text="no such upload (completed or expired)\n")
-        etag = await self._receive(request, parts_dir, part, size)
+        try:
+            etag = await self._receive(request, sink, size)
+        finally:
+            # Shielded: a cancelled request still waits for its file to be closed and removed.
+            await asyncio.shield(self._run(sink.discard))
         if etag is None:
             return web.Response(status=400, text=f"the body was not {size} bytes\n")
         return web.Response(status=200, headers={"ETag": f'"{etag}"'})
 
-    async def _receive(self, request: web.Request, parts_dir: Path, part: int, size: int) -> str | None:
-        """Write the body to a temporary file; fsync and rename it once exactly
-        ``size`` bytes arrived. Returns the part's etag, None if the body was cut."""
-        tmp = parts_dir / f".tmp-{part}-{secrets.token_hex(6)}"
-        digest = hashlib.md5(usedforsecurity=False)
-        received = 0
-        try:
-            with open(tmp, "wb") as out:
-                # Writes go to the page cache (microseconds per chunk); the
-                # fsync, which waits for the disk, runs on a thread.
-                async for chunk in request.content.iter_chunked(CHUNK):
-                    received += len(chunk)
-                    if received > size:
-                        break
-                    out.write(chunk)
-                    digest.update(chunk)
-                if received != size:
-                    return None
-                out.flush()
-                await asyncio.to_thread(os.fsync, out.fileno())
-            etag = digest.hexdigest()
-            await asyncio.to_thread(self._place, tmp, parts_dir, part, etag)
-            return etag
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    async def _receive(self, request: web.Request, sink: _PartFile, size: int) -> str | None:
+        """Write the body to ``sink``'s temporary file; fsync and rename it once
+        exactly ``size`` bytes arrived. The part's etag, None if the body was cut.
 
-    def _place(self, tmp: Path, parts_dir: Path, part: int, etag: str) -> None:
-        name = f"p{part:05d}-{etag}"
-        os.rename(tmp, parts_dir / name)
-        for entry in os.scandir(parts_dir):  # an earlier upload of the same part, other bytes
-            if entry.name.startswith(f"p{part:05d}-") and entry.name != name:
-                os.unlink(entry.path)
-        _fsync_dir(parts_dir)
+        The loop only gathers the body: every WRITE_BATCH bytes go to an I/O
+        thread, which writes them while the loop reads the next ones (one
+        batch in flight per request bounds its memory to two batches)."""
+        received = 0
+        batch: list[bytes] = []
+        batched = 0
+        writing: asyncio.Future[None] | None = None
+        try:
+            async for chunk in request.content.iter_chunked(CHUNK):
+                received += len(chunk)
+                if received > size:
+                    return None
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
+                    if writing is not None:
+                        await writing
+                    writing = self._run(sink.write, batch)
+                    batch, batched = [], 0
+            if received != size:
+                return None
+            if writing is not None:
+                await writing
+                writing = None
+            await self._run(sink.write, batch)
+            return await self._run(sink.finish)
+        finally:
+            if writing is not None:  # cut or failed: let the write end before the discard
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(writing)
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         signed = self._signed(request, "GET", 0)
@@ -288,21 +371,22 @@ class LocalBlobStore:
             return web.Response(status=403, text="bad or expired signature\n")
         blob, _size = signed
         self._on_authorized(request)
+        self.downloads[blob] += 1  # before the open: the sweeper waits from here
         try:
-            fd = os.open(self.blob_path(blob), os.O_RDONLY)
-        except FileNotFoundError:
-            return web.Response(status=404, text="no such blob\n")
-        self.downloads[blob] += 1
-        try:
-            return await self._send(request, blob, fd)
+            opened = await self._run(_open_blob, self.blob_path(blob))
+            if opened is None:
+                return web.Response(status=404, text="no such blob\n")
+            fd, total = opened
+            try:
+                return await self._send(request, blob, fd, total)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
             self.downloads[blob] -= 1
             if self.downloads[blob] <= 0:
                 del self.downloads[blob]
 
-    async def _send(self, request: web.Request, blob: str, fd: int) -> web.StreamResponse:
-        total = os.fstat(fd).st_size
+    async def _send(self, request: web.Request, blob: str, fd: int, total: int) -> web.StreamResponse:
         expires = int(request.query["exp"])
         headers = {
             "ETag": f'"{blob}"',
@@ -328,15 +412,29 @@ class LocalBlobStore:
         if request.method == "HEAD":  # headers only (a body would corrupt a kept-alive connection)
             await response.write_eof()
             return response
-        pos = start
-        while pos <= end:
-            chunk = os.pread(fd, min(CHUNK, end + 1 - pos), pos)
-            if not chunk:
-                break
-            await response.write(chunk)
-            pos += len(chunk)
+        await self._stream(response, fd, start, end)
         await response.write_eof()
         return response
+
+    async def _stream(self, response: web.StreamResponse, fd: int, start: int, end: int) -> None:
+        """Bytes ``start``..``end`` of ``fd`` to ``response``, read on an I/O
+        thread: the next chunk is read while the current one is sent."""
+        pos = start
+        reading = self._run(os.pread, fd, min(CHUNK, end + 1 - pos), pos)
+        try:
+            while True:
+                chunk = await reading
+                pos += len(chunk)
+                if not chunk or pos > end:
+                    break
+                reading = self._run(os.pread, fd, min(CHUNK, end + 1 - pos), pos)
+                await response.write(chunk)
+            if chunk:
+                await response.write(chunk)
+        finally:
+            # The caller closes ``fd``: a read still running must end first.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(reading)
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | str | None:

@@ -247,11 +247,17 @@ class KeysGet(Frame, tag="keys_get"):
 
 
 class BlobNew(Frame, tag="blob_new"):
-    """Ask for an upload slot of ``size`` bytes (already encrypted by the client)."""
+    """Ask for an upload slot of ``size`` bytes (already encrypted by the client).
+
+    ``plain_size``: for an attachment (roost/core/blobsize.py), the file's
+    size; the server then checks the per-kind limit against it, exactly,
+    and that ``size`` is its blob size. Without it only the blob is bounded
+    (by the blob size of a file at the limit)."""
 
     size: Annotated[int, Meta(ge=1, le=MAX_BLOB_BYTES)]
     kind: BlobKind
     ref: RequestRef = ""
+    plain_size: Annotated[int, Meta(ge=0, le=MAX_BLOB_BYTES)] | None = None
 
 
 class BlobPutUrls(Frame, tag="blob_put_urls"):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from roost.core.blobsize import blob_size, human_size
 from roost.core.ratelimit import TokenBucket
 from roost.media.base import BlobStore
 from roost.media.config import MediaConfig, part_size_for
@@ -32,6 +33,36 @@ BUCKET_IDLE_SECONDS = 600.0
 
 def _error(code: ErrorCode, message: str, ref: str) -> bytes:
     return encode(f.Error(code=code.value, message=message, ref=ref))
+
+
+def check_size(frame: f.BlobNew, limit: int) -> None:
+    """Refuse a ``blob_new`` over its kind's ``limit`` (file bytes, as users
+    read it): the blob may be at most the blob of a file at the limit, and a
+    stated ``plain_size`` is checked exactly (one blob size stands for 16
+    file sizes). ``too_large`` says the limit in file bytes."""
+    most = blob_size(limit)
+    human = human_size(limit)
+    exact = "" if human.endswith(" bytes") else f" ({limit:,} bytes)"
+    stated = f"a {frame.kind} may be {human}{exact} at most"
+    if frame.plain_size is not None:
+        if blob_size(frame.plain_size) != frame.size:
+            raise ProtocolError(
+                ErrorCode.INVALID,
+                f"size {frame.size:,} is not the blob of a {frame.plain_size:,}-byte file "
+                f"({blob_size(frame.plain_size):,})",
+                frame.ref,
+            )
+        if frame.plain_size > limit:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"{stated}; this one is {frame.plain_size:,} bytes", frame.ref
+            )
+    if frame.size > most:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"{stated}; this blob of {frame.size:,} bytes is over the {most:,} "
+            "of an encrypted file at the limit",
+            frame.ref,
+        )
 
 
 class MediaService:
@@ -97,11 +128,7 @@ class MediaService:
     # -- blob_new ---------------------------------------------------------------
 
     def _on_new(self, session: Session, frame: f.BlobNew) -> None:
-        limit = self.config.limits.max_bytes(frame.kind)
-        if frame.size > limit:
-            raise ProtocolError(
-                ErrorCode.TOO_LARGE, f"a {frame.kind} may have {limit} bytes at most", frame.ref
-            )
+        check_size(frame, self.config.limits.max_bytes(frame.kind))
         if not self._may_upload(session.user):
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many uploads; try again in a minute", frame.ref)
         self._spawn(session, frame.ref, self._new(session.user, frame))

@@ -1,0 +1,177 @@
+"""The local blob store's disk work never blocks the event loop (the chat path shares it).
+
+A slow disk is simulated: each write of a part's bytes sleeps, and os.fsync
+and os.pread sleep; a task ticking every 10 ms on the same loop must keep
+ticking while a part is uploaded and while a blob is downloaded. The
+temp-file + fsync + rename-only-when-whole guarantee still holds."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from roost.media import local
+from roost.media.local import LocalBlobStore
+from roost.store.blobmeta import PENDING, BlobRecord
+
+SLOW = 0.5  # s per slow disk call
+TICK = 0.01
+# A tick later than this means the loop was held; far below SLOW, far above
+# a busy machine's scheduling noise.
+MAX_GAP = 0.25
+
+
+class SlowFile:
+    """A real file whose ``write`` takes SLOW seconds, as on a disk whose page cache is full."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def write(self, data: bytes) -> int:
+        time.sleep(SLOW)
+        return int(self._real.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __enter__(self) -> SlowFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._real.close()
+
+
+def slowly(call: Callable[..., Any]) -> Callable[..., Any]:
+    def slow(*args: Any) -> Any:
+        time.sleep(SLOW)
+        return call(*args)
+
+    return slow
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[LocalBlobStore, TestServer]]:
+    store = LocalBlobStore(tmp_path / "media", secrets.token_bytes(32))
+    await store.start()
+    app = web.Application()
+    store.add_routes(app, lambda request: None)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield store, server
+    finally:
+        await server.close()
+        await store.close()
+
+
+async def max_gap_during(work: asyncio.Future[Any] | Any) -> float:
+    """Run ``work`` while a task ticks every TICK seconds; the longest wait between ticks."""
+    ticks: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(TICK)
+
+    task = asyncio.create_task(ticker())
+    try:
+        await work
+    finally:
+        done.set()
+        await task
+    ticks.append(time.monotonic())
+    return max(b - a for a, b in itertools.pairwise(ticks))
+
+
+async def new_blob(store: LocalBlobStore, size: int) -> BlobRecord:
+    blob = secrets.token_hex(16)
+    await store.create(blob)
+    return BlobRecord(blob, "alice", "file", size, size, PENDING, 0)
+
+
+async def put(server: TestServer, url: str, data: bytes) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.put(server.make_url(url), data=data) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("ETag", "").strip('"')
+
+
+async def test_a_part_written_to_a_slow_disk_leaves_the_loop_free(
+    served: tuple[LocalBlobStore, TestServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, server = served
+    data = os.urandom(1 << 20)
+    rec = await new_blob(store, len(data))
+    (url,) = await store.put_urls(rec, [1], int(time.time()) + 60)
+    real_open = open
+    monkeypatch.setattr(local, "open", lambda *a, **k: SlowFile(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(os, "fsync", slowly(os.fsync))
+
+    upload = asyncio.ensure_future(put(server, url.url, data))
+    gap = await max_gap_during(upload)
+    status, etag = upload.result()
+
+    assert status == 200
+    assert gap < MAX_GAP, f"the event loop was held {gap:.3f} s during the part's write"
+    # Still whole or nothing: the part is in place under its etag, no temporary file is left.
+    assert [p.name for p in (store.root / "parts" / rec.blob).iterdir()] == [f"p00001-{etag}"]
+    assert (await store.parts_done(rec))[1].size == len(data)
+
+
+async def test_a_cut_part_on_a_slow_disk_leaves_nothing(
+    served: tuple[LocalBlobStore, TestServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, server = served
+    rec = await new_blob(store, 2 << 20)
+    (url,) = await store.put_urls(rec, [1], int(time.time()) + 60)
+    real_open = open
+    monkeypatch.setattr(local, "open", lambda *a, **k: SlowFile(real_open(*a, **k)), raising=False)
+    host, port = server.host, server.port
+    _reader, writer = await asyncio.open_connection(host, port)
+    head = f"PUT {url.url} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {2 << 20}\r\n\r\n"
+    # 1.5 of 2 MiB, then the sender is gone: a batch is being written when the cut is seen.
+    writer.write(head.encode() + os.urandom(3 << 19))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    deadline = time.monotonic() + 10
+    parts_dir = store.root / "parts" / rec.blob
+    while any(parts_dir.iterdir()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert list(parts_dir.iterdir()) == []
+    assert await store.parts_done(rec) == {}
+
+
+async def test_a_download_from_a_slow_disk_leaves_the_loop_free(
+    served: tuple[LocalBlobStore, TestServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, server = served
+    data = os.urandom(3 * local.CHUNK + 5)
+    rec = await new_blob(store, len(data))
+    (url,) = await store.put_urls(rec, [1], int(time.time()) + 60)
+    status, etag = await put(server, url.url, data)
+    assert status == 200
+    await store.complete(rec, [(1, etag)])
+    get_url = await store.get_url(rec, int(time.time()) + 60)
+    monkeypatch.setattr(os, "pread", slowly(os.pread))
+
+    async def download() -> bytes:
+        async with aiohttp.ClientSession() as http, http.get(server.make_url(get_url)) as resp:
+            assert resp.status == 200
+            return await resp.read()
+
+    fetch = asyncio.ensure_future(download())
+    gap = await max_gap_during(fetch)
+    assert fetch.result() == data
+    assert gap < MAX_GAP, f"the event loop was held {gap:.3f} s during the download's reads"
