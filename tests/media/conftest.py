@@ -77,6 +77,15 @@ class MediaHarness:
         return await self.gateway.store.blob_get(blob)
 
 
+async def state_client(media: MediaHarness, name: str, tmp_path: Path) -> Client:
+    """A client with a state file (the uploads table and STATE.media/ live beside it)."""
+    token = media.tokens.get(name) or await media.user(name)
+    client = Client(media.url, token, state_path=tmp_path / f"{name}.state", serve_local=False)
+    await client.connect()
+    media.clients.append(client)
+    return client
+
+
 def media_config(backend: str, seaweed: SeaweedServer | None, **limits: Any) -> MediaConfig:
     base = MediaLimits(uploads_per_minute=0)
     if backend == "s3":

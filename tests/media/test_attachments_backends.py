@@ -15,7 +15,7 @@ import pytest
 
 from roost.client import ATTACHMENT_CT, Client, Message
 from roost.client import attachments as att
-from tests.media.conftest import MediaHarness
+from tests.media.conftest import MediaHarness, state_client
 
 
 def random_file(path: Path, size: int) -> Path:
@@ -28,15 +28,6 @@ async def next_message(client: Client, timeout: float = 30.0) -> Message:
         event = await client.next_event(timeout)
         if isinstance(event, Message):
             return event
-
-
-async def state_client(media: MediaHarness, name: str, tmp_path: Path) -> Client:
-    """A client with a state file (the uploads table and STATE.media/ live beside it)."""
-    token = media.tokens.get(name) or await media.user(name)
-    client = Client(media.url, token, state_path=tmp_path / f"{name}.state", serve_local=False)
-    await client.connect()
-    media.clients.append(client)
-    return client
 
 
 async def test_image_and_file_one_to_one_and_to_a_group(media: MediaHarness, tmp_path: Path) -> None:

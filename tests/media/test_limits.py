@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from roost.client import Client, Message
+from roost.client import Message
 from roost.client import attachments as att
 from roost.client.client import RoostError
 from roost.core.blobsize import MiB, blob_size, human_size, plain_size_range
@@ -20,7 +20,7 @@ from roost.media.config import MediaLimits
 from roost.protocol import frames as f
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.service.media import check_size
-from tests.media.conftest import MediaHarness, start_gateway, stop_harness
+from tests.media.conftest import MediaHarness, start_gateway, state_client, stop_harness
 
 LIMIT = 100_000  # bytes of file; a multiple of 16, as the default 100 MiB is
 
@@ -86,14 +86,6 @@ async def limited(tmp_path: Path) -> AsyncIterator[MediaHarness]:
         yield harness
     finally:
         await stop_harness(harness)
-
-
-async def state_client(media: MediaHarness, name: str, tmp_path: Path) -> Client:
-    token = media.tokens.get(name) or await media.user(name)
-    client = Client(media.url, token, state_path=tmp_path / f"{name}.state", serve_local=False)
-    await client.connect()
-    media.clients.append(client)
-    return client
 
 
 def stored_uploads(media: MediaHarness) -> list[Path]:
