@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import RawWS, add_users, b64
+from tests.e2e.helpers import RawWS, add_users, connect, users_with_keys
 from tests.e2e.server import ServerProcess
 
 pytestmark = pytest.mark.embedded_only  # signals to one `roost serve`
@@ -81,13 +81,13 @@ async def interrupt(listen: asyncio.subprocess.Process) -> tuple[int, str]:
 
 
 async def test_ctrl_c_in_listen_while_messages_stream_in(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
-    alice = await RawWS.open(server, tokens["alice"])
-    listen = await start_listen(server, tokens["bob"], tmp_path / "bob.state")
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
+    alice = await connect(server, tokens["alice"], tmp_path / "a.state")
+    listen = await start_listen(server, tokens["bob"], tmp_path / "b.state")
 
     async def keep_sending() -> None:
         for i in range(100_000):  # bounded; cancelled long before
-            await alice.send({"type": "send", "id": f"m{i}", "to": "bob", "body": b64(f"hi {i}")})
+            await alice.send(f"hi {i}", to="bob")
             await asyncio.sleep(0.005)
 
     sender = asyncio.create_task(keep_sending())
@@ -107,10 +107,10 @@ async def test_ctrl_c_in_listen_while_messages_stream_in(server: ServerProcess, 
 
 
 async def test_ctrl_c_in_listen_while_the_server_is_gone(server: ServerProcess, tmp_path: Path) -> None:
-    tokens = add_users(server, ["alice", "bob"])
-    alice = await RawWS.open(server, tokens["alice"])
-    await alice.send({"type": "send", "id": "m1", "to": "bob", "body": b64("hi")})
-    listen = await start_listen(server, tokens["bob"], tmp_path / "bob.state")
+    tokens = await users_with_keys(server, ["alice", "bob"], tmp_path)
+    alice = await connect(server, tokens["alice"], tmp_path / "a.state")
+    await asyncio.wait_for(alice.send("hi", to="bob"), 10)
+    listen = await start_listen(server, tokens["bob"], tmp_path / "b.state")
     assert listen.stdout is not None
     await asyncio.wait_for(listen.stdout.readline(), 20)  # connected and received
     await alice.close()
