@@ -38,6 +38,12 @@ def new_chat_by_keyboard(page: Any, user: str) -> None:
     expect(page.locator("#composer-input")).to_be_focused()
 
 
+def open_chat_with(page: Any, user: str) -> None:
+    page.locator("#new-chat-button").click()
+    page.locator("#new-chat-user").fill(user)
+    page.locator("#new-chat-user").press("Enter")
+
+
 def ticks(page: Any, text: str) -> Any:
     return page.locator(".msg.own", has_text=text).locator(".tick")
 
@@ -112,9 +118,7 @@ def test_a_group_of_three(make_app: Any, open_page: Any) -> None:
     pages = {user: open_page(app) for user, app in apps.items()}
     alice, carol = pages["alice"], pages["carol"]
     bob = pages["bob"]
-    bob.locator("#new-chat-button").click()
-    bob.locator("#new-chat-user").fill("carol")
-    bob.locator("#new-chat-user").press("Enter")
+    open_chat_with(bob, "carol")
     send(bob, "are you coming on Saturday?")
     alice.locator("#new-group-button").click()
     alice.locator("#new-group-name").fill("Hikers")
@@ -172,9 +176,7 @@ def test_offline_peer_gets_three_once_in_order_and_restarts_keep_everything(
 ) -> None:
     alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
+    open_chat_with(alice, "bob")
     send(alice, "first")
     chat_item(bob, "alice").click()
     bob.locator(".msg.in", has_text="first").wait_for()
@@ -216,9 +218,7 @@ def test_messages_written_offline_go_out_on_reconnect_once(
 ) -> None:
     alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
+    open_chat_with(alice, "bob")
     send(alice, "before")
     chat_item(bob, "alice").click()
     bob.locator(".msg.in", has_text="before").wait_for()
@@ -295,9 +295,7 @@ def test_safety_numbers_match_and_a_changed_key_shows_a_banner(
 ) -> None:
     alice_app, bob_app = make_app("alice", "bob")
     alice, bob = open_page(alice_app), open_page(bob_app)
-    alice.locator("#new-chat-button").click()
-    alice.locator("#new-chat-user").fill("bob")
-    alice.locator("#new-chat-user").press("Enter")
+    open_chat_with(alice, "bob")
     send(alice, "hi bob")
     chat_item(bob, "alice").click()
     bob.locator(".msg.in", has_text="hi bob").wait_for()
@@ -314,9 +312,7 @@ def test_safety_numbers_match_and_a_changed_key_shows_a_banner(
     for path in tmp_path.glob("bob.sqlite*"):
         path.unlink()
     bob = open_page(make_app("bob"))
-    bob.locator("#new-chat-button").click()
-    bob.locator("#new-chat-user").fill("alice")
-    bob.locator("#new-chat-user").press("Enter")
+    open_chat_with(bob, "alice")
     send(bob, "new phone, same bob")
     alice.locator(".msg.in", has_text="new phone").wait_for()
     banner = alice.locator("#key-banner")
@@ -384,12 +380,6 @@ RECORD_VIDEO = """async () => {
   await done;
   return [...new Uint8Array(await new Blob(chunks).arrayBuffer())];
 }"""
-
-
-def open_chat_with(page: Any, user: str) -> None:
-    page.locator("#new-chat-button").click()
-    page.locator("#new-chat-user").fill(user)
-    page.locator("#new-chat-user").press("Enter")
 
 
 def wait_until(page: Any, what: Any, script: str) -> Any:
