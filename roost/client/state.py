@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import NoReturn, overload
 
 try:
     import fcntl
@@ -228,6 +228,12 @@ class Outbox(dict[str, OutboxItem]):
     def clear(self) -> None:
         self._unsealed.clear()
         super().clear()
+
+    def _unsupported(self, *_args: object, **_kwargs: object) -> NoReturn:
+        # dict's bulk methods would bypass the count above.
+        raise TypeError("Outbox keeps a count: set, pop or del items one at a time")
+
+    update = setdefault = popitem = __ior__ = _unsupported
 
     def waiting(self, to: str | None, conv: str | None) -> bool:
         """Some item to this chat is not sealed yet."""

@@ -55,3 +55,19 @@ def test_waiting_equals_a_scan(
             outbox.clear()
         for to, conv in CHATS:
             assert outbox.waiting(to, conv) == scan(outbox, to, conv)
+
+
+def test_bulk_methods_that_would_bypass_the_count_are_refused() -> None:
+    outbox = Outbox([item("m0", 0, False)])
+    for call in (
+        lambda: outbox.update({"m1": item("m1", 0, False)}),
+        lambda: outbox.setdefault("m1", item("m1", 0, False)),
+        lambda: outbox.popitem(),
+    ):
+        try:
+            call()
+        except TypeError:
+            pass
+        else:
+            raise AssertionError("a bulk method changed the outbox behind its count")
+    assert list(outbox) == ["m0"] and outbox.waiting("bob", None)
