@@ -166,12 +166,17 @@ class _Conv:
     def active(self) -> list[str]:
         return [m.user for m in self.members.values() if m.left is None]
 
-    def senders_between(self, low: int, high: int) -> set[str] | None:
-        """Who sent a message with ``low < seq <= high``; None when memory cannot tell."""
+    def senders_between(self, low: int, high: int, ignore: str = "") -> set[str] | None:
+        """Who but ``ignore`` and the system sent a message with ``low < seq <=
+        high``; None when memory cannot tell. Those two are skipped rather than
+        discarded by the caller: the acker's own later messages (a 1:1 chat in
+        which both talk) would otherwise hide the answer and cost a query."""
         if low < self.tracked_from:
             return None
         senders: set[str] = set()
         for sender, last in self.last_sent.items():
+            if sender == ignore or sender == SYSTEM_SENDER:
+                continue
             if last > low:
                 if last > high:
                     return None  # a later message of theirs hides whether one is in range
@@ -717,7 +722,7 @@ class SqliteStore:
             member.delivered, member.read = new_d, new_r
             self._write_marks(c, conv, member)
             low = min(old_d, old_r) if new_r > old_r else old_d
-            senders = state.senders_between(low, new_d)
+            senders = state.senders_between(low, new_d, ignore=user)
             if senders is None:
                 senders = {
                     r[0]

@@ -158,3 +158,20 @@ async def test_a_duplicate_names_its_recipients_for_the_fan_out(tmp_path) -> Non
         assert sorted(again.recipients) == sorted(first.recipients) == ["alice", "carol"]
     finally:
         await store.close()
+
+
+async def test_a_dack_in_a_chat_where_both_talk_needs_no_query(tmp_path) -> None:
+    """bob acks alice's message after sending one of his own: his own later
+    message must not hide from memory who sent in the acked range."""
+    _harness, store = await opened_with_users(tmp_path)
+    try:
+        first = await store.append("alice", "a1", "text/plain", b"x", NOW, to="bob")  # seq 1
+        await store.append("bob", "b1", "text/plain", b"x", NOW, to="alice")  # seq 2
+        statements: list[str] = []
+        assert store._wconn is not None
+        store._wconn.set_trace_callback(statements.append)
+        result = await store.advance_marks("bob", first.conv, 1, None)
+        assert [r.user for r in result.receipts] == ["alice"]
+        assert not [s for s in statements if "DISTINCT sender" in s], statements
+    finally:
+        await store.close()
