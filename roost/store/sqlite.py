@@ -2,9 +2,13 @@
 
 One writer thread owns the only writing connection. Callers enqueue
 operations; the thread takes everything queued (up to ``max_batch``), runs it
-in one transaction and commits once, so concurrent sends share one fsync
-without waiting for a timer: while one commit is on disk the next batch
-accumulates. Results go back to the event loop only after COMMIT returned.
+in one transaction and commits once, so concurrent sends share one fsync:
+while one commit is on disk the next batch accumulates. An operation that
+finds the writer idle is committed at once; when operations were already
+waiting as a commit ended (the writer is behind), the next commit starts no
+sooner than ``commit_interval`` after the previous one began, so under load
+a commit's fixed cost is shared by more operations. Results go back to the
+event loop only after COMMIT returned.
 
 Reads run on a small thread pool with their own connections (WAL lets them
 proceed while the writer commits). sqlite3 releases the GIL while a statement
@@ -131,6 +135,14 @@ _MSG_COLUMNS = "conv, seq, sender, client_id, ct, body, ts"
 # does not start a commit of its own: it rides with the next batch, or is
 # committed after at most this long when no other write comes.
 LAZY_COMMIT_SECONDS = 0.05
+
+# Every commit costs CPU whatever it carries: the fdatasync, the WAL frames of
+# the pages every batch touches (members, receipts, conversations), waking the
+# writer and then the event loop. Back-to-back commits of a few operations
+# each spent a fifth of the gateway's core at 5,000 msg/s (docs/performance.md,
+# "Commit pacing"); spacing commits under load by this much shares that cost
+# among more messages for at most this much extra latency.
+COMMIT_INTERVAL_SECONDS = 0.003
 _WAKE = object()  # queued by the lazy timer: run a batch even if only lazy ops wait
 
 
@@ -175,7 +187,7 @@ class _Conv:
             return None
         senders: set[str] = set()
         for sender, last in self.last_sent.items():
-            if sender == ignore or sender == SYSTEM_SENDER:
+            if sender in (ignore, SYSTEM_SENDER):
                 continue
             if last > low:
                 if last > high:
@@ -234,10 +246,12 @@ class SqliteStore:
         max_batch: int = 1024,
         cache_size: int = 100_000,
         metrics: Metrics | None = None,
+        commit_interval: float = COMMIT_INTERVAL_SECONDS,
     ):
         self.path = Path(path)
         self.metrics = metrics or Metrics()
         self.max_batch = max_batch
+        self.commit_interval = commit_interval
         self.cache_size = cache_size
         self._queue: queue.SimpleQueue[_Op | object | None] = queue.SimpleQueue()
         self._lazy: queue.SimpleQueue[_Op] = queue.SimpleQueue()  # ops that wait for a batch
@@ -256,6 +270,8 @@ class SqliteStore:
         self._batch_seqs: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._closing_now = threading.Event()
+        self._queued_during_commit = False
         self.commits = 0  # statistics: transactions committed
         self.committed_ops = 0
 
@@ -291,6 +307,7 @@ class SqliteStore:
             self._lazy_timer.cancel()  # the writer commits the lazy ops before it stops
             self._lazy_timer = None
         if self._writer is not None:
+            self._closing_now.set()
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
@@ -333,8 +350,15 @@ class SqliteStore:
         conn = self._wconn
         assert conn is not None
         stop = False
+        started = -self.commit_interval
         while not stop:
             first = self._queue.get()
+            if self._queued_during_commit and first is not None:
+                # Behind: let this batch gather until the interval is over.
+                delay = started + self.commit_interval - time.monotonic()
+                if delay > 0:
+                    self._closing_now.wait(delay)  # close() cuts the wait short
+            started = time.monotonic()
             batch: list[_Op] = []
             if first is None:
                 stop = True
@@ -427,6 +451,9 @@ class SqliteStore:
                     op.stream.broken = True
             failure = StoreUnavailable(f"storage error: {exc}")
             outcome = {id(op): (False, failure) for op in batch}
+        # Whatever is queued now came while this batch ran: the writer is
+        # behind. What comes after the answers (a client's next request) is not.
+        self._queued_during_commit = not self._queue.empty()
         results = []
         for op in batch:
             leader = op
