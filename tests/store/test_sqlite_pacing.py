@@ -39,9 +39,7 @@ async def test_operations_queued_behind_a_commit_wait_for_the_interval(tmp_path)
         commits = store.commits
         async with WriterGate(store):  # the gate's own commit begins here
             began = time.monotonic()
-            queued = [
-                store.append("alice", f"a{i}", "text/plain", b"x", NOW, to="bob") for i in range(20)
-            ]
+            queued = [store.append("alice", f"a{i}", "text/plain", b"x", NOW, to="bob") for i in range(20)]
         stored = await asyncio.gather(*queued)
         assert time.monotonic() - began >= 0.4, "the queued batch did not wait for the interval"
         assert [m.seq for m in stored] == list(range(1, 21))
