@@ -3,11 +3,11 @@
 One writer thread owns the only writing connection. Callers enqueue
 operations; the thread takes everything queued (up to ``max_batch``), runs it
 in one transaction and commits once, so concurrent sends share one fsync:
-while one commit is on disk the next batch accumulates. An operation that
-finds the writer idle is committed at once; when operations were already
-waiting as a commit ended (the writer is behind), the next commit starts no
-sooner than ``commit_interval`` after the previous one began, so under load
-a commit's fixed cost is shared by more operations. Results go back to the
+while one commit is on disk the next batch accumulates. Under concurrent load
+(operations queued while a batch ran, or a batch of more than one) the next
+commit starts no sooner than ``commit_interval`` after the previous one
+began, so a commit's fixed cost is shared by more operations; otherwise an
+operation is committed at once. Results go back to the
 event loop only after COMMIT returned.
 
 Reads run on a small thread pool with their own connections (WAL lets them
@@ -351,10 +351,11 @@ class SqliteStore:
         assert conn is not None
         stop = False
         started = -self.commit_interval
+        busy = False  # the last batch showed concurrent load
         while not stop:
             first = self._queue.get()
-            if self._queued_during_commit and first is not None:
-                # Behind: let this batch gather until the interval is over.
+            if busy and first is not None:
+                # Under load: let this batch gather until the interval is over.
                 delay = started + self.commit_interval - time.monotonic()
                 if delay > 0:
                     self._closing_now.wait(delay)  # close() cuts the wait short
@@ -373,6 +374,7 @@ class SqliteStore:
                     stop = True
                 elif isinstance(op, _Op):
                     batch.append(op)
+            eager = len(batch)
             # Lazy ops ride along (all of them when stopping: close() commits everything).
             while stop or len(batch) < self.max_batch:
                 try:
@@ -381,6 +383,10 @@ class SqliteStore:
                     break
             if batch:
                 self._run_batch_or_fail(conn, batch)
+            # Concurrent load: operations came while the batch ran, or it held
+            # more than one that someone awaits. A lone client's next request
+            # comes after its answer, alone: it is never paced.
+            busy = self._queued_during_commit or eager > 1
 
     def _run_batch_or_fail(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         """Run a batch; if anything escapes ``_run_batch`` (an error before its
@@ -451,8 +457,7 @@ class SqliteStore:
                     op.stream.broken = True
             failure = StoreUnavailable(f"storage error: {exc}")
             outcome = {id(op): (False, failure) for op in batch}
-        # Whatever is queued now came while this batch ran: the writer is
-        # behind. What comes after the answers (a client's next request) is not.
+        # Whatever is queued now came while this batch ran (before its answers).
         self._queued_during_commit = not self._queue.empty()
         results = []
         for op in batch:

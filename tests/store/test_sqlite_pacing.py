@@ -1,7 +1,7 @@
-"""Commit pacing of the SQLite writer: an operation that finds the writer idle
-is committed at once; operations that were already waiting when a commit
-ended start their commit no sooner than ``commit_interval`` after the previous
-one began, so that under load each commit carries more of them."""
+"""Commit pacing of the SQLite writer: under concurrent load (operations
+queued while a batch ran, or a batch of several) the next commit starts no
+sooner than ``commit_interval`` after the previous one began, so that each
+commit carries more operations; a lone client's requests are committed at once."""
 
 from __future__ import annotations
 
@@ -44,6 +44,20 @@ async def test_operations_queued_behind_a_commit_wait_for_the_interval(tmp_path)
         assert time.monotonic() - began >= 0.4, "the queued batch did not wait for the interval"
         assert [m.seq for m in stored] == list(range(1, 21))
         assert store.commits - commits == 2, "the queued operations did not share one commit"
+    finally:
+        await store.close()
+
+
+async def test_after_a_batch_of_several_the_next_operation_is_paced(tmp_path) -> None:
+    """Concurrent clients whose requests share a batch come back with their
+    next ones after the answers: the writer still counts as under load."""
+    store = await opened(tmp_path / "roost.sqlite", interval=0.5)
+    try:
+        first = [store.append("alice", f"a{i}", "text/plain", b"x", NOW, to="bob") for i in range(5)]
+        await asyncio.gather(*first)  # one batch (the writer was idle), begun just now
+        answered = time.monotonic()
+        await store.append("alice", "next", "text/plain", b"x", NOW, to="bob")
+        assert time.monotonic() - answered >= 0.3, "the operation after a batch of five was not paced"
     finally:
         await store.close()
 
