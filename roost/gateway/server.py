@@ -55,7 +55,7 @@ from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
 from roost.service.media import MediaService
 from roost.service.session import Session
 from roost.store.base import StoreUnavailable
-from roost.store.sqlite import SqliteStore, database_path
+from roost.store.sqlite import COMMIT_INTERVAL_SECONDS, SqliteStore, database_path
 
 log = logging.getLogger("roost.gateway")
 
@@ -96,12 +96,16 @@ class GatewayConfig:
     admin_port: int | None = None
     # Blobs (attachments): local files under data_dir by default, or S3.
     media: MediaConfig = field(default_factory=MediaConfig)
+    # Embedded store: commit pacing under load (roost/store/sqlite.py).
+    commit_interval: float = COMMIT_INTERVAL_SECONDS
 
 
 def make_store(config: GatewayConfig, metrics: Metrics | None = None) -> Any:
     url = config.store_url
     if url is None:
-        return SqliteStore(database_path(config.data_dir), metrics=metrics)
+        return SqliteStore(
+            database_path(config.data_dir), metrics=metrics, commit_interval=config.commit_interval
+        )
     if url.startswith(("postgresql://", "postgres://")):
         from roost.store.postgres import PostgresStore
 

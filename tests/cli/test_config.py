@@ -76,6 +76,8 @@ def test_unknown_key_is_refused_naming_it(tmp_path: Path, capsys: pytest.Capture
         ("host = 5\n", {}, "host: expected a string"),
         ("handshake-timeout = 0\n", {}, "handshake-timeout: must be more than 0 seconds"),
         ("max_unauthenticated = -1\n", {}, "max_unauthenticated: must be 0 or more"),
+        ("commit-interval-ms = -1\n", {}, "commit-interval-ms: must be from 0 to 1000 ms"),
+        ("", {"ROOST_COMMIT_INTERVAL_MS": "nan"}, "ROOST_COMMIT_INTERVAL_MS: must be from 0 to 1000 ms"),
         ("", {"ROOST_HEARTBEAT": "soon"}, "ROOST_HEARTBEAT: invalid float value"),
         ("print-config = true\n", {}, "unknown key 'print-config'"),
         ("port = 1\nport_ = 2\n", {}, "unknown key 'port_'"),
@@ -91,6 +93,18 @@ def test_bad_value_is_refused_naming_the_key(
         settled(["serve", "--config", conf], env)
     assert named in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_commit_interval_reaches_the_embedded_store(tmp_path: Path) -> None:
+    from roost.gateway.server import GatewayConfig, make_store
+    from roost.store.sqlite import COMMIT_INTERVAL_SECONDS
+
+    args = settled(["serve"], {"ROOST_COMMIT_INTERVAL_MS": "7.5"})
+    assert args.commit_interval_ms == 7.5
+    assert settled(["serve"], {}).commit_interval_ms is None  # the store's default
+    store = make_store(GatewayConfig(data_dir=tmp_path, commit_interval=0.0075))
+    assert store.commit_interval == 0.0075
+    assert make_store(GatewayConfig(data_dir=tmp_path)).commit_interval == COMMIT_INTERVAL_SECONDS
 
 
 def test_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
