@@ -2,7 +2,8 @@
 
 Layout under ``root``::
 
-    parts/<blob>/p00001-<md5>   an uploaded part (its etag in the name)
+    parts/<blob>/p00001-<etag>  an uploaded part (its etag in the name: 32 hex digits
+                                of a hash of its bytes)
     parts/<blob>/.tmp-...       a part being received
     blobs/<ab>/<blob>           a complete blob (parts joined)
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -44,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import BinaryIO, Protocol, TypeVar, TypeVarTuple, Unpack
 
 from aiohttp import web
 
@@ -86,6 +88,40 @@ def load_or_make_key(path: Path) -> bytes:
     return key
 
 
+def _sha_in_hardware() -> bool:
+    """Whether the CPU computes SHA-256 itself (x86 SHA-NI, Arm SHA2): then it is the
+    cheapest 128-bit hash at hand (~0.6 ms/MiB against MD5's 1.5 and BLAKE2b's 1.0)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    words = line.partition(":")[2].split()
+                    return "sha_ni" in words or "sha2" in words
+    except OSError:
+        pass
+    return False
+
+
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def digest(self) -> bytes: ...
+
+
+def _part_hash() -> Callable[[], Digest]:
+    """What a part's etag hashes with. An etag is opaque to clients (they echo
+    the one a PUT answered), so parts of different hashes may meet in one blob."""
+    if _sha_in_hardware():
+        return hashlib.sha256
+    return lambda: hashlib.blake2b(digest_size=16)
+
+
+PART_HASH = _part_hash()
+
+
+def etag_of(digest: Digest) -> str:
+    return digest.digest()[:16].hex()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -95,7 +131,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _PartFile:
-    """A part being received: a temporary file and the MD5 of its bytes.
+    """A part being received: a temporary file and the hash of its bytes (its etag).
 
     Its methods block (disk I/O) and run on the store's I/O threads; a lock
     orders them, as two may run on two threads (a write, then the discard of
@@ -106,7 +142,7 @@ class _PartFile:
         self.part = part
         self.tmp = parts_dir / f".tmp-{part}-{secrets.token_hex(6)}"
         self._lock = threading.Lock()
-        self._digest = hashlib.md5(usedforsecurity=False)
+        self._digest = PART_HASH()
         # Open across calls (closed by ``finish`` or ``discard``); FileNotFoundError: the upload is gone.
         self._out = open(self.tmp, "xb")  # noqa: SIM115
 
@@ -122,7 +158,7 @@ class _PartFile:
             self._out.flush()
             os.fsync(self._out.fileno())
             self._out.close()
-            etag = self._digest.hexdigest()
+            etag = etag_of(self._digest)
             name = f"p{self.part:05d}-{etag}"
             os.rename(self.tmp, self.parts_dir / name)
             for entry in os.scandir(self.parts_dir):  # an earlier upload of the same part, other bytes
@@ -244,17 +280,26 @@ class LocalBlobStore:
                 self._completing.pop(rec.blob, None)
 
     def _join(self, rec: BlobRecord, stored: dict[int, StoredPart]) -> None:
-        """Concatenate the parts into a temporary file, fsync, rename, drop the parts."""
+        """Concatenate the parts into a temporary file, fsync, rename, drop the parts.
+
+        One part is the blob already (fsynced when it arrived): it is renamed.
+        Several are copied by the kernel (copy_file_range: no pass through
+        this process, a reflink on file systems that share extents)."""
         final = self.blob_path(rec.blob)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{rec.blob}-{secrets.token_hex(4)}"
         parts_dir = self._parts_dir(rec.blob)
+        names = [parts_dir / f"p{part:05d}-{stored[part].etag}" for part in range(1, rec.parts + 1)]
+        if len(names) == 1:
+            os.rename(names[0], final)
+            _fsync_dir(final.parent)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            return
+        tmp = final.parent / f".tmp-{rec.blob}-{secrets.token_hex(4)}"
         try:
             with open(tmp, "wb") as out:
-                for part in range(1, rec.parts + 1):
-                    name = f"p{part:05d}-{stored[part].etag}"
-                    with open(parts_dir / name, "rb") as src:
-                        shutil.copyfileobj(src, out, CHUNK)
+                for name in names:
+                    with open(name, "rb") as src:
+                        _copy_all(src, out)
                 out.flush()
                 os.fsync(out.fileno())
             os.rename(tmp, final)
@@ -435,6 +480,24 @@ class LocalBlobStore:
             # The caller closes ``fd``: a read still running must end first.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(reading)
+
+
+def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
+    """Append all of ``src`` to ``out``: in the kernel when it can, else through a buffer."""
+    left = os.fstat(src.fileno()).st_size
+    out.flush()
+    try:
+        while left > 0:
+            copied = os.copy_file_range(src.fileno(), out.fileno(), left)
+            if copied == 0:
+                raise OSError(f"{src.name}: shorter than it was")
+            left -= copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        src.seek(os.lseek(src.fileno(), 0, os.SEEK_CUR))  # where the kernel copy stopped
+        out.seek(0, os.SEEK_END)
+        shutil.copyfileobj(src, out, CHUNK)
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | str | None:
