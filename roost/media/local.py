@@ -16,7 +16,9 @@ and no database read, so they cost the chat path nothing:
   refused with 403 before anything is written.
 * ``GET /media/{blob}?size=&exp=&sig=`` -- the blob, one Range allowed (206),
   with an ETag and a Cache-Control that lets a CDN or an nginx cache keep it
-  until the URL expires (the bytes are ciphertext and never change).
+  until the URL expires (the bytes are ciphertext and never change). On plain
+  TCP the body goes by ``sendfile`` from an I/O thread (page cache to socket,
+  no pass through Python); under TLS it is read and written in chunks.
 
 Every disk operation of the routes (open, write, fsync, rename, read) runs on
 the store's own few I/O threads, never on the event loop: the chat path shares
@@ -46,7 +48,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar, TypeVarTuple, Unpack
+from typing import BinaryIO, Protocol, TypeVar, TypeVarTuple, Unpack, cast
 
 from aiohttp import web
 
@@ -58,6 +60,7 @@ from roost.store.blobmeta import BlobRecord
 log = logging.getLogger("roost.media")
 
 CHUNK = 256 * 1024
+SENDFILE_SLICE = 4 * 1024 * 1024  # the most one I/O thread call sends (threads are shared)
 WRITE_BATCH = 1024 * 1024  # received bytes handed to an I/O thread at once
 IO_THREADS = 4  # disk operations of the media routes at once (per gateway)
 T = TypeVar("T")
@@ -457,13 +460,20 @@ class LocalBlobStore:
         if request.method == "HEAD":  # headers only (a body would corrupt a kept-alive connection)
             await response.write_eof()
             return response
-        await self._stream(response, fd, start, end)
+        await self._stream(request, response, fd, start, end)
         await response.write_eof()
         return response
 
-    async def _stream(self, response: web.StreamResponse, fd: int, start: int, end: int) -> None:
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, fd: int, start: int, end: int
+    ) -> None:
         """Bytes ``start``..``end`` of ``fd`` to ``response``, read on an I/O
         thread: the next chunk is read while the current one is sent."""
+        transport = request.transport
+        sock = _plain_socket(transport)
+        if sock is not None and transport is not None:
+            await self._sendfile(transport, sock, fd, start, end)
+            return
         pos = start
         reading = self._run(os.pread, fd, min(CHUNK, end + 1 - pos), pos)
         try:
@@ -480,6 +490,41 @@ class LocalBlobStore:
             # The caller closes ``fd``: a read still running must end first.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(reading)
+
+    async def _sendfile(
+        self, transport: asyncio.BaseTransport, sock: int, fd: int, start: int, end: int
+    ) -> None:
+        """Bytes ``start``..``end`` of ``fd`` straight to the connection's socket.
+
+        The kernel reads the file (on an I/O thread: a cold disk blocks that
+        thread, not the loop) and writes the socket, past the transport, which
+        must have sent everything it holds first (the headers). A duplicate of
+        the socket's descriptor is used: the connection may close meanwhile and
+        its descriptor number be reused, the duplicate still names this socket.
+        When the socket is full the loop waits until it can take more."""
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's is one without the class
+        while writer.get_write_buffer_size():
+            if writer.is_closing():
+                raise ConnectionResetError("the connection closed")
+            await asyncio.sleep(0.001)
+        loop = asyncio.get_running_loop()
+        out = os.dup(sock)
+        sending: asyncio.Future[int] | None = None
+        try:
+            pos = start
+            while pos <= end:
+                want = min(SENDFILE_SLICE, end + 1 - pos)
+                sending = self._run(_send_some, out, fd, pos, want)
+                sent = await sending
+                sending = None
+                pos += sent
+                if sent < want:
+                    await _writable(loop, out)
+        finally:
+            if sending is not None:  # cancelled: the thread must be done with both descriptors
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(sending)
+            os.close(out)
 
 
 def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
@@ -498,6 +543,51 @@ def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
         src.seek(os.lseek(src.fileno(), 0, os.SEEK_CUR))  # where the kernel copy stopped
         out.seek(0, os.SEEK_END)
         shutil.copyfileobj(src, out, CHUNK)
+
+
+def _plain_socket(transport: asyncio.BaseTransport | None) -> int | None:
+    """The descriptor of a plain-TCP connection's socket; None under TLS or without one."""
+    if transport is None or transport.is_closing():
+        return None
+    if (
+        transport.get_extra_info("sslcontext") is not None
+        or transport.get_extra_info("ssl_object") is not None
+    ):
+        return None
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _send_some(sock: int, fd: int, offset: int, count: int) -> int:
+    """``os.sendfile`` until ``count`` bytes went or the socket is full; the bytes sent."""
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(sock, fd, offset + sent, count - sent)
+        except BlockingIOError:
+            break
+        if n == 0:
+            raise OSError(f"the blob ended before byte {offset + sent}")
+        sent += n
+    return sent
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: int) -> None:
+    """Until the socket ``sock`` (a descriptor of this process only) can take more bytes."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock)
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | str | None:
