@@ -540,8 +540,8 @@ def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
-        src.seek(os.lseek(src.fileno(), 0, os.SEEK_CUR))  # where the kernel copy stopped
-        out.seek(0, os.SEEK_END)
+        # On from where the kernel stopped: it moved both descriptors' positions,
+        # and neither file's Python buffer holds anything (``out`` was flushed).
         shutil.copyfileobj(src, out, CHUNK)
 
 

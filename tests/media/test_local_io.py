@@ -10,6 +10,7 @@ the client reads slowly; without a plain socket (TLS) they go in chunks."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import secrets
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from roost.media import local
+from roost.media.config import LOCAL_MIN_PART
 from roost.media.local import LocalBlobStore
 from roost.store.blobmeta import PENDING, BlobRecord
 
@@ -268,3 +270,38 @@ async def test_a_slow_reader_gets_every_byte_by_sendfile(
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == data
     assert waits, "the socket never filled: the test did not reach the wait"
+
+
+@pytest.mark.parametrize("kernel_copy", ["whole", "refused", "stops"])
+async def test_parts_join_in_order_with_or_without_the_kernel_copy(
+    served: tuple[LocalBlobStore, TestServer], monkeypatch: pytest.MonkeyPatch, kernel_copy: str
+) -> None:
+    """Several parts are joined by copy_file_range, or, where the file system
+    refuses it (EXDEV, EINVAL, ...) at once or after some bytes, through a
+    buffer from where it stopped; one part is renamed."""
+    store, server = served
+    real_copy = os.copy_file_range
+    calls: list[int] = []
+
+    def copy(src: int, dst: int, count: int, *args: Any) -> int:
+        calls.append(count)
+        if kernel_copy == "refused" or (kernel_copy == "stops" and len(calls) > 1):
+            raise OSError(errno.EXDEV, "cross-device")
+        return real_copy(src, dst, min(count, 1000) if kernel_copy == "stops" else count, *args)
+
+    monkeypatch.setattr(os, "copy_file_range", copy)
+    part = LOCAL_MIN_PART
+    data = os.urandom(2 * part + 5)
+    rec = BlobRecord(secrets.token_hex(16), "alice", "file", len(data), part, PENDING, 0)
+    await store.create(rec.blob)
+    urls = await store.put_urls(rec, [1, 2, 3], int(time.time()) + 60)
+    etags = []
+    for url in urls:
+        first = (url.part - 1) * part
+        status, etag = await put(server, url.url, data[first : first + rec.part_length(url.part)])
+        assert status == 200
+        etags.append((url.part, etag))
+    await store.complete(rec, etags)
+    assert store.blob_path(rec.blob).read_bytes() == data
+    assert not (store.root / "parts" / rec.blob).exists()
+    assert [p.name for p in store.blob_path(rec.blob).parent.iterdir()] == [rec.blob]  # no temporary file
