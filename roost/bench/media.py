@@ -291,7 +291,7 @@ async def chat_latency(
                 )
             finally:
                 # read while the upload side is still busy (a thread of each is still running)
-                ran_at = {"uploaders": priority.observed(connected["pid"])}
+                ran_at: dict[str, priority.Observed] = {"uploaders": priority.observed(connected["pid"])}
                 if weed_pid is not None:
                     ran_at["seaweed"] = priority.observed(weed_pid)
                 done = await uploaders.call(0, "stop")
@@ -317,9 +317,10 @@ async def chat_latency(
     out["server_cpu_ms_per_upload_mib"] = round(1000.0 * extra / upload_mib_s, 3) if upload_mib_s else None
     a, b = out["alone"]["p99_ms"], out["with_uploads"]["p99_ms"]
     out["p99_ratio"] = round(b / a, 2) if a else None
+    policies = "/".join(ran_at["uploaders"]["policies"])
     print(
         f"[media chat] {args.chat_rate:g} msg/s  alone p50 {out['alone']['p50_ms']:.1f} p99 {a:.1f} ms  "
-        f"with {out['uploaders']} uploads ({args.upload_priority}) p50 {out['with_uploads']['p50_ms']:.1f} "
+        f"with {out['uploaders']} uploads ({policies}) p50 {out['with_uploads']['p50_ms']:.1f} "
         f"p99 {b:.1f} ms  ({uploads_done} uploads, {out['upload_mib_s_during_chat']} MiB/s; gateway CPU "
         f"+{out['server_cpu_extra_pct']}% of a core, {out['server_cpu_ms_per_upload_mib']} ms per MiB)",
         flush=True,

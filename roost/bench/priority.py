@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TypedDict
 
 PRIORITIES = ("normal", "idle", "nice")
 NICE = 19
@@ -49,7 +50,14 @@ def wrap(priority: str) -> list[str]:
     return [sys.executable, "-m", "roost.bench.priority", priority, "--"]
 
 
-def observed(pid: int) -> dict[str, object]:
+class Observed(TypedDict):
+    pid: int
+    threads: int  # threads read
+    policies: list[str]  # the policies found among them, e.g. ["SCHED_IDLE"]
+    nice: list[int]  # the nice values found among them
+
+
+def observed(pid: int) -> Observed:
     """The scheduling policies and nice values of every thread of ``pid`` now."""
     policies: set[str] = set()
     nices: set[int] = set()
