@@ -27,16 +27,17 @@ class WorkerError(RuntimeError):
 
 
 class WorkerPool:
-    def __init__(self, count: int, module: str = "roost.bench.worker") -> None:
+    def __init__(self, count: int, module: str = "roost.bench.worker", prefix: Sequence[str] = ()) -> None:
         self.count = max(1, count)
         self.module = module  # what the processes run (``python -m``)
+        self.prefix = list(prefix)  # runs them (e.g. ``roost.bench.priority.wrap``), which must exec them
         self.procs: list[asyncio.subprocess.Process] = []
         self._locks: list[asyncio.Lock] = []
 
     async def start(self) -> WorkerPool:
         for _ in range(self.count):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", self.module,
+                *self.prefix, sys.executable, "-m", self.module,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 30,
             )  # fmt: skip

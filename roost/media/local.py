@@ -2,7 +2,8 @@
 
 Layout under ``root``::
 
-    parts/<blob>/p00001-<md5>   an uploaded part (its etag in the name)
+    parts/<blob>/p00001-<etag>  an uploaded part (its etag in the name: 32 hex digits
+                                of a hash of its bytes)
     parts/<blob>/.tmp-...       a part being received
     blobs/<ab>/<blob>           a complete blob (parts joined)
 
@@ -15,7 +16,9 @@ and no database read, so they cost the chat path nothing:
   refused with 403 before anything is written.
 * ``GET /media/{blob}?size=&exp=&sig=`` -- the blob, one Range allowed (206),
   with an ETag and a Cache-Control that lets a CDN or an nginx cache keep it
-  until the URL expires (the bytes are ciphertext and never change).
+  until the URL expires (the bytes are ciphertext and never change). On plain
+  TCP the body goes by ``sendfile`` from an I/O thread (page cache to socket,
+  no pass through Python); under TLS it is read and written in chunks.
 
 Every disk operation of the routes (open, write, fsync, rename, read) runs on
 the store's own few I/O threads, never on the event loop: the chat path shares
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -44,7 +48,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import BinaryIO, Protocol, TypeVar, TypeVarTuple, Unpack, cast
 
 from aiohttp import web
 
@@ -56,6 +60,7 @@ from roost.store.blobmeta import BlobRecord
 log = logging.getLogger("roost.media")
 
 CHUNK = 256 * 1024
+SENDFILE_SLICE = 4 * 1024 * 1024  # the most one I/O thread call sends (threads are shared)
 WRITE_BATCH = 1024 * 1024  # received bytes handed to an I/O thread at once
 IO_THREADS = 4  # disk operations of the media routes at once (per gateway)
 T = TypeVar("T")
@@ -86,6 +91,40 @@ def load_or_make_key(path: Path) -> bytes:
     return key
 
 
+def _sha_in_hardware() -> bool:
+    """Whether the CPU computes SHA-256 itself (x86 SHA-NI, Arm SHA2): then it is the
+    cheapest 128-bit hash at hand (~0.6 ms/MiB against MD5's 1.5 and BLAKE2b's 1.0)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    words = line.partition(":")[2].split()
+                    return "sha_ni" in words or "sha2" in words
+    except OSError:
+        pass
+    return False
+
+
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def digest(self) -> bytes: ...
+
+
+def _part_hash() -> Callable[[], Digest]:
+    """What a part's etag hashes with. An etag is opaque to clients (they echo
+    the one a PUT answered), so parts of different hashes may meet in one blob."""
+    if _sha_in_hardware():
+        return hashlib.sha256
+    return lambda: hashlib.blake2b(digest_size=16)
+
+
+PART_HASH = _part_hash()
+
+
+def etag_of(digest: Digest) -> str:
+    return digest.digest()[:16].hex()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -95,7 +134,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _PartFile:
-    """A part being received: a temporary file and the MD5 of its bytes.
+    """A part being received: a temporary file and the hash of its bytes (its etag).
 
     Its methods block (disk I/O) and run on the store's I/O threads; a lock
     orders them, as two may run on two threads (a write, then the discard of
@@ -106,7 +145,7 @@ class _PartFile:
         self.part = part
         self.tmp = parts_dir / f".tmp-{part}-{secrets.token_hex(6)}"
         self._lock = threading.Lock()
-        self._digest = hashlib.md5(usedforsecurity=False)
+        self._digest = PART_HASH()
         # Open across calls (closed by ``finish`` or ``discard``); FileNotFoundError: the upload is gone.
         self._out = open(self.tmp, "xb")  # noqa: SIM115
 
@@ -122,7 +161,7 @@ class _PartFile:
             self._out.flush()
             os.fsync(self._out.fileno())
             self._out.close()
-            etag = self._digest.hexdigest()
+            etag = etag_of(self._digest)
             name = f"p{self.part:05d}-{etag}"
             os.rename(self.tmp, self.parts_dir / name)
             for entry in os.scandir(self.parts_dir):  # an earlier upload of the same part, other bytes
@@ -244,17 +283,26 @@ class LocalBlobStore:
                 self._completing.pop(rec.blob, None)
 
     def _join(self, rec: BlobRecord, stored: dict[int, StoredPart]) -> None:
-        """Concatenate the parts into a temporary file, fsync, rename, drop the parts."""
+        """Concatenate the parts into a temporary file, fsync, rename, drop the parts.
+
+        One part is the blob already (fsynced when it arrived): it is renamed.
+        Several are copied by the kernel (copy_file_range: no pass through
+        this process, a reflink on file systems that share extents)."""
         final = self.blob_path(rec.blob)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{rec.blob}-{secrets.token_hex(4)}"
         parts_dir = self._parts_dir(rec.blob)
+        names = [parts_dir / f"p{part:05d}-{stored[part].etag}" for part in range(1, rec.parts + 1)]
+        if len(names) == 1:
+            os.rename(names[0], final)
+            _fsync_dir(final.parent)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            return
+        tmp = final.parent / f".tmp-{rec.blob}-{secrets.token_hex(4)}"
         try:
             with open(tmp, "wb") as out:
-                for part in range(1, rec.parts + 1):
-                    name = f"p{part:05d}-{stored[part].etag}"
-                    with open(parts_dir / name, "rb") as src:
-                        shutil.copyfileobj(src, out, CHUNK)
+                for name in names:
+                    with open(name, "rb") as src:
+                        _copy_all(src, out)
                 out.flush()
                 os.fsync(out.fileno())
             os.rename(tmp, final)
@@ -412,13 +460,20 @@ class LocalBlobStore:
         if request.method == "HEAD":  # headers only (a body would corrupt a kept-alive connection)
             await response.write_eof()
             return response
-        await self._stream(response, fd, start, end)
+        await self._stream(request, response, fd, start, end)
         await response.write_eof()
         return response
 
-    async def _stream(self, response: web.StreamResponse, fd: int, start: int, end: int) -> None:
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, fd: int, start: int, end: int
+    ) -> None:
         """Bytes ``start``..``end`` of ``fd`` to ``response``, read on an I/O
         thread: the next chunk is read while the current one is sent."""
+        transport = request.transport
+        sock = _plain_socket(transport)
+        if sock is not None and transport is not None:
+            await self._sendfile(transport, sock, fd, start, end)
+            return
         pos = start
         reading = self._run(os.pread, fd, min(CHUNK, end + 1 - pos), pos)
         try:
@@ -435,6 +490,104 @@ class LocalBlobStore:
             # The caller closes ``fd``: a read still running must end first.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(reading)
+
+    async def _sendfile(
+        self, transport: asyncio.BaseTransport, sock: int, fd: int, start: int, end: int
+    ) -> None:
+        """Bytes ``start``..``end`` of ``fd`` straight to the connection's socket.
+
+        The kernel reads the file (on an I/O thread: a cold disk blocks that
+        thread, not the loop) and writes the socket, past the transport, which
+        must have sent everything it holds first (the headers). A duplicate of
+        the socket's descriptor is used: the connection may close meanwhile and
+        its descriptor number be reused, the duplicate still names this socket.
+        When the socket is full the loop waits until it can take more."""
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's is one without the class
+        while writer.get_write_buffer_size():
+            if writer.is_closing():
+                raise ConnectionResetError("the connection closed")
+            await asyncio.sleep(0.001)
+        loop = asyncio.get_running_loop()
+        out = os.dup(sock)
+        sending: asyncio.Future[int] | None = None
+        try:
+            pos = start
+            while pos <= end:
+                want = min(SENDFILE_SLICE, end + 1 - pos)
+                sending = self._run(_send_some, out, fd, pos, want)
+                sent = await sending
+                sending = None
+                pos += sent
+                if sent < want:
+                    await _writable(loop, out)
+        finally:
+            if sending is not None:  # cancelled: the thread must be done with both descriptors
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(sending)
+            os.close(out)
+
+
+def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
+    """Append all of ``src`` to ``out``: in the kernel when it can, else through a buffer."""
+    left = os.fstat(src.fileno()).st_size
+    out.flush()
+    try:
+        while left > 0:
+            copied = os.copy_file_range(src.fileno(), out.fileno(), left)
+            if copied == 0:
+                raise OSError(f"{src.name}: shorter than it was")
+            left -= copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        # On from where the kernel stopped: it moved both descriptors' positions,
+        # and neither file's Python buffer holds anything (``out`` was flushed).
+        shutil.copyfileobj(src, out, CHUNK)
+
+
+def _plain_socket(transport: asyncio.BaseTransport | None) -> int | None:
+    """The descriptor of a plain-TCP connection's socket; None under TLS or without one."""
+    if transport is None or transport.is_closing():
+        return None
+    if (
+        transport.get_extra_info("sslcontext") is not None
+        or transport.get_extra_info("ssl_object") is not None
+    ):
+        return None
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _send_some(sock: int, fd: int, offset: int, count: int) -> int:
+    """``os.sendfile`` until ``count`` bytes went or the socket is full; the bytes sent."""
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(sock, fd, offset + sent, count - sent)
+        except BlockingIOError:
+            break
+        if n == 0:
+            raise OSError(f"the blob ended before byte {offset + sent}")
+        sent += n
+    return sent
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: int) -> None:
+    """Until the socket ``sock`` (a descriptor of this process only) can take more bytes."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock)
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | str | None:
