@@ -336,7 +336,10 @@ class Gateway:
             # The deadline from accept covers the request and the upgrade too.
             wait = max(0.0, min(wait, self.admission.remaining(request.transport)))
         try:
-            msg = await asyncio.wait_for(ws.receive(), wait)
+            if wait <= 0:  # receive() would take 0 for "no timeout"
+                raise TimeoutError
+            # aiohttp's own timeout: no task wrapped around the receive, as wait_for makes.
+            msg = await ws.receive(timeout=wait)
         except TimeoutError:
             self.metrics.auth_failure["timeout"].inc()
             conn.push(error_frame(ProtocolError(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")))
