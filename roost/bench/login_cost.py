@@ -1,7 +1,7 @@
-"""Server CPU per authenticated login, against a running server.
+"""Server CPU per authenticated login.
 
 ``python -m roost.bench.login_cost URL STORE PID[,PID...] [-n N] [--concurrency C] [--workers W] [--hold S]``
-creates N fresh users in STORE (the server's data dir, or its PostgreSQL
+measures a running server: it creates N fresh users in STORE (the server's data dir, or its PostgreSQL
 DSN), then opens N WebSocket connections to URL with the light clients of
 ``roost.bench.conn_worker`` (upgrade, ``auth``, wait for ``welcome``; at most
 C handshakes in flight per worker process, W processes) and keeps them open
@@ -15,8 +15,15 @@ Fresh users have nothing in their inbox and no pending receipts: the figure
 is the cost of the login itself (the upgrade, the token check, the
 connect-time reads and the registration), as in a reconnect storm where
 most devices owe nothing. Pin the server (``taskset -c 0``) and run this on
-the other CPU(s); docs/performance.md, "Issue 16: the login path", has the
-commands.
+the other CPU(s).
+
+``taskset -c 1 python -m roost.bench.login_cost --own embedded|cluster [-n N] [--runs R]``
+starts its own server first, the gateway pinned to CPU 0: an embedded one
+(SQLite), or the bench's cluster (PostgreSQL + Redis + one gateway; the
+database and Redis stay on this process's CPUs, and their CPU per login is
+reported too). It makes 500 warm-up logins, then R measured runs of N, one
+JSON line each, and stops everything. docs/performance.md, "Issue 16: the
+login path", has the figures.
 """
 
 from __future__ import annotations
@@ -104,18 +111,62 @@ async def run(
     }
 
 
+def own_server(kind: str, n: int, runs: int, concurrency: int, workers: int) -> None:
+    """Start a pinned server (``embedded`` or ``cluster``; with the bench's
+    flags: no rate limit, no admission caps), warm it up, print ``runs`` results."""
+    import subprocess
+
+    from roost.bench.target import ClusterTarget, EmbeddedTarget
+    from roost.devcluster.embedded import SERVER_CPUS_ENV
+
+    target: EmbeddedTarget | ClusterTarget
+    if kind == "embedded":
+        os.environ[SERVER_CPUS_ENV] = GATEWAY_CPU
+        target = EmbeddedTarget()
+    else:
+        target = ClusterTarget(1)
+    target.start()
+    try:
+        pids = target.server_pids()
+        for pid in pids:  # all threads; the database and Redis keep this process's CPUs
+            subprocess.run(["taskset", "-acp", GATEWAY_CPU, str(pid)], check=True, capture_output=True)
+        store = str(target.server.data_dir) if isinstance(target, EmbeddedTarget) else target.cluster.dsn
+        backend = target.backend_pids()
+        asyncio.run(run(target.urls[0], store, pids, 500, concurrency, workers))
+        for _ in range(runs):
+            before = _cpu(backend)
+            result = asyncio.run(run(target.urls[0], store, pids, n, concurrency, workers))
+            if backend:
+                result["backend_cpu_us_per_login"] = round(1e6 * (_cpu(backend) - before) / max(1, n), 1)
+            print(json.dumps(result), flush=True)
+    finally:
+        target.stop()
+
+
+GATEWAY_CPU = "0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m roost.bench.login_cost", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("url")
-    parser.add_argument("store", help="the server's data dir or PostgreSQL DSN (users are created there)")
-    parser.add_argument("pids", help="server process ids, comma-separated (their CPU is measured)")
+    parser.add_argument("url", nargs="?")
+    parser.add_argument(
+        "store", nargs="?", help="the server's data dir or PostgreSQL DSN (users are created there)"
+    )
+    parser.add_argument("pids", nargs="?", help="server process ids, comma-separated (their CPU is measured)")
+    parser.add_argument("--own", choices=("embedded", "cluster"), help="start a pinned server of this kind")
+    parser.add_argument("--runs", type=int, default=3, help="with --own: measured runs")
     parser.add_argument("-n", type=int, default=5000, help="logins (fresh users)")
     parser.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per worker")
     parser.add_argument("--workers", type=int, default=1, help="load-generator processes")
     parser.add_argument("--hold", type=float, default=0.0, help="seconds to keep the connections after")
     args = parser.parse_args()
+    if args.own:
+        own_server(args.own, args.n, args.runs, args.concurrency, args.workers)
+        return
+    if not (args.url and args.store and args.pids):
+        parser.error("URL STORE PIDS, or --own embedded|cluster")
     pids = [int(p) for p in args.pids.split(",")]
     result = asyncio.run(run(args.url, args.store, pids, args.n, args.concurrency, args.workers, args.hold))
     print(json.dumps(result))
