@@ -494,8 +494,8 @@ def tune_gc() -> None:
     old generation grew by a quarter: 8 full collections, 1.5 s of CPU, for
     8,000 logins on one core, a third of the login cost. With this, none in
     such a burst. In a steady state the quarter rule still decides; what
-    waits longer is cyclic garbage of closed connections (about 11 objects
-    each), freed at the next full collection."""
+    waits longer is cyclic garbage of closed connections (some 10 to 30
+    objects each), freed at the next full collection."""
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, GC_FULL_EVERY)
