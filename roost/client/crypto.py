@@ -462,46 +462,65 @@ class E2ee:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _pump_once(self) -> None:
-        from roost.client.client import RoostError
-
         loop = asyncio.get_running_loop()
         waiting = [item for item in self.client._outbox.values() if not item.ready]
+        # Chats with an older item this pass left unsealed (-> why it waits):
+        # a newer item to the same chat must not go first, e.g. when a key
+        # fetch for a group opens, mid-pass, the session an older direct
+        # item was blocked on. It waits for the same reason.
+        held: dict[tuple[str | None, str | None], str | None] = {}
         for item in waiting:
             if item.id not in self.client._outbox:
                 continue
-            if item.to is not None:
-                if self._blocked.get(item.to, 0.0) > loop.time():
-                    self._set_pending(item, self._why_blocked.get(item.to, "waiting for a key fetch"))
-                    continue
-                try:
-                    await self.ensure_session(item.to, fresh=item.to in self._renew)
-                except RoostError as exc:
-                    self._fetch_failed(item, exc)
-                    continue
-                self._renew.discard(item.to)
-                self._poll_delay.pop(item.to, None)
-                self._seal_and_send(item, self._seal_direct)
-            elif item.conv is not None:
-                if self._blocked.get(item.conv, 0.0) > loop.time():
-                    continue
-                try:
-                    await self._prepare_group(item.conv)
-                except RoostError as exc:
-                    if exc.code == "connection_lost":
-                        raise
-                    if exc.code in ("rate_limited", "unavailable"):
-                        # Not the message's fault: the pump tries the group
-                        # again when this runs out (it wakes on _blocked).
-                        wait = RATE_LIMITED_WAIT if exc.code == "rate_limited" else UNAVAILABLE_WAIT
-                        self._blocked[item.conv] = loop.time() + wait
-                        self._set_pending(
-                            item, f"the server could not answer for the group ({exc.code}); retrying"
-                        )
-                        continue
-                    self.client._fail_item(item.id, exc.code, exc.message)
-                    continue
-                self._blocked.pop(item.conv, None)
-                self._seal_and_send(item, self._seal_group)
+            chat = (item.to, item.conv)
+            if chat in held:
+                reason = held[chat]
+                if reason is not None:
+                    self._set_pending(item, reason)
+                continue
+            try:
+                await self._pump_item(item, loop)
+            finally:
+                current = self.client._outbox.get(item.id)
+                if current is not None and not current.ready:
+                    held[chat] = current.pending
+
+    async def _pump_item(self, item: OutboxItem, loop: asyncio.AbstractEventLoop) -> None:
+        from roost.client.client import RoostError
+
+        if item.to is not None:
+            if self._blocked.get(item.to, 0.0) > loop.time():
+                self._set_pending(item, self._why_blocked.get(item.to, "waiting for a key fetch"))
+                return
+            try:
+                await self.ensure_session(item.to, fresh=item.to in self._renew)
+            except RoostError as exc:
+                self._fetch_failed(item, exc)
+                return
+            self._renew.discard(item.to)
+            self._poll_delay.pop(item.to, None)
+            self._seal_and_send(item, self._seal_direct)
+        elif item.conv is not None:
+            if self._blocked.get(item.conv, 0.0) > loop.time():
+                return
+            try:
+                await self._prepare_group(item.conv)
+            except RoostError as exc:
+                if exc.code == "connection_lost":
+                    raise
+                if exc.code in ("rate_limited", "unavailable"):
+                    # Not the message's fault: the pump tries the group
+                    # again when this runs out (it wakes on _blocked).
+                    wait = RATE_LIMITED_WAIT if exc.code == "rate_limited" else UNAVAILABLE_WAIT
+                    self._blocked[item.conv] = loop.time() + wait
+                    self._set_pending(
+                        item, f"the server could not answer for the group ({exc.code}); retrying"
+                    )
+                    return
+                self.client._fail_item(item.id, exc.code, exc.message)
+                return
+            self._blocked.pop(item.conv, None)
+            self._seal_and_send(item, self._seal_group)
 
     def _seal_and_send(self, item: OutboxItem, seal: Callable[[OutboxItem], OutboxItem]) -> None:
         current = self.client._outbox.get(item.id)

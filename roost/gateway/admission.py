@@ -80,6 +80,8 @@ def address_key(peer: object) -> str:
     if not isinstance(peer, tuple) or not peer:
         return ""  # a Unix socket or an unknown peer: all such count as one
     host = str(peer[0])
+    if ":" not in host:
+        return host  # IPv4: the socket's peer name is already the canonical dotted quad
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

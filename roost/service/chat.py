@@ -38,7 +38,15 @@ from roost.registry.base import Registry
 from roost.service.keys import KeyDirectory, KeyLimits
 from roost.service.media import MediaService
 from roost.service.session import Session, Sink, receipt_frame
-from roost.store.base import GroupSnapshot, MarkResult, Store, StoredMessage, StoreUnavailable
+from roost.store.base import (
+    GroupSnapshot,
+    InboxEntry,
+    MarkResult,
+    ReceiptState,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("roost.chat")
 
@@ -230,11 +238,12 @@ class ChatService:
         # before the inbox read, or their pushes could miss this session.
         await self.registry.flush()
         # Then read the inbox: whatever was committed before registering is there.
-        if not await self._resync(session):
+        # The same read brings the pending receipts and the key stock.
+        if not await self._resync(session, e2ee):
             log.warning("inbox unavailable at connect of %s; retrying", user)
             self._spawn(self._resync_until_done(session))
-        # After the inbox: a device with few or no one-time keys is told to upload.
-        self._spawn(self.keys.after_connect(session, e2ee))
+            # After the inbox: a device with few or no one-time keys is told to upload.
+            self._spawn(self.keys.after_connect(session, e2ee))
         return session
 
     def disconnect(self, session: Session) -> None:
@@ -601,10 +610,22 @@ class ChatService:
     def _on_sync(self, session: Session, frame: f.SyncRequest) -> None:
         self._spawn(self._resync(session))
 
-    async def _resync(self, session: Session) -> bool:
+    async def _resync(self, session: Session, e2ee: bool | None = None) -> bool:
         """Offer the session its inbox and its pending receipts again.
-        False when the store could not be read."""
-        # Both reads at once: one wait instead of two at every connect.
+        False when the store could not be read.
+
+        At connect (``e2ee`` given: whether the device keeps end-to-end keys)
+        one store read brings both and the key stock too, and a device whose
+        one-time keys run low is told so after the inbox is loaded."""
+        if e2ee is not None:
+            try:
+                state = await self.store.connect_state(session.user)
+            except StoreUnavailable:
+                return False
+            self._load(session, state.inbox, state.receipts)
+            self.keys.tell_if_low(session, e2ee, state.keys)
+            return True
+        # Both reads at once: one wait instead of two.
         entries, receipts = await asyncio.gather(
             self.store.inbox(session.user), self.store.pending_receipts(session.user), return_exceptions=True
         )
@@ -617,10 +638,14 @@ class ChatService:
             if isinstance(receipts, StoreUnavailable):
                 return False
             raise receipts
+        self._load(session, entries, receipts)
+        return True
+
+    @staticmethod
+    def _load(session: Session, entries: list[InboxEntry], receipts: list[ReceiptState]) -> None:
         session.load_inbox([(e.conv, e.delivered) for e in entries])
         for receipt in receipts:  # the device keeps the highest marks: a repeat is harmless
             session.push_frame(receipt_frame(receipt))
-        return True
 
     async def _resync_until_done(self, session: Session) -> None:
         # Nothing else would bring what waits in the inbox: the device only

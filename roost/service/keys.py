@@ -38,7 +38,7 @@ from roost.protocol.codec import encode
 from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.registry.base import Registry
 from roost.service.session import Session
-from roost.store.base import DeviceKeys, KeyUpload, Store, StoreUnavailable
+from roost.store.base import DeviceKeys, KeyStock, KeyUpload, Store, StoreUnavailable
 
 log = logging.getLogger("roost.keys")
 
@@ -173,6 +173,10 @@ class KeyDirectory:
         except StoreUnavailable as exc:
             log.info("key stock of %s unknown at connect: %s", session.user, exc)
             return
+        self.tell_if_low(session, e2ee, stock)
+
+    def tell_if_low(self, session: Session, e2ee: bool, stock: KeyStock) -> None:
+        """``after_connect`` with device 1's stock already read (``Store.connect_state``)."""
         if (e2ee and not stock.has_identity) or (stock.has_identity and is_low(stock.ec, stock.kem)):
             session.push_frame(encode(f.KeysLow(device=1, ec=stock.ec, kem=stock.kem)))
 

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from roost.store.base import (
+    ConnectState,
     GroupSnapshot,
     InboxEntry,
     MarkResult,
@@ -288,6 +289,11 @@ class SimStore(SqliteStore):
         if tag is not None:
             owed = ", ".join(f"{e.conv} after {e.delivered}" for e in result) or "nothing"
             self._emit("inbox-read", f"{owed} (answer in {delay * 1000:.1f} ms)", who=tag)
+        elif isinstance(result, dict):  # connect-time reads of one loop pass (connect_state)
+            for user, state in result.items():
+                if isinstance(state, ConnectState):
+                    owed = ", ".join(f"{e.conv} after {e.delivered}" for e in state.inbox) or "nothing"
+                    self._emit("inbox-read", f"{owed} (answer in {delay * 1000:.1f} ms)", who=user)
         await asyncio.sleep(delay)
         return result
 

@@ -151,6 +151,24 @@ class KeyStock:
     has_identity: bool
 
 
+NO_KEYS = KeyStock(0, 0, False)
+
+
+@dataclass(slots=True, frozen=True)
+class ConnectState:
+    """What a device is owed when it connects, read at once: its inbox, the
+    receipts waiting for it, and device 1's one-time key stock."""
+
+    inbox: list[InboxEntry]
+    receipts: list[ReceiptState]
+    keys: KeyStock
+
+
+def no_connect_state() -> ConnectState:
+    """The state of a user the store does not know: nothing owed, no keys."""
+    return ConnectState([], [], NO_KEYS)
+
+
 @dataclass(slots=True, frozen=True)
 class DeviceKeys:
     """One device's part of a bundle, with what it has left after this handout."""
@@ -245,6 +263,12 @@ class Store(Protocol):
         """A page of messages, the lowest and the highest seq ``user`` may see."""
 
     async def pending_receipts(self, user: str) -> list[ReceiptState]: ...
+    async def connect_state(self, user: str) -> ConnectState:
+        """``inbox``, ``pending_receipts`` and ``key_stock(user, 1)`` in one
+        store read (SQLite: one reader transaction; PostgreSQL: one pool
+        checkout). Devices connecting in the same loop pass share that read,
+        as their token lookups (``user_by_token``) share one."""
+
     async def active_members(self, user: str, conv: str) -> list[str]: ...
 
     # the key directory (``roost.core.prekeys`` checked the upload first)

@@ -36,19 +36,24 @@ class PassBatcher(Generic[K, V]):
         self._fetch = fetch
         self._missing = missing
         self._chunk = chunk
-        self._waiting: dict[K, asyncio.Future[V]] | None = None
+        self._waiting: dict[K, list[asyncio.Future[V]]] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
 
-    async def get(self, key: K) -> V:
+    def get(self, key: K) -> asyncio.Future[V]:
+        """A future of its own per caller (no coroutine, no shield: a login
+        makes two of these): a caller that gives up cancels only its own."""
         loop = asyncio.get_running_loop()
-        if self._waiting is None:
-            self._waiting = {}
+        waiting = self._waiting
+        if waiting is None:
+            waiting = self._waiting = {}
             loop.call_soon(self._run)
-        fut = self._waiting.get(key)
-        if fut is None:
-            fut = self._waiting[key] = loop.create_future()
-        # Shielded: one caller giving up must not cancel the answer of the others.
-        return await asyncio.shield(fut)
+        fut: asyncio.Future[V] = loop.create_future()
+        callers = waiting.get(key)
+        if callers is None:
+            waiting[key] = [fut]
+        else:
+            callers.append(fut)
+        return fut
 
     def _run(self) -> None:
         waiting, self._waiting = self._waiting or {}, None
@@ -58,17 +63,22 @@ class PassBatcher(Generic[K, V]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, chunk: dict[K, asyncio.Future[V]]) -> None:
+    async def _answer(self, chunk: dict[K, list[asyncio.Future[V]]]) -> None:
         try:
             found = await self._fetch(list(chunk))
         except BaseException as exc:
-            for fut in chunk.values():
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else StoreUnavailable("cancelled"))
-                    fut.exception()  # a caller that gave up meanwhile is not an error to log
+            for callers in chunk.values():
+                for fut in callers:
+                    if not fut.done():
+                        fut.set_exception(
+                            exc if isinstance(exc, Exception) else StoreUnavailable("cancelled")
+                        )
+                        fut.exception()  # a caller that gave up meanwhile is not an error to log
             if not isinstance(exc, Exception):
                 raise
             return
-        for key, fut in chunk.items():
-            if not fut.done():
-                fut.set_result(found[key] if key in found else self._missing())
+        for key, callers in chunk.items():
+            value = found[key] if key in found else self._missing()
+            for fut in callers:
+                if not fut.done():
+                    fut.set_result(value)

@@ -59,8 +59,10 @@ from roost.protocol.errors import ErrorCode, ProtocolError
 from roost.protocol.frames import MEMBERSHIP_CT, SYSTEM_SENDER
 from roost.store import blobmeta, postgres_keys
 from roost.store.base import (
+    NO_KEYS,
     REMOVED,
     Account,
+    ConnectState,
     DeviceKeys,
     DrainPage,
     GroupSnapshot,
@@ -72,6 +74,7 @@ from roost.store.base import (
     SendStream,
     StoredMessage,
     StoreUnavailable,
+    no_connect_state,
     removed_token,
 )
 from roost.store.pass_batch import PassBatcher
@@ -81,7 +84,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 7  # 6: the key directory (roost/store/postgres_keys.py); 7: blobs (roost/store/blobmeta.py)
 TOKEN_BATCH = 512  # token lookups per query at most
-USER_BATCH = 256  # connect-time inbox / pending-receipt reads per query at most
+USER_BATCH = 256  # connect-time inbox / pending-receipt / key-stock reads per query at most
 # pg_advisory_xact_lock key serializing concurrent migrations ("roost" in ASCII).
 MIGRATION_LOCK = 0x726F6F7374
 
@@ -792,6 +795,10 @@ class PostgresStore:
         self._receipts: PassBatcher[str, list[ReceiptState]] = PassBatcher(
             self._pending_receipts_of, list, USER_BATCH
         )
+        # At connect all three at once: one pool checkout per pass, not three.
+        self._connect_states: PassBatcher[str, ConnectState] = PassBatcher(
+            self._connect_states_of, no_connect_state, USER_BATCH
+        )
         # Key uploads and handouts are transactions that can wait on a
         # user's lock and on a commit; at most half the read pool at once, so
         # logins and inbox reads always find a connection (150 devices
@@ -1429,22 +1436,25 @@ class PostgresStore:
         return await self._inboxes.get(user)
 
     async def _inboxes_of(self, users: list[str]) -> dict[str, list[InboxEntry]]:
-        async def fn(c: asyncpg.Connection) -> dict[str, list[InboxEntry]]:
-            rows = await c.fetch(
-                "SELECT m.user_name, m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
-                " JOIN conversations c ON c.id = m.conv"
-                " WHERE m.user_name = ANY ($1::text[]) AND c.last_seq > m.delivered"
-                " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)"
-                " ORDER BY m.user_name, m.conv",
-                users,
-            )
-            out: dict[str, list[InboxEntry]] = {}
-            for user, conv, delivered, last, left in rows:
-                entry = InboxEntry(conv, delivered, last if left is None else min(left, last))
-                out.setdefault(user, []).append(entry)
-            return out
+        result: dict[str, list[InboxEntry]] = await self._read(lambda c: _inboxes(c, users))
+        return result
 
-        result: dict[str, list[InboxEntry]] = await self._read(fn)
+    async def connect_state(self, user: str) -> ConnectState:
+        return await self._connect_states.get(user)
+
+    async def _connect_states_of(self, users: list[str]) -> dict[str, ConnectState]:
+        async def fn(c: asyncpg.Connection) -> dict[str, ConnectState]:
+            inboxes = await _inboxes(c, users)
+            receipts = await _pending_receipts(c, users)
+            stocks = await postgres_keys.key_stocks(c, [(user, 1) for user in users])
+            return {
+                user: ConnectState(
+                    inboxes.get(user, []), receipts.get(user, []), stocks.get((user, 1), NO_KEYS)
+                )
+                for user in users
+            }
+
+        result: dict[str, ConnectState] = await self._read(fn)
         return result
 
     async def _member_row(self, c: asyncpg.Connection, user: str, conv: str) -> tuple[Member, int]:
@@ -1560,37 +1570,52 @@ class PostgresStore:
         return await self._receipts.get(user)
 
     async def _pending_receipts_of(self, users: list[str]) -> dict[str, list[ReceiptState]]:
-        async def fn(c: asyncpg.Connection) -> dict[str, list[ReceiptState]]:
-            rows = await c.fetch(
-                "SELECT r.user_name, r.conv, r.rv, m.user_name AS member, m.joined_seq, m.delivered, m.read,"
-                " m.left_seq"
-                " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
-                " WHERE r.user_name = ANY ($1::text[]) AND r.rv > r.acked ORDER BY r.user_name, r.conv",
-                users,
-            )
-            # Members who left and had got something are named too (the sender
-            # may have been away when they acked); the aggregate is over
-            # current members.
-            per_conv: dict[
-                tuple[str, str], tuple[int, dict[str, tuple[int, int]], list[tuple[int, int]]]
-            ] = {}
-            for user, conv, rv, other, joined, d, r, left in rows:
-                _, marks, current = per_conv.setdefault((user, conv), (rv, {}, []))
-                if other is None or other == user:
-                    continue
-                if left is None:
-                    current.append((d, r))
-                if left is None or d > joined:
-                    marks[other] = (d, r)
-            out: dict[str, list[ReceiptState]] = {}
-            for (user, conv), (rv, marks, current) in per_conv.items():
-                all_d = min((d for d, _ in current), default=0)
-                all_r = min((r for _, r in current), default=0)
-                out.setdefault(user, []).append(ReceiptState(user, conv, rv, marks, all_d, all_r))
-            return out
-
-        result: dict[str, list[ReceiptState]] = await self._read(fn)
+        result: dict[str, list[ReceiptState]] = await self._read(lambda c: _pending_receipts(c, users))
         return result
+
+
+async def _inboxes(c: asyncpg.Connection, users: list[str]) -> dict[str, list[InboxEntry]]:
+    rows = await c.fetch(
+        "SELECT m.user_name, m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
+        " JOIN conversations c ON c.id = m.conv"
+        " WHERE m.user_name = ANY ($1::text[]) AND c.last_seq > m.delivered"
+        " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)"
+        " ORDER BY m.user_name, m.conv",
+        users,
+    )
+    out: dict[str, list[InboxEntry]] = {}
+    for user, conv, delivered, last, left in rows:
+        entry = InboxEntry(conv, delivered, last if left is None else min(left, last))
+        out.setdefault(user, []).append(entry)
+    return out
+
+
+async def _pending_receipts(c: asyncpg.Connection, users: list[str]) -> dict[str, list[ReceiptState]]:
+    rows = await c.fetch(
+        "SELECT r.user_name, r.conv, r.rv, m.user_name AS member, m.joined_seq, m.delivered, m.read,"
+        " m.left_seq"
+        " FROM receipt_pending r LEFT JOIN members m ON m.conv = r.conv"
+        " WHERE r.user_name = ANY ($1::text[]) AND r.rv > r.acked ORDER BY r.user_name, r.conv",
+        users,
+    )
+    # Members who left and had got something are named too (the sender
+    # may have been away when they acked); the aggregate is over
+    # current members.
+    per_conv: dict[tuple[str, str], tuple[int, dict[str, tuple[int, int]], list[tuple[int, int]]]] = {}
+    for user, conv, rv, other, joined, d, r, left in rows:
+        _, marks, current = per_conv.setdefault((user, conv), (rv, {}, []))
+        if other is None or other == user:
+            continue
+        if left is None:
+            current.append((d, r))
+        if left is None or d > joined:
+            marks[other] = (d, r)
+    out: dict[str, list[ReceiptState]] = {}
+    for (user, conv), (rv, marks, current) in per_conv.items():
+        all_d = min((d for d, _ in current), default=0)
+        all_r = min((r for _, r in current), default=0)
+        out.setdefault(user, []).append(ReceiptState(user, conv, rv, marks, all_d, all_r))
+    return out
 
 
 async def _inbox_page(

@@ -46,6 +46,7 @@ from roost.store import blobmeta, sqlite_keys
 from roost.store.base import (
     REMOVED,
     Account,
+    ConnectState,
     DeviceKeys,
     DrainPage,
     GroupSnapshot,
@@ -57,8 +58,10 @@ from roost.store.base import (
     SendStream,
     StoredMessage,
     StoreUnavailable,
+    no_connect_state,
     removed_token,
 )
+from roost.store.pass_batch import PassBatcher
 
 log = logging.getLogger("roost.store")
 
@@ -140,9 +143,14 @@ LAZY_COMMIT_SECONDS = 0.05
 # the pages every batch touches (members, receipts, conversations), waking the
 # writer and then the event loop. Back-to-back commits of a few operations
 # each spent a fifth of the gateway's core at 5,000 msg/s (docs/performance.md,
-# "Commit pacing"); spacing commits under load by this much shares that cost
+# "Change 2: commit pacing"); spacing commits under load by this much shares that cost
 # among more messages for at most this much extra latency.
 COMMIT_INTERVAL_SECONDS = 0.003
+
+# Logins of one loop pass share one reader-thread hop (roost/store/pass_batch.py):
+# at most this many token lookups / connect-time reads per hop.
+TOKEN_BATCH = 512
+CONNECT_BATCH = 256
 _WAKE = object()  # queued by the lazy timer: run a batch even if only lazy ops wait
 
 
@@ -261,6 +269,14 @@ class SqliteStore:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-read")
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
+        # The reads every connecting device makes, batched per loop pass:
+        # one hop to a reader thread for all the logins of a pass.
+        self._tokens: PassBatcher[bytes, str | None] = PassBatcher(
+            self._users_by_token, lambda: None, TOKEN_BATCH
+        )
+        self._connect_states: PassBatcher[str, ConnectState] = PassBatcher(
+            self._connect_states_of, no_connect_state, CONNECT_BATCH
+        )
         self._convs: dict[str, _Conv] = {}
         # Receipts gathered while a batch runs: (conv, target) -> (changed
         # marks, the MarkResult that carries them). Built once per batch, so a
@@ -1084,11 +1100,18 @@ class SqliteStore:
         return self._submit(lambda c: blobmeta.sqlite_delete(c, blob))
 
     async def user_by_token(self, token_hash: bytes) -> str | None:
-        def fn(c: sqlite3.Connection) -> str | None:
-            row = c.execute(
-                "SELECT name FROM users WHERE token_hash=? AND state='active'", (token_hash,)
-            ).fetchone()
-            return None if row is None else row[0]
+        return await self._tokens.get(token_hash)
+
+    async def _users_by_token(self, token_hashes: list[bytes]) -> dict[bytes, str | None]:
+        def fn(c: sqlite3.Connection) -> dict[bytes, str | None]:
+            found: dict[bytes, str | None] = {}
+            for token_hash in token_hashes:
+                row = c.execute(
+                    "SELECT name FROM users WHERE token_hash=? AND state='active'", (token_hash,)
+                ).fetchone()
+                if row is not None:
+                    found[token_hash] = row[0]
+            return found
 
         return await self._read(fn)
 
@@ -1124,18 +1147,19 @@ class SqliteStore:
         return await self._read(fn)
 
     async def inbox(self, user: str) -> list[InboxEntry]:
-        def fn(c: sqlite3.Connection) -> list[InboxEntry]:
-            rows = c.execute(
-                "SELECT m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
-                " JOIN conversations c ON c.id = m.conv"
-                " WHERE m.user=? AND c.last_seq > m.delivered"
-                " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)",
-                (user,),
-            ).fetchall()
-            return [
-                InboxEntry(conv, delivered, last if left is None else min(left, last))
-                for conv, delivered, last, left in rows
-            ]
+        return await self._read(lambda c: _inbox(c, user))
+
+    async def connect_state(self, user: str) -> ConnectState:
+        return await self._connect_states.get(user)
+
+    async def _connect_states_of(self, users: list[str]) -> dict[str, ConnectState]:
+        def fn(c: sqlite3.Connection) -> dict[str, ConnectState]:
+            return {
+                user: ConnectState(
+                    _inbox(c, user), _pending_receipts(c, user), sqlite_keys.key_stock(c, user, 1)
+                )
+                for user in users
+            }
 
         return await self._read(fn)
 
@@ -1246,28 +1270,43 @@ class SqliteStore:
         return await self._read(fn)
 
     async def pending_receipts(self, user: str) -> list[ReceiptState]:
-        def fn(c: sqlite3.Connection) -> list[ReceiptState]:
-            out = []
-            for conv, rv in c.execute(
-                "SELECT conv, rv FROM receipt_pending WHERE user=? AND rv > acked", (user,)
-            ).fetchall():
-                rows = c.execute(
-                    "SELECT user, joined_seq, delivered, read, left_seq FROM members WHERE conv=?", (conv,)
-                ).fetchall()
-                # Members who left and had got something are named too: the
-                # sender may have been away when they acked, and must still
-                # learn it. The aggregate (everyone has ...) is over current members.
-                marks = {u: (d, r) for u, j, d, r, left in rows if u != user and (left is None or d > j)}
-                current = [(d, r) for u, _j, d, r, left in rows if u != user and left is None]
-                all_d = min((d for d, _ in current), default=0)
-                all_r = min((r for _, r in current), default=0)
-                out.append(ReceiptState(user, conv, rv, marks, all_d, all_r))
-            return out
-
-        return await self._read(fn)
+        return await self._read(lambda c: _pending_receipts(c, user))
 
 
 HISTORY_PAGE_BYTES = 1024 * 1024
+
+
+def _inbox(c: sqlite3.Connection, user: str) -> list[InboxEntry]:
+    rows = c.execute(
+        "SELECT m.conv, m.delivered, c.last_seq, m.left_seq FROM members m"
+        " JOIN conversations c ON c.id = m.conv"
+        " WHERE m.user=? AND c.last_seq > m.delivered"
+        " AND (m.left_seq IS NULL OR m.left_seq > m.delivered)",
+        (user,),
+    ).fetchall()
+    return [
+        InboxEntry(conv, delivered, last if left is None else min(left, last))
+        for conv, delivered, last, left in rows
+    ]
+
+
+def _pending_receipts(c: sqlite3.Connection, user: str) -> list[ReceiptState]:
+    out = []
+    for conv, rv in c.execute(
+        "SELECT conv, rv FROM receipt_pending WHERE user=? AND rv > acked", (user,)
+    ).fetchall():
+        rows = c.execute(
+            "SELECT user, joined_seq, delivered, read, left_seq FROM members WHERE conv=?", (conv,)
+        ).fetchall()
+        # Members who left and had got something are named too: the
+        # sender may have been away when they acked, and must still
+        # learn it. The aggregate (everyone has ...) is over current members.
+        marks = {u: (d, r) for u, j, d, r, left in rows if u != user and (left is None or d > j)}
+        current = [(d, r) for u, _j, d, r, left in rows if u != user and left is None]
+        all_d = min((d for d, _ in current), default=0)
+        all_r = min((r for _, r in current), default=0)
+        out.append(ReceiptState(user, conv, rv, marks, all_d, all_r))
+    return out
 
 
 def _inbox_page(

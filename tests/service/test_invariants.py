@@ -138,17 +138,17 @@ async def test_persist_before_lookup(service: ChatService) -> None:
 async def test_register_before_drain(service: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
     """A message committed while Bob's inbox is being read must reach him."""
     alice = await service.connect("alice", MemorySink())
-    real_inbox = service.store.inbox
+    real_read = service.store.connect_state  # the connect-time read: inbox, receipts, key stock
 
     async def inbox_then_commit(user: str):
-        entries = await real_inbox(user)  # empty: nothing for bob yet
+        state = await real_read(user)  # empty: nothing for bob yet
         if user == "bob":
             send(service, alice, "m-during-drain")
             await settle(lambda: service.store.committed_ops >= 1)  # type: ignore[attr-defined]
             await asyncio.sleep(0.05)
-        return entries
+        return state
 
-    monkeypatch.setattr(service.store, "inbox", inbox_then_commit)
+    monkeypatch.setattr(service.store, "connect_state", inbox_then_commit)
     bob_sink = MemorySink()
     await service.connect("bob", bob_sink)
     await settle(lambda: bob_sink.of(f.Deliver))
@@ -259,6 +259,10 @@ async def test_an_inbox_unreadable_at_connect_is_read_once_the_store_is_back(
             raise StoreUnavailable("down for the test")
         return await real_inbox(user)
 
+    async def unreadable_at_connect(user: str):
+        raise StoreUnavailable("down for the test")
+
+    monkeypatch.setattr(service.store, "connect_state", unreadable_at_connect)
     monkeypatch.setattr(service.store, "inbox", flaky_inbox)
     bob_sink = MemorySink()
     await service.connect("bob", bob_sink)

@@ -103,9 +103,12 @@ def inbox_entry_removed_at_push(monkeypatch: pytest.MonkeyPatch) -> None:
 
 _RESYNC_AT_CONNECT = (
     "        # Then read the inbox: whatever was committed before registering is there.\n"
-    "        if not await self._resync(session):\n"
+    "        # The same read brings the pending receipts and the key stock.\n"
+    "        if not await self._resync(session, e2ee):\n"
     '            log.warning("inbox unavailable at connect of %s; retrying", user)\n'
     "            self._spawn(self._resync_until_done(session))\n"
+    "            # After the inbox: a device with few or no one-time keys is told to upload.\n"
+    "            self._spawn(self.keys.after_connect(session, e2ee))\n"
 )
 
 

@@ -399,6 +399,64 @@ async def test_pending_receipts_leave_out_removed_members(store: AnyStore) -> No
     assert (p.all_delivered, p.all_read) == (2, 0)
 
 
+def count_reads(store: AnyStore) -> list[int]:
+    """From now on, ``[n]``: the store's reads so far (SQLite: hops to a
+    reader thread; PostgreSQL: pool checkouts)."""
+    reads = [0]
+    real_read = store._read
+
+    async def counting_read(fn: Any) -> Any:
+        reads[0] += 1
+        return await real_read(fn)
+
+    store._read = counting_read  # type: ignore[method-assign]
+    return reads
+
+
+async def test_token_lookups_of_one_loop_pass_share_one_read(store: AnyStore) -> None:
+    await store.set_user_state("carol", "disabled")
+    hashes = [token_hash("bob"), b"nope", token_hash("carol"), token_hash("alice"), token_hash("bob")]
+    reads = count_reads(store)
+    names = await asyncio.gather(*(store.user_by_token(h) for h in hashes))
+    assert names == ["bob", None, None, "alice", "bob"]
+    assert reads == [1]
+
+
+async def test_connect_state_is_inbox_receipts_and_key_stock_in_one_read(store: AnyStore) -> None:
+    """What a device is owed at connect, for devices connecting in one loop
+    pass: each gets what ``inbox``, ``pending_receipts`` and ``key_stock``
+    give one at a time, from one read for all of them."""
+    from tests.keys_material import Identity
+
+    from .test_keys import keys_of
+
+    await send(store, "alice", "a1", to="bob")
+    await send(store, "carol", "c1", to="bob")
+    await send(store, "bob", "b1", to="dave")
+    await store.advance_marks("dave", "d:bob:dave", 1, None)  # bob now has a receipt pending
+    await make_group(store, ["bob", "carol", "dave"])
+    await send(store, "alice", "ga", conv=G)
+    await send(store, "carol", "gc", conv=G)
+    await store.advance_marks("bob", G, 3, 2)
+    await store.advance_marks("dave", G, 2, None)
+    await store.put_keys(keys_of("alice", Identity.generate(), ec=[1, 2], kem=[5]))
+    users = ["bob", "dave", "erin", "alice", "bob", "carol", "ghost"]
+    one_by_one = [
+        (await store.inbox(u), await store.pending_receipts(u), await store.key_stock(u, 1)) for u in users
+    ]
+    reads = count_reads(store)
+    states = await asyncio.gather(*(store.connect_state(u) for u in users))
+    assert [(s.inbox, s.receipts, s.keys) for s in states] == one_by_one
+    assert reads == [1]
+    bob, dave, erin, alice, _, carol, ghost = states
+    assert sorted(e.conv for e in bob.inbox) == [AB, "d:bob:carol", "d:bob:dave"]  # G read up to 3
+    assert [(r.conv, r.all_delivered) for r in bob.receipts] == [("d:bob:dave", 1)]
+    assert dave.inbox and erin.inbox == [] and erin.receipts == []
+    assert {r.conv for r in alice.receipts} == {G} and {r.conv for r in carol.receipts} == {G}
+    assert (alice.keys.ec, alice.keys.kem, alice.keys.has_identity) == (2, 1, True)
+    assert not bob.keys.has_identity and ghost.inbox == ghost.receipts == [] and not ghost.keys.has_identity
+
+
 async def test_removing_the_member_a_message_waited_for_completes_its_receipt(store: AnyStore) -> None:
     """bob's message waits only for carol (offline); alice has read it. Once
     carol is removed, the aggregate over the members that remain says ✓✓
