@@ -30,3 +30,26 @@ def test_a_growing_heap_runs_no_full_collection_once_tuned() -> None:
         gc.callbacks.remove(count_full)
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_young_collections_wait_for_many_new_objects_once_tuned() -> None:
+    """10,000 new objects kept run no young collection after tune_gc; with
+    CPython's threshold of 700 they run more than ten."""
+    before = gc.get_threshold()
+    young: list[int] = []
+
+    def count_young(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and info["generation"] == 0:
+            young.append(1)
+
+    gc.collect()
+    gc.callbacks.append(count_young)
+    try:
+        tune_gc()
+        held = [[i] for i in range(10_000)]
+        assert len(held) == 10_000
+        assert young == []
+    finally:
+        gc.callbacks.remove(count_young)
+        gc.unfreeze()
+        gc.set_threshold(*before)
