@@ -82,19 +82,6 @@ async def assert_contiguous(dsn: str) -> dict[str, list[int]]:
 # -- many gateways -------------------------------------------------------------------------
 
 
-def count_reads(store: PostgresStore) -> list[int]:
-    """From now on, ``[n]``: the store's reads so far (each one pool checkout)."""
-    reads = [0]
-    real_read = store._read
-
-    async def counting_read(fn: Any) -> Any:
-        reads[0] += 1
-        return await real_read(fn)
-
-    store._read = counting_read  # type: ignore[method-assign]
-    return reads
-
-
 async def test_token_lookups_of_one_loop_pass_share_queries_and_each_gets_its_answer(
     gateways: tuple[PostgresStore, PostgresStore],
 ) -> None:
@@ -103,7 +90,7 @@ async def test_token_lookups_of_one_loop_pass_share_queries_and_each_gets_its_an
     store, _ = gateways
     names = [f"storm{i}" for i in range(1200)]
     await asyncio.gather(*(store.add_user(n, token_hash(n), NOW) for n in names))
-    reads = count_reads(store)
+    reads = contract.count_reads(store)
     asked = [*names, "nobody", names[0]]
     got = await asyncio.gather(*(store.user_by_token(token_hash(n)) for n in asked))
     assert got == [*names, None, names[0]]
@@ -130,7 +117,7 @@ async def test_connect_time_reads_of_one_loop_pass_share_queries_and_each_gets_i
     await store.advance_marks("alice", G, 3, None)
     users = ["bob", "dave", "erin", "alice", "bob", "carol"]
     one_by_one = [(await store.inbox(u), await store.pending_receipts(u)) for u in users]
-    reads = count_reads(store)
+    reads = contract.count_reads(store)
     inboxes = await asyncio.gather(*(store.inbox(u) for u in users))
     receipts = await asyncio.gather(*(store.pending_receipts(u) for u in users))
     assert list(zip(inboxes, receipts, strict=True)) == one_by_one
