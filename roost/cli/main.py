@@ -103,10 +103,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--commit-interval-ms",
         type=_milliseconds,
-        default=None,
+        default=3.0,  # roost.store.sqlite.COMMIT_INTERVAL_SECONDS (a test keeps them equal)
         help="embedded store under load: least time between two commits' starts, so that each "
-        "carries more messages (less CPU per message, at most this much added latency; "
-        "default 3, 0: off)",
+        "carries more messages (less CPU per message, at most this much added latency; 0: off)",
     )
     p.add_argument("--rate-limit", type=float, default=500.0, help="frames/s per connection (0: off)")
     p.add_argument("--max-group-members", type=int, default=1024)
@@ -242,7 +241,6 @@ def _serve(args: argparse.Namespace) -> int:
     from roost.logs import setup_logging
     from roost.service.chat import ServiceConfig
     from roost.store.datadir import DataDirError, ServerLock
-    from roost.store.sqlite import COMMIT_INTERVAL_SECONDS
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together: give both or neither")
@@ -267,9 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         admin_host=args.admin_host,
         admin_port=args.admin_port,
-        commit_interval=(
-            COMMIT_INTERVAL_SECONDS if args.commit_interval_ms is None else args.commit_interval_ms / 1000
-        ),
+        commit_interval=args.commit_interval_ms / 1000,
         heartbeat=args.heartbeat,
         auth_timeout=args.auth_timeout,
         drain_seconds=args.drain_seconds,

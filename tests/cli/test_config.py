@@ -101,7 +101,7 @@ def test_the_commit_interval_reaches_the_embedded_store(tmp_path: Path) -> None:
 
     args = settled(["serve"], {"ROOST_COMMIT_INTERVAL_MS": "7.5"})
     assert args.commit_interval_ms == 7.5
-    assert settled(["serve"], {}).commit_interval_ms is None  # the store's default
+    assert settled(["serve"], {}).commit_interval_ms == COMMIT_INTERVAL_SECONDS * 1000
     store = make_store(GatewayConfig(data_dir=tmp_path, commit_interval=0.0075))
     assert store.commit_interval == 0.0075
     assert make_store(GatewayConfig(data_dir=tmp_path)).commit_interval == COMMIT_INTERVAL_SECONDS
