@@ -107,6 +107,26 @@ def test_the_commit_interval_reaches_the_embedded_store(tmp_path: Path) -> None:
     assert make_store(GatewayConfig(data_dir=tmp_path)).commit_interval == COMMIT_INTERVAL_SECONDS
 
 
+def test_serve_hands_the_commit_interval_to_the_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last step, from the parsed flag to the GatewayConfig that ``serve``
+    gets (milliseconds on the command line, seconds in the config)."""
+    from roost.gateway import server
+
+    handed: list[server.GatewayConfig] = []
+
+    def fake_serve(config: server.GatewayConfig) -> signal.Signals:
+        handed.append(config)
+        return signal.SIGTERM
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    data = tmp_path / "data"
+    for interval in ("7.5", "0"):
+        assert main(["serve", "--data-dir", str(data), "--commit-interval-ms", interval]) == 0
+    assert [c.commit_interval for c in handed] == [0.0075, 0.0]
+
+
 def test_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.toml")
     with pytest.raises(UsageError, match=f"config file {missing}: No such file"):
