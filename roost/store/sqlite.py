@@ -182,6 +182,9 @@ class _Conv:
     # to find who sent in a range of seqs without a query (``senders_between``).
     tracked_from: int = 0
     last_sent: dict[str, int] = field(default_factory=dict)
+    # Direct chats keep no receipt_marks rows (see _unacked_marks): the users
+    # whose rows of this chat, left by an older Roost, are known to be gone.
+    marks_cleared: set[str] = field(default_factory=set)
 
     def active(self) -> list[str]:
         return [m.user for m in self.members.values() if m.left is None]
@@ -809,6 +812,12 @@ class SqliteStore:
         """The marks changed in this batch are remembered at ``rv``; the
         receipt carries them and every other mark not yet acked (a receipt
         before this one may have been lost, and this one's ack clears them)."""
+        if state.kind == "direct":
+            # The only mark a direct receipt can carry is the peer's, and it
+            # changed in this batch: nothing to remember, nothing older to
+            # add (a reconnect's pending receipts are built from the members
+            # table anyway). Three statements per 1:1 message fewer.
+            return dict(changed)
         c.executemany(
             "INSERT INTO receipt_marks (user, conv, member, rv) VALUES (?,?,?,?)"
             " ON CONFLICT (user, conv, member) DO UPDATE SET rv = excluded.rv",
@@ -847,7 +856,13 @@ class SqliteStore:
             c.execute(
                 "UPDATE receipt_pending SET acked = MAX(acked, ?) WHERE user=? AND conv=?", (rv, user, conv)
             )
-            c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=? AND rv<=?", (user, conv, rv))
+            if state.kind != "direct":
+                c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=? AND rv<=?", (user, conv, rv))
+            elif user not in state.marks_cleared:
+                # Rows an older Roost kept for direct chats are read by nothing
+                # now: all of them go at the first ack after the chat is cached.
+                c.execute("DELETE FROM receipt_marks WHERE user=? AND conv=?", (user, conv))
+                state.marks_cleared.add(user)
 
         return self._submit(op, key=("rack", user, conv), args=args, lazy=True)
 

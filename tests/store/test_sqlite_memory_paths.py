@@ -7,6 +7,7 @@ and reloads a conversation must give the answers the database would."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 from roost.store.sqlite import SqliteStore
@@ -173,5 +174,62 @@ async def test_a_dack_in_a_chat_where_both_talk_needs_no_query(tmp_path) -> None
         result = await store.advance_marks("bob", first.conv, 1, None)
         assert [r.user for r in result.receipts] == ["alice"]
         assert not [s for s in statements if "DISTINCT sender" in s], statements
+    finally:
+        await store.close()
+
+
+async def test_a_receipt_in_a_direct_chat_keeps_no_marks_rows(tmp_path) -> None:
+    """A direct receipt carries the peer's marks, which changed in the very
+    batch: no receipt_marks upsert, select or delete per message. What the
+    receipts say, live and after a reconnect, is what it was with the rows."""
+    harness, store = await opened_with_users(tmp_path)
+    try:
+        sent = [await store.append("alice", f"a{i}", "text/plain", b"x", NOW, to="bob") for i in (1, 2)]
+        conv = sent[0].conv
+        statements: list[str] = []
+        assert store._wconn is not None
+        store._wconn.set_trace_callback(statements.append)
+        first = await store.advance_marks("bob", conv, 1, None)
+        await store.ack_receipts("alice", conv, first.receipts[0].rv)
+        # A lost receipt: alice does not ack this one, the next still carries bob.
+        await store.advance_marks("bob", conv, 2, 1)
+        last = await store.advance_marks("bob", conv, None, 2)
+        await store.ack_receipts("alice", conv, last.receipts[0].rv)
+        store._wconn.set_trace_callback(None)
+        assert [(r.user, r.marks, r.all_delivered, r.all_read) for r in first.receipts] == [
+            ("alice", {"bob": (1, 0)}, 1, 0)
+        ]
+        assert [(r.user, r.marks, r.all_delivered, r.all_read) for r in last.receipts] == [
+            ("alice", {"bob": (2, 2)}, 2, 2)
+        ]
+        touching = [s for s in statements if "receipt_marks" in s]
+        # One delete at the first ack of the cached chat (rows an older Roost left), then none.
+        assert len(touching) == 1 and touching[0].startswith("DELETE"), touching
+        await store.advance_marks("bob", conv, None, None)  # changes nothing
+        pending = await store.append("alice", "a3", "text/plain", b"x", NOW, to="bob")
+        await store.advance_marks("bob", conv, pending.seq, None)  # receipt not acked: pending
+        [owed] = await store.pending_receipts("alice")
+        assert (owed.marks, owed.all_delivered, owed.all_read) == ({"bob": (3, 2)}, 3, 2)
+        assert await harness.scalar("SELECT COUNT(*) FROM receipt_marks") == 0
+    finally:
+        await store.close()
+
+
+async def test_rows_an_older_roost_kept_for_a_direct_chat_go_at_the_first_ack(tmp_path) -> None:
+    harness, store = await opened_with_users(tmp_path)
+    sent = await store.append("alice", "a1", "text/plain", b"x", NOW, to="bob")
+    await store.close()
+    # What an older Roost left: an unacked mark row of the chat, past any ack to come.
+    with sqlite3.connect(harness.path) as conn:
+        conn.execute(
+            "INSERT INTO receipt_marks (user, conv, member, rv) VALUES (?,?,?,?)",
+            ("alice", sent.conv, "bob", 99),
+        )
+    store = await opened(harness)
+    try:
+        result = await store.advance_marks("bob", sent.conv, 1, None)
+        assert result.receipts[0].marks == {"bob": (1, 0)}
+        await store.ack_receipts("alice", sent.conv, result.receipts[0].rv)
+        assert await harness.scalar("SELECT COUNT(*) FROM receipt_marks") == 0
     finally:
         await store.close()
