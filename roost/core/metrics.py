@@ -8,15 +8,20 @@ listener (``roost serve --admin-port``). Names follow Prometheus practice:
 Label values come from small fixed sets (frame types, close codes, reasons,
 error kinds), never a user or conversation id. Hot paths use label children
 resolved here once: ``labels()`` costs ~1.9 µs a call, ``inc()`` on a child
-~0.34 µs.
+~0.34 µs. The counters a message moves several times (frames in and out,
+deliveries, commits) are ``LoopCounter``s: a plain integer add on the event
+loop, moved into the Prometheus child when the registry is collected.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from typing import get_args
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from roost.protocol.errors import CloseCode
 from roost.protocol.frames import ServerFrame
@@ -46,12 +51,54 @@ KNOWN_CLOSE_CODES = frozenset(
 )
 
 
+class LoopCounter:
+    """A counter for the event loop's hot path: ``inc`` adds to a plain int
+    (no lock, no calls into prometheus_client: ~10 updates per 1:1 message);
+    every collection of the registry (a scrape, ``get_sample_value``) first
+    moves what was added into the Prometheus counter, so the totals shown are
+    the same. Only the event loop's thread may call ``inc``: ``+=`` on an
+    attribute is not atomic between threads."""
+
+    __slots__ = ("_flushed", "count", "counter")
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.count = 0
+        self._flushed = 0  # written by flush() only
+
+    def inc(self, amount: int = 1) -> None:
+        self.count += amount
+
+    def flush(self) -> None:
+        count = self.count
+        if count != self._flushed:
+            self.counter.inc(count - self._flushed)
+            self._flushed = count
+
+
+class _FlushLoopCounters:
+    """The registry's first collector: a collection starts by flushing every
+    LoopCounter, then the counters themselves are collected as usual."""
+
+    def __init__(self) -> None:
+        self.counters: list[LoopCounter] = []
+        self._lock = threading.Lock()  # two scrapes at once must not add twice
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            for counter in self.counters:
+                counter.flush()
+        return ()
+
+
 class Metrics:
     """Every metric Roost exports, registered in a registry of its own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._loop_counters = _FlushLoopCounters()
+        r.register(self._loop_counters)  # first: collections flush before they read
         self.connections_open = Gauge(
             "roost_connections_open", "WebSocket connections currently open", registry=r
         )
@@ -66,10 +113,12 @@ class Metrics:
         self.frames_in = Counter(
             "roost_frames_in_total", "Client frames handled after auth, by type", ["type"], registry=r
         )
-        self.messages_committed = Counter(
-            "roost_messages_committed_total",
-            "Messages committed by the store (duplicates not counted)",
-            registry=r,
+        self.messages_committed = self.loop_counter(
+            Counter(
+                "roost_messages_committed_total",
+                "Messages committed by the store (duplicates not counted)",
+                registry=r,
+            )
         )
         self.send_ack_seconds = Histogram(
             "roost_send_ack_seconds",
@@ -95,8 +144,8 @@ class Metrics:
             ["path"],
             registry=r,
         )
-        self.delivered_push = deliveries.labels("push")
-        self.delivered_inbox = deliveries.labels("inbox")
+        self.delivered_push = self.loop_counter(deliveries.labels("push"))
+        self.delivered_inbox = self.loop_counter(deliveries.labels("inbox"))
         self._closes = Counter(
             "roost_connections_closed_total",
             "Closed WebSocket connections by close code",
@@ -124,20 +173,20 @@ class Metrics:
         frames_out = Counter(
             "roost_frames_out_total", "Server frames queued to a connection, by type", ["type"], registry=r
         )
-        self.receipts = Counter(
-            "roost_receipts_total", "Receipt frames pushed to the senders of messages", registry=r
+        self.receipts = self.loop_counter(
+            Counter("roost_receipts_total", "Receipt frames pushed to the senders of messages", registry=r)
         )
-        self.presence_events = Counter(
-            "roost_presence_events_total", "Presence frames pushed to subscribers", registry=r
+        self.presence_events = self.loop_counter(
+            Counter("roost_presence_events_total", "Presence frames pushed to subscribers", registry=r)
         )
         # Keyed by the tag's bytes, so a push finds its counters without decoding.
         # Receipt and presence frames also move their own counters.
-        self.frame_out: dict[bytes, tuple[Counter, ...]] = {}
+        self.frame_out: dict[bytes, tuple[LoopCounter, ...]] = {}
         for cls in get_args(ServerFrame):
             tag = frame_type(cls)
             extra = {"receipt": (self.receipts,), "presence": (self.presence_events,)}.get(tag, ())
-            self.frame_out[tag.encode()] = (frames_out.labels(tag), *extra)
-        self.frame_out_other = (frames_out.labels("other"),)
+            self.frame_out[tag.encode()] = (self.loop_counter(frames_out.labels(tag)), *extra)
+        self.frame_out_other = (self.loop_counter(frames_out.labels("other")),)
         self.slow_consumers = Counter(
             "roost_slow_consumers_total",
             "Connections closed (4004) because their send queue was full",
@@ -164,6 +213,12 @@ class Metrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
+
+    def loop_counter(self, counter: Counter) -> LoopCounter:
+        """``counter`` (a child, or a counter without labels) for the event loop's hot path."""
+        loop_counter = LoopCounter(counter)
+        self._loop_counters.counters.append(loop_counter)
+        return loop_counter
 
     def frame_pushed(self, frame: bytes) -> None:
         """Count one server frame queued to a connection, by its type tag."""

@@ -141,8 +141,11 @@ class ChatService:
         if media is not None:
             self._handlers.update(media.handlers())
         # Label children resolved once: labels() per frame would cost ~1.9 µs.
-        self._frame_counters = {cls: self.metrics.frames_in.labels(frame_type(cls)) for cls in self._handlers}
-        self._invalid_frames = self.metrics.frames_in.labels("invalid")
+        frames_in = self.metrics.frames_in
+        self._frame_counters = {
+            cls: self.metrics.loop_counter(frames_in.labels(frame_type(cls))) for cls in self._handlers
+        }
+        self._invalid_frames = self.metrics.loop_counter(frames_in.labels("invalid"))
         self.metrics.inbox_drains_pending.set_function(self._drains_pending)
 
     def _drains_pending(self) -> int:
