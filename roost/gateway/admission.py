@@ -24,8 +24,10 @@ close 4002, and the socket is aborted if it has not closed ``CLOSE_GRACE``
 seconds later. Authenticated sessions never count, and are never refused or
 closed for room; from authentication on, their socket bypasses this layer.
 
-The check sits in front of aiohttp as the asyncio protocol of the listening
-socket (``Admission.protocol`` wraps aiohttp's request handler).
+The check sits in front of the HTTP servers as the asyncio protocol of the
+listening socket (``Admission.protocol``). Once a connection is admitted, its
+request line picks the protocol that serves it (``make_handler``): picows
+for a WebSocket upgrade, aiohttp for the rest (roost/gateway/server.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 log = logging.getLogger("roost.gateway")
 
@@ -96,9 +98,13 @@ def address_key(peer: object) -> str:
 class Admission:
     """The pending connections of one gateway, their deadlines and the caps."""
 
-    def __init__(self, limits: AdmissionLimits, make_handler: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self, limits: AdmissionLimits, make_handler: Callable[[bytes], asyncio.BaseProtocol | None]
+    ) -> None:
         self.limits = limits
-        self.make_handler = make_handler  # aiohttp's protocol factory (web.Server)
+        # The protocol that serves a connection, from the first bytes of its
+        # request; None while those do not tell yet.
+        self.make_handler = make_handler
         self.pending: dict[asyncio.BaseTransport, Guarded] = {}
         self.per_address: Counter[str] = Counter()
         self.refusing: set[Guarded] = set()
@@ -128,7 +134,7 @@ class Admission:
 
     def authenticated(self, transport: asyncio.BaseTransport | None) -> None:
         """The session is authenticated: no deadline, no longer counted, and
-        its socket talks to aiohttp directly from now on (no call in between)."""
+        its socket talks to its protocol directly from now on (no call in between)."""
         guarded = self.pending.get(transport) if transport is not None else None
         if guarded is None:
             return
@@ -212,13 +218,24 @@ class Admission:
 
 
 class Guarded(asyncio.Protocol):
-    """One accepted connection: aiohttp's handler behind the admission check."""
+    """One accepted connection: its protocol behind the admission check."""
 
-    __slots__ = ("accepted", "address", "admission", "deadline", "handler", "timer", "transport", "upgraded")
+    __slots__ = (
+        "accepted",
+        "address",
+        "admission",
+        "deadline",
+        "handler",
+        "head",
+        "timer",
+        "transport",
+        "upgraded",
+    )
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
-        self.handler: asyncio.Protocol | None = None
+        self.handler: Any = None  # an asyncio.Protocol or asyncio.BufferedProtocol
+        self.head: bytes | None = None  # the request so far, until its protocol is picked
         self.transport: asyncio.Transport | None = None
         self.address = ""
         self.accepted = 0.0
@@ -233,8 +250,7 @@ class Guarded(asyncio.Protocol):
         admission = self.admission
         refusal = admission._admit(self, transport)
         if refusal is None:
-            self.handler = admission.make_handler()
-            self.handler.connection_made(transport)
+            self.head = b""  # admitted: the request line picks the protocol
             return
         # Answered before the request is read; then the peer's request is
         # read and dropped until it closes (closing with it unread would send
@@ -250,12 +266,24 @@ class Guarded(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(REFUSE_LINGER, self.abort)
 
     def data_received(self, data: bytes) -> None:
-        if self.handler is not None:
-            self.handler.data_received(data)
+        handler = self.handler
+        if handler is None:
+            if self.head is None:
+                return  # refused: read and dropped
+            data = self.head + data
+            handler = self.admission.make_handler(data)
+            if handler is None:
+                self.head = data
+                return
+            self.head = None
+            self.handler = handler
+            handler.connection_made(cast(asyncio.Transport, self.transport))
+        feed(handler, data)
 
     def eof_received(self) -> bool | None:
         if self.handler is not None:
-            return self.handler.eof_received()
+            keep_open: bool | None = self.handler.eof_received()
+            return keep_open
         return None  # a refused peer is done: close
 
     def pause_writing(self) -> None:
@@ -279,3 +307,17 @@ class Guarded(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def feed(protocol: Any, data: bytes) -> None:
+    """Hand ``data`` to a protocol, whether it reads into its own buffer or not."""
+    if not isinstance(protocol, asyncio.BufferedProtocol):
+        protocol.data_received(data)
+        return
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]

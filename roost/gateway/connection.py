@@ -12,6 +12,10 @@ waits for the socket to drain. Past ``max_queued_bytes`` (queue plus transport
 buffer) the socket is closed as a slow consumer, which bounds server memory
 per connection. Nothing is lost by that: messages that were not acked are
 still in the user's inbox and are delivered on reconnect.
+
+Frames are framed here (server frames are never masked) and written to the
+socket's transport directly; the WebSocket layer (picows, see
+roost/gateway/websocket.py) is used for the close frame only.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-
-from aiohttp import WSMsgType, web
+from typing import Any
 
 from roost.core.metrics import Metrics
 from roost.protocol.errors import CloseCode
@@ -29,6 +32,11 @@ from roost.protocol.errors import CloseCode
 log = logging.getLogger("roost.gateway")
 
 CLOSE_TIMEOUT = 2.0  # seconds a peer gets to take our close frame before we abort
+# A writer waiting for the socket to drain looks again at least this often, in
+# case the transport's resume_writing never comes (it was not paused for it).
+DRAIN_POLL = 0.5
+# RFC 6455 5.5: a control frame's payload is at most 125 bytes, 2 of them the code.
+MAX_CLOSE_REASON = 123
 # Above this many bytes waiting in the transport, frames queue here instead and
 # a writer task feeds them as the socket drains (asyncio's own high-water mark).
 HIGH_WATER = 64 * 1024
@@ -48,12 +56,19 @@ def text_frame_header(size: int) -> bytes:
 
 
 class Connection:
+    """The outgoing side of one WebSocket.
+
+    ``ws`` is picows' ``WSTransport`` of the socket (typed loosely: picows
+    ships its types as a stub of a compiled module).
+    """
+
     __slots__ = (
         "_batch",
         "_close_code",
         "_close_reason",
         "_closed",
         "_closer",
+        "_drained",
         "_flush_scheduled",
         "_loop",
         "_metrics",
@@ -65,16 +80,10 @@ class Connection:
         "ws",
     )
 
-    def __init__(
-        self,
-        ws: web.WebSocketResponse,
-        max_queued_bytes: int,
-        transport: asyncio.Transport | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, ws: Any, max_queued_bytes: int, metrics: Metrics | None = None) -> None:
         self.ws = ws
         self._metrics = metrics
-        self._transport = transport
+        self._transport: asyncio.Transport = ws.underlying_transport
         self.max_queued_bytes = max_queued_bytes
         self._loop = asyncio.get_running_loop()
         self._batch: list[bytes] = []  # frames pushed during this loop pass
@@ -83,6 +92,7 @@ class Connection:
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._drained: asyncio.Future[None] | None = None  # the writer waits on it
         self._closed = False
         self._close_code: int | None = None
         self._close_reason = ""
@@ -120,7 +130,7 @@ class Connection:
             self._enqueue_all(frames)
             return
         transport = self._transport
-        if transport is None or transport.is_closing() or self.ws.closed:
+        if transport.is_closing() or self.ws.is_close_frame_sent:
             return  # the peer is gone; the inbox keeps whatever it did not ack
         # Straight into the transport while it holds little; what does not fit
         # waits in the queue, so the transport never buffers much more than
@@ -152,7 +162,7 @@ class Connection:
             queue = self._queue = deque()
         queue.append(frame)
         self._queued_bytes += len(frame)
-        buffered = 0 if self._transport is None else self._transport.get_write_buffer_size()
+        buffered = self._transport.get_write_buffer_size()
         if self._queued_bytes + buffered > self.max_queued_bytes:
             log.warning("closing slow consumer (%d bytes queued)", self._queued_bytes + buffered)
             queue.clear()
@@ -172,15 +182,19 @@ class Connection:
 
     async def _write_queued(self) -> None:
         """Feed the queue to the socket as it drains; end when the queue is empty."""
-        ws = self.ws
+        transport = self._transport
         queue = self._queue
         assert queue is not None
         try:
             while queue:
+                if transport.is_closing():
+                    raise ConnectionResetError("the socket closed")
+                if transport.get_write_buffer_size() > HIGH_WATER:
+                    await self._drain()
+                    continue
                 frame = queue.popleft()
                 self._queued_bytes -= len(frame)
-                # send_frame waits for the transport to drain when it is paused.
-                await ws.send_frame(frame, WSMsgType.TEXT)
+                transport.write(text_frame_header(len(frame)) + frame)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             # Peer went away; the inbox keeps whatever it did not ack.
             self._closed = True
@@ -190,6 +204,33 @@ class Connection:
             self._writer = None
             if self._closed:
                 self._start_closer()
+
+    async def _drain(self) -> None:
+        """Until the transport's buffer drains (``resume_writing``), or DRAIN_POLL."""
+        drained = self._drained = self._loop.create_future()
+        try:
+            await asyncio.wait_for(drained, DRAIN_POLL)
+        except TimeoutError:
+            pass
+        finally:
+            self._drained = None
+
+    def resume_writing(self) -> None:
+        """The socket's transport drained below its low-water mark."""
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def lost(self) -> None:
+        """The socket is gone: nothing more is written; queued frames are dropped
+        (the inbox keeps what was not acked)."""
+        self._closed = True
+        self._batch = []
+        if self._queue is not None:
+            self._queue.clear()
+            self._queued_bytes = 0
+        for task in (self._writer, self._closer):
+            if task is not None and not task.done():
+                task.cancel()
 
     def close(self, code: int, reason: str) -> None:
         """Close after the frames already pushed are written."""
@@ -205,19 +246,22 @@ class Connection:
             self._start_closer()
 
     def _start_closer(self) -> None:
-        if self._closer is None and self._close_code is not None and not self.ws.closed:
+        if self._closer is None and self._close_code is not None and not self.ws.is_disconnected:
             self._closer = self._loop.create_task(self._close_or_abort())
 
     async def _close_or_abort(self) -> None:
+        """Send the close frame, then wait for the peer's (the session then
+        drops the socket); a peer that does not answer in time is cut off."""
         assert self._close_code is not None
+        ws = self.ws
         try:
-            await asyncio.wait_for(
-                self.ws.close(code=self._close_code, message=self._close_reason.encode()), CLOSE_TIMEOUT
-            )
+            if not ws.is_close_frame_sent:
+                reason = self._close_reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
+                ws.send_close(self._close_code, reason.encode())
+            await asyncio.wait_for(ws.wait_disconnected(), CLOSE_TIMEOUT)
         except (Exception, asyncio.CancelledError):
             # The peer does not even take a close frame: drop the TCP connection.
-            if self._transport is not None:
-                self._transport.abort()
+            self._transport.abort()
 
     async def finish(self, timeout: float = 2.0) -> None:
         """Write what is pending and wait for the close (the socket is gone or closing)."""

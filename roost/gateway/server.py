@@ -1,7 +1,10 @@
 """The gateway: HTTP + WebSocket endpoint, authentication, heartbeats, shutdown.
 
 It terminates sockets and forwards frames; every decision about messages is
-the chat service's. Endpoints:
+the chat service's. One listener serves two protocols: a request for
+``/v1/ws`` goes to picows (roost/gateway/websocket.py), every other request
+to aiohttp (roost/gateway/admission.py picks by the request line).
+Endpoints:
 
 * ``GET /v1/ws``   WebSocket, JSON text frames (docs/protocol.md)
 * ``GET /healthz`` 200 ``{"status": "ok"}`` once the store is open (liveness)
@@ -33,16 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from picows import WSUpgradeResponse, WSUpgradeResponseWithListener
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from roost.core.metrics import Metrics
 from roost.gateway.admission import Admission, AdmissionLimits
 from roost.gateway.connection import Connection
-from roost.gateway.direct import PAUSED, DirectWebSocketResponse
 from roost.gateway.readiness import Readiness
 from roost.gateway.tls import ServerTLS
-from roost.logs import new_connection_id
+from roost.gateway.websocket import WebSocketSession, websocket_protocol
 from roost.media.config import MediaConfig
 from roost.media.factory import make_blob_store
 from roost.media.local import LocalBlobStore
@@ -54,19 +57,13 @@ from roost.registry.memory import MemoryRegistry
 from roost.service.admin import AdminServer
 from roost.service.chat import ChatService, ServiceConfig, error_frame, now_ms
 from roost.service.media import MediaService
-from roost.service.session import Session
 from roost.store.base import StoreUnavailable
 from roost.store.sqlite import COMMIT_INTERVAL_SECONDS, SqliteStore, database_path
 
 log = logging.getLogger("roost.gateway")
 
-# aiohttp refuses (and closes with 1009) anything above this; frames between
-# MAX_FRAME_BYTES and this get a typed ``too_large`` error and the socket stays.
-WS_HARD_LIMIT = 1024 * 1024
-
-# The protocol is JSON text frames only; a binary frame is refused like any
-# other malformed frame (before auth: then the socket closes with 4001).
-BINARY_REFUSED = "binary frames are not accepted: send JSON text frames"
+# A request that starts so, then a space or a query, goes to picows.
+WEBSOCKET_REQUEST = b"GET /v1/ws"
 
 
 @dataclass(slots=True)
@@ -140,7 +137,11 @@ class Gateway:
         self.sweeper = Sweeper(self.store, self.blobs, config.media.limits, config.media.sweep_interval)
         self.service = ChatService(self.store, self.registry, config.service, self.metrics, self.media)
         self.connections: set[Connection] = set()
-        self._direct_handler = self._handle_direct  # one bound method for every connection
+        # What each WebSocketSession reads of its gateway (roost/gateway/websocket.py).
+        self.heartbeat = config.heartbeat
+        self.auth_timeout = config.auth_timeout
+        self.max_queued_bytes = config.max_queued_bytes
+        self._route_websocket = self._websocket_listener  # one bound method for every socket
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self._metrics_runner: web.AppRunner | None = None
         self.admin_port: int | None = None
@@ -148,7 +149,6 @@ class Gateway:
         self.stopping = False
         self._auth_unavailable = RateLimitedWarning("authentication deferred, store unavailable")
         self.app = web.Application()
-        self.app.router.add_get("/v1/ws", self.websocket)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         if isinstance(self.blobs, LocalBlobStore):
@@ -176,8 +176,8 @@ class Gateway:
         await self._runner.setup()
         assert self._runner.server is not None
         # Our own listener instead of web.TCPSite: every accepted connection
-        # passes admission (deadline, caps) before aiohttp sees it.
-        self.admission = Admission(self.config.admission, self._runner.server)
+        # passes admission (deadline, caps) before picows or aiohttp sees it.
+        self.admission = Admission(self.config.admission, self._protocol_for)
         tls: dict[str, Any] = {}
         if self.tls is not None:
             # Admission's clock starts once the TLS handshake is done (the
@@ -233,6 +233,8 @@ class Gateway:
                 [asyncio.ensure_future(c.finish()) for c in list(self.connections)],
                 timeout=self.config.shutdown_timeout,
             )
+        for conn in list(self.connections):  # did not take the close in time
+            conn.ws.disconnect(graceful=False)
         if self._listener is not None:
             self._listener.close()
         if self.admission is not None:
@@ -296,66 +298,32 @@ class Gateway:
         body = {"status": "ok", "connections": len(self.connections), "unauthenticated": pending}
         return web.json_response(body)
 
-    async def websocket(self, request: web.Request) -> web.StreamResponse:
-        if self.stopping:
-            return web.json_response({"status": "stopping"}, status=503)
-        ws = DirectWebSocketResponse(
-            heartbeat=self.config.heartbeat,
-            max_msg_size=WS_HARD_LIMIT,
-            compress=False,
-        )
-        # Every log line of this connection carries its id (roost/logs.py);
-        # the handler is its own task, so the value stays with this socket.
-        new_connection_id()
-        await ws.prepare(request)
-        if self.admission is not None:
-            self.admission.upgraded(request.transport)
-        conn = Connection(ws, self.config.max_queued_bytes, request.transport, self.metrics)
-        self.connections.add(conn)
-        self.metrics.connections_accepted.inc()
-        try:
-            identity = await self._authenticate(ws, conn, request)
-            # A socket that died while its token was being checked is not
-            # registered: it would replace the live connection its client has
-            # meanwhile opened, and that client would be told it was replaced.
-            if identity is not None and not await _gone(ws, request):
-                if self.admission is not None:
-                    self.admission.authenticated(request.transport)
-                await self._serve(ws, conn, *identity)
-        finally:
-            self.connections.discard(conn)
-            # The code this server closed with; else the peer's (None: no close frame).
-            code = conn.close_code if conn.close_code is not None else ws.close_code
-            conn.close(CloseCode.NORMAL, "")
-            await conn.finish()
-            self.metrics.closed(code if code is not None else ws.close_code)
-        return ws
+    def _protocol_for(self, head: bytes) -> asyncio.BaseProtocol | None:
+        """The protocol serving a connection, from the first bytes of its
+        request: picows for a WebSocket request, aiohttp for everything else
+        (garbage included: it answers 400 at once); None until they tell."""
+        if len(head) <= len(WEBSOCKET_REQUEST) and WEBSOCKET_REQUEST.startswith(head):
+            return None
+        if head.startswith(WEBSOCKET_REQUEST) and head[len(WEBSOCKET_REQUEST)] in b" ?":
+            return websocket_protocol(self, self._route_websocket)
+        assert self._runner is not None and self._runner.server is not None
+        return self._runner.server()
 
-    async def _authenticate(
-        self, ws: web.WebSocketResponse, conn: Connection, request: web.Request
-    ) -> tuple[str, str, float, bool] | None:
+    def _websocket_listener(self, request: Any) -> Any:
+        """picows asks for the listener of an upgrade request (or an answer)."""
+        if self.stopping:
+            busy = WSUpgradeResponse.create_error_response(
+                503, b'{"status": "stopping"}', {"Content-Type": "application/json"}
+            )
+            return WSUpgradeResponseWithListener(busy, None)
+        return WebSocketSession(self)
+
+    async def authenticate(self, conn: Connection, data: bytes) -> tuple[str, str, float, bool] | None:
         """(user, client run id, when its token check began, whether it keeps
-        end-to-end keys) once the auth frame checks out; None after closing."""
-        wait = self.config.auth_timeout
-        if self.admission is not None:
-            # The deadline from accept covers the request and the upgrade too.
-            wait = max(0.0, min(wait, self.admission.remaining(request.transport)))
+        end-to-end keys) once the auth frame ``data`` checks out; None after
+        answering and closing."""
         try:
-            if wait <= 0:  # receive() would take 0 for "no timeout"
-                raise TimeoutError
-            # aiohttp's own timeout: no task wrapped around the receive, as wait_for makes.
-            msg = await ws.receive(timeout=wait)
-        except TimeoutError:
-            self.metrics.auth_failure["timeout"].inc()
-            conn.push(error_frame(ProtocolError(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")))
-            conn.close(CloseCode.AUTH_TIMEOUT, "auth timeout")
-            return None
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return None
-        try:
-            if msg.type == WSMsgType.BINARY:
-                raise ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)
-            frame = decode_client(msg.data)
+            frame = decode_client(data)
             if not isinstance(frame, f.Auth):
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED, "the first frame must be auth")
             if frame.v != f.PROTOCOL_VERSION:
@@ -397,51 +365,6 @@ class Gateway:
             return None
         conn.push(encode(f.Welcome(user=user, v=f.PROTOCOL_VERSION, heartbeat=int(self.config.heartbeat))))
         return user, frame.client, started, frame.e2ee
-
-    async def _serve(
-        self, ws: web.WebSocketResponse, conn: Connection, user: str, client: str, started: float, e2ee: bool
-    ) -> None:
-        session = await self.service.connect(user, conn, client, started, e2ee)
-        log.info("connected", extra={"user": user})
-        # Text frames are handled as aiohttp parses them while nothing waits
-        # in the queue (roost/gateway/direct.py); this loop takes the rest.
-        queue = ws.direct_queue if isinstance(ws, DirectWebSocketResponse) else None
-        if queue is not None:
-            queue.target = session
-        try:
-            while True:
-                if queue is not None and not queue._buffer:
-                    queue.handle = self._direct_handler
-                msg = await ws.receive()
-                if msg is PAUSED and queue is not None:
-                    # Over the rate: stop reading for a while. TCP pushes
-                    # back on the client; nothing is dropped or reordered.
-                    await asyncio.sleep(queue.pause)
-                elif msg.type == WSMsgType.BINARY:
-                    conn.push(error_frame(ProtocolError(ErrorCode.BAD_FRAME, BINARY_REFUSED)))
-                elif msg.type == WSMsgType.TEXT:
-                    if conn.closed:
-                        break
-                    pause = self.service.handle(session, msg.data)
-                    if pause:
-                        await asyncio.sleep(pause)
-                elif msg.type == WSMsgType.ERROR:
-                    exc = ws.exception()
-                    log.info("socket error", extra={"user": user, "error": str(exc)})
-                    break
-                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                    break
-        finally:
-            if queue is not None:
-                queue.handle = queue.target = None
-            self.service.disconnect(session)
-            log.info("disconnected", extra={"user": user, "code": ws.close_code})
-
-    def _handle_direct(self, session: Session, data: bytes | str) -> float:
-        """A text frame handled as it is parsed; the seconds to stop reading."""
-        if session.sink.closed:
-            return 0.0  # closing: what the peer sends now is not acted on
-        return self.service.handle(session, data)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -520,15 +443,6 @@ def tune_gc() -> None:
 def _resolve_once(fut: asyncio.Future[signal.Signals], sig: signal.Signals) -> None:
     if not fut.done():  # a second Ctrl-C during the graceful stop changes nothing
         fut.set_result(sig)
-
-
-async def _gone(ws: web.WebSocketResponse, request: web.Request) -> bool:
-    # Two loop passes: the first reads a reset or EOF that has already
-    # arrived, the second runs the transport's connection_lost.
-    for _ in range(2):
-        await asyncio.sleep(0)
-    transport = request.transport
-    return ws.closed or transport is None or transport.is_closing()
 
 
 class RateLimitedWarning:

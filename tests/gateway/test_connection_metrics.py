@@ -1,13 +1,14 @@
 """A gateway Connection counts the frames it queues and the slow consumers it
-cuts off (real aiohttp server and client on loopback)."""
+cuts off (a real picows server and aiohttp client on loopback)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
-from aiohttp import web
+from picows import WSListener, WSMsgType, ws_create_server
 
 from roost.core.metrics import Metrics
 from roost.gateway.connection import HIGH_WATER, Connection
@@ -15,35 +16,47 @@ from roost.gateway.server import Gateway, GatewayConfig
 from roost.protocol import frames as f
 from roost.protocol.codec import encode
 from roost.protocol.errors import CloseCode
-from tests.e2e.server import free_port
+
+
+class OneConnection(WSListener):
+    """The server side of one socket: a Connection that ``act`` pushes to."""
+
+    def __init__(self, act: Callable[[Connection], None], max_queued: int, metrics: Metrics) -> None:
+        self.act, self.max_queued, self.metrics = act, max_queued, metrics
+        self.conn: Connection | None = None
+
+    def on_ws_connected(self, ws: Any) -> None:
+        self.conn = Connection(ws, self.max_queued, self.metrics)
+        self.act(self.conn)  # the server closes the socket; the client sees it
+
+    def on_ws_frame(self, ws: Any, frame: Any) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:  # the client's answer to our close
+            ws.disconnect()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_writing()
 
 
 async def serve_one(act: Callable[[Connection], None], max_queued: int) -> tuple[Metrics, int | None]:
     """Accept one WebSocket, let ``act`` push to it, return the metrics and the close code seen."""
     metrics = Metrics()
-    done = asyncio.get_running_loop().create_future()
+    listeners: list[OneConnection] = []
 
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        conn = Connection(ws, max_queued, request.transport, metrics)
-        act(conn)  # the server closes the socket; wait until the client saw it
-        await done
-        await conn.finish()
-        return ws
+    def route(request: Any) -> OneConnection:
+        listeners.append(OneConnection(act, max_queued, metrics))
+        return listeners[-1]
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    server = await ws_create_server(route, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     try:
         async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/") as ws:
             code = await asyncio.wait_for(read_to_close(ws), 10)
+        for listener in listeners:
+            assert listener.conn is not None
+            await listener.conn.finish()
     finally:
-        done.set_result(None)
-        await runner.cleanup()
+        server.close()
     return metrics, code
 
 
