@@ -119,6 +119,11 @@ class Connection:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what was pushed in this pass now, not at its end (before a
+        close frame that the WebSocket layer writes at once)."""
+        self._flush()
+
     def _flush(self) -> None:
         """Write this pass's frames in one go, or queue them if the peer is behind."""
         self._flush_scheduled = False

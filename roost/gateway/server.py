@@ -150,6 +150,10 @@ class Gateway:
         self.stopping = False
         self._auth_unavailable = RateLimitedWarning("authentication deferred, store unavailable")
         self.app = web.Application()
+        # Only a connection's first request can become a WebSocket (see
+        # _protocol_for); a later one on a kept-alive connection is told to
+        # come again on a new connection.
+        self.app.router.add_get("/v1/ws", self._upgrade_on_a_new_connection)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         if isinstance(self.blobs, LocalBlobStore):
@@ -316,12 +320,24 @@ class Gateway:
 
     def _websocket_listener(self, request: Any) -> Any:
         """picows asks for the listener of an upgrade request (or an answer)."""
+        # RFC 6455 4.1: Connection *includes* "Upgrade" (Firefox sends
+        # "keep-alive, Upgrade"); picows 2.3 checks that it equals it.
+        connection = request.headers.get("Connection", "")
+        if "upgrade" in (token.strip().lower() for token in connection.split(",")):
+            request.headers["Connection"] = "Upgrade"
         if self.stopping:
             busy = WSUpgradeResponse.create_error_response(
                 503, b'{"status": "stopping"}', {"Content-Type": "application/json"}
             )
             return WSUpgradeResponseWithListener(busy, None)
         return WebSocketSession(self)
+
+    async def _upgrade_on_a_new_connection(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "retry", "reason": "open the WebSocket on a new connection"},
+            status=503,
+            headers={"Connection": "close", "Retry-After": "0"},
+        )
 
     async def authenticate(self, conn: Connection, data: bytes) -> tuple[str, str, float, bool] | None:
         """(user, client run id, when its token check began, whether it keeps

@@ -7,12 +7,14 @@ A session goes through four states:
 * ``AWAITING_AUTH``: the upgrade is done; the first frame must be ``auth``
   within the auth deadline (``auth_timeout``, and admission's deadline from
   accept), else ``auth_timeout`` and close 4002.
-* ``LOGGING_IN``: the token check and the connect-time reads run in a task;
-  reading stops (TCP pushes back on the client) and frames that were
-  already read wait in order.
+* ``LOGGING_IN``: the token check and the connect-time reads run in a task.
+  Reading goes on, so a socket that dies meanwhile is seen and never
+  registered; frames read meanwhile wait in order, and past
+  ``WAITING_BYTES`` of them reading stops (TCP pushes back on the client).
 * ``OPEN``: every text frame goes to ``ChatService.handle`` as it is parsed.
   When the service asks for a pause (the rate limit), reading stops for that
-  long; frames already read wait and are handled first, in order.
+  long; frames already read wait and are handled first, in order. A close
+  frame from the peer waits its turn like any other.
 * ``CLOSED``: the socket is gone; the session is detached.
 
 Fragmented messages are joined here (picows hands over frames, not
@@ -43,7 +45,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 
 from roost.core.metrics import Metrics
 from roost.gateway.admission import Admission
-from roost.gateway.connection import Connection
+from roost.gateway.connection import CLOSE_TIMEOUT, Connection
 from roost.logs import new_connection_id
 from roost.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from roost.service.chat import ChatService, error_frame
@@ -66,6 +68,12 @@ READ_BUFFER_BYTES = 2048
 BINARY_REFUSED = "binary frames are not accepted: send JSON text frames"
 
 AWAITING_AUTH, LOGGING_IN, OPEN, CLOSED = range(4)
+
+# Frames read during a login that may wait before reading stops (aiohttp's
+# queue stopped reading at the same mark).
+WAITING_BYTES = 64 * 1024
+# What waits in a session's queue: a text or binary message, or the peer's close.
+_TEXT_MESSAGE, _BINARY_MESSAGE, _PEER_CLOSE = range(3)
 
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
@@ -134,6 +142,7 @@ class WebSocketSession(WSListener):
         "state",
         "timer",
         "waiting",
+        "waiting_bytes",
         "ws",
     )
 
@@ -146,7 +155,8 @@ class WebSocketSession(WSListener):
         self.state = AWAITING_AUTH
         self.paused = False
         # Frames read while they cannot be handled yet (login, pause), in order.
-        self.waiting: deque[tuple[bytes, bool]] | None = None
+        self.waiting: deque[tuple[bytes, int]] | None = None
+        self.waiting_bytes = 0
         self.fragments: list[bytes] | None = None  # an unfinished fragmented message
         self.fragments_binary = False
         self.fragments_size = 0
@@ -189,7 +199,10 @@ class WebSocketSession(WSListener):
                 self._fragment(frame, kind)
         elif kind is _CLOSE:
             self.peer_code = int(frame.get_close_code())
-            self._peer_closed()
+            if self.waiting or self.paused or self.state == LOGGING_IN:
+                self._wait(b"", _PEER_CLOSE)  # after the frames read before it
+            else:
+                self._peer_closed()
 
     def on_ws_disconnected(self, ws: Any) -> None:
         host = self.host
@@ -227,9 +240,16 @@ class WebSocketSession(WSListener):
         elif state == AWAITING_AUTH:
             self._begin_login(data, binary)
         elif state != CLOSED:
-            if self.waiting is None:
-                self.waiting = deque()
-            self.waiting.append((data, binary))
+            self._wait(data, _BINARY_MESSAGE if binary else _TEXT_MESSAGE)
+
+    def _wait(self, data: bytes, kind: int) -> None:
+        """Queue what cannot be handled yet; stop reading once much waits."""
+        if self.waiting is None:
+            self.waiting = deque()
+        self.waiting.append((data, kind))
+        self.waiting_bytes += len(data)
+        if self.waiting_bytes > WAITING_BYTES and not self.paused:
+            self._pause_reading()
 
     def _fragment(self, frame: Any, kind: Any) -> None:
         parts = self.fragments
@@ -279,8 +299,12 @@ class WebSocketSession(WSListener):
         self.paused = False
         waiting = self.waiting
         while waiting and not self.paused and self.state == OPEN:
-            data, binary = waiting.popleft()
-            self._handle(data, binary)
+            data, kind = waiting.popleft()
+            self.waiting_bytes -= len(data)
+            if kind == _PEER_CLOSE:
+                self._peer_closed()
+                return
+            self._handle(data, kind == _BINARY_MESSAGE)
         if not self.paused and self.state == OPEN:
             self.ws.underlying_transport.resume_reading()
 
@@ -293,9 +317,10 @@ class WebSocketSession(WSListener):
     # -- login ---------------------------------------------------------------
 
     def _begin_login(self, data: bytes, binary: bool) -> None:
+        if self.conn is None or self.conn.closed:
+            return  # closing (the auth deadline passed): not acted on
         self._cancel_timer()
         self.state = LOGGING_IN
-        self._pause_reading()
         # Every log line of the login carries this connection's id (roost/logs.py).
         context = contextvars.copy_context()
         self.conn_id = context.run(new_connection_id)
@@ -309,10 +334,14 @@ class WebSocketSession(WSListener):
             self.login = None
             if self.state == LOGGING_IN:  # refused: closing
                 self.state = CLOSED
-                # Read again, for the peer's answer to our close frame.
-                transport = self.ws.underlying_transport
-                if not transport.is_closing():
-                    transport.resume_reading()
+                if self.waiting and self.waiting[-1][1] == _PEER_CLOSE:
+                    self._peer_closed()  # the peer's close came during the login
+                else:
+                    # Read on, for the peer's answer to our close frame.
+                    self.paused = False
+                    transport = self.ws.underlying_transport
+                    if not transport.is_closing():
+                        transport.resume_reading()
 
     async def _log_in(self, data: bytes, binary: bool) -> None:
         host, conn = self.host, self.conn
@@ -324,10 +353,16 @@ class WebSocketSession(WSListener):
                 conn.close(CloseCode.AUTH_FAILED, ErrorCode.BAD_FRAME.value)
                 return
             identity = await host.authenticate(conn, data)
-            # A socket that died while its token was being checked is not
-            # registered: it would replace the live connection its client has
-            # meanwhile opened, and that client would be told it was replaced.
-            if identity is None or self.state == CLOSED:
+            if identity is not None:
+                # Two loop passes: the first reads a reset or EOF that has
+                # already arrived, the second runs its connection_lost.
+                for _ in range(2):
+                    await asyncio.sleep(0)
+            # A socket that died (or is being closed) while its token was being
+            # checked is not registered: it would replace the live connection
+            # its client has meanwhile opened, and that client would be told
+            # it was replaced.
+            if identity is None or self.state == CLOSED or conn.closed:
                 return
             user, client, started, e2ee = identity
             if host.admission is not None:
@@ -338,7 +373,7 @@ class WebSocketSession(WSListener):
             conn.close(CloseCode.GOING_AWAY, "unavailable")
             return
         log.info("connected", extra={"user": user})
-        if self.state == CLOSED:  # it went away while connecting
+        if self.state == CLOSED or conn.closed:  # it went away, or is closing
             self._detach(session, self.peer_code)
             return
         self.session = session
@@ -349,6 +384,7 @@ class WebSocketSession(WSListener):
         self.timer = None
         if self.state != AWAITING_AUTH or self.conn is None:
             return
+        self.state = CLOSED  # an auth frame arriving now is not acted on
         self.host.metrics.auth_failure["timeout"].inc()
         self.conn.push(error_frame(ProtocolError(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")))
         self.conn.close(CloseCode.AUTH_TIMEOUT, "auth timeout")
@@ -358,7 +394,7 @@ class WebSocketSession(WSListener):
     def _beat(self) -> None:
         """Once per heartbeat period: ping a silent peer; drop one that stays silent."""
         period = self.host.heartbeat
-        if self.heard:
+        if self.heard or self.paused:  # a pong cannot be read while paused
             self.heard = self.pinged = False
         elif not self.pinged:
             self.pinged = True
@@ -374,10 +410,16 @@ class WebSocketSession(WSListener):
 
     def _peer_closed(self) -> None:
         """The peer sent a close frame: answer it (unless we sent ours) and hang up."""
+        self.state = CLOSED  # nothing the peer sends after its close is acted on
+        if self.conn is not None:
+            self.conn.flush()  # the answers to the frames before the close go first
         ws = self.ws
         if not ws.is_close_frame_sent:
             ws.send_close(CloseCode.NORMAL)
         ws.disconnect()
+        # A graceful close waits for our unsent bytes: not for ever.
+        transport = ws.underlying_transport
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     def _protocol_error(self, why: str) -> None:
         log.info("websocket protocol error", extra={"conn": self.conn_id, "error": why})

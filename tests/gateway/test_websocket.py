@@ -237,3 +237,98 @@ async def test_other_requests_on_the_same_port_go_to_aiohttp(gateway: Gateway) -
     with pytest.raises(urllib.error.HTTPError) as refused:
         await asyncio.to_thread(lambda: urllib.request.urlopen(url + "/v1/wsx", timeout=5))
     assert refused.value.code == 404
+
+
+async def test_a_close_frame_waits_its_turn_behind_the_login(gateway: Gateway) -> None:
+    """auth, two pings and a close in one write: the pings are answered after
+    the welcome, then the close; the close does not overtake them."""
+    client = await connect(gateway)
+    client.writer.write(AUTH + ping(1) + ping(2) + client_frame(CLOSE, (1000).to_bytes(2, "big")))
+    assert (await client.recv())["type"] == "welcome"
+    assert [(await client.recv())["t"] for _ in range(2)] == [1, 2]
+    assert await client.close_code() == 1000
+
+
+@pytest.mark.parametrize("gateway", [{"service": ServiceConfig(rate=20.0, burst=2.0)}], indirect=True)
+async def test_a_close_frame_waits_its_turn_behind_a_pause(gateway: Gateway) -> None:
+    client = await (await connect(gateway)).authenticated()
+    closing = client_frame(CLOSE, (1000).to_bytes(2, "big"))
+    client.writer.write(b"".join(AUTH + ping(t) for t in range(1, 11)) + closing)
+    answers = [await client.recv() for _ in range(20)]
+    assert [a["t"] for a in answers[1::2]] == list(range(1, 11))
+    assert await client.close_code() == 1000
+
+
+@pytest.mark.parametrize("gateway", [{"auth_timeout": 0.3}], indirect=True)
+async def test_an_auth_frame_after_the_deadline_logs_nobody_in(gateway: Gateway) -> None:
+    client = await connect(gateway)
+    assert (await client.recv())["code"] == "auth_timeout"
+    client.writer.write(AUTH)  # too late: the server is closing this socket
+    assert await client.close_code() == 4002
+    await asyncio.sleep(0.2)
+    assert not await gateway.registry.fetch_online(["alice"])
+
+
+async def test_a_socket_gone_during_the_token_check_does_not_replace_the_next_one(gateway: Gateway) -> None:
+    """Socket A sends auth and hangs up while its (slow) token check runs; the
+    client's next socket B logs in meanwhile. A's late login must not register
+    A and so replace B (B would be closed as replaced)."""
+    original = gateway.service.authenticate
+    calls = 0
+
+    async def slow_first(token: str) -> str | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.5)
+        return await original(token)
+
+    gateway.service.authenticate = slow_first  # type: ignore[method-assign]
+    first = await connect(gateway)
+    first.writer.write(AUTH)
+    await first.writer.drain()
+    first.writer.close()
+    await asyncio.sleep(0.05)
+    second = await (await connect(gateway)).authenticated()
+    await asyncio.sleep(0.8)  # A's token check is long over
+    second.writer.write(ping(9))
+    assert (await second.recv())["t"] == 9  # a close frame here fails recv()
+    assert len(gateway.connections) == 1
+
+
+async def test_firefox_connection_header_is_an_upgrade(gateway: Gateway) -> None:
+    """RFC 6455: Connection includes Upgrade; Firefox sends 'keep-alive, Upgrade'."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            "GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: keep-alive, Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    client = await RawClient(reader, writer).authenticated()
+    client.writer.write(ping(5))
+    assert (await client.recv())["t"] == 5
+
+
+async def test_an_upgrade_on_a_kept_alive_connection_is_sent_to_a_new_one(gateway: Gateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    size = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+    await reader.readexactly(size)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            "GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert b"connection: close" in head.lower()
+    writer.close()
