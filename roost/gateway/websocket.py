@@ -172,6 +172,11 @@ class WebSocketSession(WSListener):
     def on_ws_connected(self, ws: Any) -> None:
         host = self.host
         self.ws = ws
+        # picows keeps the upgrade request and response for the socket's
+        # life; their headers are never read again (idle memory goal).
+        for message in (ws.request, ws.response):
+            if message is not None:
+                message.headers.clear()
         self.conn = conn = Connection(ws, host.max_queued_bytes, host.metrics)
         host.connections.add(conn)
         host.metrics.connections_accepted.inc()

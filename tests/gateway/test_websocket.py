@@ -332,3 +332,12 @@ async def test_an_upgrade_on_a_kept_alive_connection_is_sent_to_a_new_one(gatewa
     assert head.startswith(b"HTTP/1.1 503"), head
     assert b"connection: close" in head.lower()
     writer.close()
+
+
+async def test_the_upgrade_headers_are_not_kept_for_the_sockets_life(gateway: Gateway) -> None:
+    """picows keeps the upgrade request and response on its transport; their
+    headers were ~2 KiB of every idle connection (docs/performance.md)."""
+    await (await connect(gateway)).authenticated()
+    [conn] = gateway.connections
+    assert len(conn.ws.request.headers) == 0
+    assert len(conn.ws.response.headers) == 0
