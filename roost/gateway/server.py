@@ -138,10 +138,6 @@ class Gateway:
         self.sweeper = Sweeper(self.store, self.blobs, config.media.limits, config.media.sweep_interval)
         self.service = ChatService(self.store, self.registry, config.service, self.metrics, self.media)
         self.connections: set[Connection] = set()
-        # What each WebSocketSession reads of its gateway (roost/gateway/websocket.py).
-        self.heartbeat = config.heartbeat
-        self.auth_timeout = config.auth_timeout
-        self.max_queued_bytes = config.max_queued_bytes
         self._route_websocket = self._websocket_listener  # one bound method for every socket
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self._metrics_runner: web.AppRunner | None = None

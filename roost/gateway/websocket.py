@@ -81,6 +81,17 @@ _CONTINUATION = WSMsgType.CONTINUATION
 _CLOSE = WSMsgType.CLOSE
 
 
+class SessionSettings(Protocol):
+    """The gateway settings a session reads (``GatewayConfig`` has them)."""
+
+    @property
+    def heartbeat(self) -> float: ...
+    @property
+    def auth_timeout(self) -> float: ...
+    @property
+    def max_queued_bytes(self) -> int: ...
+
+
 class SessionHost(Protocol):
     """What a session needs of its gateway."""
 
@@ -88,9 +99,9 @@ class SessionHost(Protocol):
     metrics: Metrics
     admission: Admission | None
     connections: set[Connection]
-    heartbeat: float
-    auth_timeout: float
-    max_queued_bytes: int
+
+    @property
+    def config(self) -> SessionSettings: ...
 
     async def authenticate(self, conn: Connection, data: bytes) -> tuple[str, str, float, bool] | None: ...
 
@@ -100,7 +111,7 @@ def websocket_protocol(host: SessionHost, route: Callable[[Any], Any]) -> asynci
     upgrade; ``route`` gets the parsed request and returns the listener (or an
     HTTP response). The arguments are those picows' own ``ws_create_server``
     passes (picows 2.3)."""
-    heartbeat = host.heartbeat
+    heartbeat = host.config.heartbeat
     protocol: asyncio.BaseProtocol = WSProtocol(
         None,  # host and port: a client's
         None,  # path: a client's
@@ -177,19 +188,19 @@ class WebSocketSession(WSListener):
         for message in (ws.request, ws.response):
             if message is not None:
                 message.headers.clear()
-        self.conn = conn = Connection(ws, host.max_queued_bytes, host.metrics)
+        self.conn = conn = Connection(ws, host.config.max_queued_bytes, host.metrics)
         host.connections.add(conn)
         host.metrics.connections_accepted.inc()
         transport = ws.underlying_transport
-        wait = host.auth_timeout
+        wait = host.config.auth_timeout
         if host.admission is not None:
             host.admission.upgraded(transport)
             # The deadline from accept covers the request and the upgrade too.
             wait = min(wait, host.admission.remaining(transport))
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(max(0.0, wait), self._auth_timed_out)
-        if host.heartbeat > 0:
-            self.heartbeat = loop.call_later(host.heartbeat, self._beat)
+        if host.config.heartbeat > 0:
+            self.heartbeat = loop.call_later(host.config.heartbeat, self._beat)
 
     def on_ws_frame(self, ws: Any, frame: Any) -> None:
         self.heard = True
@@ -398,7 +409,7 @@ class WebSocketSession(WSListener):
 
     def _beat(self) -> None:
         """Once per heartbeat period: ping a silent peer; drop one that stays silent."""
-        period = self.host.heartbeat
+        period = self.host.config.heartbeat
         if self.heard or self.paused:  # a pong cannot be read while paused
             self.heard = self.pinged = False
         elif not self.pinged:
